@@ -1,0 +1,208 @@
+"""The tiny random-weight SD3: the real diffusers/transformers classes at toy widths.
+
+It exists so that the whole server can run (and be tested) with no network, no GPU and no
+weights: `sd3-server serve --model tiny`. Everything about its *shape* is realistic — a
+16-channel latent, an 8x VAE with SD3's scaling/shift factors, 2x2 patching, the SD3 position
+table, CLIP-L + CLIP-G + T5 with their own tokenizers and SD3's pad-token conventions — so the
+code paths are the ones real weights take. Only the widths and depths are tiny, and the weights
+are random from a fixed seed, so its images are noise with structure, identical on every machine.
+
+The model is written once as an ordinary diffusers folder and then loaded by
+`pipelines.loading`, exactly like a downloaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Bump when anything below changes, so cached folders are rebuilt rather than silently reused.
+RECIPE_VERSION = "1"
+_MARKER = "sd3-server-tiny.json"
+_SEED = 1234
+
+# Widths are deliberately all different, so that a mix-up between encoders fails loudly.
+CLIP_L_WIDTH = 32  # SD3's CLIP-L projection is the identity, so projection_dim == hidden size
+CLIP_G_WIDTH = 48
+T5_WIDTH = 96  # = joint_attention_dim, and >= CLIP_L_WIDTH + CLIP_G_WIDTH as in SD3 (768+1280 <= 4096)
+MAX_CLIP_TOKENS = 77
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's byte-level alphabet: printable bytes map to themselves, the rest to code points >= 256.
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+
+
+def _clip_tokenizer(pad_token: str):  # type: ignore[no-untyped-def]
+    """A CLIP BPE tokenizer over the byte alphabet (no merges): one token per character.
+
+    The order of the vocabulary follows CLIP's (alphabet, alphabet + "</w>", specials), so "!" is
+    id 0 — the pad token of SD3's CLIP-G tokenizer — and the special tokens come last.
+    """
+    from transformers import CLIPTokenizer
+
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token)
+    tok.model_max_length = MAX_CLIP_TOKENS
+    return tok
+
+
+def _t5_tokenizer():  # type: ignore[no-untyped-def]
+    """A SentencePiece-style unigram tokenizer with T5's special ids (pad 0, eos 1, unk 2)."""
+    from transformers import T5Tokenizer
+
+    chars = [chr(c) for c in range(ord(" ") + 1, ord("~") + 1)]
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.model_max_length = 512
+    return tok
+
+
+def build_tiny_pipeline():  # type: ignore[no-untyped-def]
+    """Build the tiny SD3 pipeline in memory (random weights from a fixed seed, float32)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = _clip_tokenizer(pad_token="<|endoftext|>")  # SD3's CLIP-L pads with EOS
+    tokenizer_2 = _clip_tokenizer(pad_token="!")  # SD3's CLIP-G pads with "!" = id 0
+    tokenizer_3 = _t5_tokenizer()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def clip(width: int, projection: int, seed: int) -> CLIPTextModelWithProjection:
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=MAX_CLIP_TOKENS,
+            projection_dim=projection,
+            hidden_act="gelu",
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return CLIPTextModelWithProjection(config).eval()
+
+    text_encoder = clip(CLIP_L_WIDTH, CLIP_L_WIDTH, _SEED)
+    with torch.no_grad():
+        # As in SD3 (sampling.md §7): the pooled CLIP-L output is the un-projected hidden state.
+        text_encoder.text_projection.weight.copy_(torch.eye(CLIP_L_WIDTH))
+    text_encoder_2 = clip(CLIP_G_WIDTH, CLIP_G_WIDTH, _SEED + 1)
+
+    torch.manual_seed(_SEED + 2)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=T5_WIDTH,
+            d_kv=16,
+            d_ff=2 * T5_WIDTH,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+
+    torch.manual_seed(_SEED + 3)
+    transformer = SD3Transformer2DModel(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_WIDTH,
+        caption_projection_dim=32,
+        pooled_projection_dim=CLIP_L_WIDTH + CLIP_G_WIDTH,
+        out_channels=16,
+        pos_embed_max_size=192,  # SD3 Medium's table: up to 192 patches a side = 3072 px
+    ).eval()
+
+    torch.manual_seed(_SEED + 4)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 8, 8, 8),  # four blocks = three 2x steps = SD3's 8x
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=1024,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def ensure_tiny_model(directory: Path) -> Path:
+    """Return a diffusers folder holding the tiny model, writing it first if it is not there.
+
+    Written to a temporary sibling and renamed into place, so that two processes starting at
+    once never see (or leave) a half-written folder.
+    """
+    directory = Path(directory)
+    marker = directory / _MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("recipe") == RECIPE_VERSION:
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-sd3-", dir=directory.parent))
+    try:
+        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+        (staging / _MARKER).write_text(json.dumps({"recipe": RECIPE_VERSION, "seed": _SEED}))
+        if directory.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+        try:
+            os.replace(staging, directory)
+        except OSError:
+            # Another process won the race with the same recipe: keep its folder.
+            if not (marker.is_file() and json.loads(marker.read_text()).get("recipe") == RECIPE_VERSION):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory

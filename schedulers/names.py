@@ -1,0 +1,67 @@
+"""Public scheduler names (A1111/Segmind labels, ComfyUI sampler tokens, legacy labels) → the ComfyUI
+sampler and sigma schedule they run.
+
+The hosted service's own table is unknown; plain labels are assumed to use `sgm_uniform` (the official SD3
+workflow's schedule), "… Karras" labels `karras`, and "DDIM" `ddim_uniform`. Only names whose sampler and
+schedule are implemented are listed, so every accepted name can run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    label: str
+    sampler: str
+    schedule: str
+
+
+class UnknownScheduler(ValueError):
+    """A scheduler name that is not in the table; the message lists the accepted names."""
+
+
+_TABLE: tuple[SchedulerSpec, ...] = (
+    SchedulerSpec("DPM++ 2M", "dpmpp_2m", "sgm_uniform"),
+    SchedulerSpec("DPM++ 2M Karras", "dpmpp_2m", "karras"),
+    SchedulerSpec("DPM++ 2M SDE", "dpmpp_2m_sde", "sgm_uniform"),
+    SchedulerSpec("DPM++ 2M SDE Karras", "dpmpp_2m_sde", "karras"),
+    SchedulerSpec("DPM++ 2S a", "dpmpp_2s_ancestral", "sgm_uniform"),
+    SchedulerSpec("Euler", "euler", "sgm_uniform"),
+    SchedulerSpec("Euler a", "euler_ancestral", "sgm_uniform"),
+    SchedulerSpec("Heun", "heun", "sgm_uniform"),
+    SchedulerSpec("DPM2", "dpm_2", "sgm_uniform"),
+    SchedulerSpec("DPM2 Karras", "dpm_2", "karras"),
+    SchedulerSpec("DPM2 a", "dpm_2_ancestral", "sgm_uniform"),
+    SchedulerSpec("LMS", "lms", "sgm_uniform"),
+    SchedulerSpec("LMS Karras", "lms", "karras"),
+    SchedulerSpec("DDIM", "ddim", "ddim_uniform"),
+    # ComfyUI sampler tokens, each on the workflow's sgm_uniform schedule. "euler", "heun", "lms" and
+    # "ddim" are the labels above under case-insensitive matching, so "ddim" means DDIM on ddim_uniform.
+    SchedulerSpec("dpmpp_2m", "dpmpp_2m", "sgm_uniform"),
+    SchedulerSpec("dpmpp_2m_sde", "dpmpp_2m_sde", "sgm_uniform"),
+    SchedulerSpec("dpmpp_2s_ancestral", "dpmpp_2s_ancestral", "sgm_uniform"),
+    SchedulerSpec("euler_ancestral", "euler_ancestral", "sgm_uniform"),
+    SchedulerSpec("dpm_2", "dpm_2", "sgm_uniform"),
+    SchedulerSpec("dpm_2_ancestral", "dpm_2_ancestral", "sgm_uniform"),
+    # Legacy labels of the hosted service's older models. "DPM Single" is left out: no spec says which
+    # ComfyUI sampler it would be.
+    SchedulerSpec("DPM Multi", "dpmpp_2m", "sgm_uniform"),
+    SchedulerSpec("euler_a", "euler_ancestral", "sgm_uniform"),
+)
+
+_BY_KEY: dict[str, SchedulerSpec] = {spec.label.casefold(): spec for spec in _TABLE}
+
+
+def public_names() -> list[str]:
+    """Every accepted name, each once in its canonical spelling, in table order."""
+    return [spec.label for spec in _BY_KEY.values()]
+
+
+def resolve(name: str) -> SchedulerSpec:
+    """The sampler and schedule for a public name, matched case-insensitively."""
+    spec = _BY_KEY.get(name.casefold())
+    if spec is None:
+        raise UnknownScheduler(f"unknown scheduler {name!r}; accepted: {', '.join(public_names())}")
+    return spec

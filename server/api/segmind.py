@@ -1,0 +1,96 @@
+"""The Segmind surface: `POST /v1/stable-diffusion-3-medium-txt2img` and the credit balance.
+
+A route reads the request, authenticates, validates, calls one serving method and shapes the
+answer; pricing, credits and the device live below it (server/serving.py).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from schedulers.names import public_names
+from server.auth import authenticate
+from server.encoding import to_base64
+from server.errors import InvalidContentType, InvalidRequest
+from server.headers import credit_headers, generation_headers, remember_balance
+from server.ledger import KeyRecord
+from server.schemas import Txt2ImgRequest, describe_validation_errors, parse_txt2img
+from server.serving import Serving
+
+SLUG = "stable-diffusion-3-medium-txt2img"
+
+router = APIRouter()
+
+
+async def _authenticated(request: Request) -> KeyRecord:
+    from anyio import to_thread
+
+    serving: Serving = request.app.state.serving
+    key = await to_thread.run_sync(authenticate, serving.ledger, request.headers.get("x-api-key"))
+    remember_balance(request, key.balance)
+    return key
+
+
+def _is_json(content_type: str | None) -> bool:
+    # A missing Content-Type is read as JSON (minimal clients omit it); a different one is refused,
+    # as the hosted service does (406 "Invalid content type").
+    if not content_type:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+async def _body(request: Request) -> Txt2ImgRequest:
+    if not _is_json(request.headers.get("content-type")):
+        raise InvalidContentType()
+    try:
+        return parse_txt2img(await request.body())
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_errors(exc.errors())) from None
+
+
+@router.post(
+    f"/v1/{SLUG}",
+    response_model=None,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": Txt2ImgRequest.model_json_schema()}},
+        }
+    },
+)
+@router.post(f"/{SLUG}", response_model=None, include_in_schema=False)
+async def txt2img(request: Request) -> Response:
+    key = await _authenticated(request)
+    body = await _body(request)
+    serving: Serving = request.app.state.serving
+    outcome = await serving.txt2img(key, body)
+    headers = generation_headers(
+        request,
+        balance=outcome.balance,
+        cost=outcome.cost,
+        seconds=outcome.seconds,
+        seed=outcome.seed,
+        request_id=outcome.request_id,
+    )
+    if len(outcome.jpegs) == 1 and not body.base64:
+        return Response(outcome.jpegs[0], media_type="image/jpeg", headers=headers)
+    # base64, or several images that one raw body cannot carry (api-contract.md §1, decided).
+    encoded = [to_base64(jpeg) for jpeg in outcome.jpegs]
+    payload: dict[str, object] = {"image": encoded[0]}
+    if len(encoded) > 1:
+        payload["images"] = encoded
+    return JSONResponse(payload, headers=headers)
+
+
+@router.get("/v1/get-user-credits")
+async def user_credits(request: Request) -> JSONResponse:
+    key = await _authenticated(request)
+    return JSONResponse({"credits": float(key.balance), "free-credits": 0}, headers=credit_headers(request))
+
+
+@router.get("/v1/schedulers")
+async def schedulers() -> dict[str, object]:
+    return {"schedulers": public_names(), "default": "DPM++ 2M"}

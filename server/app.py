@@ -1,0 +1,86 @@
+"""`create_app(settings, runtime)`: the FastAPI application, wired once.
+
+The model is loaded *before* the app is created (`load_runtime`), so that a missing or gated
+model fails the `serve` command with one sentence before any port is bound, and tests can build
+the tiny model once and share it between apps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+from pipelines.loading import ModelSpec, load_model
+from pipelines.sd3 import SamplingOptions, SD3Generator
+from server.api import ops, segmind
+from server.config import Settings
+from server.errors import install_error_handlers
+from server.ledger import Ledger
+from server.queue import WorkQueue
+from server.serving import Generator, Serving
+
+
+@dataclass(frozen=True)
+class Runtime:
+    generator: Generator
+    description: str
+    device: str
+
+
+def model_spec(settings: Settings) -> ModelSpec:
+    model = settings.model
+    return ModelSpec(
+        source=model.id,
+        tiny_dir=settings.tiny_model_dir,
+        revision=model.revision,
+        config=model.config,
+        device=model.device,
+        dtype=model.dtype,
+        token=model.hf_token.get_secret_value() if model.hf_token else None,
+        load_t5=model.t5,
+    )
+
+
+def load_runtime(settings: Settings) -> Runtime:
+    """Load the model the settings name (raises `ModelLoadError` with a one-sentence reason)."""
+    loaded = load_model(model_spec(settings))
+    sampling = settings.sampling
+    generator = SD3Generator(
+        loaded,
+        SamplingOptions(
+            negative_window_wiring=sampling.negative_window_wiring,
+            percent_rule=sampling.percent_rule,
+            max_sequence_length=sampling.max_sequence_length,
+        ),
+    )
+    return Runtime(generator=generator, description=loaded.description, device=str(loaded.device))
+
+
+def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ledger = Ledger(settings.resolved_database_url)
+        queue = WorkQueue(max_pending=settings.queue.max_pending, retry_after_s=settings.queue.retry_after_s)
+        app.state.serving = Serving(
+            settings=settings, ledger=ledger, queue=queue, generator=runtime.generator
+        )
+        app.state.model_description = runtime.description
+        app.state.device = runtime.device
+        try:
+            yield
+        finally:
+            queue.shutdown()
+
+    app = FastAPI(
+        title="sd3-server",
+        summary="Segmind's Stable Diffusion 3 Medium txt2img API, on your own hardware",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(segmind.router)
+    app.include_router(ops.router)
+    return app

@@ -1,0 +1,347 @@
+"""`sd3-server`: serve, generate one image, manage keys and credits.
+
+Every flag has an environment twin (SD3_...) through `Settings`; a flag left out keeps the
+environment's (or the default) value. Messages for people go to standard error; what scripts
+read (a new key, a balance) goes to standard output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from server.config import Settings
+from server.headers import format_credits
+
+app = typer.Typer(
+    help="Self-hosted Stable Diffusion 3 Medium with Segmind's txt2img API.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(help="Create, list, enable and disable API keys.", no_args_is_help=True)
+credits_app = typer.Typer(help="Add credits to a key.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(credits_app, name="credits")
+
+err = Console(stderr=True)
+out = Console()
+
+# Options shared by every command that touches the data dir or the model.
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Ledger and model cache [SD3_DATA_DIR]")]
+DatabaseUrl = Annotated[
+    str | None, typer.Option("--database-url", help="SQLAlchemy URL of the ledger [SD3_DATABASE_URL]")
+]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="tiny | Hugging Face id | diffusers folder | .safetensors [SD3_MODEL__ID]"
+    ),
+]
+Device = Annotated[str | None, typer.Option(help="auto | cuda | mps | cpu [SD3_MODEL__DEVICE]")]
+Dtype = Annotated[str | None, typer.Option(help="auto | fp16 | bf16 | fp32 [SD3_MODEL__DTYPE]")]
+Revision = Annotated[
+    str | None, typer.Option(help="Hub revision (branch, tag, commit) [SD3_MODEL__REVISION]")
+]
+ModelConfig = Annotated[
+    str | None,
+    typer.Option(
+        "--model-config",
+        help="Diffusers folder/id with the configs of a single-file checkpoint [SD3_MODEL__CONFIG]",
+    ),
+]
+T5 = Annotated[
+    bool | None, typer.Option("--t5/--no-t5", help="Load the T5-XXL text encoder [SD3_MODEL__T5]")
+]
+
+
+def build_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with the flags that were given on top (nested as `group__field`)."""
+    nested: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        group, _, field = name.partition("__")
+        if field:
+            nested.setdefault(group, {})[field] = value
+        else:
+            nested[name] = value
+    try:
+        return Settings(**nested)
+    except Exception as exc:  # pydantic's ValidationError: show it as one message, not a traceback
+        err.print(f"[red]Invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _ledger(settings: Settings):  # type: ignore[no-untyped-def]
+    from server.ledger import Ledger
+
+    return Ledger(settings.resolved_database_url)
+
+
+def _load_runtime(settings: Settings):  # type: ignore[no-untyped-def]
+    from pipelines.loading import ModelLoadError
+    from server.app import load_runtime
+
+    with err.status(f"Loading {settings.model.id} …"):
+        try:
+            return load_runtime(settings)
+        except ModelLoadError as exc:
+            err.print(f"[red]Cannot load the model:[/red] {exc}")
+            raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    model: Model = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind [SD3_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [SD3_PORT]")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    t5: T5 = None,
+    revision: Revision = None,
+    model_config: ModelConfig = None,
+    max_pending: Annotated[
+        int | None, typer.Option(help="Jobs waiting or running before 429 [SD3_QUEUE__MAX_PENDING]")
+    ] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error [SD3_LOG_LEVEL]")] = None,
+) -> None:
+    """Serve POST /v1/stable-diffusion-3-medium-txt2img on HOST:PORT."""
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = build_settings(
+        model__id=model,
+        host=host,
+        port=port,
+        model__device=device,
+        model__dtype=dtype,
+        model__t5=t5,
+        model__revision=revision,
+        model__config=model_config,
+        queue__max_pending=max_pending,
+        data_dir=data_dir,
+        database_url=database_url,
+        log_level=log_level,
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    runtime = _load_runtime(settings)
+    err.print(f"Model: {runtime.description} on {runtime.device}")
+    uvicorn.run(
+        create_app(settings, runtime), host=settings.host, port=settings.port, log_level=settings.log_level
+    )
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt to render")],
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="Output JPEG (several samples: name-1.jpg, …)")
+    ] = Path("image.jpg"),
+    negative_prompt: Annotated[str, typer.Option(help="Prompt to steer away from")] = "",
+    samples: Annotated[int, typer.Option(min=1, max=4)] = 1,
+    scheduler: Annotated[
+        str, typer.Option(help="e.g. 'DPM++ 2M', 'Euler' (GET /v1/schedulers)")
+    ] = "DPM++ 2M",
+    num_inference_steps: Annotated[
+        int, typer.Option("--steps", "--num-inference-steps", min=10, max=100)
+    ] = 25,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "--cfg", min=1, max=25)] = 5.0,
+    denoise: Annotated[float, typer.Option(min=0.1, max=1)] = 1.0,
+    seed: Annotated[int, typer.Option(help="-1 draws a random seed")] = -1,
+    img_width: Annotated[int, typer.Option("--width", "--img-width")] = 1024,
+    img_height: Annotated[int, typer.Option("--height", "--img-height")] = 1024,
+    modelsamplingsd3_shift: Annotated[float, typer.Option("--shift", "--modelsamplingsd3-shift")] = 3.0,
+    cond_start: Annotated[float, typer.Option("--conditioningsettimesteprange-start")] = 0.1,
+    cond_stop: Annotated[float, typer.Option("--conditioningsettimesteprange-stop")] = 1.0,
+    model: Model = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    t5: T5 = None,
+    revision: Revision = None,
+    model_config: ModelConfig = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Generate one request's images to a file, with no HTTP and no credits."""
+    from pydantic import ValidationError
+
+    from server.encoding import to_jpeg
+    from server.schemas import Txt2ImgRequest, describe_validation_errors
+    from server.serving import resolve_seed, to_generation_request
+
+    settings = build_settings(
+        model__id=model,
+        model__device=device,
+        model__dtype=dtype,
+        model__t5=t5,
+        model__revision=revision,
+        model__config=model_config,
+        data_dir=data_dir,
+    )
+    try:
+        # The same validation as the HTTP API, so a flag means exactly what the JSON field means.
+        body = Txt2ImgRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            samples=samples,
+            scheduler=scheduler,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            denoise=denoise,
+            seed=seed,
+            img_width=img_width,
+            img_height=img_height,
+            modelsamplingsd3_shift=modelsamplingsd3_shift,
+            conditioningsettimesteprange_start=cond_start,
+            conditioningsettimesteprange_stop=cond_stop,
+        )
+    except ValidationError as exc:
+        err.print(f"[red]Invalid parameters:[/red] {describe_validation_errors(exc.errors())}")
+        raise typer.Exit(2) from None
+    runtime = _load_runtime(settings)
+    job = to_generation_request(body, seed=resolve_seed(body.seed))
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]Sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    ) as progress:
+        task = progress.add_task("sampling", total=None)
+
+        def on_step(step: int, total: int) -> None:
+            progress.update(task, completed=step + 1, total=total)
+
+        result = runtime.generator.generate(job, callback=on_step)
+    paths = (
+        [out_path]
+        if len(result.images) == 1
+        else [
+            out_path.with_name(f"{out_path.stem}-{i + 1}{out_path.suffix}") for i in range(len(result.images))
+        ]
+    )
+    for path, image in zip(paths, result.images, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(to_jpeg(image))
+    err.print(f"seed {result.seed}, {time.perf_counter() - started:.2f} s on {runtime.device}")
+    for path in paths:
+        out.print(str(path))
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="A unique name for the key")],
+    credits: Annotated[str, typer.Option("--credits", help="Starting balance, in credits (decimal)")] = "0",
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create an API key; the key alone is printed on the last line of standard output."""
+    from server.errors import KeyNameTaken
+
+    settings = build_settings(data_dir=data_dir, database_url=database_url)
+    amount = _decimal(credits)
+    try:
+        record, key = _ledger(settings).create_key(name=name, credits=amount)
+    except KeyNameTaken:
+        err.print(f"[red]A key named {name!r} already exists.[/red]")
+        raise typer.Exit(1) from None
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    err.print(
+        f"Created key {record.name!r} with {format_credits(record.balance)} credits. It is shown only once:"
+    )
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """List keys (names, prefixes, balances; never the keys themselves)."""
+    settings = build_settings(data_dir=data_dir, database_url=database_url)
+    table = Table("name", "key prefix", "credits", "enabled", "created (UTC)")
+    for record in _ledger(settings).list_keys():
+        table.add_row(
+            record.name,
+            record.prefix + "…",
+            format_credits(record.balance),
+            "yes" if record.enabled else "no",
+            record.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    out.print(table)
+
+
+def _set_enabled(name: str, enabled: bool, data_dir: Path | None, database_url: str | None) -> None:
+    from server.errors import UnknownKey
+
+    settings = build_settings(data_dir=data_dir, database_url=database_url)
+    try:
+        _ledger(settings).set_enabled(name, enabled)
+    except UnknownKey:
+        err.print(f"[red]No key named {name!r}.[/red]")
+        raise typer.Exit(1) from None
+    err.print(f"Key {name!r} {'enabled' if enabled else 'disabled'}.")
+
+
+@keys_app.command("disable")
+def keys_disable(name: str, data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Disable a key: its requests get 401 until it is enabled again."""
+    _set_enabled(name, False, data_dir, database_url)
+
+
+@keys_app.command("enable")
+def keys_enable(name: str, data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Enable a disabled key."""
+    _set_enabled(name, True, data_dir, database_url)
+
+
+@credits_app.command("add")
+def credits_add(
+    name: str,
+    amount: str,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Add AMOUNT credits to the key NAME; the new balance is printed on standard output."""
+    from server.errors import UnknownKey
+
+    settings = build_settings(data_dir=data_dir, database_url=database_url)
+    try:
+        balance = _ledger(settings).add_credits(name, _decimal(amount), note="cli")
+    except UnknownKey:
+        err.print(f"[red]No key named {name!r}.[/red]")
+        raise typer.Exit(1) from None
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    print(format_credits(balance))
+
+
+def _decimal(text: str) -> Decimal:
+    from decimal import InvalidOperation
+
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        err.print(f"[red]Not a number: {text!r}[/red]")
+        raise typer.Exit(2) from None
+    if not value.is_finite():
+        err.print(f"[red]Not a finite number: {text!r}[/red]")
+        raise typer.Exit(2)
+    return value
+
+
+def main() -> None:  # pragma: no cover - `python -m server.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

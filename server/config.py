@@ -1,0 +1,84 @@
+"""The one settings object: every knob of sd3-server, with an `SD3_` environment twin.
+
+Built once (by the CLI or by whoever embeds the app) and passed down; nothing else reads
+`os.environ`. Nested groups are set from the environment with a double underscore, e.g.
+`SD3_MODEL__DEVICE=cuda`, `SD3_PRICING__PRICE_PER_IMAGE=0.05`.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+class ModelSettings(BaseModel):
+    # "tiny" (the offline random-weight model), a Hugging Face id, a local diffusers folder,
+    # or a single-file checkpoint (.safetensors / .ckpt).
+    id: str = DEFAULT_MODEL
+    revision: str | None = None
+    # Only for single-file checkpoints: a local diffusers folder (or Hub id) whose configs describe it,
+    # so that a checkpoint can be loaded with no network.
+    config: str | None = None
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    # The user's own token for gated repositories; when unset, huggingface_hub falls back to HF_TOKEN
+    # or the token saved by `hf auth login`.
+    hf_token: SecretStr | None = None
+    # Load the T5-XXL encoder (9.5 GB in fp16). Without it the context is CLIP only.
+    t5: bool = True
+
+
+class SamplingSettings(BaseModel):
+    # Which ComfyUI conventions the hosted service follows is not known (sampling.md, Decisions 3):
+    # both choices are kept as settings.
+    negative_window_wiring: Literal["a", "b"] = "a"
+    percent_rule: Literal["current", "legacy"] = "current"
+    # ComfyUI pads T5 to 77 tokens; diffusers' default of 256 changes the image.
+    max_sequence_length: int = Field(77, ge=1, le=512)
+
+
+class PricingSettings(BaseModel):
+    # Price of one 1024x1024 image at 25 steps; scaled by samples, steps and pixels (api-contract.md §4).
+    price_per_image: Decimal = Decimal("0.039")
+    reference_steps: int = 25
+    reference_pixels: int = 1024 * 1024
+
+
+class QueueSettings(BaseModel):
+    # Requests waiting for the device beyond this are refused with 429.
+    max_pending: int = Field(16, ge=1)
+    retry_after_s: int = Field(5, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SD3_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    data_dir: Path = Path("sd3-data")
+    # Default: a SQLite file in the data dir. PostgreSQL: postgresql+psycopg://user:pass@host/db
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    model: ModelSettings = ModelSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    pricing: PricingSettings = PricingSettings()
+    queue: QueueSettings = QueueSettings()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'ledger.sqlite3').resolve()}"
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return self.data_dir / "models" / "tiny-sd3"

@@ -1,0 +1,118 @@
+"""The error taxonomy of sd3-server, and the one place that maps it to HTTP.
+
+Everything below `server/api/` raises one of these domain errors; `install_error_handlers` turns
+them (and Starlette's own 404/405 and FastAPI's request-validation errors) into
+`{"error": "..."}` bodies with the contract's status codes. There is deliberately no catch-all
+`Exception` handler: Starlette runs it outside our middleware, and the headers of the contract
+would be lost. Unexpected failures during generation are wrapped in `GenerationFailed` by the
+serving layer, which is where the refund happens.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+
+class ApiError(Exception):
+    status_code: int = 500
+    default_message: str = "Internal server error"
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+        self.message = message or self.default_message
+        self.headers = dict(headers or {})
+        super().__init__(self.message)
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+    default_message = "Unauthorized. API key is invalid or may have expired"
+
+
+class MissingApiKey(Unauthorized):
+    default_message = "Missing Authorization or x-api-key in header"
+
+
+class NotFound(ApiError):
+    status_code = 404
+    default_message = "Not Found. The requested URL does not exist"
+
+
+class MethodNotAllowed(ApiError):
+    status_code = 405
+    default_message = "Method Not Allowed"
+
+
+class InsufficientCredits(ApiError):
+    status_code = 406
+    default_message = "Not enough credits"
+
+    def __init__(self, *, balance: Decimal, price: Decimal) -> None:
+        self.balance = balance
+        self.price = price
+        super().__init__(f"Not enough credits: this request costs {price}, the balance is {balance}")
+
+
+class InvalidContentType(ApiError):
+    status_code = 406
+    default_message = "Invalid content type: send the parameters as JSON (Content-Type: application/json)"
+
+
+class InvalidRequest(ApiError):
+    status_code = 422
+
+
+class Overloaded(ApiError):
+    status_code = 429
+    default_message = "Too many requests: the generation queue is full, retry later"
+
+
+class GenerationFailed(ApiError):
+    status_code = 500
+    default_message = "The server failed to generate the image; no credits were charged"
+
+
+class KeyNameTaken(Exception):
+    """`keys create` with a name that already exists."""
+
+
+class UnknownKey(Exception):
+    """A CLI operation on a key name that does not exist."""
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    # Imported here so that the domain errors above stay importable without the web stack.
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from server.headers import credit_headers
+
+    def respond(request: Request, status: int, message: str, headers: dict[str, str]) -> JSONResponse:
+        return JSONResponse(
+            {"error": message}, status_code=status, headers={**credit_headers(request), **headers}
+        )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return respond(request, exc.status_code, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return respond(request, 404, NotFound.default_message, {})
+        if exc.status_code == 405:
+            allow = dict(exc.headers or {})
+            method = request.method
+            return respond(request, 405, f"Method Not Allowed: {method} is not allowed here", allow)
+        return respond(request, exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        from server.schemas import describe_validation_errors
+
+        return respond(request, 422, describe_validation_errors(exc.errors()), {})

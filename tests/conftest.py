@@ -1,0 +1,46 @@
+"""Shared fixtures: the tiny model built once per session, and a real uvicorn server on loopback.
+
+Everything is real: the tiny SD3 is written as a diffusers folder and loaded by the same code as
+real weights, the server is uvicorn on a free loopback port, the ledger a SQLite file, and the
+clients are httpx and the official `segmind` SDK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines.tiny import ensure_tiny_model
+from server.app import Runtime, load_runtime
+from server.config import Settings
+from tests.live import LiveServer, live_server
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sd3-data")
+
+
+@pytest.fixture(scope="session")
+def settings(data_dir: Path) -> Settings:
+    return Settings(data_dir=data_dir, model={"id": "tiny"})
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(settings: Settings) -> Path:
+    return ensure_tiny_model(settings.tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def runtime(settings: Settings, tiny_dir: Path) -> Runtime:
+    return load_runtime(settings)
+
+
+@pytest.fixture(scope="session")
+def live(
+    settings: Settings, runtime: Runtime, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    db = tmp_path_factory.mktemp("ledger") / "ledger.sqlite3"
+    yield from live_server(settings.model_copy(update={"database_url": f"sqlite:///{db}"}), runtime)

@@ -1,0 +1,72 @@
+"""Helpers for tests that talk to a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+
+import httpx
+import uvicorn
+
+from server.app import Runtime, create_app
+from server.config import Settings
+from server.ledger import Ledger
+
+SLUG = "stable-diffusion-3-medium-txt2img"
+# The smallest request the contract allows: keeps the suite fast where size is not the point.
+SMALL = {"img_width": 512, "img_height": 512, "num_inference_steps": 10}
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    settings: Settings
+    ledger: Ledger
+    app: object
+    _names = itertools.count()
+
+    def key(self, credits: str | Decimal = "10") -> str:
+        _, key = self.ledger.create_key(name=f"test-{next(self._names)}", credits=Decimal(credits))
+        return key
+
+    def balance_of(self, key: str) -> Decimal:
+        from server.auth import hash_key
+
+        record = self.ledger.find_by_hash(hash_key(key))
+        assert record is not None
+        return record.balance
+
+    def post(self, body: dict, *, key: str | None, path: str = f"/v1/{SLUG}", **kwargs) -> httpx.Response:
+        headers = {"x-api-key": key} if key is not None else {}
+        headers.update(kwargs.pop("headers", {}))
+        return httpx.post(self.base_url + path, json=body, headers=headers, timeout=120, **kwargs)
+
+
+def start_server(settings: Settings, runtime: Runtime) -> tuple[uvicorn.Server, threading.Thread, str]:
+    app = create_app(settings, runtime)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def live_server(settings: Settings, runtime: Runtime) -> Iterator[LiveServer]:
+    server, thread, base_url = start_server(settings, runtime)
+    ledger = Ledger(settings.resolved_database_url)
+    try:
+        yield LiveServer(base_url, settings, ledger, server.config.app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        ledger.close()

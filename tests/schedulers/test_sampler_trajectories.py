@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import pairwise
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+from reference import Toy
+from torch_toy import start_latent, torch_predict
+
+from schedulers.guidance import guided_denoiser, negative_ranges
+from schedulers.noise import NoiseSource
+from schedulers.samplers import DISCARD_PENULTIMATE, SAMPLERS, noise_for, sample_dpmpp_2m, sample_euler
+from schedulers.sigmas import percent_to_sigma, sigmas_for, to_float32
+
+SHIFT = 3.0
+SDE_FIRST_SIGMA = to_float32(percent_to_sigma(1e-4, shift=SHIFT, rule="current"))
+
+REFERENCES: dict[str, Callable] = {
+    "euler": lambda model, x, s, noise: ref.euler(model, x, s),
+    "ddim": lambda model, x, s, noise: ref.euler(model, x, s),
+    "heun": lambda model, x, s, noise: ref.heun(model, x, s),
+    "dpmpp_2m": lambda model, x, s, noise: ref.dpmpp_2m(model, x, s),
+    "dpm_2": lambda model, x, s, noise: ref.dpm_2(model, x, s),
+    "lms": lambda model, x, s, noise: ref.lms(model, x, s),
+    "euler_ancestral": ref.euler_ancestral_rf,
+    "dpm_2_ancestral": ref.dpm_2_ancestral_rf,
+    "dpmpp_2s_ancestral": ref.dpmpp_2s_ancestral_rf,
+    "dpmpp_2m_sde": lambda model, x, s, noise: ref.dpmpp_2m_sde(
+        model, x, s, noise, first_sigma=SDE_FIRST_SIGMA
+    ),
+}
+
+
+class ListNoise:
+    """Hands out a fixed list of noise tensors in order, so both sides see the same draws."""
+
+    def __init__(self, draws: list[np.ndarray]) -> None:
+        self.draws = draws
+        self.calls: list[tuple[float, float]] = []
+
+    def __call__(self, sigma: float, sigma_next: float, like: torch.Tensor) -> torch.Tensor:
+        assert sigma_next < sigma and sigma_next > 0
+        self.calls.append((sigma, sigma_next))
+        return torch.from_numpy(self.draws[len(self.calls) - 1]).float()
+
+
+def noise_draws(count: int, shape: tuple[int, ...]) -> list[np.ndarray]:
+    generator = torch.Generator().manual_seed(11)
+    return [torch.randn(shape, generator=generator).numpy().astype(np.float64) for _ in range(count)]
+
+
+def run_sampler(sampler: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Runs a sampler with the noise source it needs, as the pipeline would."""
+    noise: NoiseSource | None = noise_for(sampler, seed=5, sigmas=sigmas, like=x)
+    return SAMPLERS[sampler](denoiser, x, sigmas, noise=noise, shift=SHIFT, **kwargs)
+
+
+WINDOW = {"start": 0.1, "stop": 1.0, "shift": 3.0, "wiring": "a", "rule": "current"}
+
+
+def run_both(
+    toy: Toy, sampler: str, *, steps: int, cfg: float, batch: int, schedule: str
+) -> tuple[np.ndarray, np.ndarray]:
+    sigmas = sigmas_for(
+        schedule, steps=steps, shift=SHIFT, discard_penultimate=sampler in DISCARD_PENULTIMATE
+    )
+    values = [float(s) for s in sigmas]
+    x0 = start_latent(batch, values[0])
+    draws = noise_draws(len(values), x0.shape)
+    noise = ListNoise(draws)
+    denoiser = guided_denoiser(torch_predict(toy), cfg=cfg, ranges=negative_ranges(**WINDOW))
+    ours = SAMPLERS[sampler](denoiser, torch.from_numpy(x0).float(), sigmas, noise=noise, shift=SHIFT)
+    assert ours.dtype == torch.float32
+    model = toy.guided(cfg=cfg, ranges=ref.windows(0.1, 1.0, SHIFT, "a", "current"))
+    expected = REFERENCES[sampler](model, x0, values, draws)
+    return ours.numpy(), expected
+
+
+def test_every_registered_sampler_has_a_reference() -> None:
+    assert set(SAMPLERS) == set(REFERENCES)
+
+
+@pytest.mark.parametrize("sampler", sorted(REFERENCES))
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("steps", [1, 2, 25])
+def test_sampler_follows_the_numpy_reference(
+    toy: Toy, sampler: str, cfg: float, batch: int, steps: int
+) -> None:
+    ours, expected = run_both(toy, sampler, steps=steps, cfg=cfg, batch=batch, schedule="sgm_uniform")
+    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", sorted(REFERENCES))
+@pytest.mark.parametrize("schedule", ["karras", "beta", "ddim_uniform"])
+def test_sampler_follows_the_reference_on_other_schedules(toy: Toy, sampler: str, schedule: str) -> None:
+    ours, expected = run_both(toy, sampler, steps=10, cfg=5.0, batch=2, schedule=schedule)
+    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_single_step_to_zero_returns_the_denoised_prediction(toy: Toy, sampler: str) -> None:
+    sigmas = torch.tensor([1.0, 0.0])
+    x = torch.from_numpy(start_latent(2, 1.0)).float()
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=negative_ranges(**WINDOW))
+    sigma0 = SDE_FIRST_SIGMA if sampler == "dpmpp_2m_sde" else 1.0  # the SDE evaluates just below 1
+    torch.testing.assert_close(
+        run_sampler(sampler, denoiser, x, sigmas), denoiser(x, sigma0), atol=1e-6, rtol=0
+    )
+
+
+def test_dpmpp_2m_with_two_steps_is_euler_then_the_final_step(toy: Toy) -> None:
+    sigmas = sigmas_for("sgm_uniform", steps=2, shift=3.0)
+    x = torch.from_numpy(start_latent(1, 1.0)).float()
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=negative_ranges(**WINDOW))
+    torch.testing.assert_close(
+        sample_dpmpp_2m(denoiser, x, sigmas), sample_euler(denoiser, x, sigmas), atol=1e-6, rtol=0
+    )
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_callback_sees_every_step_and_can_abort(toy: Toy, sampler: str) -> None:
+    sigmas = sigmas_for("sgm_uniform", steps=5, shift=3.0)
+    x = torch.from_numpy(start_latent(1, 1.0)).float()
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=negative_ranges(**WINDOW))
+    seen: list[tuple[int, int]] = []
+    run_sampler(sampler, denoiser, x, sigmas, callback=lambda i, total: seen.append((i, total)))
+    assert seen == [(i, 5) for i in range(5)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(i: int, total: int) -> None:
+        if i == 1:
+            raise Cancelled
+
+    calls: list[float] = []
+
+    def counting(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        calls.append(sigma)
+        return denoiser(x, sigma)
+
+    with pytest.raises(Cancelled):
+        run_sampler(sampler, counting, x, sigmas, callback=cancel)
+    assert len(calls) <= 4  # two steps of at most two evaluations, nothing after the abort
+
+
+def test_samplers_keep_a_float32_state_even_from_other_dtypes(toy: Toy) -> None:
+    sigmas = sigmas_for("sgm_uniform", steps=3, shift=3.0)
+    x = torch.from_numpy(start_latent(1, 1.0))  # float64 in
+    denoiser = guided_denoiser(torch_predict(toy), cfg=1.0, ranges=())
+    for sampler in SAMPLERS:
+        assert run_sampler(sampler, denoiser, x, sigmas).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "sampler", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde"]
+)
+def test_stochastic_samplers_draw_once_per_step_except_the_last(toy: Toy, sampler: str) -> None:
+    sigmas = sigmas_for(
+        "sgm_uniform", steps=6, shift=SHIFT, discard_penultimate=sampler in DISCARD_PENULTIMATE
+    )
+    values = [float(s) for s in sigmas]
+    x = torch.from_numpy(start_latent(1, 1.0)).float()
+    noise = ListNoise(noise_draws(10, tuple(x.shape)))
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=negative_ranges(**WINDOW))
+    SAMPLERS[sampler](denoiser, x, sigmas, noise=noise, shift=SHIFT)
+    expected = list(pairwise(values[:-1]))
+    if sampler == "dpmpp_2m_sde":
+        expected[0] = (SDE_FIRST_SIGMA, values[1])  # queried from the offset first sigma
+    assert noise.calls == expected
+
+
+@pytest.mark.parametrize(
+    "sampler", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde"]
+)
+def test_stochastic_samplers_refuse_to_run_without_noise(toy: Toy, sampler: str) -> None:
+    sigmas = sigmas_for("sgm_uniform", steps=3, shift=SHIFT)
+    denoiser = guided_denoiser(torch_predict(toy), cfg=1.0, ranges=())
+    with pytest.raises(ValueError, match="noise"):
+        SAMPLERS[sampler](denoiser, torch.zeros(1, 4, 6, 6), sigmas, shift=SHIFT)
+
+
+def test_dpmpp_2m_sde_needs_the_shift_only_when_the_first_sigma_is_one(toy: Toy) -> None:
+    denoiser = guided_denoiser(torch_predict(toy), cfg=1.0, ranges=())
+    x = torch.from_numpy(start_latent(1, 1.0)).float()
+    full = sigmas_for("sgm_uniform", steps=4, shift=SHIFT)
+    with pytest.raises(ValueError, match="shift"):
+        SAMPLERS["dpmpp_2m_sde"](
+            denoiser, x, full, noise=noise_for("dpmpp_2m_sde", seed=1, sigmas=full, like=x)
+        )
+    partial = sigmas_for("sgm_uniform", steps=4, shift=SHIFT, denoise=0.5)
+    noise = noise_for("dpmpp_2m_sde", seed=1, sigmas=partial, like=x)
+    assert SAMPLERS["dpmpp_2m_sde"](denoiser, x, partial, noise=noise).shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "sampler", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde"]
+)
+def test_stochastic_samplers_repeat_with_the_same_seed_and_differ_with_another(
+    toy: Toy, sampler: str
+) -> None:
+    sigmas = sigmas_for(
+        "sgm_uniform", steps=5, shift=SHIFT, discard_penultimate=sampler in DISCARD_PENULTIMATE
+    )
+    x = torch.from_numpy(start_latent(1, 1.0)).float()
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=negative_ranges(**WINDOW))
+
+    def run(seed: int) -> torch.Tensor:
+        noise = noise_for(sampler, seed=seed, sigmas=sigmas, like=x)
+        return SAMPLERS[sampler](denoiser, x, sigmas, noise=noise, shift=SHIFT)
+
+    assert torch.equal(run(8), run(8))
+    assert not torch.equal(run(8), run(9))

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+
+from schedulers.names import SchedulerSpec, UnknownScheduler, public_names, resolve
+from schedulers.samplers import SAMPLERS
+from schedulers.sigmas import SCHEDULES
+
+
+def test_every_public_name_runs_an_implemented_sampler_and_schedule() -> None:
+    for name in public_names():
+        spec = resolve(name)
+        assert spec.sampler in SAMPLERS, name
+        assert spec.schedule in SCHEDULES, name
+
+
+def test_public_names_are_unique_case_insensitively() -> None:
+    names = [name.casefold() for name in public_names()]
+    assert len(names) == len(set(names))
+
+
+def test_default_and_plain_labels_use_sgm_uniform_karras_labels_karras_and_ddim_its_own() -> None:
+    assert resolve("DPM++ 2M") == SchedulerSpec("DPM++ 2M", "dpmpp_2m", "sgm_uniform")
+    assert resolve("DPM++ 2M Karras").schedule == "karras"
+    assert resolve("Euler") == SchedulerSpec("Euler", "euler", "sgm_uniform")
+    assert resolve("Heun").sampler == "heun"
+    assert resolve("DDIM") == SchedulerSpec("DDIM", "ddim", "ddim_uniform")
+
+
+@pytest.mark.parametrize(
+    ("name", "sampler", "schedule"),
+    [
+        ("DPM++ 2M SDE", "dpmpp_2m_sde", "sgm_uniform"),
+        ("DPM++ 2M SDE Karras", "dpmpp_2m_sde", "karras"),
+        ("DPM++ 2S a", "dpmpp_2s_ancestral", "sgm_uniform"),
+        ("Euler a", "euler_ancestral", "sgm_uniform"),
+        ("DPM2", "dpm_2", "sgm_uniform"),
+        ("DPM2 Karras", "dpm_2", "karras"),
+        ("DPM2 a", "dpm_2_ancestral", "sgm_uniform"),
+        ("LMS", "lms", "sgm_uniform"),
+        ("LMS Karras", "lms", "karras"),
+    ],
+)
+def test_contract_labels_map_to_their_comfyui_sampler_and_schedule(
+    name: str, sampler: str, schedule: str
+) -> None:
+    assert (resolve(name).sampler, resolve(name).schedule) == (sampler, schedule)
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "euler_ancestral", "dpm_2", "dpm_2_ancestral", "lms"],
+)
+def test_comfyui_sampler_tokens_run_that_sampler_on_sgm_uniform(token: str) -> None:
+    assert (resolve(token).sampler, resolve(token).schedule) == (token, "sgm_uniform")
+
+
+def test_legacy_labels_resolve() -> None:
+    assert (resolve("DPM Multi").sampler, resolve("DPM Multi").schedule) == ("dpmpp_2m", "sgm_uniform")
+    assert resolve("euler_a").sampler == "euler_ancestral"
+
+
+def test_names_match_case_insensitively() -> None:
+    assert resolve("dpm++ 2m karras") == resolve("DPM++ 2M Karras")
+    assert resolve("EULER") == resolve("euler") == resolve("Euler")
+
+
+def test_unknown_name_raises_a_value_error_listing_the_accepted_names() -> None:
+    with pytest.raises(UnknownScheduler) as raised:
+        resolve("PNDM")
+    assert isinstance(raised.value, ValueError)
+    for name in public_names():
+        assert name in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "name", ["UniPC", "DEIS", "DPM++ 3M SDE", "DPM++ SDE", "DPM++ SDE Karras", "uni_pc", "DPM Single", ""]
+)
+def test_names_without_an_implementation_are_rejected(name: str) -> None:
+    with pytest.raises(UnknownScheduler):
+        resolve(name)

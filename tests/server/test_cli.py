@@ -1,0 +1,103 @@
+"""The `sd3-server` command: keys and credits for scripts, and one image without HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from server.cli import app
+from server.config import Settings
+from server.ledger import Ledger
+
+runner = CliRunner()
+
+
+def test_keys_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> None:
+    # The real console script, as a user's shell script would capture it: KEY=$(sd3-server keys create ...)
+    env = {**os.environ, "SD3_DATA_DIR": str(tmp_path)}
+    script = Path(sys.executable).with_name("sd3-server")
+    done = subprocess.run(
+        [str(script), "keys", "create", "--name", "alice", "--credits", "12.5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    key = done.stdout.strip().splitlines()[-1]
+    assert key.startswith("sd3_") and " " not in key
+    ledger = Ledger(Settings(data_dir=tmp_path).resolved_database_url)
+    (record,) = ledger.list_keys()
+    assert (record.name, record.balance) == ("alice", Decimal("12.5"))
+    assert key not in (tmp_path / "ledger.sqlite3").read_bytes().decode("latin-1")
+
+
+def test_keys_list_and_credits_add(tmp_path: Path) -> None:
+    opts = ["--data-dir", str(tmp_path)]
+    assert runner.invoke(app, ["keys", "create", "--name", "bob", "--credits", "1", *opts]).exit_code == 0
+    added = runner.invoke(app, ["credits", "add", "bob", "2.25", *opts])
+    assert added.exit_code == 0 and added.stdout.strip().splitlines()[-1] == "3.25"
+    listing = runner.invoke(app, ["keys", "list", *opts])
+    assert listing.exit_code == 0 and "bob" in listing.stdout and "3.25" in listing.stdout
+    assert runner.invoke(app, ["credits", "add", "nobody", "1", *opts]).exit_code == 1
+    assert runner.invoke(app, ["keys", "create", "--name", "bob", *opts]).exit_code == 1
+    assert runner.invoke(app, ["credits", "add", "bob", "lots", *opts]).exit_code == 2
+
+
+def test_keys_disable_and_enable(tmp_path: Path) -> None:
+    opts = ["--data-dir", str(tmp_path)]
+    runner.invoke(app, ["keys", "create", "--name", "carol", *opts])
+    assert runner.invoke(app, ["keys", "disable", "carol", *opts]).exit_code == 0
+    assert not Ledger(Settings(data_dir=tmp_path).resolved_database_url).list_keys()[0].enabled
+    assert runner.invoke(app, ["keys", "enable", "carol", *opts]).exit_code == 0
+
+
+def test_generate_writes_the_images(tmp_path: Path, data_dir: Path, tiny_dir: Path) -> None:
+    out = tmp_path / "out.jpg"
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--prompt",
+            "a panda",
+            "--out",
+            str(out),
+            "--model",
+            "tiny",
+            "--data-dir",
+            str(data_dir),
+            "--width",
+            "512",
+            "--height",
+            "520",
+            "--steps",
+            "10",
+            "--seed",
+            "7",
+            "--samples",
+            "2",
+            "--scheduler",
+            "Euler",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for path in (tmp_path / "out-1.jpg", tmp_path / "out-2.jpg"):
+        assert Image.open(path).size == (512, 520)
+
+
+def test_generate_rejects_what_the_api_rejects(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["generate", "--prompt", "x", "--width", "1001", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "img_width" in result.output and "multiple of 8" in result.output
+
+
+def test_serve_with_a_missing_model_fails_in_one_sentence(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["serve", "--model", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "Cannot load the model" in result.output and "Traceback" not in result.output

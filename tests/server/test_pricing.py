@@ -1,0 +1,63 @@
+from decimal import Decimal
+
+import pytest
+
+from server.config import PricingSettings
+from server.pricing import price_of
+
+DEFAULTS = {"width": 1024, "height": 1024, "steps": 25, "samples": 1}
+
+
+def price(**overrides: int) -> Decimal:
+    return price_of(**{**DEFAULTS, **overrides}, pricing=PricingSettings())
+
+
+def test_defaults_cost_the_listed_price_per_image() -> None:
+    assert price() == Decimal("0.039")
+
+
+def test_price_scales_with_samples() -> None:
+    assert price(samples=4) == Decimal("0.156")
+
+
+def test_price_scales_with_pixels() -> None:
+    assert price(width=512, height=512) == Decimal("0.00975")
+
+
+def test_price_scales_with_steps() -> None:
+    assert price(steps=50) == Decimal("0.078")
+    assert price(steps=10) == Decimal("0.0156")
+
+
+def test_largest_request_is_priced_exactly() -> None:
+    assert price(width=2048, height=2048, steps=100, samples=4) == Decimal("2.496")
+
+
+def test_price_has_six_decimals_rounded_half_up() -> None:
+    # 0.039 × 11/25 × (520 × 512 / 1024²) = 0.00435703125 → down.
+    assert price(steps=11, width=520, height=512) == Decimal("0.004357")
+    # 0.039 × 11/25 × (648 × 512 / 1024²) = 0.00542953125 → up.
+    assert price(steps=11, width=648, height=512) == Decimal("0.005430")
+    # 0.039 × 24/25 × (520 × 1024 / 1024²) = 0.0190125 exactly: a tie, which rounds up.
+    assert price(steps=24, width=520) == Decimal("0.019013")
+    # 0.000001 × 1/2 = 0.0000005 exactly: a tie, which rounds up.
+    tie = PricingSettings(price_per_image=Decimal("0.000001"), reference_steps=2, reference_pixels=1)
+    assert price_of(width=1, height=1, steps=1, samples=1, pricing=tie) == Decimal("0.000001")
+    # 0.000001 × 1/3 = 0.00000033… rounds down to zero.
+    third = PricingSettings(price_per_image=Decimal("0.000001"), reference_steps=3, reference_pixels=1)
+    assert price_of(width=1, height=1, steps=1, samples=1, pricing=third) == Decimal("0")
+
+
+def test_price_is_quantized_to_six_decimals() -> None:
+    assert price().as_tuple().exponent == -6
+
+
+def test_price_follows_the_pricing_settings() -> None:
+    pricing = PricingSettings(price_per_image=Decimal("0.05"))
+    assert price_of(**DEFAULTS, pricing=pricing) == Decimal("0.05")
+
+
+@pytest.mark.parametrize("field", ["width", "height", "steps", "samples"])
+def test_non_positive_dimensions_are_refused(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        price(**{field: 0})

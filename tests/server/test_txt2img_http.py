@@ -1,0 +1,264 @@
+"""The v1 contract over real HTTP: answers, headers, every error code, and what is charged."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.live import SLUG, SMALL, LiveServer
+
+SEED_PAGE = Path(__file__).resolve().parents[3] / "shared" / "seed"
+
+
+def original_request() -> dict:
+    """The JSON of the hosted model page's example, read from the copy in ../shared/seed."""
+    text = next(SEED_PAGE.glob("*.txt")).read_text()
+    start = text.index("const data = ") + len("const data = ")
+    end = text.index("; (async function")
+    return json.loads(text[start:end])
+
+
+def jpeg(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "JPEG"
+    image.load()
+    return image
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(jpeg(data), dtype=np.float32)
+
+
+def test_original_request_returns_a_jpeg_of_the_asked_size_and_charges_its_price(live: LiveServer) -> None:
+    key = live.key("1")
+    body = original_request()
+    assert body["img_width"] == 1024 and body["scheduler"] == "DPM++ 2M" and body["base64"] is False
+    response = live.post(body, key=key)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/jpeg"
+    assert jpeg(response.content).size == (1024, 1024)
+    assert response.headers["x-cost"] == "0.039"
+    assert Decimal(response.headers["x-remaining-credits"]) == Decimal("0.961") == live.balance_of(key)
+    assert response.headers["x-seed-value"] == response.headers["x-seed"] == "468685"
+    assert response.headers["x-request-id"]
+    assert float(response.headers["x-generation-time"]) > 0
+
+
+def test_base64_answer_is_json_with_the_image(live: LiveServer) -> None:
+    key = live.key()
+    response = live.post({"prompt": "a red fox", "base64": True, "seed": 3, **SMALL}, key=key)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    payload = response.json()
+    assert set(payload) == {"image"}
+    assert jpeg(base64.b64decode(payload["image"])).size == (512, 512)
+    assert "x-remaining-credits" in response.headers
+
+
+@pytest.mark.parametrize("as_base64", [False, True])
+def test_several_samples_come_back_as_a_json_list_in_batch_order(live: LiveServer, as_base64: bool) -> None:
+    key = live.key()
+    response = live.post(
+        {"prompt": "a red fox", "samples": 3, "seed": 5, "base64": as_base64, **SMALL}, key=key
+    )
+    assert response.status_code == 200
+    payload = response.json()
+    images = [base64.b64decode(item) for item in payload["images"]]
+    assert len(images) == 3 and payload["image"] == payload["images"][0]
+    assert all(jpeg(data).size == (512, 512) for data in images)
+    assert len(set(images)) == 3  # one noise draw for the batch: the samples differ
+    # Three images at 512x512, 10 steps: 0.039 * 3 * 0.4 * 0.25
+    assert response.headers["x-cost"] == "0.0117"
+    # Item 0 of a batch is the single image of the same seed (sampling.md §6): equal up to the
+    # float rounding of a different batch size, far from the other items of the batch.
+    single = pixels(live.post({"prompt": "a red fox", "seed": 5, **SMALL}, key=key).content)
+    assert np.abs(single - pixels(images[0])).mean() < 1.0
+    assert np.abs(single - pixels(images[1])).mean() > 5.0
+
+
+def test_same_seed_gives_the_same_image_and_another_seed_another(live: LiveServer) -> None:
+    key = live.key()
+    body = {"prompt": "a lighthouse", "seed": 42, **SMALL}
+    first, again = live.post(body, key=key), live.post(body, key=key)
+    other = live.post({**body, "seed": 43}, key=key)
+    assert first.status_code == again.status_code == other.status_code == 200
+    assert first.content == again.content
+    assert first.content != other.content
+
+
+def test_random_seed_is_reported_and_replays_the_image(live: LiveServer) -> None:
+    key = live.key()
+    first = live.post({"prompt": "a lighthouse", **SMALL}, key=key)  # seed defaults to -1
+    seed = int(first.headers["x-seed"])
+    assert 0 <= seed <= 999_999_999_999_999
+    replay = live.post({"prompt": "a lighthouse", "seed": seed, **SMALL}, key=key)
+    assert replay.content == first.content
+
+
+def test_numbers_and_booleans_sent_as_strings_and_nulls_are_accepted(live: LiveServer) -> None:
+    key = live.key()
+    body = {
+        "prompt": "a boat",
+        "num_inference_steps": "10",
+        "seed": "7",
+        "base64": "False",
+        "img_width": "512",
+        "img_height": 512,
+        "negative_prompt": None,
+        "scheduler": "euler",
+        "unknown_field_of_another_model": 1,
+    }
+    response = live.post(body, key=key)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/jpeg"
+
+
+def test_the_slug_is_also_served_at_the_root(live: LiveServer) -> None:
+    response = live.post({"prompt": "a boat", **SMALL}, key=live.key(), path=f"/{SLUG}")
+    assert response.status_code == 200
+
+
+# -- errors: a JSON {"error": ...} body, the right code, and nothing charged ---------------------
+
+
+def assert_error(response: httpx.Response, status: int, *fragments: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    message = response.json()["error"]
+    assert isinstance(message, str) and message
+    assert "Traceback" not in response.text
+    for fragment in fragments:
+        assert fragment in message
+    return message
+
+
+def test_missing_key_is_401(live: LiveServer) -> None:
+    assert_error(live.post({"prompt": "x"}, key=None), 401, "Missing Authorization or x-api-key")
+
+
+def test_unknown_key_is_401(live: LiveServer) -> None:
+    response = live.post({"prompt": "x"}, key="sd3_not-a-real-key")
+    assert_error(response, 401, "API key is invalid")
+    assert "x-remaining-credits" not in response.headers
+
+
+def test_disabled_key_is_401_and_not_charged(live: LiveServer) -> None:
+    key = live.key("1")
+    name = next(r.name for r in live.ledger.list_keys() if r.balance == Decimal("1") and r.enabled)
+    live.ledger.set_enabled(name, False)
+    try:
+        assert_error(live.post({"prompt": "x", **SMALL}, key=key), 401)
+    finally:
+        live.ledger.set_enabled(name, True)
+
+
+def test_unknown_path_is_404_json(live: LiveServer) -> None:
+    assert_error(live.post({"prompt": "x"}, key=live.key(), path="/v1/no-such-model"), 404)
+    assert_error(httpx.get(live.base_url + "/nothing/here"), 404)
+
+
+def test_wrong_method_is_405_json(live: LiveServer) -> None:
+    response = httpx.get(f"{live.base_url}/v1/{SLUG}", headers={"x-api-key": live.key()})
+    assert_error(response, 405)
+    assert "POST" in response.headers["allow"]
+
+
+def test_not_enough_credits_is_406_and_nothing_is_charged(live: LiveServer) -> None:
+    key = live.key("0.01")
+    response = live.post({"prompt": "x"}, key=key)  # 1024x1024, 25 steps: 0.039
+    assert_error(response, 406, "Not enough credits")
+    assert response.headers["x-remaining-credits"] == "0.01"
+    assert live.balance_of(key) == Decimal("0.01")
+
+
+def test_non_json_content_type_is_406(live: LiveServer) -> None:
+    key = live.key()
+    response = httpx.post(
+        f"{live.base_url}/v1/{SLUG}",
+        content="prompt=x",
+        headers={"x-api-key": key, "content-type": "application/x-www-form-urlencoded"},
+    )
+    assert_error(response, 406, "Invalid content type")
+    assert live.balance_of(key) == Decimal("10")
+
+
+@pytest.mark.parametrize(
+    ("body", "fragments"),
+    [
+        ({}, ("prompt", "required")),
+        ({"prompt": "   "}, ("prompt",)),
+        ({"prompt": "x", "img_width": 1001}, ("img_width", "multiple of 8")),
+        ({"prompt": "x", "img_height": 4096}, ("img_height", "2048")),
+        ({"prompt": "x", "num_inference_steps": 5}, ("num_inference_steps", "10")),
+        ({"prompt": "x", "samples": 5}, ("samples",)),
+        ({"prompt": "x", "guidance_scale": 30}, ("guidance_scale",)),
+        ({"prompt": "x", "denoise": 0}, ("denoise",)),
+        ({"prompt": "x", "seed": 10**15}, ("seed",)),
+        ({"prompt": "x", "seed": "abc"}, ("seed",)),
+        ({"prompt": "x", "modelsamplingsd3_shift": 11}, ("modelsamplingsd3_shift",)),
+        (
+            {"prompt": "x", "conditioningsettimesteprange_start": 0.05},
+            ("conditioningsettimesteprange_start",),
+        ),
+        ({"prompt": "x", "scheduler": "Magic Sampler"}, ("scheduler", "DPM++ 2M", "Euler")),
+        ({"prompt": "x", "base64": "maybe"}, ("base64",)),
+    ],
+)
+def test_invalid_parameters_are_422_naming_the_field(live: LiveServer, body: dict, fragments: tuple) -> None:
+    key = live.key()
+    response = live.post(body, key=key)
+    assert_error(response, 422, *fragments)
+    assert response.headers["x-remaining-credits"] == "10"
+    assert live.balance_of(key) == Decimal("10")
+
+
+def test_malformed_json_is_422(live: LiveServer) -> None:
+    key = live.key()
+    response = httpx.post(
+        f"{live.base_url}/v1/{SLUG}",
+        content=b'{"prompt": "x",',
+        headers={"x-api-key": key, "content-type": "application/json"},
+    )
+    assert_error(response, 422, "JSON")
+
+
+def test_auth_is_checked_before_validation(live: LiveServer) -> None:
+    assert_error(live.post({"img_width": 3}, key=None), 401)
+
+
+def test_user_credits_reports_the_balance(live: LiveServer) -> None:
+    key = live.key("2.5")
+    response = httpx.get(f"{live.base_url}/v1/get-user-credits", headers={"x-api-key": key})
+    assert response.status_code == 200
+    assert response.json() == {"credits": 2.5, "free-credits": 0}
+    assert response.headers["x-remaining-credits"] == "2.5"
+    assert_error(httpx.get(f"{live.base_url}/v1/get-user-credits"), 401)
+
+
+def test_schedulers_are_discoverable(live: LiveServer) -> None:
+    names = httpx.get(f"{live.base_url}/v1/schedulers").json()["schedulers"]
+    assert "DPM++ 2M" in names and "Euler" in names
+
+
+def test_health_answers(live: LiveServer) -> None:
+    response = httpx.get(f"{live.base_url}/health")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+def test_concurrent_requests_never_overspend_a_small_balance(live: LiveServer) -> None:
+    price = Decimal("0.0039")  # 512x512, 10 steps
+    key = live.key(price * 2)
+    body = {"prompt": "a crowd", "seed": 1, **SMALL}
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        codes = sorted(r.status_code for r in pool.map(lambda _: live.post(body, key=key), range(6)))
+    assert codes == [200, 200, 406, 406, 406, 406]
+    assert live.balance_of(key) == Decimal("0")
