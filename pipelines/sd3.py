@@ -23,11 +23,10 @@ import torch.nn.functional as F
 
 from pipelines.loading import LoadedModel
 from pipelines.request import GenerationRequest, GenerationResult
+from schedulers import sample, sigmas_for
 from schedulers.guidance import guided_denoiser, negative_ranges
 from schedulers.names import resolve
 from schedulers.noise import initial_noise
-from schedulers.samplers import DISCARD_PENULTIMATE, SAMPLERS, noise_for
-from schedulers.sigmas import sigmas_for
 
 StepCallback = Callable[[int, int], None]
 
@@ -138,11 +137,7 @@ class SD3Generator:
         t1 = time.perf_counter()
 
         sigmas = sigmas_for(
-            spec.schedule,
-            steps=request.steps,
-            shift=request.shift,
-            denoise=request.denoise,
-            discard_penultimate=spec.sampler in DISCARD_PENULTIMATE,
+            spec.schedule, request.steps, shift=request.shift, denoise=request.denoise, sampler=spec.sampler
         ).to(self.device)
         h, w = request.height // VAE_SCALE, request.width // VAE_SCALE
         noise = initial_noise(request.seed, (batch, self.latent_channels, h, w)).to(self.device)
@@ -159,9 +154,9 @@ class SD3Generator:
                 rule=self.options.percent_rule,
             ),
         )
-        sampler = SAMPLERS[spec.sampler]
-        noise_source = noise_for(spec.sampler, seed=request.seed, sigmas=sigmas, like=x)
-        x = sampler(denoiser, x, sigmas, noise=noise_source, callback=callback)
+        x = sample(
+            spec.sampler, denoiser, x, sigmas, seed=request.seed, shift=request.shift, callback=callback
+        )
         # inverse_noise_scaling: identity for the usual last σ = 0 (§1).
         last = float(sigmas[-1])
         if last > 0:
@@ -198,15 +193,3 @@ class SD3Generator:
 def _repeat(cond: Conditioning, batch: int) -> Conditioning:
     return Conditioning(cond.context.repeat(batch, 1, 1), cond.pooled.repeat(batch, 1))
 
-
-def steps_of(request: GenerationRequest) -> int:
-    """How many sampler steps a request runs (ddim_uniform and beta may differ from `steps`)."""
-    spec = resolve(request.scheduler)
-    sigmas = sigmas_for(
-        spec.schedule,
-        steps=request.steps,
-        shift=request.shift,
-        denoise=request.denoise,
-        discard_penultimate=spec.sampler in DISCARD_PENULTIMATE,
-    )
-    return int(sigmas.numel()) - 1

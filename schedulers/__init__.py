@@ -1,1 +1,58 @@
-"""Sampling math for SD3 as ComfyUI does it (see the project's sampling spec): pure tensor and float code."""
+"""Sampling math for SD3 as ComfyUI does it: pure tensor and float code, usable without a model.
+
+The two calls most programs need:
+
+    sigmas = schedulers.sigmas_for("sgm_uniform", 25, shift=3.0, sampler="dpmpp_2m")
+    x0 = schedulers.sample("dpmpp_2m", denoiser, sigmas[0] * noise, sigmas, seed=seed)
+
+where `denoiser(x, sigma) -> D` works in the flow convention D = x − σ·v (sampling.md §1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from schedulers import sigmas as _sigmas
+from schedulers.samplers import DISCARD_PENULTIMATE, SAMPLERS, STOCHASTIC, Denoiser, StepCallback, noise_for
+
+
+def sigmas_for(
+    schedule: str, steps: int, shift: float = 3.0, denoise: float = 1.0, sampler: str | None = None
+) -> torch.Tensor:
+    """The float32 sigmas (ending in 0) that `sampler` runs for `steps` steps of `schedule`.
+
+    Naming the sampler applies KSampler's discard-penultimate rule for dpm_2 / uni_pc (§2).
+    """
+    return _sigmas.sigmas_for(
+        schedule,
+        steps=steps,
+        shift=shift,
+        denoise=denoise,
+        discard_penultimate=sampler in DISCARD_PENULTIMATE,
+    )
+
+
+def sample(
+    sampler: str,
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    seed: int | None = None,
+    shift: float = 3.0,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run `sampler` from `x` (already at sigmas[0]) down the schedule; returns the final latent.
+
+    Stochastic samplers draw their per-step noise from `seed` exactly as §3.6/§3.7 say, so they
+    need one; deterministic samplers ignore it.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(sorted(SAMPLERS))}")
+    if seed is None and sampler in STOCHASTIC:
+        raise ValueError(f"sampler {sampler!r} draws noise at every step: pass seed=")
+    noise = None if seed is None else noise_for(sampler, seed=seed, sigmas=sigmas, like=x)
+    return SAMPLERS[sampler](denoiser, x, sigmas, noise=noise, callback=callback, shift=shift)
+
+
+__all__ = ["SAMPLERS", "sample", "sigmas_for"]

@@ -37,8 +37,13 @@ _TABLE: tuple[SchedulerSpec, ...] = (
     SchedulerSpec("LMS", "lms", "sgm_uniform"),
     SchedulerSpec("LMS Karras", "lms", "karras"),
     SchedulerSpec("DDIM", "ddim", "ddim_uniform"),
-    # ComfyUI sampler tokens, each on the workflow's sgm_uniform schedule. "euler", "heun", "lms" and
-    # "ddim" are the labels above under case-insensitive matching, so "ddim" means DDIM on ddim_uniform.
+    # ComfyUI sampler tokens, each on the workflow's sgm_uniform schedule (api-contract.md §5). They are
+    # matched exactly before the labels above are matched case-insensitively, so the token "ddim" is
+    # euler on sgm_uniform while "DDIM" (or "Ddim") is the label on ddim_uniform.
+    SchedulerSpec("euler", "euler", "sgm_uniform"),
+    SchedulerSpec("heun", "heun", "sgm_uniform"),
+    SchedulerSpec("lms", "lms", "sgm_uniform"),
+    SchedulerSpec("ddim", "ddim", "sgm_uniform"),
     SchedulerSpec("dpmpp_2m", "dpmpp_2m", "sgm_uniform"),
     SchedulerSpec("dpmpp_2m_sde", "dpmpp_2m_sde", "sgm_uniform"),
     SchedulerSpec("dpmpp_2s_ancestral", "dpmpp_2s_ancestral", "sgm_uniform"),
@@ -51,17 +56,21 @@ _TABLE: tuple[SchedulerSpec, ...] = (
     SchedulerSpec("euler_a", "euler_ancestral", "sgm_uniform"),
 )
 
-_BY_KEY: dict[str, SchedulerSpec] = {spec.label.casefold(): spec for spec in _TABLE}
+_EXACT: dict[str, SchedulerSpec] = {spec.label: spec for spec in _TABLE}
+# First spelling wins under case folding: the labels come before the tokens in the table.
+_FOLDED: dict[str, SchedulerSpec] = {}
+for _spec in _TABLE:
+    _FOLDED.setdefault(_spec.label.casefold(), _spec)
 
 
 def public_names() -> list[str]:
-    """Every accepted name, each once in its canonical spelling, in table order."""
-    return [spec.label for spec in _BY_KEY.values()]
+    """Every accepted name in its canonical spelling, in table order."""
+    return [spec.label for spec in _TABLE]
 
 
 def resolve(name: str) -> SchedulerSpec:
-    """The sampler and schedule for a public name, matched case-insensitively."""
-    spec = _BY_KEY.get(name.casefold())
+    """The sampler and schedule for a public name: an exact match first, then case-insensitively."""
+    spec = _EXACT.get(name) or _FOLDED.get(name.casefold())
     if spec is None:
         raise UnknownScheduler(f"unknown scheduler {name!r}; accepted: {', '.join(public_names())}")
     return spec

@@ -372,6 +372,8 @@ DISCARD_PENULTIMATE: frozenset[str] = frozenset({"dpm_2", "dpm_2_ancestral", "un
 
 _ANCESTRAL: frozenset[str] = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral"})
 _BROWNIAN: frozenset[str] = frozenset({"dpmpp_2m_sde"})
+STOCHASTIC: frozenset[str] = _ANCESTRAL | _BROWNIAN
+"""Samplers that draw per-step noise, and so need a seed."""
 
 
 def noise_for(sampler: str, *, seed: int, sigmas: torch.Tensor, like: torch.Tensor) -> NoiseSource | None:

@@ -16,12 +16,12 @@ RefDenoiser = Callable[[Array, float], Array]
 # --- §1 / §2: schedules ----------------------------------------------------------------------------
 
 
-def shifted(t: float | Array, a: float) -> float | Array:
+def shifted(t: Array, a: float) -> Array:
     return a * t / (1 + (a - 1) * t)
 
 
 def table(a: float) -> Array:
-    return np.asarray(shifted(np.arange(1, 1001) / 1000.0, a), dtype=np.float64)
+    return shifted(np.arange(1, 1001) / 1000.0, a)
 
 
 def percent_to_sigma(p: float, a: float, rule: str) -> float:
@@ -29,7 +29,7 @@ def percent_to_sigma(p: float, a: float, rule: str) -> float:
         return 1.0
     if p >= 1:
         return 0.0
-    return float(shifted(1 - p, a)) if rule == "current" else 1 - p
+    return float(shifted(np.array(1 - p), a)) if rule == "current" else 1 - p
 
 
 def schedule(name: str, n: int, a: float) -> Array:

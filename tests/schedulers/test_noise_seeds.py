@@ -44,7 +44,7 @@ def test_ancestral_noise_sources_do_not_share_state() -> None:
 
 
 def test_brownian_noise_is_the_scaled_increment_of_one_seeded_torchsde_tree() -> None:
-    torchsde = pytest.importorskip("torchsde")
+    import torchsde  # a dependency of the project: a missing one must fail, not skip
     like = torch.zeros(2, 4, 3, 3)
     sigmas = [1.0, 0.8, 0.55, 0.3, 0.1]
     source = BrownianTreeNoise(21, sigma_min=0.1, sigma_max=1.0, like=like)
@@ -58,7 +58,6 @@ def test_brownian_noise_is_the_scaled_increment_of_one_seeded_torchsde_tree() ->
 
 
 def test_brownian_noise_does_not_depend_on_query_order_and_has_unit_scale() -> None:
-    pytest.importorskip("torchsde")
     like = torch.zeros(64, 4, 8, 8)
     forward = BrownianTreeNoise(3, sigma_min=0.05, sigma_max=1.0, like=like)
     backward = BrownianTreeNoise(3, sigma_min=0.05, sigma_max=1.0, like=like)

@@ -58,7 +58,7 @@ def run_sampler(sampler: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *
     return SAMPLERS[sampler](denoiser, x, sigmas, noise=noise, shift=SHIFT, **kwargs)
 
 
-WINDOW = {"start": 0.1, "stop": 1.0, "shift": 3.0, "wiring": "a", "rule": "current"}
+WINDOW_RANGES = negative_ranges(start=0.1, stop=1.0, shift=SHIFT, wiring="a", rule="current")
 
 
 def run_both(
@@ -71,7 +71,7 @@ def run_both(
     x0 = start_latent(batch, values[0])
     draws = noise_draws(len(values), x0.shape)
     noise = ListNoise(draws)
-    denoiser = guided_denoiser(torch_predict(toy), cfg=cfg, ranges=negative_ranges(**WINDOW))
+    denoiser = guided_denoiser(torch_predict(toy), cfg=cfg, ranges=WINDOW_RANGES)
     ours = SAMPLERS[sampler](denoiser, torch.from_numpy(x0).float(), sigmas, noise=noise, shift=SHIFT)
     assert ours.dtype == torch.float32
     model = toy.guided(cfg=cfg, ranges=ref.windows(0.1, 1.0, SHIFT, "a", "current"))
@@ -105,7 +105,7 @@ def test_sampler_follows_the_reference_on_other_schedules(toy: Toy, sampler: str
 def test_single_step_to_zero_returns_the_denoised_prediction(toy: Toy, sampler: str) -> None:
     sigmas = torch.tensor([1.0, 0.0])
     x = torch.from_numpy(start_latent(2, 1.0)).float()
-    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=negative_ranges(**WINDOW))
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
     sigma0 = SDE_FIRST_SIGMA if sampler == "dpmpp_2m_sde" else 1.0  # the SDE evaluates just below 1
     torch.testing.assert_close(
         run_sampler(sampler, denoiser, x, sigmas), denoiser(x, sigma0), atol=1e-6, rtol=0
@@ -115,7 +115,7 @@ def test_single_step_to_zero_returns_the_denoised_prediction(toy: Toy, sampler: 
 def test_dpmpp_2m_with_two_steps_is_euler_then_the_final_step(toy: Toy) -> None:
     sigmas = sigmas_for("sgm_uniform", steps=2, shift=3.0)
     x = torch.from_numpy(start_latent(1, 1.0)).float()
-    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=negative_ranges(**WINDOW))
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
     torch.testing.assert_close(
         sample_dpmpp_2m(denoiser, x, sigmas), sample_euler(denoiser, x, sigmas), atol=1e-6, rtol=0
     )
@@ -125,7 +125,7 @@ def test_dpmpp_2m_with_two_steps_is_euler_then_the_final_step(toy: Toy) -> None:
 def test_callback_sees_every_step_and_can_abort(toy: Toy, sampler: str) -> None:
     sigmas = sigmas_for("sgm_uniform", steps=5, shift=3.0)
     x = torch.from_numpy(start_latent(1, 1.0)).float()
-    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=negative_ranges(**WINDOW))
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
     seen: list[tuple[int, int]] = []
     run_sampler(sampler, denoiser, x, sigmas, callback=lambda i, total: seen.append((i, total)))
     assert seen == [(i, 5) for i in range(5)]
@@ -166,7 +166,7 @@ def test_stochastic_samplers_draw_once_per_step_except_the_last(toy: Toy, sample
     values = [float(s) for s in sigmas]
     x = torch.from_numpy(start_latent(1, 1.0)).float()
     noise = ListNoise(noise_draws(10, tuple(x.shape)))
-    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=negative_ranges(**WINDOW))
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
     SAMPLERS[sampler](denoiser, x, sigmas, noise=noise, shift=SHIFT)
     expected = list(pairwise(values[:-1]))
     if sampler == "dpmpp_2m_sde":
@@ -207,7 +207,7 @@ def test_stochastic_samplers_repeat_with_the_same_seed_and_differ_with_another(
         "sgm_uniform", steps=5, shift=SHIFT, discard_penultimate=sampler in DISCARD_PENULTIMATE
     )
     x = torch.from_numpy(start_latent(1, 1.0)).float()
-    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=negative_ranges(**WINDOW))
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
 
     def run(seed: int) -> torch.Tensor:
         noise = noise_for(sampler, seed=seed, sigmas=sigmas, like=x)

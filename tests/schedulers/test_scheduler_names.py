@@ -14,9 +14,17 @@ def test_every_public_name_runs_an_implemented_sampler_and_schedule() -> None:
         assert spec.schedule in SCHEDULES, name
 
 
-def test_public_names_are_unique_case_insensitively() -> None:
-    names = [name.casefold() for name in public_names()]
+def test_public_names_are_unique() -> None:
+    names = public_names()
     assert len(names) == len(set(names))
+
+
+def test_comfyui_tokens_run_on_sgm_uniform_and_win_over_case_folded_labels() -> None:
+    # api-contract.md §5: a ComfyUI sampler token runs on sgm_uniform; the DDIM label on ddim_uniform.
+    assert resolve("ddim") == SchedulerSpec("ddim", "ddim", "sgm_uniform")
+    assert resolve("Ddim") == resolve("DDIM") == SchedulerSpec("DDIM", "ddim", "ddim_uniform")
+    for token in ("euler", "heun", "lms", "dpmpp_2m", "dpm_2"):
+        assert resolve(token).schedule == "sgm_uniform"
 
 
 def test_default_and_plain_labels_use_sgm_uniform_karras_labels_karras_and_ddim_its_own() -> None:
@@ -62,7 +70,9 @@ def test_legacy_labels_resolve() -> None:
 
 def test_names_match_case_insensitively() -> None:
     assert resolve("dpm++ 2m karras") == resolve("DPM++ 2M Karras")
-    assert resolve("EULER") == resolve("euler") == resolve("Euler")
+    assert resolve("EULER") == resolve("Euler")
+    same = resolve("euler")
+    assert (same.sampler, same.schedule) == (resolve("Euler").sampler, resolve("Euler").schedule)
 
 
 def test_unknown_name_raises_a_value_error_listing_the_accepted_names() -> None:

@@ -262,3 +262,12 @@ def test_concurrent_requests_never_overspend_a_small_balance(live: LiveServer) -
         codes = sorted(r.status_code for r in pool.map(lambda _: live.post(body, key=key), range(6)))
     assert codes == [200, 200, 406, 406, 406, 406]
     assert live.balance_of(key) == Decimal("0")
+
+
+def test_every_public_scheduler_name_generates_over_http(live: LiveServer) -> None:
+    key = live.key()
+    names = httpx.get(f"{live.base_url}/v1/schedulers").json()["schedulers"]
+    for name in names:
+        response = live.post({"prompt": "a bridge", "scheduler": name, "seed": 9, **SMALL}, key=key)
+        assert response.status_code == 200, (name, response.text)
+        assert jpeg(response.content).size == (512, 512)
