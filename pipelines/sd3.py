@@ -22,11 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.loading import LoadedModel
+from pipelines.prompt_cache import PromptCache
 from pipelines.request import GenerationRequest, GenerationResult
 from schedulers import sample, sigmas_for
 from schedulers.guidance import guided_denoiser, negative_ranges
 from schedulers.names import resolve
 from schedulers.noise import initial_noise
+from schedulers.samplers import STOCHASTIC
 
 StepCallback = Callable[[int, int], None]
 
@@ -49,6 +51,31 @@ class SamplingOptions:
     negative_window_wiring: str = "a"
     percent_rule: str = "current"
     max_sequence_length: int = 77
+    prompt_cache_bytes: int = 256 * 2**20
+
+
+def batch_key(request: GenerationRequest) -> tuple[object, ...] | None:
+    """Requests with equal keys can share one sampling batch; None: this one always runs alone.
+
+    Everything that shapes the sigma schedule, the negative window or the latent size must agree.
+    Stochastic samplers are excluded: their per-step noise is drawn for the whole batch at once
+    (sampling.md §6), so a neighbour in the batch would change a request's image.
+    """
+    spec = resolve(request.scheduler)
+    if spec.sampler in STOCHASTIC:
+        return None
+    return (
+        spec.sampler,
+        spec.schedule,
+        request.steps,
+        request.shift,
+        request.denoise,
+        request.guidance_scale,
+        request.cond_start,
+        request.cond_stop,
+        request.width,
+        request.height,
+    )
 
 
 class SD3Generator:
@@ -59,29 +86,34 @@ class SD3Generator:
         self._tokenizer_lock = threading.Lock()
         self._has_t5 = self.pipe.text_encoder_3 is not None
         self.latent_channels = self.pipe.transformer.config.in_channels
+        self.prompt_cache = PromptCache(self.options.prompt_cache_bytes)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     # -- text -------------------------------------------------------------------------------
+    def encode(self, text: str) -> Conditioning:
+        """The SD3 conditioning of one prompt (cached: the same text is encoded once)."""
+        key = (text, self._has_t5, self.options.max_sequence_length)
+        return self.prompt_cache.get_or_compute(key, lambda: self._encode_uncached(text))
+
     @torch.inference_mode()
-    def encode(self, prompt: str, negative_prompt: str) -> tuple[Conditioning, Conditioning]:
+    def _encode_uncached(self, text: str) -> Conditioning:
         with self._tokenizer_lock:
-            ctx, neg_ctx, pooled, neg_pooled = self.pipe.encode_prompt(
-                prompt=prompt,
+            context, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=text,
                 prompt_2=None,
                 prompt_3=None,
                 device=self.device,
                 num_images_per_prompt=1,
-                do_classifier_free_guidance=True,
-                negative_prompt=negative_prompt,
+                do_classifier_free_guidance=False,
                 max_sequence_length=self.options.max_sequence_length,
             )
         if not self._has_t5:
             # Without T5 diffusers appends zero tokens; SD3 (ComfyUI) has no T5 part at all (§7).
-            ctx, neg_ctx = ctx[:, :77], neg_ctx[:, :77]
-        return Conditioning(ctx, pooled), Conditioning(neg_ctx, neg_pooled)
+            context = context[:, :77]
+        return Conditioning(context, pooled)
 
     # -- the model as a denoiser ------------------------------------------------------------
     def _velocity(self, x: torch.Tensor, sigma: float, cond: Conditioning) -> torch.Tensor:
@@ -106,57 +138,85 @@ class SD3Generator:
         self, conds: dict[str, Conditioning]
     ) -> Callable[[torch.Tensor, float, tuple[str, ...]], list[torch.Tensor]]:
         def predict(x: torch.Tensor, sigma: float, names: tuple[str, ...]) -> list[torch.Tensor]:
-            batch = x.shape[0]
-            # All conditionings of one evaluation run as one forward, as ComfyUI batches cond/uncond.
-            stacked = Conditioning(
-                torch.cat([conds[n].context for n in names]), torch.cat([conds[n].pooled for n in names])
-            )
-            v = self._velocity(x.repeat(len(names), 1, 1, 1), sigma, stacked)
-            denoised = x.repeat(len(names), 1, 1, 1) - sigma * v  # CONST: D = x − σ·v
-            return list(denoised.split(batch))
+            # The conditionings of one evaluation run as one forward, as ComfyUI batches cond and
+            # uncond; contexts of different lengths (long prompts) cannot share one and run apart.
+            by_length: dict[int, list[str]] = {}
+            for name in names:
+                by_length.setdefault(conds[name].context.shape[1], []).append(name)
+            denoised: dict[str, torch.Tensor] = {}
+            for group in by_length.values():
+                stacked = Conditioning(
+                    torch.cat([conds[n].context for n in group]), torch.cat([conds[n].pooled for n in group])
+                )
+                x_in = x.repeat(len(group), 1, 1, 1)
+                d = x_in - sigma * self._velocity(x_in, sigma, stacked)  # CONST: D = x − σ·v
+                denoised.update(zip(group, d.split(x.shape[0]), strict=True))
+            return [denoised[name] for name in names]
 
         return predict
 
-    # -- one job ----------------------------------------------------------------------------
-    @torch.inference_mode()
+    # -- jobs -------------------------------------------------------------------------------
     def generate(
         self, request: GenerationRequest, *, callback: StepCallback | None = None
     ) -> GenerationResult:
-        spec = resolve(request.scheduler)
+        return self.generate_batch([request], callback=callback)[0]
+
+    @torch.inference_mode()
+    def generate_batch(
+        self, requests: list[GenerationRequest], *, callback: StepCallback | None = None
+    ) -> list[GenerationResult]:
+        """Generate several requests with equal `batch_key` in one sampling batch.
+
+        Each request keeps its own prompt, negative prompt, seed and sample count: its noise is
+        drawn from its own seed for its own samples, so it gets the images it would get alone (up to
+        the float rounding of a larger batch).
+        """
+        first = requests[0]
+        if len(requests) > 1 and any(
+            batch_key(r) != batch_key(first) or batch_key(r) is None for r in requests
+        ):
+            raise ValueError("requests with different batch keys cannot share a batch")
+        spec = resolve(first.scheduler)
         t0 = time.perf_counter()
-        positive, negative = self.encode(request.prompt, request.negative_prompt)
-        batch = request.samples
+        positives = [_repeat(self.encode(r.prompt), r.samples) for r in requests]
+        negatives = [_repeat(self.encode(r.negative_prompt), r.samples) for r in requests]
+        if (
+            len({c.context.shape[1] for c in positives}) > 1
+            or len({c.context.shape[1] for c in negatives}) > 1
+        ):
+            # Prompts of different token lengths cannot be stacked: run them one after the other.
+            return [result for r in requests for result in self.generate_batch([r], callback=callback)]
+        negative = _cat(negatives)
         conds = {
-            "positive": _repeat(positive, batch),
-            "negative": _repeat(negative, batch),
+            "positive": _cat(positives),
+            "negative": negative,
             # ConditioningZeroOut: a real model call with all-zero context and pooled vector (§4.1).
-            "zero": _repeat(
-                Conditioning(torch.zeros_like(negative.context), torch.zeros_like(negative.pooled)), batch
-            ),
+            "zero": Conditioning(torch.zeros_like(negative.context), torch.zeros_like(negative.pooled)),
         }
         t1 = time.perf_counter()
 
         sigmas = sigmas_for(
-            spec.schedule, request.steps, shift=request.shift, denoise=request.denoise, sampler=spec.sampler
+            spec.schedule, first.steps, shift=first.shift, denoise=first.denoise, sampler=spec.sampler
         ).to(self.device)
-        h, w = request.height // VAE_SCALE, request.width // VAE_SCALE
-        noise = initial_noise(request.seed, (batch, self.latent_channels, h, w)).to(self.device)
+        h, w = first.height // VAE_SCALE, first.width // VAE_SCALE
+        # One randn per request over its own samples, exactly as a lone request draws it (§6).
+        noise = torch.cat(
+            [initial_noise(r.seed, (r.samples, self.latent_channels, h, w)) for r in requests]
+        ).to(self.device)
         # The empty latent is zero and is not shifted (§5), so x_start = σ0·noise.
         x = float(sigmas[0]) * noise
         denoiser = guided_denoiser(
             self._predictor(conds),
-            cfg=request.guidance_scale,
+            cfg=first.guidance_scale,
             ranges=negative_ranges(
-                start=request.cond_start,
-                stop=request.cond_stop,
-                shift=request.shift,
+                start=first.cond_start,
+                stop=first.cond_stop,
+                shift=first.shift,
                 wiring=self.options.negative_window_wiring,
                 rule=self.options.percent_rule,
             ),
         )
-        x = sample(
-            spec.sampler, denoiser, x, sigmas, seed=request.seed, shift=request.shift, callback=callback
-        )
+        x = sample(spec.sampler, denoiser, x, sigmas, seed=first.seed, shift=first.shift, callback=callback)
         # inverse_noise_scaling: identity for the usual last σ = 0 (§1).
         last = float(sigmas[-1])
         if last > 0:
@@ -169,11 +229,14 @@ class SD3Generator:
             )
         images = self.decode(x)
         t3 = time.perf_counter()
-        return GenerationResult(
-            images=images,
-            seed=request.seed,
-            timings={"encode": t1 - t0, "sample": t2 - t1, "decode": t3 - t2},
-        )
+        timings = {"encode": t1 - t0, "sample": t2 - t1, "decode": t3 - t2, "batch": float(len(requests))}
+        results, offset = [], 0
+        for r in requests:
+            results.append(
+                GenerationResult(images=images[offset : offset + r.samples], seed=r.seed, timings=timings)
+            )
+            offset += r.samples
+        return results
 
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         vae = self.pipe.vae
@@ -193,3 +256,6 @@ class SD3Generator:
 def _repeat(cond: Conditioning, batch: int) -> Conditioning:
     return Conditioning(cond.context.repeat(batch, 1, 1), cond.pooled.repeat(batch, 1))
 
+
+def _cat(conds: list[Conditioning]) -> Conditioning:
+    return Conditioning(torch.cat([c.context for c in conds]), torch.cat([c.pooled for c in conds]))

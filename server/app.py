@@ -14,18 +14,18 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from pipelines.loading import ModelSpec, load_model
-from pipelines.sd3 import SamplingOptions, SD3Generator
+from pipelines.sd3 import SamplingOptions, SD3Generator, batch_key
 from server.api import ops, segmind
 from server.config import Settings
 from server.errors import install_error_handlers
 from server.ledger import Ledger
-from server.queue import WorkQueue
-from server.serving import Generator, Serving
+from server.queue import BatchGenerator, WorkQueue
+from server.serving import Serving
 
 
 @dataclass(frozen=True)
 class Runtime:
-    generator: Generator
+    generator: BatchGenerator
     description: str
     device: str
 
@@ -54,6 +54,7 @@ def load_runtime(settings: Settings) -> Runtime:
             negative_window_wiring=sampling.negative_window_wiring,
             percent_rule=sampling.percent_rule,
             max_sequence_length=sampling.max_sequence_length,
+            prompt_cache_bytes=settings.memory.prompt_cache_mb * 2**20,
         ),
     )
     return Runtime(generator=generator, description=loaded.description, device=str(loaded.device))
@@ -63,16 +64,21 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ledger = Ledger(settings.resolved_database_url)
-        queue = WorkQueue(max_pending=settings.queue.max_pending, retry_after_s=settings.queue.retry_after_s)
-        app.state.serving = Serving(
-            settings=settings, ledger=ledger, queue=queue, generator=runtime.generator
+        queue = WorkQueue(
+            runtime.generator,
+            batch_key=batch_key,
+            max_pending=settings.queue.max_pending,
+            retry_after_s=settings.queue.retry_after_s,
+            max_batch_images=settings.queue.max_batch_images,
         )
+        app.state.serving = Serving(settings=settings, ledger=ledger, queue=queue)
         app.state.model_description = runtime.description
         app.state.device = runtime.device
         try:
             yield
         finally:
             queue.shutdown()
+            ledger.close()
 
     app = FastAPI(
         title="sd3-server",

@@ -57,9 +57,7 @@ ModelConfig = Annotated[
         help="Diffusers folder/id with the configs of a single-file checkpoint [SD3_MODEL__CONFIG]",
     ),
 ]
-T5 = Annotated[
-    bool | None, typer.Option("--t5/--no-t5", help="Load the T5-XXL text encoder [SD3_MODEL__T5]")
-]
+T5 = Annotated[bool | None, typer.Option("--t5/--no-t5", help="Load the T5-XXL text encoder [SD3_MODEL__T5]")]
 
 
 def build_settings(**overrides: Any) -> Settings:

@@ -43,6 +43,11 @@ class SamplingSettings(BaseModel):
     max_sequence_length: int = Field(77, ge=1, le=512)
 
 
+class MemorySettings(BaseModel):
+    # Encoded prompts kept for reuse (performance.md §4.2: ~1.3 MB per prompt at 154 tokens in fp16).
+    prompt_cache_mb: int = Field(256, ge=0)
+
+
 class PricingSettings(BaseModel):
     # Price of one 1024x1024 image at 25 steps; scaled by samples, steps and pixels (api-contract.md §4).
     price_per_image: Decimal = Decimal("0.039")
@@ -54,6 +59,10 @@ class QueueSettings(BaseModel):
     # Requests waiting for the device beyond this are refused with 429.
     max_pending: int = Field(16, ge=1)
     retry_after_s: int = Field(5, ge=1)
+    # Compatible waiting requests share one sampling batch up to this many images. 1 = no batching,
+    # which keeps every image bit-identical for its seed whatever else is queued (a batch changes
+    # float rounding); batching pays mostly below 1024x1024 and on under-used GPUs.
+    max_batch_images: int = Field(1, ge=1, le=16)
 
 
 class Settings(BaseSettings):
@@ -70,6 +79,7 @@ class Settings(BaseSettings):
 
     model: ModelSettings = ModelSettings()
     sampling: SamplingSettings = SamplingSettings()
+    memory: MemorySettings = MemorySettings()
     pricing: PricingSettings = PricingSettings()
     queue: QueueSettings = QueueSettings()
 

@@ -1,51 +1,84 @@
-"""The work queue in front of the device: bounded, one job at a time, cancellable by job.
+"""The work queue in front of the device: bounded, batching, cancellable by job.
 
-A GPU runs one generation efficiently at a time, so jobs run on one worker thread, in order.
-The queue is bounded: when `max_pending` jobs are already waiting or running, a new one is
-refused at once with `Overloaded` (HTTP 429 + Retry-After) rather than left to time out. A job
-whose waiter goes away (client disconnect, task cancelled) is flagged, and the generator stops at
-its next step through the step callback.
+One worker thread per device runs the generator, so the event loop never waits for a GPU and
+`/health` answers during a generation. The queue is bounded: when `max_pending` jobs are waiting
+or running, a new one is refused at once with `Overloaded` (HTTP 429 + Retry-After) instead of
+being left to time out. When the worker takes a job, it also takes the waiting jobs that can
+share its sampling batch (`batch_key`: same size, steps, scheduler, shift, guidance, window,
+denoise) up to `max_batch_images` images. A job whose waiter goes away (client disconnect) is
+flagged: if it has not started it never runs; a running batch stops at its next step once
+every job in it is cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from pipelines.request import GenerationCancelled
+from pipelines.request import GenerationCancelled, GenerationRequest, GenerationResult
 from server.errors import Overloaded
 
-T = TypeVar("T")
 StepCallback = Callable[[int, int], None]
 
 
-class CancelToken:
-    def __init__(self) -> None:
-        self._event = threading.Event()
+class BatchGenerator(Protocol):
+    def generate_batch(
+        self, requests: list[GenerationRequest], *, callback: StepCallback | None = None
+    ) -> list[GenerationResult]: ...
 
-    def cancel(self) -> None:
-        self._event.set()
 
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
+BatchKey = Callable[[GenerationRequest], object | None]
 
-    def check(self, step: int, total: int) -> None:
-        """A step callback: raise at the next step once the job is cancelled."""
-        if self._event.is_set():
-            raise GenerationCancelled(f"cancelled at step {step} of {total}")
+
+@dataclass(eq=False)
+class _Job:
+    request: GenerationRequest
+    key: object | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[GenerationResult]
+    progress: StepCallback | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def resolve(self, result: GenerationResult | None, error: BaseException | None) -> None:
+        def deliver() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)  # type: ignore[arg-type]
+
+        # A closed event loop means nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(deliver)
 
 
 class WorkQueue:
-    def __init__(self, *, max_pending: int, retry_after_s: int) -> None:
+    def __init__(
+        self,
+        generator: BatchGenerator,
+        *,
+        batch_key: BatchKey,
+        max_pending: int,
+        retry_after_s: int,
+        max_batch_images: int = 1,
+    ) -> None:
+        self.generator = generator
+        self.batch_key = batch_key
         self.max_pending = max_pending
         self.retry_after_s = retry_after_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd3-device")
-        self._pending = 0
-        self._lock = threading.Lock()
+        self.max_batch_images = max_batch_images
+        self._waiting: deque[_Job] = deque()
+        self._pending = 0  # waiting + running
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="sd3-device", daemon=True)
+        self._thread.start()
 
     @property
     def pending(self) -> int:
@@ -55,29 +88,76 @@ class WorkQueue:
     def has_room(self) -> bool:
         return self._pending < self.max_pending
 
-    async def run(self, job: Callable[[StepCallback], T]) -> T:
-        """Run `job(step_callback)` on the device thread; raise `Overloaded` if the queue is full."""
-        with self._lock:
-            if self._pending >= self.max_pending:
+    async def submit(
+        self, request: GenerationRequest, *, progress: StepCallback | None = None
+    ) -> GenerationResult:
+        """Queue one request and wait for its result; `Overloaded` at once if the queue is full."""
+        loop = asyncio.get_running_loop()
+        job = _Job(request, self.batch_key(request), loop, loop.create_future(), progress)
+        with self._condition:
+            if self._stopping or self._pending >= self.max_pending:
                 raise Overloaded(headers={"Retry-After": str(self.retry_after_s)})
             self._pending += 1
-        token = CancelToken()
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._call, job, token)
+            self._waiting.append(job)
+            self._condition.notify()
         try:
-            return await asyncio.shield(future)
+            return await asyncio.shield(job.future)
         except asyncio.CancelledError:
-            token.cancel()  # the worker stops at its next step; the slot frees when it does
+            job.cancelled.set()  # skipped if still waiting; a running batch stops at its next step
             raise
 
-    def _call(self, job: Callable[[StepCallback], T], token: CancelToken) -> T:
+    def _next_batch(self) -> list[_Job] | None:
+        with self._condition:
+            while not self._waiting and not self._stopping:
+                self._condition.wait()
+            if not self._waiting:
+                return None
+            first = self._waiting.popleft()
+            batch, images = [first], first.request.samples
+            if first.key is not None:
+                for job in list(self._waiting):
+                    if job.key == first.key and images + job.request.samples <= self.max_batch_images:
+                        self._waiting.remove(job)
+                        batch.append(job)
+                        images += job.request.samples
+            return batch
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            live = [job for job in batch if not job.cancelled.is_set()]
+            for job in batch:
+                if job.cancelled.is_set():
+                    job.resolve(None, GenerationCancelled("cancelled before start"))
+            try:
+                if live:
+                    self._run(live)
+            finally:
+                with self._condition:
+                    self._pending -= len(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        def on_step(step: int, total: int) -> None:
+            if all(job.cancelled.is_set() for job in batch):
+                raise GenerationCancelled(f"cancelled at step {step} of {total}")
+            for job in batch:
+                if job.progress is not None:
+                    job.progress(step, total)
+
         try:
-            if token.cancelled:  # cancelled while still waiting: never touch the device
-                raise GenerationCancelled("cancelled before start")
-            return job(token.check)
-        finally:
-            with self._lock:
-                self._pending -= 1
+            results = self.generator.generate_batch([job.request for job in batch], callback=on_step)
+        except BaseException as exc:  # delivered to every waiter; the worker itself goes on
+            for job in batch:
+                job.resolve(None, exc)
+            return
+        for job, result in zip(batch, results, strict=True):
+            job.resolve(result, None)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._condition:
+            self._stopping = True
+            for job in self._waiting:
+                job.resolve(None, GenerationCancelled("server shutting down"))
+            self._pending -= len(self._waiting)
+            self._waiting.clear()
+            self._condition.notify_all()
+        self._thread.join(timeout=60)

@@ -13,27 +13,20 @@ import time
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
 
 from anyio import to_thread
 
-from pipelines.request import GenerationRequest, GenerationResult
+from pipelines.request import GenerationRequest
 from server.config import Settings
 from server.encoding import to_jpeg
 from server.errors import ApiError, GenerationFailed
 from server.headers import REMAINING_CREDITS, format_credits
 from server.ledger import KeyRecord, Ledger
 from server.pricing import price_of
-from server.queue import StepCallback, WorkQueue
+from server.queue import WorkQueue
 from server.schemas import MAX_SEED, Txt2ImgRequest
 
 log = logging.getLogger(__name__)
-
-
-class Generator(Protocol):
-    def generate(
-        self, request: GenerationRequest, *, callback: StepCallback | None = None
-    ) -> GenerationResult: ...
 
 
 @dataclass(frozen=True)
@@ -70,11 +63,10 @@ def resolve_seed(seed: int) -> int:
 
 
 class Serving:
-    def __init__(self, *, settings: Settings, ledger: Ledger, queue: WorkQueue, generator: Generator) -> None:
+    def __init__(self, *, settings: Settings, ledger: Ledger, queue: WorkQueue) -> None:
         self.settings = settings
         self.ledger = ledger
         self.queue = queue
-        self.generator = generator
 
     def price(self, body: Txt2ImgRequest) -> Decimal:
         return price_of(
@@ -96,7 +88,7 @@ class Serving:
         job = to_generation_request(body, seed=seed)
         started = time.perf_counter()
         try:
-            result = await self.queue.run(lambda step: self.generator.generate(job, callback=step))
+            result = await self.queue.submit(job)
             jpegs = await to_thread.run_sync(lambda: [to_jpeg(image) for image in result.images])
         except ApiError as exc:  # e.g. the queue is full (429): nothing ran, the debit goes back
             balance = await to_thread.run_sync(lambda: self.ledger.refund(request_id))

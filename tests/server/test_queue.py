@@ -1,0 +1,209 @@
+"""The device queue: batching of compatible jobs, bounds, cancellation, a free event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from pipelines.request import GenerationCancelled, GenerationRequest
+from pipelines.sd3 import SD3Generator, batch_key
+from server.app import Runtime
+from server.errors import Overloaded
+from server.queue import WorkQueue
+from tests.live import LiveServer
+
+SMALL = {"width": 512, "height": 512, "steps": 10}
+
+
+class Blocker:
+    """A job source that holds the worker until released, so that others pile up behind it."""
+
+    def __init__(self, generator: SD3Generator) -> None:
+        self.generator = generator
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.batches: list[int] = []
+
+    def generate_batch(self, requests, *, callback=None):  # type: ignore[no-untyped-def]
+        self.batches.append(len(requests))
+        if requests[0].prompt == "block":
+            self.started.set()
+            self.release.wait(30)
+        return self.generator.generate_batch(requests, callback=callback)
+
+
+def make_queue(generator, **kwargs) -> WorkQueue:  # type: ignore[no-untyped-def]
+    return WorkQueue(
+        generator, batch_key=batch_key, max_pending=kwargs.pop("max_pending", 16), retry_after_s=1, **kwargs
+    )
+
+
+@pytest.fixture
+def generator(runtime: Runtime) -> SD3Generator:
+    assert isinstance(runtime.generator, SD3Generator)
+    return runtime.generator
+
+
+def test_compatible_waiting_jobs_run_as_one_batch_and_keep_their_own_images(generator: SD3Generator) -> None:
+    blocker = Blocker(generator)
+    queue = make_queue(blocker, max_batch_images=4)
+    requests = [GenerationRequest(prompt=f"a house {i}", seed=i, **SMALL) for i in range(3)]
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
+        await asyncio.to_thread(blocker.started.wait, 30)
+        waiting = [asyncio.create_task(queue.submit(r)) for r in requests]
+        await asyncio.sleep(0.05)
+        blocker.release.set()
+        await first
+        return await asyncio.gather(*waiting)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        queue.shutdown()
+    assert blocker.batches == [1, 3]
+    for request, result in zip(requests, results, strict=True):
+        assert result.seed == request.seed and result.timings["batch"] == 3
+        alone = generator.generate(request).images[0].astype(np.float32)
+        assert np.abs(alone - result.images[0]).mean() < 0.5  # the same image, up to batch rounding
+
+
+def test_incompatible_or_stochastic_jobs_are_not_batched(generator: SD3Generator) -> None:
+    blocker = Blocker(generator)
+    queue = make_queue(blocker, max_batch_images=8)
+    others = [
+        GenerationRequest(prompt="a", seed=1, **SMALL),
+        GenerationRequest(prompt="b", seed=1, width=520, height=512, steps=10),  # another size
+        GenerationRequest(prompt="c", seed=1, scheduler="Euler a", **SMALL),  # per-step noise
+        GenerationRequest(prompt="d", seed=1, scheduler="Euler a", **SMALL),
+    ]
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
+        await asyncio.to_thread(blocker.started.wait, 30)
+        waiting = [asyncio.create_task(queue.submit(r)) for r in others]
+        await asyncio.sleep(0.05)
+        blocker.release.set()
+        await first
+        await asyncio.gather(*waiting)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        queue.shutdown()
+    assert blocker.batches == [1, 1, 1, 1, 1]
+
+
+def test_the_batch_respects_the_image_budget(generator: SD3Generator) -> None:
+    blocker = Blocker(generator)
+    queue = make_queue(blocker, max_batch_images=3)
+    requests = [GenerationRequest(prompt="x", seed=i, samples=2, **SMALL) for i in range(3)]
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
+        await asyncio.to_thread(blocker.started.wait, 30)
+        waiting = [asyncio.create_task(queue.submit(r)) for r in requests]
+        await asyncio.sleep(0.05)
+        blocker.release.set()
+        await first
+        await asyncio.gather(*waiting)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        queue.shutdown()
+    assert blocker.batches == [1, 1, 1, 1]  # 2 + 2 images would exceed 3
+
+
+def test_a_full_queue_refuses_at_once_and_a_cancelled_waiting_job_never_runs(generator: SD3Generator) -> None:
+    blocker = Blocker(generator)
+    queue = make_queue(blocker, max_pending=2)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
+        await asyncio.to_thread(blocker.started.wait, 30)
+        second = asyncio.create_task(queue.submit(GenerationRequest(prompt="second", seed=0, **SMALL)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):
+            await queue.submit(GenerationRequest(prompt="third", seed=0, **SMALL))
+        second.cancel()
+        await asyncio.sleep(0.05)
+        blocker.release.set()
+        await first
+        deadline = time.monotonic() + 30
+        while queue.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        queue.shutdown()
+    assert blocker.batches == [1]  # "second" was cancelled while waiting: it never reached the device
+    assert queue.pending == 0
+
+
+def test_a_running_job_stops_at_the_next_step_when_cancelled(generator: SD3Generator) -> None:
+    queue = make_queue(generator)
+    steps: list[int] = []
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        job = asyncio.create_task(
+            queue.submit(
+                GenerationRequest(prompt="long", seed=0, width=1024, height=1024, steps=100),
+                progress=lambda i, n: steps.append(i),
+            )
+        )
+        while not steps:
+            await asyncio.sleep(0.01)
+        job.cancel()
+        deadline = time.monotonic() + 30
+        while queue.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        queue.shutdown()
+    assert queue.pending == 0 and len(steps) < 100
+
+
+def test_health_answers_while_the_device_is_busy(live: LiveServer) -> None:
+    key = live.key()
+    slow = {"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_steps": 60}
+    worker = threading.Thread(target=lambda: live.post(slow, key=key))
+    worker.start()
+    queue = live.app.state.serving.queue  # type: ignore[attr-defined]
+    while queue.pending == 0:
+        time.sleep(0.01)
+    started = time.perf_counter()
+    response = httpx.get(f"{live.base_url}/health")
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200 and queue.pending == 1
+    worker.join()
+    assert elapsed < 0.5
+
+
+def test_shutdown_fails_waiting_jobs_instead_of_leaving_them(generator: SD3Generator) -> None:
+    blocker = Blocker(generator)
+    queue = make_queue(blocker)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
+        await asyncio.to_thread(blocker.started.wait, 30)
+        waiting = asyncio.create_task(queue.submit(GenerationRequest(prompt="w", seed=0, **SMALL)))
+        await asyncio.sleep(0.05)
+        stopper = asyncio.create_task(asyncio.to_thread(queue.shutdown))
+        await asyncio.sleep(0.05)
+        blocker.release.set()
+        await stopper
+        await first
+        with pytest.raises(GenerationCancelled):
+            await waiting
+
+    asyncio.run(scenario())
