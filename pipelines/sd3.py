@@ -12,6 +12,7 @@ state; tokenizers are used under a lock, diffusers issues #3672/#7851).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from pipelines.loading import LoadedModel
 from pipelines.prompt_cache import PromptCache
 from pipelines.request import GenerationRequest, GenerationResult
+from pipelines.text import encode_prompt
 from schedulers import sample, sigmas_for
 from schedulers.guidance import guided_denoiser, negative_ranges
 from schedulers.names import resolve
@@ -98,21 +100,17 @@ class SD3Generator:
         key = (text, self._has_t5, self.options.max_sequence_length)
         return self.prompt_cache.get_or_compute(key, lambda: self._encode_uncached(text))
 
-    @torch.inference_mode()
     def _encode_uncached(self, text: str) -> Conditioning:
+        # ComfyUI's text conditioning (chunked CLIP, untruncated T5, "(word:1.2)" weights; §7).
+        # The tokenizers are not thread-safe (diffusers #3672), hence the lock.
         with self._tokenizer_lock:
-            context, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=text,
-                prompt_2=None,
-                prompt_3=None,
+            context, pooled = encode_prompt(
+                self.pipe,
+                text,
                 device=self.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.options.max_sequence_length,
+                dtype=self.pipe.text_encoder.dtype,
+                t5_min_length=self.options.max_sequence_length,
             )
-        if not self._has_t5:
-            # Without T5 diffusers appends zero tokens; SD3 (ComfyUI) has no T5 part at all (§7).
-            context = context[:, :77]
         return Conditioning(context, pooled)
 
     # -- the model as a denoiser ------------------------------------------------------------
@@ -138,16 +136,9 @@ class SD3Generator:
         self, conds: dict[str, Conditioning]
     ) -> Callable[[torch.Tensor, float, tuple[str, ...]], list[torch.Tensor]]:
         def predict(x: torch.Tensor, sigma: float, names: tuple[str, ...]) -> list[torch.Tensor]:
-            # The conditionings of one evaluation run as one forward, as ComfyUI batches cond and
-            # uncond; contexts of different lengths (long prompts) cannot share one and run apart.
-            by_length: dict[int, list[str]] = {}
-            for name in names:
-                by_length.setdefault(conds[name].context.shape[1], []).append(name)
             denoised: dict[str, torch.Tensor] = {}
-            for group in by_length.values():
-                stacked = Conditioning(
-                    torch.cat([conds[n].context for n in group]), torch.cat([conds[n].pooled for n in group])
-                )
+            for group in _forward_groups({n: conds[n] for n in names}):
+                stacked = _cat(list(group.values()))
                 x_in = x.repeat(len(group), 1, 1, 1)
                 d = x_in - sigma * self._velocity(x_in, sigma, stacked)  # CONST: D = x − σ·v
                 denoised.update(zip(group, d.split(x.shape[0]), strict=True))
@@ -259,3 +250,29 @@ def _repeat(cond: Conditioning, batch: int) -> Conditioning:
 
 def _cat(conds: list[Conditioning]) -> Conditioning:
     return Conditioning(torch.cat([c.context for c in conds]), torch.cat([c.pooled for c in conds]))
+
+
+def _forward_groups(conds: dict[str, Conditioning]) -> list[dict[str, Conditioning]]:
+    """Split one evaluation's conditionings into transformer forwards, as ComfyUI batches them.
+
+    Equal context lengths share one forward. Different lengths (a long prompt beside a short
+    negative) share one too when the least common multiple is at most 4x the shortest: each
+    context is then repeated along the sequence up to that length, exactly as ComfyUI does — which
+    is not a no-op for SD3's joint attention, so it matters for parity. Otherwise each length runs
+    in a forward of its own.
+    """
+    lengths = {name: cond.context.shape[1] for name, cond in conds.items()}
+    if len(set(lengths.values())) == 1:
+        return [conds]
+    target = math.lcm(*lengths.values())
+    if target <= 4 * min(lengths.values()):
+        return [
+            {
+                name: Conditioning(cond.context.repeat(1, target // lengths[name], 1), cond.pooled)
+                for name, cond in conds.items()
+            }
+        ]
+    by_length: dict[int, dict[str, Conditioning]] = {}
+    for name, cond in conds.items():
+        by_length.setdefault(lengths[name], {})[name] = cond
+    return list(by_length.values())

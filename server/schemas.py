@@ -16,13 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from schedulers.names import UnknownScheduler, resolve
 
 MAX_SEED = 999_999_999_999_999
+# Prompts are not truncated (T5 sees every token, as in ComfyUI), and attention grows with the
+# square of the length: a bound keeps one request from claiming the device's memory.
+MAX_PROMPT_CHARS = 4000
 
 
 class Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
 
-    prompt: str = Field(min_length=1, description="Prompt to render")
-    negative_prompt: str = Field("", description="Prompts to exclude")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Prompt to render")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Prompts to exclude")
     samples: int = Field(1, ge=1, le=4, description="Number of samples to generate")
     scheduler: str = Field("DPM++ 2M", description="Sampler and schedule; GET /v1/schedulers lists them")
     num_inference_steps: int = Field(25, ge=10, le=100)

@@ -133,3 +133,36 @@ def test_nan_latents_are_an_error_not_a_black_image(generator: SD3Generator) -> 
     finally:
         with torch.no_grad():
             weight.copy_(saved)
+
+
+def test_conditionings_of_different_lengths_are_batched_as_comfyui_does() -> None:
+    from pipelines.sd3 import Conditioning, _forward_groups
+
+    def cond(length: int) -> Conditioning:
+        return Conditioning(torch.randn(1, length, 8), torch.randn(1, 4))
+
+    same = _forward_groups({"positive": cond(154), "negative": cond(154)})
+    assert len(same) == 1
+    # lcm(231, 154) = 462 = 3 x 154: repeated along the sequence into one forward.
+    (repeated,) = _forward_groups({"positive": cond(231), "negative": cond(154), "zero": cond(154)})
+    assert {name: c.context.shape[1] for name, c in repeated.items()} == {
+        "positive": 462,
+        "negative": 462,
+        "zero": 462,
+    }
+    # lcm(432, 154) is far more than 4 x 154: one forward per length.
+    apart = _forward_groups({"positive": cond(432), "negative": cond(154), "zero": cond(154)})
+    assert [sorted(group) for group in apart] == [["positive"], ["negative", "zero"]]
+
+
+def test_a_long_weighted_prompt_generates(generator: SD3Generator) -> None:
+    prompt = "(a lighthouse:1.3) on a rocky cliff at dusk, " * 8  # several CLIP chunks, long T5
+    log = CallLog(generator.pipe.transformer)
+    try:
+        result = generator.generate(
+            GenerationRequest(prompt=prompt, negative_prompt="blurry", seed=4, **SMALL)
+        )
+    finally:
+        log.close()
+    assert result.images[0].shape == (512, 512, 3)
+    assert len(log.calls) == 20  # positive and negative differ in length: two forwards per step
