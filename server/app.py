@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
+from pipelines.compilation import speed_up, warm_up
 from pipelines.loading import ModelSpec, load_model
 from pipelines.sd3 import SamplingOptions, SD3Generator, batch_key
 from server.api import ops, segmind
@@ -57,6 +58,16 @@ def load_runtime(settings: Settings) -> Runtime:
             prompt_cache_bytes=settings.memory.prompt_cache_mb * 2**20,
         ),
     )
+    perf = settings.performance
+    speed_up(
+        loaded.pipe,
+        compile=perf.compile,
+        mode=perf.compile_mode,
+        backend=perf.compile_backend,
+        fuse_qkv=perf.fuse_qkv,
+    )
+    if perf.warmup if perf.warmup is not None else perf.compile:
+        warm_up(generator, size=perf.warmup_size)
     return Runtime(generator=generator, description=loaded.description, device=str(loaded.device))
 
 

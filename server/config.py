@@ -48,6 +48,21 @@ class MemorySettings(BaseModel):
     prompt_cache_mb: int = Field(256, ge=0)
 
 
+class PerformanceSettings(BaseModel):
+    # torch.compile of the transformer: 1.4-2x faster on big GPUs (performance.md §4.4) after a
+    # compile of minutes (cached by inductor across restarts); the warm-up pays it at start-up.
+    compile: bool = False
+    compile_mode: str = "max-autotune-no-cudagraphs"
+    compile_backend: str = "inductor"
+    # Fused QKV projections (one matmul instead of three per attention): a few percent.
+    fuse_qkv: bool = False
+    # One generation at start-up so the first user request is not the slow one. Default: on when
+    # compiling (where it matters most), off otherwise.
+    warmup: bool | None = None
+    warmup_size: int = Field(1024, ge=512, le=2048, multiple_of=8)
+    jpeg_quality: int = Field(90, ge=1, le=100)
+
+
 class PricingSettings(BaseModel):
     # Price of one 1024x1024 image at 25 steps; scaled by samples, steps and pixels (api-contract.md §4).
     price_per_image: Decimal = Decimal("0.039")
@@ -80,6 +95,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     sampling: SamplingSettings = SamplingSettings()
     memory: MemorySettings = MemorySettings()
+    performance: PerformanceSettings = PerformanceSettings()
     pricing: PricingSettings = PricingSettings()
     queue: QueueSettings = QueueSettings()
 

@@ -89,7 +89,10 @@ class Serving:
         started = time.perf_counter()
         try:
             result = await self.queue.submit(job)
-            jpegs = await to_thread.run_sync(lambda: [to_jpeg(image) for image in result.images])
+            quality = self.settings.performance.jpeg_quality
+            jpegs = await to_thread.run_sync(
+                lambda: [to_jpeg(image, quality=quality) for image in result.images]
+            )
         except ApiError as exc:  # e.g. the queue is full (429): nothing ran, the debit goes back
             balance = await to_thread.run_sync(lambda: self.ledger.refund(request_id))
             exc.headers[REMAINING_CREDITS] = format_credits(balance)

@@ -1,0 +1,205 @@
+"""The memory plan: where the weights live and which memory savers are on.
+
+SD3 Medium is ~15.4 GB of fp16 weights with T5-XXL and ~5.9 GB without (performance.md §3.5),
+so an H100 holds everything, a 24 GB card holds everything at 1024², and an 8 GB card needs
+offloading. `plan_memory` turns the user's choice — or, with `auto`, the device's free memory —
+into one `MemoryPlan`; `apply_plan` carries it out on a loaded pipeline. Each saver trades speed
+for memory, so `auto` turns on only what the free memory calls for:
+
+| saver | saves | costs |
+| --- | --- | --- |
+| model CPU offload | all but the running component (~4 GB resident with T5 8-bit / none) | ~2-7x slower |
+| sequential CPU offload | nearly all weights (layer by layer) | much slower again (~7x on SD1.5) |
+| T5 in 8-bit (bitsandbytes) | ~4.7 GB | ~4 % latency |
+| no T5 | ~9.5 GB | a different image (the context loses T5's tokens) |
+| VAE tiling | the 2048² decode peak (10 GB → ~4.4 GB) | ~35 % more decode FLOPs |
+| attention slicing | the attention matrix at 2048² where SDPA materialises it (MPS) | a little speed |
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+Placement = Literal["device", "model_offload", "sequential_offload"]
+T5Mode = Literal["full", "8bit", "off"]
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    placement: Placement
+    t5: T5Mode
+    vae_tiling: bool
+    attention_slicing: bool
+    reason: str
+
+    def describe(self) -> str:
+        savers = [self.placement.replace("_", " ")]
+        savers.append({"full": "T5", "8bit": "T5 in 8-bit", "off": "no T5"}[self.t5])
+        if self.vae_tiling:
+            savers.append("VAE tiling")
+        if self.attention_slicing:
+            savers.append("attention slicing")
+        return f"{', '.join(savers)} ({self.reason})"
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free accelerator memory in bytes, or None where it cannot be known (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "mps":
+        # Unified memory: what Metal recommends for one process is the practical ceiling.
+        return int(torch.mps.recommended_max_memory())
+    return None
+
+
+def bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # ImportError, or a CUDA set-up error raised at import
+        return False
+    return torch.cuda.is_available()
+
+
+def plan_memory(
+    *,
+    mode: str,
+    device: torch.device,
+    free_bytes: int | None,
+    t5: str = "auto",
+    vae_tiling: str = "auto",
+    attention_slicing: str = "auto",
+) -> MemoryPlan:
+    """Choose the plan. Explicit settings win; `auto` follows performance.md §6's thresholds."""
+    can_8bit = device.type == "cuda" and bitsandbytes_available()
+    if mode == "auto":
+        placement, auto_t5, reason = _auto_placement(device, free_bytes, can_8bit)
+    else:
+        placement, auto_t5, reason = mode, "full", f"--memory-mode {mode}"  # type: ignore[assignment]
+    if placement != "device" and device.type == "cpu":
+        placement, reason = "device", "offloading to the CPU means nothing on a CPU device"
+    chosen_t5: T5Mode = auto_t5 if t5 == "auto" else t5  # type: ignore[assignment]
+    if chosen_t5 == "8bit" and not can_8bit:
+        raise ValueError(
+            "T5 in 8-bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)"
+        )
+    small = free_bytes is not None and free_bytes < 24 * GiB
+    tiling = _choice(vae_tiling, default=device.type != "cpu" and small)
+    # SDPA on CUDA and CPU never materialises the attention matrix; MPS may, and on a small Mac a
+    # 2048² attention matrix alone would not fit.
+    slicing = _choice(
+        attention_slicing, default=device.type == "mps" and free_bytes is not None and free_bytes < 64 * GiB
+    )
+    return MemoryPlan(placement, chosen_t5, tiling, slicing, reason)
+
+
+def _choice(value: str, *, default: bool) -> bool:
+    return default if value == "auto" else value == "on"
+
+
+def _auto_placement(device: torch.device, free: int | None, can_8bit: bool) -> tuple[Placement, T5Mode, str]:
+    if free is None or device.type != "cuda":
+        return "device", "full", f"{device.type}: everything on the device"
+    gib = free / GiB
+    if gib >= 20:
+        return "device", "full", f"{gib:.0f} GiB free: everything resident"
+    if gib >= 12:
+        if can_8bit:
+            return "device", "8bit", f"{gib:.0f} GiB free: resident with T5 in 8-bit"
+        return "model_offload", "full", f"{gib:.0f} GiB free, no bitsandbytes: model offload"
+    if gib >= 5:
+        t5: T5Mode = "8bit" if can_8bit else "full"
+        return "model_offload", t5, f"{gib:.0f} GiB free: model offload"
+    return "sequential_offload", "full", f"{gib:.1f} GiB free: sequential offload"
+
+
+def apply_plan(pipe: Any, plan: MemoryPlan, device: torch.device) -> None:
+    """Place a freshly loaded pipeline (still on the CPU) as the plan says."""
+    if plan.placement == "model_offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif plan.placement == "sequential_offload":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if plan.vae_tiling:
+        pipe.vae.enable_tiling()
+        # SD3's VAE tiles only above its sample_size (1024 px): on small cards tile from 512 px
+        # so that 1024² decodes fit too (performance.md §4.11).
+        pipe.vae.tile_sample_min_size = min(pipe.vae.tile_sample_min_size, 512)
+        pipe.vae.tile_latent_min_size = min(pipe.vae.tile_latent_min_size, 64)
+    if plan.attention_slicing:
+        # The VAE's own attention runs at the latent's resolution; tiling is what bounds it.
+        pipe.transformer.set_attn_processor(SlicedJointAttnProcessor())
+    log.info("memory plan: %s", plan.describe())
+
+
+class SlicedJointAttnProcessor:
+    """SD3's joint attention, computed a slice of queries at a time.
+
+    Each image and text token attends to all tokens of both streams; computing the softmax for
+    `query_chunk` queries at a time bounds the attention matrix to chunk × N per head instead of
+    N × N, which is what lets 2048² (16,538 tokens) run where the backend would materialise it.
+    The result is the same attention, up to float rounding.
+    """
+
+    def __init__(self, query_chunk: int = 1024) -> None:
+        self.query_chunk = query_chunk
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        batch, image_tokens = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(projected: torch.Tensor) -> torch.Tensor:
+            return projected.view(batch, -1, attn.heads, projected.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = (
+            heads(attn.to_q(hidden_states)),
+            heads(attn.to_k(hidden_states)),
+            heads(attn.to_v(hidden_states)),
+        )
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if encoder_hidden_states is not None:
+            cq = heads(attn.add_q_proj(encoder_hidden_states))
+            ck = heads(attn.add_k_proj(encoder_hidden_states))
+            cv = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            # Image tokens first, then text tokens: the order SD3's output split relies on.
+            q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(q_part, k, v, dropout_p=0.0, is_causal=False)
+                for q_part in q.split(self.query_chunk, dim=2)
+            ],
+            dim=2,
+        )
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1]).to(q.dtype)
+
+        image, text = out[:, :image_tokens], out[:, image_tokens:]
+        image = attn.to_out[1](attn.to_out[0](image))
+        if encoder_hidden_states is None:
+            return image
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return image, text

@@ -1,0 +1,75 @@
+"""The memory plan: what `auto` picks for each amount of free memory, and savers that keep the image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.memory import GiB, SlicedJointAttnProcessor, plan_memory
+from pipelines.request import GenerationRequest
+from pipelines.sd3 import SD3Generator
+from server.app import Runtime
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "placement"),
+    [(80, "device"), (24, "device"), (16, "model_offload"), (8, "model_offload"), (4, "sequential_offload")],
+)
+def test_auto_follows_free_memory_on_cuda(free_gib: float, placement: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda: False)
+    plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB))
+    assert plan.placement == placement
+    assert plan.t5 == "full"  # without bitsandbytes T5 stays whole: dropping it would change the image
+    assert plan.vae_tiling is (free_gib < 24)  # 2048² decodes must fit where 1024² does
+    assert not plan.attention_slicing
+
+
+def test_auto_uses_t5_in_8bit_when_bitsandbytes_is_there(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda: True)
+    assert plan_memory(mode="auto", device=CUDA, free_bytes=14 * GiB).t5 == "8bit"
+    assert plan_memory(mode="auto", device=CUDA, free_bytes=14 * GiB).placement == "device"
+    assert plan_memory(mode="auto", device=CUDA, free_bytes=9 * GiB).t5 == "8bit"
+
+
+def test_explicit_choices_win_and_impossible_ones_are_refused(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda: False)
+    plan = plan_memory(
+        mode="sequential_offload",
+        device=CUDA,
+        free_bytes=80 * GiB,
+        t5="off",
+        vae_tiling="on",
+        attention_slicing="on",
+    )
+    assert (plan.placement, plan.t5, plan.vae_tiling, plan.attention_slicing) == (
+        "sequential_offload",
+        "off",
+        True,
+        True,
+    )
+    with pytest.raises(ValueError, match="bitsandbytes"):
+        plan_memory(mode="auto", device=CUDA, free_bytes=80 * GiB, t5="8bit")
+
+
+def test_cpu_and_mps_plans() -> None:
+    cpu = plan_memory(mode="model_offload", device=torch.device("cpu"), free_bytes=None)
+    assert cpu.placement == "device" and not cpu.vae_tiling
+    mac = plan_memory(mode="auto", device=torch.device("mps"), free_bytes=16 * GiB)
+    assert mac.placement == "device" and mac.attention_slicing and mac.vae_tiling
+
+
+def test_sliced_attention_gives_the_same_image(runtime: Runtime) -> None:
+    generator = runtime.generator
+    assert isinstance(generator, SD3Generator)
+    transformer = generator.pipe.transformer
+    request = GenerationRequest(prompt="a cathedral", seed=3, width=512, height=512, steps=10)
+    plain = generator.generate(request).images[0].astype(int)
+    original = transformer.attn_processors
+    try:
+        transformer.set_attn_processor(SlicedJointAttnProcessor(query_chunk=100))
+        sliced = generator.generate(request).images[0].astype(int)
+    finally:
+        transformer.set_attn_processor(original)
+    assert abs(plain - sliced).max() <= 1
