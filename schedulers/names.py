@@ -37,6 +37,11 @@ _TABLE: tuple[SchedulerSpec, ...] = (
     SchedulerSpec("LMS", "lms", "sgm_uniform"),
     SchedulerSpec("LMS Karras", "lms", "karras"),
     SchedulerSpec("DDIM", "ddim", "ddim_uniform"),
+    SchedulerSpec("DPM++ SDE", "dpmpp_sde", "sgm_uniform"),
+    SchedulerSpec("DPM++ SDE Karras", "dpmpp_sde", "karras"),
+    SchedulerSpec("DPM++ 3M SDE", "dpmpp_3m_sde", "sgm_uniform"),
+    SchedulerSpec("UniPC", "uni_pc", "sgm_uniform"),
+    SchedulerSpec("DEIS", "deis", "sgm_uniform"),
     # ComfyUI sampler tokens, each on the workflow's sgm_uniform schedule (api-contract.md §5). They are
     # matched exactly before the labels above are matched case-insensitively, so the token "ddim" is
     # euler on sgm_uniform while "DDIM" (or "Ddim") is the label on ddim_uniform.
@@ -50,6 +55,11 @@ _TABLE: tuple[SchedulerSpec, ...] = (
     SchedulerSpec("euler_ancestral", "euler_ancestral", "sgm_uniform"),
     SchedulerSpec("dpm_2", "dpm_2", "sgm_uniform"),
     SchedulerSpec("dpm_2_ancestral", "dpm_2_ancestral", "sgm_uniform"),
+    SchedulerSpec("dpmpp_sde", "dpmpp_sde", "sgm_uniform"),
+    SchedulerSpec("dpmpp_3m_sde", "dpmpp_3m_sde", "sgm_uniform"),
+    SchedulerSpec("uni_pc", "uni_pc", "sgm_uniform"),
+    SchedulerSpec("uni_pc_bh2", "uni_pc_bh2", "sgm_uniform"),
+    SchedulerSpec("deis", "deis", "sgm_uniform"),
     # Legacy labels of the hosted service's older models. "DPM Single" is left out: no spec says which
     # ComfyUI sampler it would be.
     SchedulerSpec("DPM Multi", "dpmpp_2m", "sgm_uniform"),

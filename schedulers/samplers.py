@@ -279,11 +279,7 @@ def sample_dpmpp_2m_sde(
     2025-06-17. A first sigma ≥ 1 (λ = −∞) is moved to percent_to_sigma(1e-4) and evaluated there; the
     start latent is not re-noised for it. The last step returns D."""
     source = _required(noise, "dpmpp_2m_sde")
-    sigma = _sigma_values(sigmas)
-    if sigma[0] >= 1.0:
-        if shift is None:
-            raise ValueError("dpmpp_2m_sde needs the model's shift to offset a first sigma of 1")
-        sigma[0] = to_float32(percent_to_sigma(1e-4, shift=shift, rule="current"))
+    sigma = _offset_first_sigma(sigmas, shift, "dpmpp_2m_sde")
     x = x.to(torch.float32)
     total = len(sigma) - 1
     previous: torch.Tensor | None = None
@@ -306,6 +302,176 @@ def sample_dpmpp_2m_sde(
     return x
 
 
+def sample_dpmpp_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    shift: float | None = None,
+) -> torch.Tensor:
+    """DPM++ SDE (η = 1, r = 1/2) in the flow's half-log-SNR λ = log((1−σ)/σ), as ComfyUI since 2025-06.
+
+    Each step evaluates D at σ_i and at the λ-midpoint σ_m between σ_i and σ_{i+1}; both stages are
+    ancestral steps in λ (deterministic part to λ' = 2λ_target − λ_i, then Brownian noise queried over
+    (σ_i, σ_target)), and the second stage uses only the midpoint prediction. A first sigma ≥ 1 is moved
+    to percent_to_sigma(1e-4) as in dpmpp_2m_sde; the last step returns D. 2 NFE per step, 1 on the last.
+    """
+    source = _required(noise, "dpmpp_sde")
+    sigma = _offset_first_sigma(sigmas, shift, "dpmpp_sde")
+    x = x.to(torch.float32)
+    total = len(sigma) - 1
+    for i in range(total):
+        denoised = denoiser(x, sigma[i])
+        if sigma[i + 1] == 0:
+            x = denoised
+        else:
+            lam, lam_next = _half_log_snr(sigma[i]), _half_log_snr(sigma[i + 1])
+            mid = to_float32(1 / (1 + math.exp(lam + 0.5 * (lam_next - lam))))
+            x_mid = _snr_ancestral_step(x, denoised, sigma[i], mid, source)
+            x = _snr_ancestral_step(x, denoiser(x_mid, mid), sigma[i], sigma[i + 1], source)
+        _done(callback, i, total)
+    return x
+
+
+def sample_dpmpp_3m_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    shift: float | None = None,
+) -> torch.Tensor:
+    """DPM++ 3M SDE (η = 1) in the flow's half-log-SNR, as ComfyUI since 2025-06.
+
+    The exponential-integrator step of dpmpp_2m_sde with a correction from up to two previous
+    predictions: none on the first step, a first difference on the second, then first and second
+    divided differences (φ₂, φ₃ weights). First-sigma offset and final x = D as in dpmpp_2m_sde.
+    """
+    source = _required(noise, "dpmpp_3m_sde")
+    sigma = _offset_first_sigma(sigmas, shift, "dpmpp_3m_sde")
+    x = x.to(torch.float32)
+    total = len(sigma) - 1
+    history: list[tuple[torch.Tensor, float]] = []  # (D, h) of the previous steps, newest first
+    for i in range(total):
+        denoised = denoiser(x, sigma[i])
+        if sigma[i + 1] == 0:
+            x = denoised
+        else:
+            h = _half_log_snr(sigma[i + 1]) - _half_log_snr(sigma[i])
+            alpha = 1 - sigma[i + 1]
+            decay = -math.expm1(-2 * h)  # 1 − e^{−(1+η)h}
+            x = (sigma[i + 1] / sigma[i]) * math.exp(-h) * x + alpha * decay * denoised
+            phi_2 = math.expm1(-2 * h) / (2 * h) + 1
+            if len(history) >= 2:
+                (d_1, h_1), (d_2, h_2) = history[0], history[1]
+                r_0, r_1 = h_1 / h, h_2 / h
+                first_0 = (denoised - d_1) / r_0
+                first_1 = (d_1 - d_2) / r_1
+                slope = first_0 + (first_0 - first_1) * (r_0 / (r_0 + r_1))
+                curvature = (first_0 - first_1) / (r_0 + r_1)
+                phi_3 = phi_2 / (2 * h) - 0.5
+                x = x + (alpha * phi_2) * slope - (alpha * phi_3) * curvature
+            elif history:
+                d_1, h_1 = history[0]
+                x = x + (alpha * phi_2) * ((denoised - d_1) / (h_1 / h))
+            x = x + source(sigma[i], sigma[i + 1], x) * (sigma[i + 1] * math.sqrt(decay))
+            history = [(denoised, h), *history][:2]
+        _done(callback, i, total)
+    return x
+
+
+def sample_uni_pc(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    shift: float | None = None,
+) -> torch.Tensor:
+    """UniPC, B(h) = h variant ("bh1"), multistep data prediction: ComfyUI's `uni_pc` (sampling.md §3.8).
+
+    ComfyUI runs its UniPC on a VP view of the k-diffusion sigma even for flow models: α = 1/√(1+σ²),
+    σ_vp = σ·α, λ = log(α/σ_vp); the state is x/√(1+σ²) and the data prediction is D at the unscaled
+    state. A final sigma of 0 becomes 0.001 (never evaluated), the order is min(3, steps − 1) with lower
+    orders at the start and end, each step's corrector evaluation is reused as the next step's model
+    value (N NFE), and the output is divided by α(0.001). Those VP quantities are computed with float32
+    ops as upstream does (at σ = 0.001 that gives σ_vp = 2⁻¹⁰, not 0.001: 2 % off, and reproduced).
+
+    Two upstream quirks are reproduced on purpose: one step (order 0) returns the scaled start state
+    untouched, and because upstream writes the 0.001 into the caller's sigma tensor, KSampler's final
+    x/(1 − σ_last) divides by 0.999; that division is applied here since our caller sees σ_last = 0.
+
+    Faithfulness (Gaussian toy, tests/schedulers/test_uni_pc_deis.py): the arithmetic is upstream's,
+    float32 scalars in the same order. With float64 step weights it agrees with an independent float64
+    reference to ≤ 4e-6 (all schedules, N ≤ 100). Upstream's float32 weights themselves drift from that
+    float64 math by up to 4.5e-4 (N = 25, cfg 5) and 5.7e-3 (N = 100, cfg 5), because its φ_k recursion
+    cancels when the λ-step is small; we reproduce that rounding, so parity with a GPU run of upstream is
+    limited by how its expm1 rounds (about 1e-4). Error vs the exact ODE at cfg 1: 0.52 / 0.105 / 0.028 at
+    N = 10 / 25 / 50 (like dpm_2: the discard rule leaves one long first-order last step).
+    """
+    return _uni_pc(denoiser, x, sigmas, callback=callback, bh2=False)
+
+
+def sample_uni_pc_bh2(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    shift: float | None = None,
+) -> torch.Tensor:
+    """UniPC with B(h) = e^h − 1 ("bh2"); otherwise identical to `sample_uni_pc`."""
+    return _uni_pc(denoiser, x, sigmas, callback=callback, bh2=True)
+
+
+def sample_deis(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    shift: float | None = None,
+) -> torch.Tensor:
+    """DEIS, tab mode, order up to 3: ComfyUI's `deis` (sampling.md §3.8).
+
+    A multistep method on the slope d = (x − D)/σ: each σ is mapped to the time t of a VP-SDE whose
+    β-schedule is fixed by EDM's σ ∈ [0.002, 80] (ε = 1e-3), d is extrapolated by the Lagrange polynomial
+    in t through the last up-to-3 nodes, and each basis polynomial is integrated against dσ/dt with
+    upstream's 10 000-point rule (sum over linspace(t_i, t_{i+1}, 10 000) times (t_{i+1} − t_i)/10 000, not
+    an exact quadrature). First step Euler; a step to σ = 0 is Euler, i.e. returns D. The coefficients
+    are computed with float32 ops as upstream does. Measured on the Gaussian toy: ≤ 3.2e-6 from an
+    independent float64 reference that rounds only the σ → t map to float32 (≤ 2.6e-5 if it does not:
+    1 + σ² in float32 moves t at σ ≈ 0.003); error vs the exact ODE at cfg 1: 0.19 / 0.031 / 0.0094 at
+    N = 10 / 25 / 50.
+    """
+    sigma = _sigma_values(sigmas)
+    x = x.to(torch.float32)
+    total = len(sigma) - 1
+    times, beta_0, beta_1 = _deis_vp_times(sigmas)
+    slopes: list[torch.Tensor] = []  # newest first
+    for i in range(total):
+        denoised = denoiser(x, sigma[i])
+        slope = (x - denoised) / sigma[i]
+        slopes = [slope, *slopes][:_DEIS_ORDER]
+        order = len(slopes) if sigma[i + 1] > 0 else 1
+        if order == 1:
+            x = x + (sigma[i + 1] - sigma[i]) * slope
+        else:
+            weights = _deis_weights(times, beta_0, beta_1, step=i, order=order)
+            step = x
+            for weight, past in zip(weights, slopes, strict=True):
+                step = step + weight * past
+            x = step
+        _done(callback, i, total)
+    return x
+
+
 _LMS_ORDER = 4
 
 
@@ -313,6 +479,205 @@ def _required(noise: NoiseSource | None, sampler: str) -> NoiseSource:
     if noise is None:
         raise ValueError(f"{sampler} is stochastic and needs a noise source (see noise_for)")
     return noise
+
+
+def _offset_first_sigma(sigmas: torch.Tensor, shift: float | None, sampler: str) -> list[float]:
+    """The schedule as floats, with a first sigma ≥ 1 (λ = −∞) moved to percent_to_sigma(1e-4), as
+    upstream's half-log-SNR samplers do for flow models; the model is evaluated there too."""
+    sigma = _sigma_values(sigmas)
+    if len(sigma) > 1 and sigma[0] >= 1.0:
+        if shift is None:
+            raise ValueError(f"{sampler} needs the model's shift to offset a first sigma of 1")
+        sigma[0] = to_float32(percent_to_sigma(1e-4, shift=shift, rule="current"))
+    return sigma
+
+
+def _snr_ancestral_step(
+    x: torch.Tensor, denoised: torch.Tensor, sigma: float, target: float, source: NoiseSource
+) -> torch.Tensor:
+    """One η = 1 ancestral stage of DPM++ SDE from σ to `target` in λ = log((1−σ)/σ).
+
+    The deterministic part goes to λ' = 2λ_target − λ (data-prediction exponential integrator, span
+    h' = 2(λ_target − λ)); the noise σ_target·√(1 − e^{−h'}) restores the marginal at `target`.
+    """
+    span = 2 * (_half_log_snr(target) - _half_log_snr(sigma))
+    alpha, alpha_target = 1 - sigma, 1 - target
+    x = (alpha_target / alpha) * math.exp(-span) * x - alpha_target * math.expm1(-span) * denoised
+    return x + source(sigma, target, x) * (target * math.sqrt(-math.expm1(-span)))
+
+
+def _vp_view(sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(α, σ_vp, λ) of the VP process with the same signal-to-noise ratio as the VE sigma σ, evaluated
+    like upstream's UniPC: float32 ops through log α = ½·log(1/(σ²+1)) and 1 − α² = 1 − e^{2 log α}."""
+    value = torch.tensor(sigma, dtype=torch.float32)
+    log_alpha = 0.5 * torch.log(1 / (value * value + 1))
+    noise_var = 1.0 - torch.exp(2.0 * log_alpha)
+    return torch.exp(log_alpha), torch.sqrt(noise_var), log_alpha - 0.5 * torch.log(noise_var)
+
+
+_UNI_PC_END = 0.001  # a final sigma of 0 is replaced by this (λ would be infinite)
+
+
+def _uni_pc(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    callback: StepCallback | None,
+    bh2: bool,
+    scalar_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The UniPC loop. `scalar_dtype` is the precision of the step coefficients after the VP view: float32
+    as upstream (whose φ_k recursion loses most digits when h is small, e.g. near σ = 1), float64 only
+    to check the formulas against the float64 reference."""
+    nodes = _sigma_values(sigmas)
+    total = len(nodes) - 1
+    ends_at_zero = nodes[-1] == 0
+    if ends_at_zero:
+        nodes[-1] = to_float32(_UNI_PC_END)
+    first = torch.tensor(nodes[0], dtype=torch.float32)
+    x = x.to(torch.float32) / torch.sqrt(1.0 + first**2.0)
+    order = min(3, total - 1)
+
+    def predict(state: torch.Tensor, node: float) -> torch.Tensor:
+        # D at the k-diffusion state; upstream's ε round trip through the VP view is the identity.
+        scale = (torch.tensor(node, dtype=torch.float32) ** 2 + 1.0) ** 0.5
+        return denoiser(state * scale, node)
+
+    if total >= 1:
+        history = [(nodes[0], predict(x, nodes[0]))]  # (σ, data prediction), oldest first
+        _done(callback, 0, total)
+        for step in range(1, total if order >= 1 else 1):
+            targets = [step, step + 1] if step == total - 1 else [step]
+            for target in targets:
+                step_order = target if target < order else min(order, total + 1 - target)
+                corrected = target < total
+                x, model_value = _uni_pc_update(
+                    denoiser=predict,
+                    x=x,
+                    history=history,
+                    target=nodes[target],
+                    order=step_order,
+                    corrector=corrected,
+                    bh2=bh2,
+                    dtype=scalar_dtype,
+                )
+                if model_value is not None:
+                    history = [*history, (nodes[target], model_value)][-max(order, 1) :]
+            _done(callback, step, total)
+    x = x / _vp_view(nodes[-1])[0]
+    if ends_at_zero:
+        # Upstream wrote 0.001 into the caller's sigmas, so KSampler's inverse noise scaling divides
+        # by 1 − 0.001 instead of 1 − 0; our caller sees the real 0 and will not.
+        x = x / (1.0 - torch.tensor(nodes[-1], dtype=torch.float32))
+    return x
+
+
+def _uni_pc_update(
+    *,
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    history: list[tuple[float, torch.Tensor]],
+    target: float,
+    order: int,
+    corrector: bool,
+    bh2: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One UniPC step to `target` of the given order: the UniP predictor, then (if `corrector`) one
+    model evaluation at the predicted state and the UniC corrector. Returns (x, that evaluation)."""
+    alpha_t, std_t, lam_t = (value.to(dtype) for value in _vp_view(target))
+    sigma_0, model_0 = history[-1]
+    _, std_0, lam_0 = (value.to(dtype) for value in _vp_view(sigma_0))
+    h = lam_t - lam_0
+    ratios: list[torch.Tensor] = []
+    differences: list[torch.Tensor] = []  # scaled first differences of the model values, newest first
+    for back in range(1, order):
+        sigma_k, model_k = history[-(back + 1)]
+        ratio = (_vp_view(sigma_k)[2].to(dtype) - lam_0) / h
+        ratios.append(ratio)
+        differences.append((model_k - model_0) / ratio)
+    nodes = torch.stack([*ratios, torch.tensor(1.0, dtype=dtype)])
+    hh = -h  # data prediction integrates in −λ
+    h_phi_1 = torch.expm1(hh)  # h·φ₁(h) = e^h − 1
+    b_h = torch.expm1(hh) if bh2 else hh
+    rows, rhs = [], []
+    phi_k = h_phi_1 / hh - 1
+    factorial = 1
+    for k in range(1, order + 1):
+        rows.append(nodes ** (k - 1))
+        rhs.append(phi_k * factorial / b_h)
+        factorial *= k + 1
+        phi_k = phi_k / hh - 1 / factorial
+    matrix, vector = torch.stack(rows), torch.stack(rhs)
+    linear = (std_t / std_0) * x - (alpha_t * h_phi_1) * model_0
+    predicted = linear
+    if differences:
+        # second order uses the fixed weight ½ upstream, not the solved one
+        weights_p = (
+            torch.tensor([0.5], dtype=dtype)
+            if order == 2
+            else torch.linalg.solve(matrix[:-1, :-1], vector[:-1])
+        )
+        predicted = linear - (alpha_t * b_h) * _combine(weights_p, differences)
+    if not corrector:
+        return predicted, None
+    weights_c = torch.tensor([0.5], dtype=dtype) if order == 1 else torch.linalg.solve(matrix, vector)
+    model_t = denoiser(predicted, target)
+    correction = weights_c[-1] * (model_t - model_0)
+    if differences:
+        correction = _combine(weights_c[:-1], differences) + correction
+    return linear - (alpha_t * b_h) * correction, model_t
+
+
+def _combine(weights: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
+    total = weights[0] * terms[0]
+    for weight, term in zip(weights[1:], terms[1:], strict=True):
+        total = total + weight * term
+    return total
+
+
+_DEIS_ORDER = 3
+_DEIS_QUADRATURE_POINTS = 10_000
+_DEIS_EDM_SIGMA_MIN, _DEIS_EDM_SIGMA_MAX, _DEIS_EPSILON = 0.002, 80.0, 1e-3
+
+
+def _deis_vp_times(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VP-SDE times t of the sigmas, and the schedule's β₀, β₁, in float32 as upstream computes them.
+
+    The linear-β VP process has σ(t)² = exp(½β_d t² + β_min t) − 1, with β_d, β_min chosen so that
+    σ(ε) = 0.002 and σ(1) = 80 (EDM's range); t(σ) inverts that quadratic.
+    """
+    f32 = torch.float32
+    low = torch.log(torch.tensor(_DEIS_EDM_SIGMA_MIN, dtype=f32) ** 2 + 1)
+    high = torch.log(torch.tensor(_DEIS_EDM_SIGMA_MAX, dtype=f32) ** 2 + 1)
+    beta_d = 2 * (low / _DEIS_EPSILON - high) / (_DEIS_EPSILON - 1)
+    beta_min = high - 0.5 * beta_d
+    values = sigmas.detach().to(device="cpu", dtype=f32)
+    times = ((beta_min**2 + 2 * beta_d * torch.log(values**2 + 1)).sqrt() - beta_min) / beta_d
+    return times, beta_min, beta_d + beta_min
+
+
+def _deis_weights(
+    times: torch.Tensor, beta_0: torch.Tensor, beta_1: torch.Tensor, *, step: int, order: int
+) -> list[float]:
+    """∫ dσ/dt · ℓ_j(t) dt over [t_step, t_step+1] for the Lagrange basis ℓ_j of nodes t_step, t_step−1, …
+    (j = 0 is the newest), by upstream's rule: a plain sum over `linspace` points times Δt/N."""
+    start, end = times[step], times[step + 1]
+    taus = torch.linspace(float(start), float(end), _DEIS_QUADRATURE_POINTS, dtype=torch.float32)
+    width = (end - start) / _DEIS_QUADRATURE_POINTS
+    alpha = torch.exp(-0.5 * taus**2 * (beta_1 - beta_0) - taus * beta_0)  # ᾱ(t)
+    log_alpha_slope = -taus * (beta_1 - beta_0) - beta_0
+    sigma_slope = -0.5 * log_alpha_slope / torch.sqrt(alpha * (1 - alpha))  # dσ/dt with σ² = 1/ᾱ − 1
+    nodes = [times[step - k] for k in range(order)]
+    weights = []
+    for j in range(order):
+        basis = torch.ones_like(taus)
+        for k in range(order):
+            if k != j:
+                basis = basis * ((taus - nodes[k]) / (nodes[j] - nodes[k]))
+        weights.append(float(torch.sum(sigma_slope * basis) * width))
+    return weights
 
 
 def _half_log_snr(sigma: float) -> float:
@@ -366,12 +731,17 @@ SAMPLERS: dict[str, Sampler] = {
     "dpm_2_ancestral": sample_dpm_2_ancestral,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "uni_pc": sample_uni_pc,
+    "uni_pc_bh2": sample_uni_pc_bh2,
+    "deis": sample_deis,
 }
 
 DISCARD_PENULTIMATE: frozenset[str] = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
 
 _ANCESTRAL: frozenset[str] = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral"})
-_BROWNIAN: frozenset[str] = frozenset({"dpmpp_2m_sde"})
+_BROWNIAN: frozenset[str] = frozenset({"dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde"})
 STOCHASTIC: frozenset[str] = _ANCESTRAL | _BROWNIAN
 """Samplers that draw per-step noise, and so need a seed."""
 

@@ -11,12 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from anyio import to_thread
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from pipelines.compilation import speed_up, warm_up
 from pipelines.loading import ModelSpec, load_model
 from pipelines.sd3 import SamplingOptions, SD3Generator, batch_key
 from server.api import ops, segmind
+from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import install_error_handlers
 from server.ledger import Ledger
@@ -82,7 +85,10 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
             retry_after_s=settings.queue.retry_after_s,
             max_batch_images=settings.queue.max_batch_images,
         )
-        app.state.serving = Serving(settings=settings, ledger=ledger, queue=queue)
+        serving = Serving(settings=settings, ledger=ledger, queue=queue)
+        # Before the first request: nothing of this instance can be in flight yet.
+        await to_thread.run_sync(serving.recover)
+        app.state.serving = serving
         app.state.model_description = runtime.description
         app.state.device = runtime.device
         try:
@@ -98,6 +104,24 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["x-api-key", "authorization", "content-type"],
+            expose_headers=[
+                "x-remaining-credits",
+                "x-cost",
+                "x-seed",
+                "x-seed-value",
+                "x-request-id",
+                "x-generation-time",
+                "x-rate-limit-remaining",
+                "x-rate-limit-reset-at-utc",
+            ],
+        )
     app.include_router(segmind.router)
     app.include_router(ops.router)
     return app

@@ -323,6 +323,29 @@ def credits_add(
     print(format_credits(balance))
 
 
+@credits_app.command("audit")
+def credits_audit(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Check every key: credits granted − charged must equal its balance. Exit 1 on a mismatch."""
+    settings = build_settings(data_dir=data_dir, database_url=database_url)
+    rows = _ledger(settings).audit()
+    table = Table("name", "granted", "charged", "balance", "open reservations", "ok")
+    for row in rows:
+        table.add_row(
+            row.name,
+            format_credits(row.granted),
+            format_credits(row.charged),
+            format_credits(row.balance),
+            str(row.open_reservations),
+            "yes" if row.ok else "[red]NO[/red]",
+        )
+    out.print(table)
+    broken = [row.name for row in rows if not row.ok]
+    if broken:
+        err.print(f"[red]Ledger mismatch for: {', '.join(broken)}[/red]")
+        raise typer.Exit(1)
+    err.print(f"{len(rows)} key(s) audited: every balance equals its grants minus its charges.")
+
+
 def _decimal(text: str) -> Decimal:
     from decimal import InvalidOperation
 

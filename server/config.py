@@ -7,6 +7,7 @@ Built once (by the CLI or by whoever embeds the app) and passed down; nothing el
 
 from __future__ import annotations
 
+import socket
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -63,6 +64,13 @@ class PerformanceSettings(BaseModel):
     jpeg_quality: int = Field(90, ge=1, le=100)
 
 
+class LimitSettings(BaseModel):
+    # Bodies above this are refused with 413 before they are read into memory.
+    max_body_bytes: int = Field(1 * 2**20, ge=1024)
+    # Per-key requests per minute on the generation endpoints; 0 = no limit.
+    requests_per_minute: int = Field(0, ge=0)
+
+
 class PricingSettings(BaseModel):
     # Price of one 1024x1024 image at 25 steps; scaled by samples, steps and pixels (api-contract.md §4).
     price_per_image: Decimal = Decimal("0.039")
@@ -91,12 +99,18 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Browser origins allowed to call the API (CORS). Empty: no cross-origin access.
+    cors_origins: list[str] = []
+    # Names this server instance in the ledger, so that after a crash it refunds the reservations
+    # it left open and no one else's. Default: host name and port, stable across restarts.
+    instance_id: str | None = None
 
     model: ModelSettings = ModelSettings()
     sampling: SamplingSettings = SamplingSettings()
     memory: MemorySettings = MemorySettings()
     performance: PerformanceSettings = PerformanceSettings()
     pricing: PricingSettings = PricingSettings()
+    limits: LimitSettings = LimitSettings()
     queue: QueueSettings = QueueSettings()
 
     @property
@@ -104,6 +118,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'ledger.sqlite3').resolve()}"
+
+    @property
+    def resolved_instance_id(self) -> str:
+        return self.instance_id or f"{socket.gethostname()}:{self.port}"
 
     @property
     def tiny_model_dir(self) -> Path:

@@ -70,6 +70,22 @@ class Overloaded(ApiError):
     default_message = "Too many requests: the generation queue is full, retry later"
 
 
+class RateLimited(ApiError):
+    status_code = 429
+    default_message = "Too many requests: this key's rate limit is reached, retry later"
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    default_message = "Request body too large"
+
+
+class ClientDisconnected(ApiError):
+    # nginx's "client closed request": nobody reads it, but the access log says what happened.
+    status_code = 499
+    default_message = "Client closed the request; the job was cancelled and refunded"
+
+
 class GenerationFailed(ApiError):
     status_code = 500
     default_message = "The server failed to generate the image; no credits were charged"

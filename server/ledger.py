@@ -38,6 +38,7 @@ from sqlalchemy import (
     Table,
     create_engine,
     event,
+    func,
     insert,
     select,
     update,
@@ -52,6 +53,7 @@ MICRO = 1_000_000
 NAME_MAX = 128
 REQUEST_ID_MAX = 64
 NOTE_MAX = 500
+OWNER_MAX = 128
 # BigInteger is signed 64-bit on every backend.
 MAX_MICRO = 2**63 - 1
 # How long a SQLite writer waits for another one before giving up ("database is locked").
@@ -82,6 +84,9 @@ charges = Table(
     Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=False, index=True),
     Column("amount_micro", BigInteger, nullable=False),
     Column("status", String(16), nullable=False),
+    # Which server instance reserved it: after a crash, that instance refunds what it left open
+    # without touching reservations that other replicas sharing the database are working on.
+    Column("owner", String(OWNER_MAX), nullable=False, default="", index=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # A string with a CHECK rather than an ENUM type: portable, and no type to migrate on PostgreSQL.
@@ -108,6 +113,16 @@ class KeyRecord:
     enabled: bool
     balance: Decimal
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    name: str
+    granted: Decimal
+    charged: Decimal  # reserved or settled; refunded charges gave their amount back
+    balance: Decimal
+    open_reservations: int
+    ok: bool
 
 
 def to_micro(amount: Decimal | int) -> int:
@@ -302,7 +317,7 @@ class Ledger:
 
     # --- charges ----------------------------------------------------------------------------------
 
-    def reserve(self, *, key_id: int, amount: Decimal, request_id: str) -> Decimal:
+    def reserve(self, *, key_id: int, amount: Decimal, request_id: str, owner: str = "") -> Decimal:
         """Take `amount` from the key for `request_id`; returns the balance after.
 
         Raises InsufficientCredits (and writes nothing) when the balance is below the amount,
@@ -331,7 +346,7 @@ class Ledger:
                 if current is None or not current.enabled:
                     raise Unauthorized()
                 raise InsufficientCredits(balance=from_micro(current.balance_micro), price=from_micro(micro))
-            self._insert_charge(conn, request_id=request_id, key_id=key_id, micro=micro, now=now)
+            self._insert_charge(conn, request_id=request_id, key_id=key_id, micro=micro, now=now, owner=owner)
             # We hold the row's write lock until commit, so this is the balance our debit left.
             balance_micro = conn.execute(
                 select(api_keys.c.balance_micro).where(api_keys.c.id == key_id)
@@ -339,7 +354,9 @@ class Ledger:
         return from_micro(balance_micro)
 
     @staticmethod
-    def _insert_charge(conn: Connection, *, request_id: str, key_id: int, micro: int, now: datetime) -> None:
+    def _insert_charge(
+        conn: Connection, *, request_id: str, key_id: int, micro: int, now: datetime, owner: str
+    ) -> None:
         try:
             # A savepoint would not help: the debit must roll back with a refused charge row anyway.
             conn.execute(
@@ -348,6 +365,7 @@ class Ledger:
                     key_id=key_id,
                     amount_micro=micro,
                     status="reserved",
+                    owner=owner[:OWNER_MAX],
                     created_at=now,
                     updated_at=now,
                 )
@@ -398,6 +416,70 @@ class Ledger:
                 select(api_keys.c.balance_micro).where(api_keys.c.id == charge.key_id)
             ).scalar_one()
         return from_micro(balance_micro)
+
+    def refund_abandoned(self, owner: str) -> list[str]:
+        """Refund every reservation `owner` left open (a crash or kill -9 mid-generation).
+
+        Called by a server instance at start-up, before it takes requests: nothing of its own can
+        be in flight then, so whatever is still reserved under its name will never be settled.
+        """
+        with self._engine.connect() as conn:
+            open_ids = list(
+                conn.execute(
+                    select(charges.c.request_id).where(
+                        charges.c.owner == owner, charges.c.status == "reserved"
+                    )
+                ).scalars()
+            )
+        for request_id in open_ids:
+            self.refund(request_id)
+        return open_ids
+
+    def audit(self) -> list[AuditRow]:
+        """Per key: granted − charged (reserved or settled) against the stored balance.
+
+        The two always agree when the ledger is intact; a row with `ok = False` means a balance
+        was changed outside the ledger's operations.
+        """
+        with self._engine.connect() as conn:
+            granted: dict[int, int] = dict(
+                conn.execute(
+                    select(
+                        credit_grants.c.key_id, func.coalesce(func.sum(credit_grants.c.amount_micro), 0)
+                    ).group_by(credit_grants.c.key_id)
+                ).all()
+            )
+            charged: dict[int, int] = dict(
+                conn.execute(
+                    select(charges.c.key_id, func.coalesce(func.sum(charges.c.amount_micro), 0))
+                    .where(charges.c.status.in_(("reserved", "settled")))
+                    .group_by(charges.c.key_id)
+                ).all()
+            )
+            reserved: dict[int, int] = dict(
+                conn.execute(
+                    select(charges.c.key_id, func.count())
+                    .where(charges.c.status == "reserved")
+                    .group_by(charges.c.key_id)
+                ).all()
+            )
+            keys = conn.execute(
+                select(api_keys.c.id, api_keys.c.name, api_keys.c.balance_micro).order_by(api_keys.c.id)
+            ).all()
+        rows = []
+        for key in keys:
+            expected = int(granted.get(key.id, 0)) - int(charged.get(key.id, 0))
+            rows.append(
+                AuditRow(
+                    name=key.name,
+                    granted=from_micro(int(granted.get(key.id, 0))),
+                    charged=from_micro(int(charged.get(key.id, 0))),
+                    balance=from_micro(key.balance_micro),
+                    open_reservations=int(reserved.get(key.id, 0)),
+                    ok=expected == key.balance_micro,
+                )
+            )
+        return rows
 
     def charge(self, request_id: str) -> ChargeStatus | None:
         with self._engine.connect() as conn:

@@ -19,11 +19,12 @@ from anyio import to_thread
 from pipelines.request import GenerationRequest
 from server.config import Settings
 from server.encoding import to_jpeg
-from server.errors import ApiError, GenerationFailed
+from server.errors import ApiError, GenerationFailed, RateLimited
 from server.headers import REMAINING_CREDITS, format_credits
 from server.ledger import KeyRecord, Ledger
 from server.pricing import price_of
 from server.queue import WorkQueue
+from server.rate_limit import RateLimiter
 from server.schemas import MAX_SEED, Txt2ImgRequest
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,27 @@ class Serving:
         self.settings = settings
         self.ledger = ledger
         self.queue = queue
+        self.rate_limiter = RateLimiter(settings.limits.requests_per_minute)
+        self.owner = settings.resolved_instance_id
+
+    def recover(self) -> list[str]:
+        """Refund what this instance left reserved when it last stopped (crash, kill -9)."""
+        refunded = self.ledger.refund_abandoned(self.owner)
+        if refunded:
+            log.warning("refunded %d reservation(s) left open by a previous run", len(refunded))
+        return refunded
+
+    def rate_check(self, key: KeyRecord) -> dict[str, str]:
+        """Count this request against the key's rate limit; raise `RateLimited` past it."""
+        if not self.rate_limiter.enabled:
+            return {}
+        decision = self.rate_limiter.check(key.id)
+        if not decision.allowed:
+            raise RateLimited(
+                f"Too many requests: the limit is {self.rate_limiter.per_minute} per minute for this key",
+                headers=decision.headers(),
+            )
+        return decision.headers()
 
     def price(self, body: Txt2ImgRequest) -> Decimal:
         return price_of(
@@ -82,7 +104,7 @@ class Serving:
         cost = self.price(body)
         # Raises InsufficientCredits (406) with nothing written if the balance does not cover it.
         await to_thread.run_sync(
-            lambda: self.ledger.reserve(key_id=key.id, amount=cost, request_id=request_id)
+            lambda: self.ledger.reserve(key_id=key.id, amount=cost, request_id=request_id, owner=self.owner)
         )
         seed = resolve_seed(body.seed)
         job = to_generation_request(body, seed=seed)

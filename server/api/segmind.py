@@ -6,6 +6,10 @@ answer; pricing, credits and the device live below it (server/serving.py).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -13,13 +17,16 @@ from pydantic import ValidationError
 from schedulers.names import public_names
 from server.auth import authenticate
 from server.encoding import to_base64
-from server.errors import InvalidContentType, InvalidRequest
+from server.errors import ClientDisconnected, InvalidContentType, InvalidRequest
 from server.headers import credit_headers, generation_headers, remember_balance
 from server.ledger import KeyRecord
 from server.schemas import Txt2ImgRequest, describe_validation_errors, parse_txt2img
 from server.serving import Serving
 
 SLUG = "stable-diffusion-3-medium-txt2img"
+# How often a waiting request checks that its client is still there.
+DISCONNECT_POLL_S = 0.25
+T = TypeVar("T")
 
 router = APIRouter()
 
@@ -66,8 +73,9 @@ async def txt2img(request: Request) -> Response:
     key = await _authenticated(request)
     body = await _body(request)
     serving: Serving = request.app.state.serving
-    outcome = await serving.txt2img(key, body)
-    headers = generation_headers(
+    rate_headers = serving.rate_check(key)
+    outcome = await cancel_on_disconnect(request, serving.txt2img(key, body))
+    headers = rate_headers | generation_headers(
         request,
         balance=outcome.balance,
         cost=outcome.cost,
@@ -83,6 +91,25 @@ async def txt2img(request: Request) -> Response:
     if len(encoded) > 1:
         payload["images"] = encoded
     return JSONResponse(payload, headers=headers)
+
+
+async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`, cancelling it if the client goes away first.
+
+    Cancelling reaches the queue (a waiting job is dropped, a running one stops at its next step)
+    and the serving layer refunds the reservation, so a client that gives up is not charged.
+    """
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            try:
+                return await task  # it finished before the cancel landed: a normal (unread) answer
+            except asyncio.CancelledError:
+                raise ClientDisconnected() from None
 
 
 @router.get("/v1/get-user-credits")

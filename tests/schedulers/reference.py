@@ -224,6 +224,212 @@ def dpmpp_2m_sde(
     return x
 
 
+def _half_log_snr(v: float) -> float:
+    return math.log((1 - v) / v)
+
+
+def _ve_ancestral(sigma_from: float, sigma_to: float) -> tuple[float, float]:
+    """(σ_down, σ_up) of the classic VE ancestral split with η = 1."""
+    up = min(sigma_to, math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
+    return math.sqrt(sigma_to**2 - up**2), up
+
+
+def _sde_stage(x: Array, d: Array, s_from: float, s_to: float, lam_to: float, z: Array) -> Array:
+    lam_s = _half_log_snr(s_from)
+    down, up = _ve_ancestral(math.exp(-lam_s), math.exp(-lam_to))
+    h_ = -math.log(down) - lam_s
+    a_s, a_to = 1 - s_from, 1 - s_to
+    return (a_to / a_s) * math.exp(-h_) * x - a_to * math.expm1(-h_) * d + a_to * up * z
+
+
+def dpmpp_sde(
+    model: RefDenoiser, x: Array, s: Sequence[float], noise: Sequence[Array], *, first_sigma: float
+) -> Array:
+    """DPM++ SDE, current CONST form (η = 1, r = ½), with the VE ancestral split applied to e^{−λ}.
+
+    Noise is consumed in call order: the midpoint stage, then the full stage of each step."""
+    s = list(s)
+    if s[0] >= 1:
+        s[0] = first_sigma
+    draws = iter(noise)
+    for i in range(len(s) - 1):
+        denoised = model(x, s[i])
+        if s[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = _half_log_snr(s[i]), _half_log_snr(s[i + 1])
+        lam_m = lam_s + 0.5 * (lam_t - lam_s)
+        s_m = float(np.float32(1 / (1 + math.exp(lam_m))))  # the model sees a float32 sigma
+
+        x_m = _sde_stage(x, denoised, s[i], s_m, lam_m, next(draws))
+        x = _sde_stage(x, model(x_m, s_m), s[i], s[i + 1], lam_t, next(draws))
+    return x
+
+
+def dpmpp_3m_sde(
+    model: RefDenoiser, x: Array, s: Sequence[float], noise: Sequence[Array], *, first_sigma: float
+) -> Array:
+    """DPM++ 3M SDE, current CONST form (η = 1)."""
+    s = list(s)
+    if s[0] >= 1:
+        s[0] = first_sigma
+    past: list[tuple[Array, float]] = []
+    draws = iter(noise)
+    for i in range(len(s) - 1):
+        denoised = model(x, s[i])
+        if s[i + 1] == 0:
+            x = denoised
+            continue
+        h = _half_log_snr(s[i + 1]) - _half_log_snr(s[i])
+        he = 2 * h
+        a_t = 1 - s[i + 1]
+        x = s[i + 1] / s[i] * math.exp(-h) * x + a_t * (1 - math.exp(-he)) * denoised
+        phi2 = (math.exp(-he) - 1) / he + 1
+        if len(past) >= 2:
+            (d1, h1), (d2, h2) = past[-1], past[-2]
+            r0, r1 = h1 / h, h2 / h
+            g0, g1 = (denoised - d1) / r0, (d1 - d2) / r1
+            phi3 = phi2 / he - 0.5
+            x = x + a_t * phi2 * (g0 + (g0 - g1) * r0 / (r0 + r1)) - a_t * phi3 * (g0 - g1) / (r0 + r1)
+        elif past:
+            d1, h1 = past[-1]
+            x = x + a_t * phi2 * (denoised - d1) * h / h1
+        x = x + s[i + 1] * math.sqrt(1 - math.exp(-2 * h)) * next(draws)
+        past.append((denoised, h))
+    return x
+
+
+def vp_view(sigma: float, float32: bool) -> tuple[float, float, float]:
+    """(α, σ_vp, λ) of the VP process with the SNR of VE sigma σ: α = 1/√(1+σ²), σ_vp = σα, λ = −log σ.
+
+    float32=True evaluates them the way upstream's UniPC does, in float32 through 1 − e^{2 log α}
+    (which matters at σ = 0.001: σ_vp comes out as 2⁻¹⁰)."""
+    if not float32:
+        alpha = 1 / math.sqrt(1 + sigma * sigma)
+        return alpha, sigma * alpha, -math.log(sigma)
+    f = np.float32
+    v = f(sigma)
+    log_alpha = f(0.5) * np.log(f(1) / (v * v + f(1)))
+    var = f(1) - np.exp(f(2) * log_alpha)
+    return float(np.exp(log_alpha)), float(np.sqrt(var)), float(log_alpha - f(0.5) * np.log(var))
+
+
+def _phi(k: int, z: float) -> float:
+    """φ_k(z) = (e^z − Σ_{j<k} z^j/j!) / z^k."""
+    return (math.expm1(z) - sum(z**j / math.factorial(j) for j in range(1, k))) / z**k
+
+
+def uni_pc(
+    model: RefDenoiser,
+    x: Array,
+    s: Sequence[float],
+    *,
+    bh2: bool = False,
+    vp: Callable[[float], tuple[float, float, float]] | None = None,
+) -> Array:
+    """ComfyUI's uni_pc (UniPC-B(h), data prediction, multistep) on the VP view of the VE sigmas.
+
+    `vp` maps σ to (α, σ_vp, λ); by default the float32 emulation of `vp_view`. Upstream evaluates it in
+    float32 where 1 − e^{2 log α} keeps only a few digits at small σ, so a one-ulp difference between
+    numpy's and torch's float32 exp moves λ by up to ~1e-4 there: a test that wants 1e-5 agreement must
+    pass the torch evaluation in."""
+    n = len(s) - 1
+    t = list(s)
+    zero_end = t[-1] == 0
+    if zero_end:
+        t[-1] = float(np.float32(0.001))
+    order = min(3, n - 1)
+
+    if vp is None:
+
+        def vp(v: float) -> tuple[float, float, float]:
+            return vp_view(v, True)
+
+    def data(xu: Array, v: float) -> Array:
+        return model(xu * math.sqrt(1 + v * v), v)
+
+    xu = x / math.sqrt(1 + t[0] ** 2)
+    nodes, values = [t[0]], [data(xu, t[0])]
+    for k in range(1, n + 1) if order >= 1 else ():
+        p = k if k < order else min(order, n + 1 - k)
+        a_t, sd_t, l_t = vp(t[k])
+        _, sd_0, l_0 = vp(nodes[-1])
+        m0 = values[-1]
+        h = l_t - l_0
+        r = [(vp(nodes[-1 - j])[2] - l_0) / h for j in range(1, p)]
+        diffs = [(values[-1 - j] - m0) / r[j - 1] for j in range(1, p)]
+        hh = -h
+        b_h = math.expm1(hh) if bh2 else hh
+        rk = np.array([*r, 1.0])
+        big_r = np.array([rk**i for i in range(p)])
+        b = np.array([math.factorial(i) * hh * _phi(i + 1, hh) / b_h for i in range(1, p + 1)])
+        x_lin = (sd_t / sd_0) * xu - a_t * math.expm1(hh) * m0
+        x_pred = x_lin
+        if diffs:
+            rho_p = [0.5] if p == 2 else list(np.linalg.solve(big_r[:-1, :-1], b[:-1]))
+            x_pred = x_lin - a_t * b_h * sum(w * d for w, d in zip(rho_p, diffs, strict=True))
+        if k == n:
+            xu = x_pred
+            break
+        rho_c = [0.5] if p == 1 else list(np.linalg.solve(big_r, b))
+        m_t = data(x_pred, t[k])
+        xu = x_lin - a_t * b_h * (
+            sum((w * d for w, d in zip(rho_c[:-1], diffs, strict=True)), np.zeros_like(xu))
+            + rho_c[-1] * (m_t - m0)
+        )
+        nodes, values = [*nodes, t[k]][-order:], [*values, m_t][-order:]
+    out = xu / vp(t[-1])[0]
+    return out / (1 - t[-1]) if zero_end else out
+
+
+def deis(
+    model: RefDenoiser,
+    x: Array,
+    s: Sequence[float],
+    *,
+    max_order: int = 3,
+    points: int = 10_000,
+    float32_times: bool = True,
+) -> Array:
+    """ComfyUI's deis (tab): Lagrange extrapolation of d in VP time t, weights ∫ dσ/dt ℓ_j dt by a
+    `points`-point sum over linspace(t_i, t_i+1) times Δt/points.
+
+    float32_times evaluates the σ → t map in float32 as upstream does (1 + σ² rounds to float32, which
+    moves t by up to ~0.5 % at σ ≈ 0.003); the rest is float64."""
+    if float32_times:
+        f = np.float32
+        log_lo, log_hi = np.log(f(0.002) ** 2 + f(1)), np.log(f(80.0) ** 2 + f(1))
+        bd = f(2) * (log_lo / f(1e-3) - log_hi) / f(1e-3 - 1)
+        bm = log_hi - f(0.5) * bd
+        t = [float((np.sqrt(bm**2 + f(2) * bd * np.log(f(v) ** 2 + f(1))) - bm) / bd) for v in s]
+        beta_d, beta_min = float(bd), float(bm)
+    else:
+        beta_d = 2 * (math.log1p(0.002**2) / 1e-3 - math.log1p(80.0**2)) / (1e-3 - 1)
+        beta_min = math.log1p(80.0**2) - beta_d / 2
+        t = [(math.sqrt(beta_min**2 + 2 * beta_d * math.log1p(v * v)) - beta_min) / beta_d for v in s]
+
+    def dsigma_dt(tau: Array) -> Array:
+        growth = np.exp(beta_d * tau**2 / 2 + beta_min * tau)
+        return (beta_d * tau + beta_min) * growth / (2 * np.sqrt(growth - 1))
+
+    slopes: list[Array] = []
+    for i in range(len(s) - 1):
+        denoised = model(x, s[i])
+        slopes.insert(0, (x - denoised) / s[i])
+        del slopes[max_order:]
+        m = len(slopes) if s[i + 1] > 0 else 1
+        if m == 1:
+            x = x + (s[i + 1] - s[i]) * slopes[0]
+            continue
+        taus = np.linspace(t[i], t[i + 1], points)
+        f = dsigma_dt(taus)
+        ts = [t[i - k] for k in range(m)]
+        for j in range(m):
+            ell = np.prod([(taus - ts[k]) / (ts[j] - ts[k]) for k in range(m) if k != j], axis=0)
+            x = x + float(np.sum(f * ell) * (t[i + 1] - t[i]) / points) * slopes[j]
+    return x
+
+
 # --- §4: negative window and CFG -------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ def test_ancestral_noise_sources_do_not_share_state() -> None:
 
 def test_brownian_noise_is_the_scaled_increment_of_one_seeded_torchsde_tree() -> None:
     import torchsde  # a dependency of the project: a missing one must fail, not skip
+
     like = torch.zeros(2, 4, 3, 3)
     sigmas = [1.0, 0.8, 0.55, 0.3, 0.1]
     source = BrownianTreeNoise(21, sigma_min=0.1, sigma_max=1.0, like=like)
@@ -75,9 +76,12 @@ def test_noise_for_gives_each_sampler_its_noise_kind() -> None:
         assert noise_for(sampler, seed=1, sigmas=sigmas, like=like) is None
     for sampler in ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral"):
         assert isinstance(noise_for(sampler, seed=1, sigmas=sigmas, like=like), AncestralNoise)
-    brownian = noise_for("dpmpp_2m_sde", seed=1, sigmas=sigmas, like=like)
-    assert isinstance(brownian, BrownianTreeNoise)
-    # The tree spans the schedule's own extremes, before the sampler moves a first sigma of 1.
-    assert (brownian.sigma_min, brownian.sigma_max) == (pytest.approx(0.2), 1.0)
+    for sampler in ("uni_pc", "uni_pc_bh2", "deis"):
+        assert noise_for(sampler, seed=1, sigmas=sigmas, like=like) is None
+    for sampler in ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde"):
+        brownian = noise_for(sampler, seed=1, sigmas=sigmas, like=like)
+        assert isinstance(brownian, BrownianTreeNoise)
+        # The tree spans the schedule's own extremes, before the sampler moves a first sigma of 1.
+        assert (brownian.sigma_min, brownian.sigma_max) == (pytest.approx(0.2), 1.0)
     with pytest.raises(ValueError):
-        noise_for("uni_pc", seed=1, sigmas=sigmas, like=like)
+        noise_for("dpm_fast", seed=1, sigmas=sigmas, like=like)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+import schedulers
 from schedulers.names import SchedulerSpec, UnknownScheduler, public_names, resolve
 from schedulers.samplers import SAMPLERS
 from schedulers.sigmas import SCHEDULES
@@ -47,6 +49,11 @@ def test_default_and_plain_labels_use_sgm_uniform_karras_labels_karras_and_ddim_
         ("DPM2 a", "dpm_2_ancestral", "sgm_uniform"),
         ("LMS", "lms", "sgm_uniform"),
         ("LMS Karras", "lms", "karras"),
+        ("DPM++ SDE", "dpmpp_sde", "sgm_uniform"),
+        ("DPM++ SDE Karras", "dpmpp_sde", "karras"),
+        ("DPM++ 3M SDE", "dpmpp_3m_sde", "sgm_uniform"),
+        ("UniPC", "uni_pc", "sgm_uniform"),
+        ("DEIS", "deis", "sgm_uniform"),
     ],
 )
 def test_contract_labels_map_to_their_comfyui_sampler_and_schedule(
@@ -57,7 +64,18 @@ def test_contract_labels_map_to_their_comfyui_sampler_and_schedule(
 
 @pytest.mark.parametrize(
     "token",
-    ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "euler_ancestral", "dpm_2", "dpm_2_ancestral", "lms"],
+    [
+        *(
+            "dpmpp_2m",
+            "dpmpp_2m_sde",
+            "dpmpp_2s_ancestral",
+            "euler_ancestral",
+            "dpm_2",
+            "dpm_2_ancestral",
+            "lms",
+        ),
+        *("dpmpp_sde", "dpmpp_3m_sde", "uni_pc", "uni_pc_bh2", "deis"),
+    ],
 )
 def test_comfyui_sampler_tokens_run_that_sampler_on_sgm_uniform(token: str) -> None:
     assert (resolve(token).sampler, resolve(token).schedule) == (token, "sgm_uniform")
@@ -83,9 +101,23 @@ def test_unknown_name_raises_a_value_error_listing_the_accepted_names() -> None:
         assert name in str(raised.value)
 
 
-@pytest.mark.parametrize(
-    "name", ["UniPC", "DEIS", "DPM++ 3M SDE", "DPM++ SDE", "DPM++ SDE Karras", "uni_pc", "DPM Single", ""]
-)
+@pytest.mark.parametrize("name", ["DPM Single", "dpm_fast", "dpmpp_2m_sde_gpu", "UniPC Karras", ""])
 def test_names_without_an_implementation_are_rejected(name: str) -> None:
     with pytest.raises(UnknownScheduler):
         resolve(name)
+
+
+NEW_NAMES = [
+    *("DPM++ SDE", "DPM++ SDE Karras", "DPM++ 3M SDE", "UniPC", "DEIS"),
+    *("dpmpp_sde", "dpmpp_3m_sde", "uni_pc", "uni_pc_bh2", "deis", "unipc", "Deis"),
+]
+
+
+@pytest.mark.parametrize("name", NEW_NAMES)
+def test_new_names_resolve_and_run_on_their_schedule(name: str) -> None:
+    spec = resolve(name)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    for steps in (1, 2, 5):
+        sigmas = schedulers.sigmas_for(spec.schedule, steps, sampler=spec.sampler)
+        out = schedulers.sample(spec.sampler, lambda x, sigma: 0.5 * x, sigmas[0] * x, sigmas, seed=4)
+        assert out.shape == x.shape and out.dtype == torch.float32 and bool(torch.isfinite(out).all())
