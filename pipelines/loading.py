@@ -1,10 +1,22 @@
 """Where the weights come from, and which device and precision they run in.
 
-A model source is one of: `tiny` (built offline by `pipelines.tiny`), a local diffusers folder,
-a single-file checkpoint (`.safetensors`/`.ckpt`), or a Hugging Face Hub id. Every source ends
-in the same `StableDiffusion3Pipeline`, so the generator never knows where its weights came
-from. Any failure becomes one `ModelLoadError` whose message says what to change, because a
-user starting a server wants a sentence, not a traceback.
+A model source is one of:
+
+- `tiny`: the tiny random-weight SD3, built offline by `pipelines.tiny` and cached as a folder;
+- `random:sd3-medium` / `random:small`: the real SD3 Medium architecture (or the same structure
+  at CPU size) with random weights, built in memory on the target device by
+  `pipelines.architectures`, for benchmarking latency and peak memory without any download;
+- a local diffusers folder (the output of `save_pretrained`);
+- a single-file checkpoint (`.safetensors`/`.ckpt`) in the original SD3 layout, as ComfyUI users
+  keep it (`sd3_medium_incl_clips_t5xxlfp16.safetensors`, or `sd3_medium_incl_clips.safetensors`,
+  which has no T5 and so loads without T5). Its configs and tokenizers come from `config`
+  (`--model-config`: a local diffusers folder of SD3 Medium, read fully offline), or else from
+  the Hub, as diffusers would fetch them;
+- a Hugging Face Hub id.
+
+Every source ends in the same `StableDiffusion3Pipeline`, so the generator never knows where its
+weights came from. Any failure becomes one `ModelLoadError` whose message says what to change,
+because a user starting a server wants a sentence, not a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ from typing import Any
 
 import torch
 
+from pipelines.architectures import Scale, build_random_pipeline
+from pipelines.checkpoints import SingleFileContents, inspect_single_file
 from pipelines.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -24,6 +38,15 @@ log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".sft"}
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_RANDOM_PREFIX = "random:"
+# `random:<name>` sources and the architecture scale each builds (pipelines.architectures).
+RANDOM_SOURCES: dict[str, Scale] = {"sd3-medium": "full", "small": "small"}
+# The configs diffusers itself fetches for a single file of each SD3 variant when none is given.
+_HUB_CONFIGS = {
+    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd35_medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd35_large": "stabilityai/stable-diffusion-3.5-large",
+}
 
 
 class ModelLoadError(Exception):
@@ -40,6 +63,10 @@ class ModelSpec:
     dtype: str = "auto"
     token: str | None = None  # None: huggingface_hub uses HF_TOKEN or the saved login
     load_t5: bool = True
+    # T5-XXL in 8-bit (bitsandbytes, CUDA only): ~4.7 GB less for ~4 % latency (performance.md §4.8).
+    t5_8bit: bool = False
+    # False: leave the weights on the CPU, for a memory plan that offloads them (pipelines.memory).
+    place_on_device: bool = True
 
 
 @dataclass(frozen=True)
@@ -110,27 +137,188 @@ def _from_pretrained(path_or_id: str, spec: ModelSpec, dtype: torch.dtype) -> An
     extra: dict[str, Any] = {}
     if not spec.load_t5:
         extra.update(text_encoder_3=None, tokenizer_3=None)
+    elif spec.t5_8bit:
+        extra["text_encoder_3"] = _t5_in_8bit(path_or_id, spec, dtype)
     return StableDiffusion3Pipeline.from_pretrained(
         path_or_id, revision=spec.revision, token=spec.token, dtype=dtype, **extra
     )
 
 
+def _t5_in_8bit(path_or_id: str, spec: ModelSpec, dtype: torch.dtype) -> Any:
+    """T5-XXL quantized to int8 by bitsandbytes, the path diffusers and transformers document.
+
+    bitsandbytes because it is maintained with transformers, quantizes at load time from the
+    ordinary fp16 weights (no separate checkpoint), and LLM.int8 keeps T5's outlier features in
+    fp16 — which is why its quality loss on SD3 prompts is negligible (performance.md §4.8).
+    """
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError("T5 in 8-bit needs the bitsandbytes package: pip install bitsandbytes") from exc
+    return T5EncoderModel.from_pretrained(
+        path_or_id,
+        subfolder="text_encoder_3",
+        revision=spec.revision or "main",
+        token=spec.token,
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        dtype=dtype,
+    )
+
+
+def _read_single_file(path: Path) -> SingleFileContents:
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return inspect_single_file(path)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, ValueError, OSError) as exc:
+        raise ModelLoadError(
+            f"'{path}' could not be read as a checkpoint ({type(exc).__name__}): check that the file is "
+            "complete (a download may have been cut short)."
+        ) from exc
+
+
+def _single_file_config(spec: ModelSpec, contents: SingleFileContents) -> tuple[str, bool]:
+    """The diffusers configs to read the file with, and whether they are a local folder."""
+    if spec.config is None:
+        return _HUB_CONFIGS[contents.variant], False
+    folder = Path(spec.config).expanduser()
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"--model-config '{spec.config}' is a folder but not a diffusers model (it has no "
+                "model_index.json): pass a diffusers folder of SD3 Medium (configs and tokenizers suffice)."
+            )
+        return str(folder), True
+    if not _HUB_ID.match(spec.config):
+        raise ModelLoadError(
+            f"--model-config '{spec.config}' is neither an existing folder nor a Hugging Face id: pass a "
+            "local diffusers folder of SD3 Medium."
+        )
+    return spec.config, False
+
+
+def _config_fetch_error(path: Path, config: str, exc: Exception) -> ModelLoadError:
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        why = f"'{config}' is gated, so fetching it needs an accepted licence and HF_TOKEN"
+    elif isinstance(exc, LocalEntryNotFoundError):
+        why = f"'{config}' is not in the local cache and the Hub cannot be reached (offline?)"
+    else:
+        why = f"fetching '{config}' failed ({type(exc).__name__})"
+    return ModelLoadError(
+        f"The single file '{path.name}' carries weights but no configs or tokenizers, and {why}: pass "
+        "--model-config with a local diffusers folder of SD3 Medium (its configs and tokenizers suffice)."
+    )
+
+
 def _from_single_file(path: Path, spec: ModelSpec, dtype: torch.dtype) -> Any:
     from diffusers import StableDiffusion3Pipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    if path.suffix.lower() == ".sft":
+        # diffusers chooses its reader by the extension and reads anything but .safetensors with torch.load.
+        raise ModelLoadError(
+            f"'{path.name}' is a safetensors file under another name: rename it to .safetensors."
+        )
+    contents = _read_single_file(path)
+    if not contents.is_sd3:
+        guess = contents.looks_like()
+        raise ModelLoadError(
+            f"'{path}' is not a Stable Diffusion 3 checkpoint (it has no MMDiT 'joint_blocks' weights"
+            + (f" and looks like {guess}" if guess else "")
+            + "): pass an SD3 single file such as sd3_medium_incl_clips_t5xxlfp16.safetensors."
+        )
+    config, local = _single_file_config(spec, contents)
     extra: dict[str, Any] = {}
-    if not spec.load_t5:
+    if not spec.load_t5 or not contents.has_t5:
+        # Said explicitly: otherwise diffusers would take T5 from the config folder's weights if it
+        # has them, or stop with an error if it has not. A file without T5 is a CLIP-only model.
         extra.update(text_encoder_3=None, tokenizer_3=None)
-    if spec.config:
-        extra["config"] = spec.config
-    return StableDiffusion3Pipeline.from_single_file(str(path), token=spec.token, dtype=dtype, **extra)
+        if spec.load_t5:
+            log.info("%s has no T5-XXL weights: loading it without T5 (CLIP-only context)", path.name)
+    try:
+        pipe = StableDiffusion3Pipeline.from_single_file(
+            str(path),
+            config=config,
+            # A local folder must never lead to a download, whatever diffusers would otherwise try.
+            local_files_only=local,
+            token=spec.token,
+            revision=None if local else spec.revision,
+            dtype=dtype,
+            **extra,
+        )
+    except SingleFileComponentError as exc:
+        raise ModelLoadError(
+            f"'{path.name}' lacks the weights of a component and '{config}' has none for it either "
+            f"({exc.message.splitlines()[0]}): use a file that includes the text encoders "
+            "(sd3_medium_incl_clips*.safetensors) or a --model-config folder that holds its weights."
+        ) from exc
+    except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
+        if local:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"--model-config '{config}' lacks a file that loading needs ({first_line}): pass a complete "
+                "diffusers folder of SD3 Medium (configs and tokenizers)."
+            ) from exc
+        raise _config_fetch_error(path, config, exc) from exc
+    _finish_single_file(pipe, path)
+    return pipe
 
 
-def _load(spec: ModelSpec, dtype: torch.dtype) -> tuple[Any, str]:
+def _finish_single_file(pipe: Any, path: Path) -> None:
+    """Repair what diffusers' single-file path leaves undone, then refuse anything still unloaded."""
+    t5 = pipe.text_encoder_3
+    if t5 is not None and t5.encoder.embed_tokens.weight.is_meta:
+        # The files store T5's input embedding once, as `shared.weight`. diffusers 0.42 loads it into
+        # a model built on the meta device, and with transformers 5 the encoder's tied copy is then no
+        # longer the same tensor: it stays on meta. Point the encoder back at the shared table.
+        t5.encoder.embed_tokens = t5.shared
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        # diffusers 0.42 builds the single-file T5 without calling eval(): its dropout (0.1 in T5 v1.1's
+        # config) would stay on and make every prompt encoding random. Inference wants eval mode.
+        module.eval()
+        missing = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if missing:
+            # diffusers does not check that every weight was found; an unloaded one sits on the meta
+            # device and would fail later, far from its cause.
+            raise ModelLoadError(
+                f"'{path.name}' has no weights for {len(missing)} tensors of the {name} (e.g. {missing[0]}): "
+                "the file is incomplete or not in SD3's original layout."
+            )
+
+
+def _from_random(name: str, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Any:
+    scale = RANDOM_SOURCES.get(name)
+    if scale is None:
+        choices = " or ".join(f"{_RANDOM_PREFIX}{n}" for n in RANDOM_SOURCES)
+        raise ModelLoadError(f"'{_RANDOM_PREFIX}{name}' is not a known architecture: use {choices}.")
+    try:
+        return build_random_pipeline(scale, device=device, dtype=dtype, with_t5=spec.load_t5)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(
+            f"The {name} architecture does not fit in the memory of {device} in {dtype}: try --dtype fp16, "
+            f"--no-t5, or {_RANDOM_PREFIX}small."
+        ) from exc
+
+
+def _load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[Any, str]:
     source = spec.source
     if source == "tiny":
         folder = ensure_tiny_model(spec.tiny_dir)
         return _from_pretrained(str(folder), spec, dtype), f"tiny random-weight SD3 ({folder})"
+    if source.startswith(_RANDOM_PREFIX):
+        name = source.removeprefix(_RANDOM_PREFIX)
+        pipe = _from_random(name, spec, device, dtype)
+        return pipe, f"random-weight {name} architecture (no weights loaded)"
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -142,7 +330,9 @@ def _load(spec: ModelSpec, dtype: torch.dtype) -> tuple[Any, str]:
     if path.is_file():
         if path.suffix.lower() not in _SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"'{source}' is a file but not a checkpoint (.safetensors or .ckpt).")
-        return _from_single_file(path, spec, dtype), f"single-file checkpoint {path}"
+        pipe = _from_single_file(path, spec, dtype)
+        no_t5 = "" if pipe.text_encoder_3 is not None else ", without T5"
+        return pipe, f"single-file checkpoint {path}{no_t5}"
     if not _HUB_ID.match(source):
         raise ModelLoadError(
             f"'{source}' is neither an existing file or folder nor a Hugging Face id like "
@@ -170,7 +360,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     try:
-        pipe, description = _load(spec, dtype)
+        pipe, description = _load(spec, device, dtype)
     except ModelLoadError:
         raise
     except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
@@ -178,7 +368,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"The model '{spec.source}' could not be loaded: {exc}") from exc
     _check_clip_l_projection(pipe)
-    pipe.to(device)
+    if spec.place_on_device:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe, device=device, dtype=dtype, description=description)
 

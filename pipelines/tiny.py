@@ -50,7 +50,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
-def _clip_tokenizer(pad_token: str):  # type: ignore[no-untyped-def]
+def clip_tokenizer(pad_token: str):  # type: ignore[no-untyped-def]
     """A CLIP BPE tokenizer over the byte alphabet (no merges): one token per character.
 
     The order of the vocabulary follows CLIP's (alphabet, alphabet + "</w>", specials), so "!" is
@@ -66,7 +66,7 @@ def _clip_tokenizer(pad_token: str):  # type: ignore[no-untyped-def]
     return tok
 
 
-def _t5_tokenizer():  # type: ignore[no-untyped-def]
+def t5_tokenizer():  # type: ignore[no-untyped-def]
     """A SentencePiece-style unigram tokenizer with T5's special ids (pad 0, eos 1, unk 2)."""
     from transformers import T5Tokenizer
 
@@ -88,9 +88,9 @@ def build_tiny_pipeline():  # type: ignore[no-untyped-def]
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    tokenizer = _clip_tokenizer(pad_token="<|endoftext|>")  # SD3's CLIP-L pads with EOS
-    tokenizer_2 = _clip_tokenizer(pad_token="!")  # SD3's CLIP-G pads with "!" = id 0
-    tokenizer_3 = _t5_tokenizer()
+    tokenizer = clip_tokenizer(pad_token="<|endoftext|>")  # SD3's CLIP-L pads with EOS
+    tokenizer_2 = clip_tokenizer(pad_token="!")  # SD3's CLIP-G pads with "!" = id 0
+    tokenizer_3 = t5_tokenizer()
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def clip(width: int, projection: int, seed: int) -> CLIPTextModelWithProjection:

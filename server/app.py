@@ -7,22 +7,28 @@ the tiny model once and share it between apps.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from pipelines.compilation import speed_up, warm_up
-from pipelines.loading import ModelSpec, load_model
+from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device
+from pipelines.memory import MemoryPlan, apply_plan, free_memory, plan_memory
 from pipelines.sd3 import SamplingOptions, SD3Generator, batch_key
-from server.api import ops, segmind
+from server.api import jobs as jobs_api
+from server.api import openai as openai_api
+from server.api import ops, playground, segmind
+from server.api import outputs as outputs_api
 from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import install_error_handlers
+from server.job_store import JobStore
 from server.ledger import Ledger
+from server.outputs import OutputStore
 from server.queue import BatchGenerator, WorkQueue
 from server.serving import Serving
 
@@ -34,7 +40,7 @@ class Runtime:
     device: str
 
 
-def model_spec(settings: Settings) -> ModelSpec:
+def model_spec(settings: Settings, plan: MemoryPlan) -> ModelSpec:
     model = settings.model
     return ModelSpec(
         source=model.id,
@@ -44,13 +50,33 @@ def model_spec(settings: Settings) -> ModelSpec:
         device=model.device,
         dtype=model.dtype,
         token=model.hf_token.get_secret_value() if model.hf_token else None,
-        load_t5=model.t5,
+        load_t5=plan.t5 != "off",
+        t5_8bit=plan.t5 == "8bit",
+        place_on_device=plan.placement == "device",
     )
+
+
+def memory_plan(settings: Settings) -> MemoryPlan:
+    memory = settings.memory
+    device = resolve_device(settings.model.device)
+    try:
+        return plan_memory(
+            mode=memory.mode,
+            device=device,
+            free_bytes=free_memory(device),
+            t5=memory.t5,
+            vae_tiling=memory.vae_tiling,
+            attention_slicing=memory.attention_slicing,
+        )
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def load_runtime(settings: Settings) -> Runtime:
     """Load the model the settings name (raises `ModelLoadError` with a one-sentence reason)."""
-    loaded = load_model(model_spec(settings))
+    plan = memory_plan(settings)
+    loaded = load_model(model_spec(settings, plan))
+    apply_plan(loaded.pipe, plan, loaded.device)
     sampling = settings.sampling
     generator = SD3Generator(
         loaded,
@@ -71,7 +97,11 @@ def load_runtime(settings: Settings) -> Runtime:
     )
     if perf.warmup if perf.warmup is not None else perf.compile:
         warm_up(generator, size=perf.warmup_size)
-    return Runtime(generator=generator, description=loaded.description, device=str(loaded.device))
+    return Runtime(
+        generator=generator,
+        description=f"{loaded.description}; memory: {plan.describe()}",
+        device=str(loaded.device),
+    )
 
 
 def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
@@ -84,16 +114,24 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
             max_pending=settings.queue.max_pending,
             retry_after_s=settings.queue.retry_after_s,
             max_batch_images=settings.queue.max_batch_images,
+            batch_wait_s=settings.queue.batch_wait_ms / 1000,
         )
-        serving = Serving(settings=settings, ledger=ledger, queue=queue)
+        outputs = OutputStore(settings.data_dir / "outputs", retention_s=settings.jobs.outputs_retention_s)
+        app.state.outputs = outputs
+        jobs = JobStore(ledger.engine)
+        serving = Serving(settings=settings, ledger=ledger, queue=queue, jobs=jobs, outputs=outputs)
         # Before the first request: nothing of this instance can be in flight yet.
-        await to_thread.run_sync(serving.recover)
+        await serving.recover()
         app.state.serving = serving
         app.state.model_description = runtime.description
         app.state.device = runtime.device
+        # Expired outputs stop being served at once; this frees their disk space.
+        purger = asyncio.create_task(outputs.purge_forever(), name="purge-outputs")
         try:
             yield
         finally:
+            purger.cancel()
+            await serving.shutdown()
             queue.shutdown()
             ledger.close()
 
@@ -123,5 +161,9 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
             ],
         )
     app.include_router(segmind.router)
+    app.include_router(jobs_api.router)
     app.include_router(ops.router)
+    app.include_router(openai_api.router)
+    app.include_router(outputs_api.router)
+    app.include_router(playground.router)
     return app

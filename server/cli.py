@@ -42,7 +42,10 @@ DatabaseUrl = Annotated[
 Model = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", help="tiny | Hugging Face id | diffusers folder | .safetensors [SD3_MODEL__ID]"
+        "--model",
+        "-m",
+        help="tiny | random:sd3-medium | random:small | Hugging Face id | diffusers folder | .safetensors "
+        "[SD3_MODEL__ID]",
     ),
 ]
 Device = Annotated[str | None, typer.Option(help="auto | cuda | mps | cpu [SD3_MODEL__DEVICE]")]
@@ -57,7 +60,35 @@ ModelConfig = Annotated[
         help="Diffusers folder/id with the configs of a single-file checkpoint [SD3_MODEL__CONFIG]",
     ),
 ]
-T5 = Annotated[bool | None, typer.Option("--t5/--no-t5", help="Load the T5-XXL text encoder [SD3_MODEL__T5]")]
+T5 = Annotated[
+    str | None, typer.Option("--t5", help="auto | full | 8bit | off: the T5-XXL encoder [SD3_MEMORY__T5]")
+]
+NoT5 = Annotated[bool, typer.Option("--no-t5", help="Same as --t5 off: ~9.5 GB less, a CLIP-only context")]
+MemoryMode = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-mode",
+        help="auto | device | model_offload | sequential_offload [SD3_MEMORY__MODE]",
+    ),
+]
+VaeTiling = Annotated[str | None, typer.Option(help="auto | on | off [SD3_MEMORY__VAE_TILING]")]
+AttentionSlicing = Annotated[str | None, typer.Option(help="auto | on | off [SD3_MEMORY__ATTENTION_SLICING]")]
+
+
+def memory_overrides(
+    *,
+    t5: str | None,
+    no_t5: bool,
+    memory_mode: str | None,
+    vae_tiling: str | None,
+    attention_slicing: str | None,
+) -> dict[str, Any]:
+    return {
+        "memory__t5": "off" if no_t5 else t5,
+        "memory__mode": memory_mode,
+        "memory__vae_tiling": vae_tiling,
+        "memory__attention_slicing": attention_slicing,
+    }
 
 
 def build_settings(**overrides: Any) -> Settings:
@@ -104,10 +135,41 @@ def serve(
     device: Device = None,
     dtype: Dtype = None,
     t5: T5 = None,
+    no_t5: NoT5 = False,
+    memory_mode: MemoryMode = None,
+    vae_tiling: VaeTiling = None,
+    attention_slicing: AttentionSlicing = None,
     revision: Revision = None,
     model_config: ModelConfig = None,
     max_pending: Annotated[
         int | None, typer.Option(help="Jobs waiting or running before 429 [SD3_QUEUE__MAX_PENDING]")
+    ] = None,
+    max_batch_images: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per batch of compatible queued jobs; 1 = off [SD3_QUEUE__MAX_BATCH_IMAGES]"
+        ),
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile", help="torch.compile the transformer [SD3_PERFORMANCE__COMPILE]"
+        ),
+    ] = None,
+    fuse_qkv: Annotated[
+        bool | None,
+        typer.Option("--fuse-qkv/--no-fuse-qkv", help="Fused QKV projections [SD3_PERFORMANCE__FUSE_QKV]"),
+    ] = None,
+    warmup: Annotated[
+        bool | None,
+        typer.Option("--warmup/--no-warmup", help="One generation at start-up [SD3_PERFORMANCE__WARMUP]"),
+    ] = None,
+    jpeg_quality: Annotated[int | None, typer.Option(help="1-100 [SD3_PERFORMANCE__JPEG_QUALITY]")] = None,
+    prompt_cache_mb: Annotated[
+        int | None, typer.Option(help="Encoded-prompt cache size [SD3_MEMORY__PROMPT_CACHE_MB]")
+    ] = None,
+    requests_per_minute: Annotated[
+        int | None, typer.Option(help="Per-key rate limit, 0 = none [SD3_LIMITS__REQUESTS_PER_MINUTE]")
     ] = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
@@ -124,13 +186,26 @@ def serve(
         port=port,
         model__device=device,
         model__dtype=dtype,
-        model__t5=t5,
         model__revision=revision,
         model__config=model_config,
         queue__max_pending=max_pending,
+        queue__max_batch_images=max_batch_images,
+        performance__compile=compile,
+        performance__fuse_qkv=fuse_qkv,
+        performance__warmup=warmup,
+        performance__jpeg_quality=jpeg_quality,
+        memory__prompt_cache_mb=prompt_cache_mb,
+        limits__requests_per_minute=requests_per_minute,
         data_dir=data_dir,
         database_url=database_url,
         log_level=log_level,
+        **memory_overrides(
+            t5=t5,
+            no_t5=no_t5,
+            memory_mode=memory_mode,
+            vae_tiling=vae_tiling,
+            attention_slicing=attention_slicing,
+        ),
     )
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -168,6 +243,10 @@ def generate(
     device: Device = None,
     dtype: Dtype = None,
     t5: T5 = None,
+    no_t5: NoT5 = False,
+    memory_mode: MemoryMode = None,
+    vae_tiling: VaeTiling = None,
+    attention_slicing: AttentionSlicing = None,
     revision: Revision = None,
     model_config: ModelConfig = None,
     data_dir: DataDir = None,
@@ -183,10 +262,16 @@ def generate(
         model__id=model,
         model__device=device,
         model__dtype=dtype,
-        model__t5=t5,
         model__revision=revision,
         model__config=model_config,
         data_dir=data_dir,
+        **memory_overrides(
+            t5=t5,
+            no_t5=no_t5,
+            memory_mode=memory_mode,
+            vae_tiling=vae_tiling,
+            attention_slicing=attention_slicing,
+        ),
     )
     try:
         # The same validation as the HTTP API, so a flag means exactly what the JSON field means.

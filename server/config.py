@@ -20,7 +20,8 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 
 class ModelSettings(BaseModel):
     # "tiny" (the offline random-weight model), a Hugging Face id, a local diffusers folder,
-    # or a single-file checkpoint (.safetensors / .ckpt).
+    # a single-file checkpoint (.safetensors / .ckpt), or "random:sd3-medium" / "random:small"
+    # (the real architecture with random weights, for benchmarks without a download).
     id: str = DEFAULT_MODEL
     revision: str | None = None
     # Only for single-file checkpoints: a local diffusers folder (or Hub id) whose configs describe it,
@@ -31,8 +32,6 @@ class ModelSettings(BaseModel):
     # The user's own token for gated repositories; when unset, huggingface_hub falls back to HF_TOKEN
     # or the token saved by `hf auth login`.
     hf_token: SecretStr | None = None
-    # Load the T5-XXL encoder (9.5 GB in fp16). Without it the context is CLIP only.
-    t5: bool = True
 
 
 class SamplingSettings(BaseModel):
@@ -45,6 +44,13 @@ class SamplingSettings(BaseModel):
 
 
 class MemorySettings(BaseModel):
+    # Where the weights live: "auto" picks from the device's free memory (pipelines/memory.py).
+    mode: Literal["auto", "device", "model_offload", "sequential_offload"] = "auto"
+    # T5-XXL is 9.5 GB in fp16: "8bit" (bitsandbytes, CUDA) saves ~4.7 GB; "off" saves it all but
+    # changes the image (the context is then CLIP only). "auto" never drops it.
+    t5: Literal["auto", "full", "8bit", "off"] = "auto"
+    vae_tiling: Literal["auto", "on", "off"] = "auto"
+    attention_slicing: Literal["auto", "on", "off"] = "auto"
     # Encoded prompts kept for reuse (performance.md §4.2: ~1.3 MB per prompt at 154 tokens in fp16).
     prompt_cache_mb: int = Field(256, ge=0)
 
@@ -62,6 +68,12 @@ class PerformanceSettings(BaseModel):
     warmup: bool | None = None
     warmup_size: int = Field(1024, ge=512, le=2048, multiple_of=8)
     jpeg_quality: int = Field(90, ge=1, le=100)
+
+
+class JobSettings(BaseModel):
+    # The hosted service keeps v2 results 1 hour after submission and output files 7 days.
+    result_retention_s: int = Field(3600, ge=1)
+    outputs_retention_s: int = Field(7 * 24 * 3600, ge=1)
 
 
 class LimitSettings(BaseModel):
@@ -86,6 +98,9 @@ class QueueSettings(BaseModel):
     # which keeps every image bit-identical for its seed whatever else is queued (a batch changes
     # float rounding); batching pays mostly below 1024x1024 and on under-used GPUs.
     max_batch_images: int = Field(1, ge=1, le=16)
+    # With batching on, how long the device waits for more compatible jobs before it starts a
+    # batch that is not full. A few ms against generations of seconds.
+    batch_wait_ms: int = Field(20, ge=0, le=1000)
 
 
 class Settings(BaseSettings):
@@ -111,6 +126,7 @@ class Settings(BaseSettings):
     performance: PerformanceSettings = PerformanceSettings()
     pricing: PricingSettings = PricingSettings()
     limits: LimitSettings = LimitSettings()
+    jobs: JobSettings = JobSettings()
     queue: QueueSettings = QueueSettings()
 
     @property
@@ -118,6 +134,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'ledger.sqlite3').resolve()}"
+
+    @property
+    def outputs_retention_s(self) -> int:
+        return self.jobs.outputs_retention_s
 
     @property
     def resolved_instance_id(self) -> str:

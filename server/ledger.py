@@ -223,6 +223,11 @@ class Ledger:
                     raise
                 time.sleep(0.1 * (attempt + 1))
 
+    @property
+    def engine(self) -> Engine:
+        # Shared with the job store: one database, one connection pool.
+        return self._engine
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -417,7 +422,7 @@ class Ledger:
             ).scalar_one()
         return from_micro(balance_micro)
 
-    def refund_abandoned(self, owner: str) -> list[str]:
+    def refund_abandoned(self, owner: str, *, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """Refund every reservation `owner` left open (a crash or kill -9 mid-generation).
 
         Called by a server instance at start-up, before it takes requests: nothing of its own can
@@ -431,9 +436,10 @@ class Ledger:
                     )
                 ).scalars()
             )
-        for request_id in open_ids:
+        refunded = [request_id for request_id in open_ids if request_id not in keep]
+        for request_id in refunded:
             self.refund(request_id)
-        return open_ids
+        return refunded
 
     def audit(self) -> list[AuditRow]:
         """Per key: granted − charged (reserved or settled) against the stored balance.

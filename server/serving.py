@@ -1,18 +1,24 @@
 """The one sequence every public surface shares: price → reserve → queue → settle or refund → encode.
 
-Routes call `Serving.txt2img` and only shape its answer. Credits are reserved (debited) before
-any device work, with one atomic conditional update, and given back if anything after that
-fails, so a request is charged exactly when it returns images.
+Routes call `Serving.txt2img` (wait for the images: v1, OpenAI) or `Serving.submit` (answer at
+once, run in the background: v2) and only shape the answer. Credits are reserved (debited)
+before any device work, with one atomic conditional update, and given back if anything after
+that fails, so a request is charged exactly when it produces images. Every request is recorded
+in the job store, which is both the v2 queue's state and the history API.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from anyio import to_thread
 
@@ -21,13 +27,20 @@ from server.config import Settings
 from server.encoding import to_jpeg
 from server.errors import ApiError, GenerationFailed, RateLimited
 from server.headers import REMAINING_CREDITS, format_credits
+from server.job_store import JobRecord, JobStore, Surface
 from server.ledger import KeyRecord, Ledger
 from server.pricing import price_of
 from server.queue import WorkQueue
 from server.rate_limit import RateLimiter
 from server.schemas import MAX_SEED, Txt2ImgRequest
 
+if TYPE_CHECKING:
+    from server.outputs import OutputStore
+
 log = logging.getLogger(__name__)
+
+MODEL_NAME = "stable-diffusion-3-medium-txt2img"
+FAILED_MESSAGE = GenerationFailed.default_message
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,7 @@ class Txt2ImgOutcome:
     cost: Decimal
     balance: Decimal
     seconds: float
+    outputs: list[str] = field(default_factory=list)  # saved output ids, when asked to keep them
 
 
 def to_generation_request(body: Txt2ImgRequest, *, seed: int) -> GenerationRequest:
@@ -64,19 +78,38 @@ def resolve_seed(seed: int) -> int:
 
 
 class Serving:
-    def __init__(self, *, settings: Settings, ledger: Ledger, queue: WorkQueue) -> None:
+    def __init__(
+        self, *, settings: Settings, ledger: Ledger, queue: WorkQueue, jobs: JobStore, outputs: OutputStore
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.queue = queue
+        self.jobs = jobs
+        self.outputs = outputs
         self.rate_limiter = RateLimiter(settings.limits.requests_per_minute)
         self.owner = settings.resolved_instance_id
+        self._background: set[asyncio.Task[None]] = set()
 
-    def recover(self) -> list[str]:
-        """Refund what this instance left reserved when it last stopped (crash, kill -9)."""
-        refunded = self.ledger.refund_abandoned(self.owner)
-        if refunded:
-            log.warning("refunded %d reservation(s) left open by a previous run", len(refunded))
-        return refunded
+    # -- start-up and admission ------------------------------------------------------------------
+    async def recover(self) -> None:
+        """Resume what this instance left behind when it last stopped (crash, kill -9, restart).
+
+        Accepted v2 jobs still have their credits reserved: they are queued again and run. Every
+        other reservation left open (a v1 request cut off mid-generation) is refunded, and its
+        history row marked failed.
+        """
+        resumed = await to_thread.run_sync(lambda: self.jobs.pending(owner=self.owner, surface="v2"))
+        for job in resumed:
+            self._spawn(job.request_id, job.key_id, Txt2ImgRequest.model_validate(job.params), job.seed)
+        keep = {job.request_id for job in resumed}
+        refunded = await to_thread.run_sync(lambda: self.ledger.refund_abandoned(self.owner, keep=keep))
+        for request_id in refunded:
+            await to_thread.run_sync(self._mark_interrupted, request_id)
+        if resumed or refunded:
+            log.warning("restart: resumed %d v2 job(s), refunded %d request(s)", len(resumed), len(refunded))
+
+    def _mark_interrupted(self, request_id: str) -> None:
+        self.jobs.failed(request_id, error="Interrupted: the server stopped during generation; refunded")
 
     def rate_check(self, key: KeyRecord) -> dict[str, str]:
         """Count this request against the key's rate limit; raise `RateLimited` past it."""
@@ -99,36 +132,114 @@ class Serving:
             pricing=self.settings.pricing,
         )
 
-    async def txt2img(self, key: KeyRecord, body: Txt2ImgRequest) -> Txt2ImgOutcome:
+    async def _admit(self, key_id: int, body: Txt2ImgRequest, surface: Surface) -> tuple[str, Decimal]:
+        """Reserve the price and record the request; raises InsufficientCredits (406) writing nothing."""
         request_id = str(uuid.uuid4())
         cost = self.price(body)
-        # Raises InsufficientCredits (406) with nothing written if the balance does not cover it.
         await to_thread.run_sync(
-            lambda: self.ledger.reserve(key_id=key.id, amount=cost, request_id=request_id, owner=self.owner)
+            lambda: self.ledger.reserve(key_id=key_id, amount=cost, request_id=request_id, owner=self.owner)
         )
-        seed = resolve_seed(body.seed)
+        await to_thread.run_sync(
+            lambda: self.jobs.create(
+                request_id=request_id,
+                key_id=key_id,
+                surface=surface,
+                model=MODEL_NAME,
+                params=body.model_dump(mode="json"),
+                cost=cost,
+                owner=self.owner,
+            )
+        )
+        return request_id, cost
+
+    # -- the shared run --------------------------------------------------------------------------
+    async def _run(
+        self, request_id: str, key_id: int, body: Txt2ImgRequest, seed: int | None, *, keep_outputs: bool
+    ) -> tuple[list[bytes], list[str], int, float]:
+        """Generate an admitted request: settle on success; refund and record the failure otherwise."""
+        seed = resolve_seed(body.seed) if seed is None else seed
         job = to_generation_request(body, seed=seed)
         started = time.perf_counter()
+        quality = self.settings.performance.jpeg_quality
         try:
-            result = await self.queue.submit(job)
-            quality = self.settings.performance.jpeg_quality
+            result = await self.queue.submit(job, progress=self._progress(request_id, seed))
             jpegs = await to_thread.run_sync(
                 lambda: [to_jpeg(image, quality=quality) for image in result.images]
             )
+            outputs = (
+                await to_thread.run_sync(
+                    lambda: [self.outputs.save(jpeg, owner_key_id=key_id) for jpeg in jpegs]
+                )
+                if keep_outputs
+                else []
+            )
         except ApiError as exc:  # e.g. the queue is full (429): nothing ran, the debit goes back
-            balance = await to_thread.run_sync(lambda: self.ledger.refund(request_id))
+            balance = await self._fail(request_id, exc.message)
             exc.headers[REMAINING_CREDITS] = format_credits(balance)
             raise
         except Exception as exc:  # a failure on the device: refund, and no traceback to the client
-            balance = await to_thread.run_sync(lambda: self.ledger.refund(request_id))
             log.exception("generation %s failed", request_id)
+            balance = await self._fail(request_id, FAILED_MESSAGE)
             raise GenerationFailed(headers={REMAINING_CREDITS: format_credits(balance)}) from exc
         except BaseException:
             # The waiting task was cancelled (client gone, shutdown): no await is safe any more,
             # and the refund is one short transaction, so it runs right here.
             self.ledger.refund(request_id)
+            self.jobs.failed(request_id, error="Cancelled: the client went away or the server stopped")
             raise
         seconds = time.perf_counter() - started
         await to_thread.run_sync(lambda: self.ledger.settle(request_id))
+        await to_thread.run_sync(
+            lambda: self.jobs.completed(request_id, outputs=outputs, inference_s=seconds)
+        )
+        return jpegs, outputs, seed, seconds
+
+    def _progress(self, request_id: str, seed: int) -> Callable[[int, int], None]:
+        def on_step(step: int, total: int) -> None:  # runs on the device thread
+            if step == 0:
+                self.jobs.started(request_id, seed=seed)
+            self.jobs.progress(request_id, step=step, total=total)
+
+        return on_step
+
+    async def _fail(self, request_id: str, error: str) -> Decimal:
+        balance = await to_thread.run_sync(lambda: self.ledger.refund(request_id))
+        await to_thread.run_sync(lambda: self.jobs.failed(request_id, error=error))
+        return balance
+
+    # -- surfaces --------------------------------------------------------------------------------
+    async def txt2img(
+        self, key: KeyRecord, body: Txt2ImgRequest, *, surface: Surface = "v1", keep_outputs: bool = False
+    ) -> Txt2ImgOutcome:
+        """Generate now and wait for the images (v1, and OpenAI's synchronous API)."""
+        request_id, cost = await self._admit(key.id, body, surface)
+        jpegs, outputs, seed, seconds = await self._run(
+            request_id, key.id, body, None, keep_outputs=keep_outputs
+        )
         balance = await to_thread.run_sync(lambda: self.ledger.balance(key.id))
-        return Txt2ImgOutcome(request_id, jpegs, seed, cost, balance, seconds)
+        return Txt2ImgOutcome(request_id, jpegs, seed, cost, balance, seconds, outputs)
+
+    async def submit(self, key: KeyRecord, body: Txt2ImgRequest) -> JobRecord:
+        """Accept a v2 job: reserve, record it QUEUED, run it in the background."""
+        request_id, _ = await self._admit(key.id, body, "v2")
+        self._spawn(request_id, key.id, body, None)
+        job = await to_thread.run_sync(lambda: self.jobs.get(request_id))
+        assert job is not None
+        return job
+
+    def _spawn(self, request_id: str, key_id: int, body: Txt2ImgRequest, seed: int | None) -> None:
+        async def run() -> None:
+            # A failure is already refunded and recorded as FAILED; the client reads it by polling.
+            with contextlib.suppress(ApiError):
+                await self._run(request_id, key_id, body, seed, keep_outputs=True)
+
+        task = asyncio.create_task(run(), name=f"v2-{request_id}")
+        # The event loop keeps only weak references to tasks.
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def shutdown(self) -> None:
+        """Stop background v2 jobs; each one refunds itself and is recorded as failed."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)

@@ -31,7 +31,7 @@ T = TypeVar("T")
 router = APIRouter()
 
 
-async def _authenticated(request: Request) -> KeyRecord:
+async def authenticated(request: Request) -> KeyRecord:
     from anyio import to_thread
 
     serving: Serving = request.app.state.serving
@@ -49,7 +49,7 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
-async def _body(request: Request) -> Txt2ImgRequest:
+async def read_body(request: Request) -> Txt2ImgRequest:
     if not _is_json(request.headers.get("content-type")):
         raise InvalidContentType()
     try:
@@ -70,8 +70,8 @@ async def _body(request: Request) -> Txt2ImgRequest:
 )
 @router.post(f"/{SLUG}", response_model=None, include_in_schema=False)
 async def txt2img(request: Request) -> Response:
-    key = await _authenticated(request)
-    body = await _body(request)
+    key = await authenticated(request)
+    body = await read_body(request)
     serving: Serving = request.app.state.serving
     rate_headers = serving.rate_check(key)
     outcome = await cancel_on_disconnect(request, serving.txt2img(key, body))
@@ -114,7 +114,7 @@ async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -
 
 @router.get("/v1/get-user-credits")
 async def user_credits(request: Request) -> JSONResponse:
-    key = await _authenticated(request)
+    key = await authenticated(request)
     return JSONResponse({"credits": float(key.balance), "free-credits": 0}, headers=credit_headers(request))
 
 

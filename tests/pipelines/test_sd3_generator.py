@@ -166,3 +166,17 @@ def test_a_long_weighted_prompt_generates(generator: SD3Generator) -> None:
         log.close()
     assert result.images[0].shape == (512, 512, 3)
     assert len(log.calls) == 20  # positive and negative differ in length: two forwards per step
+
+
+@pytest.mark.parametrize(
+    ("width", "height"), [(2048, 512), (512, 2040), (1000, 512), (520, 1016), (2048, 2048)]
+)
+def test_every_size_of_the_contract_generates_at_its_size(
+    generator: SD3Generator, width: int, height: int
+) -> None:
+    # Multiples of 8 from 512 to 2048: odd latent sides (1000/8 = 125, 520/8 = 65, 1016/8 = 127,
+    # 2040/8 = 255) are padded for the 2x2 patches and cropped back.
+    result = generator.generate(
+        GenerationRequest(prompt="a field", seed=6, width=width, height=height, steps=10)
+    )
+    assert result.images[0].shape == (height, width, 3)

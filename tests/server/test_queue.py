@@ -207,3 +207,21 @@ def test_shutdown_fails_waiting_jobs_instead_of_leaving_them(generator: SD3Gener
             await waiting
 
     asyncio.run(scenario())
+
+
+def test_a_short_batch_wait_lets_a_burst_of_arrivals_share_one_batch(generator: SD3Generator) -> None:
+    blocker = Blocker(generator)
+    queue = make_queue(blocker, max_batch_images=3, batch_wait_s=0.5)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        jobs = []
+        for i in range(3):  # arrivals 50 ms apart, on an idle device
+            jobs.append(asyncio.create_task(queue.submit(GenerationRequest(prompt=f"p{i}", seed=i, **SMALL))))
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*jobs)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        queue.shutdown()
+    assert blocker.batches == [3]

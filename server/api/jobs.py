@@ -1,0 +1,154 @@
+"""The v2 asynchronous surface (the `segmind` SDK's default `run()`), and the request history.
+
+`POST /v2/<slug>` answers at once with the job's URLs; clients poll the status URL until
+COMPLETED or FAILED and then GET the response URL. A FAILED job's bodies come with HTTP 422, as
+the hosted service sends them (the SDK reads the body first). A job is visible only to the key
+that submitted it; to any other key it does not exist (404).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from server.api.segmind import SLUG, authenticated, read_body
+from server.errors import InvalidRequest, NotFound
+from server.headers import credit_headers, format_credits
+from server.job_store import JobRecord
+from server.serving import Serving
+from server.urls import public_base_url
+
+router = APIRouter()
+
+
+def _serving(request: Request) -> Serving:
+    return request.app.state.serving  # type: ignore[no-any-return]
+
+
+def _urls(request: Request, request_id: str) -> dict[str, str]:
+    base = public_base_url(request)
+    return {
+        "status_url": f"{base}/v2/requests/{request_id}/status",
+        "response_url": f"{base}/v2/requests/{request_id}",
+        "poll_url": f"{base}/v1/requests/{request_id}",  # the hosted service's v1 alias
+    }
+
+
+@router.post(f"/v2/{SLUG}")
+@router.post(f"/v2/{SLUG}/", include_in_schema=False)
+async def submit(request: Request) -> JSONResponse:
+    key = await authenticated(request)
+    body = await read_body(request)
+    serving = _serving(request)
+    rate_headers = serving.rate_check(key)
+    job = await serving.submit(key, body)
+    balance = await to_thread.run_sync(lambda: serving.ledger.balance(key.id))
+    payload = {"request_id": job.request_id, "status": job.status, **_urls(request, job.request_id)}
+    return JSONResponse(payload, headers=rate_headers | {"x-remaining-credits": format_credits(balance)})
+
+
+async def _own_job(request: Request, request_id: str) -> JobRecord:
+    key = await authenticated(request)
+    serving = _serving(request)
+    job = await to_thread.run_sync(lambda: serving.jobs.get(request_id))
+    retention = timedelta(seconds=serving.settings.jobs.result_retention_s)
+    if (
+        job is None
+        or job.key_id != key.id
+        or job.surface != "v2"
+        or datetime.now(timezone.utc) - job.created_at > retention
+    ):
+        raise NotFound(f"No request {request_id} for this API key (results are kept {retention})")
+    return job
+
+
+def _status_body(request: Request, job: JobRecord) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "status": job.status,
+        "request_id": job.request_id,
+        **_urls(request, job.request_id),
+    }
+    if job.status in ("QUEUED", "PROCESSING"):
+        body["progress"] = {"step": job.progress_step, "total": job.progress_total}
+        body["metrics"] = {}
+    if job.status == "FAILED":
+        body["error"] = job.error
+    return body
+
+
+def _answer(request: Request, job: JobRecord, body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(
+        body, status_code=422 if job.status == "FAILED" else 200, headers=credit_headers(request)
+    )
+
+
+@router.get("/v2/requests/{request_id}/status")
+async def status(request: Request, request_id: str) -> JSONResponse:
+    job = await _own_job(request, request_id)
+    return _answer(request, job, _status_body(request, job))
+
+
+@router.get("/v2/requests/{request_id}")
+@router.get("/v1/requests/{request_id}")
+async def response(request: Request, request_id: str) -> JSONResponse:
+    job = await _own_job(request, request_id)
+    if job.status != "COMPLETED":
+        return _answer(request, job, _status_body(request, job))
+    base = public_base_url(request)
+    urls = [f"{base}/v1/outputs/{output}.jpg" for output in job.outputs]
+    balance = await to_thread.run_sync(lambda: _serving(request).ledger.balance(job.key_id))
+    body = {
+        "status": "COMPLETED",
+        "request_id": job.request_id,
+        "error": None,
+        "output": urls[0] if len(urls) == 1 else urls,
+        "seed": job.seed,
+        "metrics": {
+            "inference_time": job.inference_s,
+            "queue_time": job.queue_s,
+            "total_time": job.total_s,
+            "cost": float(job.cost),
+            "remaining_credits": float(balance),
+        },
+    }
+    return _answer(request, job, body)
+
+
+@router.get("/v1/history")
+async def history(
+    request: Request,
+    limit: int = Query(20, ge=1, le=100),
+    before: str | None = Query(None, description="The `next` cursor of the previous page"),
+) -> JSONResponse:
+    """The calling key's requests, newest first, whatever surface they came through."""
+    key = await authenticated(request)
+    cursor = None
+    if before is not None:
+        try:
+            cursor = datetime.fromisoformat(before)
+        except ValueError:
+            raise InvalidRequest("before: not a cursor returned by this endpoint") from None
+    serving = _serving(request)
+    rows = await to_thread.run_sync(lambda: serving.jobs.history(key.id, limit=limit, before=cursor))
+    items = [
+        {
+            "request_id": job.request_id,
+            "model_name": job.model,
+            "surface": job.surface,
+            "status": job.status,
+            "credits_deduction": float(job.cost) if job.status == "COMPLETED" else 0.0,
+            "request_body": job.params,
+            "seed": job.seed,
+            "latency_ms": None if job.total_s is None else round(job.total_s * 1000),
+            "error": job.error,
+            "created_at": job.created_at.isoformat(),
+            "finished_at": None if job.finished_at is None else job.finished_at.isoformat(),
+        }
+        for job in rows
+    ]
+    next_cursor = rows[-1].created_at.isoformat() if len(rows) == limit else None
+    return JSONResponse({"items": items, "next": next_cursor}, headers=credit_headers(request))

@@ -1,0 +1,231 @@
+"""Every generation request, as a persisted record: the v2 job queue's state and the history API.
+
+One row per request, whatever surface it came through (v1, v2, OpenAI): its parameters, cost,
+status, timings, outputs and error. v2 clients poll it (QUEUED → PROCESSING → COMPLETED or
+FAILED); a restarted server finds the v2 jobs it had accepted and runs them; a key's owner pages
+through it as history. It lives in the ledger's database, so that replicas sharing a PostgreSQL
+ledger share their jobs too.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, Literal, cast
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+    update,
+)
+
+from server.ledger import from_micro, to_micro
+
+JobStatus = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
+Surface = Literal["v1", "v2", "openai"]
+PENDING: tuple[JobStatus, ...] = ("QUEUED", "PROCESSING")
+# Progress is written at most this often per job: a step takes milliseconds on a big GPU.
+PROGRESS_WRITE_INTERVAL_S = 0.5
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("key_id", Integer, nullable=False, index=True),
+    Column("surface", String(8), nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("params", Text, nullable=False),  # the validated request body, as JSON
+    Column("seed", BigInteger, nullable=True),
+    Column("cost_micro", BigInteger, nullable=False),
+    Column("outputs", Text, nullable=False, default="[]"),  # JSON list of output ids
+    Column("error", Text, nullable=True),
+    Column("owner", String(128), nullable=False, index=True),
+    Column("progress_step", Integer, nullable=False, default=0),
+    Column("progress_total", Integer, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("inference_s", Float, nullable=True),
+)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite returns naive datetimes; everything we stored is UTC.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    request_id: str
+    key_id: int
+    surface: Surface
+    model: str
+    status: JobStatus
+    params: dict[str, Any]
+    seed: int | None
+    cost: Decimal
+    outputs: list[str]
+    error: str | None
+    owner: str
+    progress_step: int
+    progress_total: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    inference_s: float | None
+
+    @property
+    def queue_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.started_at - self.created_at).total_seconds()
+
+    @property
+    def total_s(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.created_at).total_seconds()
+
+
+def _record(row: Any) -> JobRecord:
+    return JobRecord(
+        request_id=row.request_id,
+        key_id=row.key_id,
+        surface=cast(Surface, row.surface),
+        model=row.model,
+        status=cast(JobStatus, row.status),
+        params=json.loads(row.params),
+        seed=row.seed,
+        cost=from_micro(row.cost_micro),
+        outputs=json.loads(row.outputs),
+        error=row.error,
+        owner=row.owner,
+        progress_step=row.progress_step,
+        progress_total=row.progress_total,
+        created_at=cast(datetime, _utc(row.created_at)),
+        started_at=_utc(row.started_at),
+        finished_at=_utc(row.finished_at),
+        inference_s=row.inference_s,
+    )
+
+
+class JobStore:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        metadata.create_all(engine)
+        self._last_progress_write: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def create(
+        self,
+        *,
+        request_id: str,
+        key_id: int,
+        surface: Surface,
+        model: str,
+        params: dict[str, Any],
+        cost: Decimal,
+        owner: str,
+    ) -> JobRecord:
+        with self._engine.begin() as conn:
+            conn.execute(
+                insert(jobs).values(
+                    request_id=request_id,
+                    key_id=key_id,
+                    surface=surface,
+                    model=model,
+                    status="QUEUED",
+                    params=json.dumps(params),
+                    cost_micro=to_micro(cost),
+                    outputs="[]",
+                    owner=owner,
+                    progress_step=0,
+                    progress_total=0,
+                    created_at=_now(),
+                )
+            )
+        record = self.get(request_id)
+        assert record is not None
+        return record
+
+    def _update(self, request_id: str, **values: Any) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.request_id == request_id).values(**values))
+
+    def started(self, request_id: str, *, seed: int) -> None:
+        self._update(request_id, status="PROCESSING", seed=seed, started_at=_now())
+
+    def progress(self, request_id: str, *, step: int, total: int) -> None:
+        """Record that `step` of `total` is done (throttled: the last step is always written)."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last_progress_write.get(request_id, 0.0)
+            if now - last < PROGRESS_WRITE_INTERVAL_S and step + 1 < total:
+                return
+            self._last_progress_write[request_id] = now
+        self._update(request_id, progress_step=step + 1, progress_total=total)
+
+    def completed(self, request_id: str, *, outputs: list[str], inference_s: float) -> None:
+        self._forget_progress(request_id)
+        self._update(
+            request_id,
+            status="COMPLETED",
+            outputs=json.dumps(outputs),
+            inference_s=inference_s,
+            finished_at=_now(),
+        )
+
+    def failed(self, request_id: str, *, error: str) -> None:
+        self._forget_progress(request_id)
+        self._update(request_id, status="FAILED", error=error, finished_at=_now())
+
+    def _forget_progress(self, request_id: str) -> None:
+        with self._lock:
+            self._last_progress_write.pop(request_id, None)
+
+    def get(self, request_id: str) -> JobRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.request_id == request_id)).one_or_none()
+        return None if row is None else _record(row)
+
+    def pending(self, *, owner: str, surface: Surface) -> list[JobRecord]:
+        """Jobs `owner` accepted and never finished, oldest first (to run again after a restart)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs)
+                .where(jobs.c.owner == owner, jobs.c.surface == surface, jobs.c.status.in_(PENDING))
+                .order_by(jobs.c.created_at)
+            ).all()
+        return [_record(row) for row in rows]
+
+    def history(self, key_id: int, *, limit: int, before: datetime | None = None) -> list[JobRecord]:
+        """A key's requests, newest first; pass the last row's `created_at` as `before` for the next page."""
+        query = select(jobs).where(jobs.c.key_id == key_id)
+        if before is not None:
+            query = query.where(jobs.c.created_at < before)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query.order_by(jobs.c.created_at.desc()).limit(limit)).all()
+        return [_record(row) for row in rows]

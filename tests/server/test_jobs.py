@@ -1,0 +1,192 @@
+"""v2 asynchronous jobs with the real `segmind` SDK, the request history, and jobs across restarts."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from segmind import SegmindClient
+from segmind.v2 import InferenceFailed
+
+from server.ledger import Ledger
+from tests.live import SLUG, SMALL, LiveServer
+
+
+def image_at(url: str) -> Image.Image:
+    response = httpx.get(url, timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    return Image.open(io.BytesIO(response.content))
+
+
+def test_sdk_run_goes_through_v2_and_returns_an_image_url(live: LiveServer) -> None:
+    key = live.key("1")
+    client = SegmindClient(api_key=key, base_url=f"{live.base_url}/v1", timeout=60)
+    result = client.run(SLUG, prompt="a red barn", seed=11, **SMALL)
+    assert result["status"] == "COMPLETED" and result["error"] is None
+    assert image_at(result["output"]).size == (512, 512)
+    metrics = result["metrics"]
+    assert metrics["cost"] == pytest.approx(0.0039)
+    assert metrics["remaining_credits"] == pytest.approx(1 - 0.0039)
+    assert metrics["inference_time"] > 0 and metrics["total_time"] >= metrics["inference_time"]
+    assert live.balance_of(key) == Decimal("0.9961")
+
+
+def test_v2_image_equals_the_v1_image_of_the_same_seed(live: LiveServer) -> None:
+    key = live.key()
+    client = SegmindClient(api_key=key, base_url=f"{live.base_url}/v1", timeout=60)
+    job = client.submit_async(SLUG, prompt="a quiet harbour", seed=21, samples=2, **SMALL)
+    result = job.wait(timeout=60, interval=0.1)
+    assert isinstance(result["output"], list) and len(result["output"]) == 2
+    v1 = live.post({"prompt": "a quiet harbour", "seed": 21, "samples": 2, "base64": True, **SMALL}, key=key)
+    first_v1 = base64.b64decode(v1.json()["images"][0])
+    assert httpx.get(result["output"][0]).content == first_v1
+
+
+def test_status_goes_from_queued_to_completed_with_progress(live: LiveServer) -> None:
+    key = live.key()
+    headers = {"x-api-key": key}
+    submitted = httpx.post(
+        f"{live.base_url}/v2/{SLUG}",
+        json={"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_steps": 40},
+        headers=headers,
+    ).json()
+    assert submitted["status"] == "QUEUED"
+    assert submitted["status_url"] == f"{live.base_url}/v2/requests/{submitted['request_id']}/status"
+    seen: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        body = httpx.get(submitted["status_url"], headers=headers).json()
+        seen.append((body["status"], body.get("progress", {}).get("step", -1)))
+        if body["status"] == "COMPLETED":
+            break
+        time.sleep(0.05)
+    states = [state for state, _ in seen]
+    assert "PROCESSING" in states and states[-1] == "COMPLETED"
+    steps = [step for state, step in seen if state == "PROCESSING"]
+    assert steps == sorted(steps) and max(steps) > 0
+    # The v1 poll alias gives the same final body.
+    final = httpx.get(submitted["poll_url"], headers=headers).json()
+    assert final["status"] == "COMPLETED" and final["request_id"] == submitted["request_id"]
+
+
+def test_another_key_cannot_see_a_job(live: LiveServer) -> None:
+    owner, stranger = live.key(), live.key()
+    submitted = httpx.post(
+        f"{live.base_url}/v2/{SLUG}", json={"prompt": "mine", **SMALL}, headers={"x-api-key": owner}
+    ).json()
+    for url in (submitted["status_url"], submitted["response_url"]):
+        response = httpx.get(url, headers={"x-api-key": stranger})
+        assert response.status_code == 404 and "error" in response.json()
+        assert httpx.get(url).status_code == 401
+
+
+def test_v2_validation_and_credit_errors_are_immediate(live: LiveServer) -> None:
+    poor = live.key("0.001")
+    response = httpx.post(f"{live.base_url}/v2/{SLUG}", json={"prompt": "x"}, headers={"x-api-key": poor})
+    assert response.status_code == 406
+    response = httpx.post(
+        f"{live.base_url}/v2/{SLUG}", json={"prompt": "x", "samples": 9}, headers={"x-api-key": poor}
+    )
+    assert response.status_code == 422 and "samples" in response.json()["error"]
+
+
+def test_a_failed_job_is_422_failed_with_its_error_and_refunded(live: LiveServer) -> None:
+    key = live.key("1")
+    transformer = live.app.state.serving.queue.generator.pipe.transformer  # type: ignore[attr-defined]
+
+    def broken(*_):  # type: ignore[no-untyped-def]
+        raise RuntimeError("device lost")
+
+    handle = transformer.register_forward_pre_hook(broken)
+    try:
+        client = SegmindClient(api_key=key, base_url=f"{live.base_url}/v1", timeout=60)
+        with pytest.raises(InferenceFailed) as caught:
+            client.submit_async(SLUG, prompt="doomed", **SMALL).wait(timeout=60, interval=0.1)
+    finally:
+        handle.remove()
+    assert caught.value.status_body["status"] == "FAILED"
+    assert "no credits were charged" in (caught.value.detail or "")
+    assert live.balance_of(key) == Decimal("1")
+
+
+def test_history_pages_through_a_keys_requests(live: LiveServer) -> None:
+    key = live.key()
+    for i in range(3):
+        assert live.post({"prompt": f"history {i}", "seed": i, **SMALL}, key=key).status_code == 200
+    headers = {"x-api-key": key}
+    page = httpx.get(f"{live.base_url}/v1/history", params={"limit": 2}, headers=headers).json()
+    assert [item["request_body"]["prompt"] for item in page["items"]] == ["history 2", "history 1"]
+    first = page["items"][0]
+    assert first["status"] == "COMPLETED" and first["credits_deduction"] == pytest.approx(0.0039)
+    assert first["latency_ms"] > 0 and first["seed"] == 2 and first["model_name"] == SLUG
+    rest = httpx.get(
+        f"{live.base_url}/v1/history", params={"limit": 2, "before": page["next"]}, headers=headers
+    ).json()
+    assert [item["request_body"]["prompt"] for item in rest["items"]] == ["history 0"]
+    assert rest["next"] is None
+    other = httpx.get(f"{live.base_url}/v1/history", headers={"x-api-key": live.key()}).json()
+    assert other["items"] == []
+
+
+def test_an_accepted_job_survives_a_kill_9(tmp_path: Path, data_dir: Path, tiny_dir: Path) -> None:
+    from tests.server.test_reliability import _answers, free_port, wait_for
+
+    port = free_port()
+    db = tmp_path / "ledger.sqlite3"
+    env = {**os.environ, "SD3_DATABASE_URL": f"sqlite:///{db}", "SD3_DATA_DIR": str(data_dir)}
+    command = [
+        str(Path(sys.executable).with_name("sd3-server")),
+        "serve",
+        "--model",
+        "tiny",
+        "--port",
+        str(port),
+    ]
+    ledger = Ledger(f"sqlite:///{db}")
+    _, key = ledger.create_key(name="patient", credits=Decimal(1))
+    headers = {"x-api-key": key}
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_for(lambda: _answers(port), timeout=60), "server did not start"
+        return process
+
+    server = start()
+    base = f"http://127.0.0.1:{port}"
+    slow = {
+        "prompt": "survivor",
+        "img_width": 1024,
+        "img_height": 1024,
+        "num_inference_steps": 100,
+        "seed": 5,
+    }
+    submitted = httpx.post(f"{base}/v2/{SLUG}", json=slow, headers=headers).json()
+    queued = httpx.post(f"{base}/v2/{SLUG}", json={**slow, "num_inference_steps": 10}, headers=headers).json()
+    assert wait_for(
+        lambda: httpx.get(submitted["status_url"], headers=headers).json()["status"] == "PROCESSING"
+    )
+    server.send_signal(signal.SIGKILL)
+    server.wait(30)
+    restarted = start()
+    try:
+        for job in (submitted, queued):
+            assert wait_for(
+                lambda job=job: httpx.get(job["status_url"], headers=headers).json()["status"] == "COMPLETED",
+                timeout=240,
+            )
+        # Both jobs ran once after the restart and were charged once each.
+        assert ledger.list_keys()[0].balance == Decimal(1) - Decimal("0.156") - Decimal("0.0156")
+        assert all(row.ok and row.open_reservations == 0 for row in ledger.audit())
+    finally:
+        restarted.terminate()
+        restarted.wait(30)

@@ -1,0 +1,229 @@
+"""`POST /v1/images/generations` driven by the real `openai` SDK against a live server."""
+
+from __future__ import annotations
+
+import base64
+import io
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from server.config import PricingSettings
+from server.pricing import price_of
+from tests.live import SLUG, LiveServer
+
+# Small and quick: the steps go as an extension field, the size as OpenAI's own parameter.
+STEPS = {"num_inference_steps": 10}
+
+
+def client(live: LiveServer, key: str) -> openai.OpenAI:
+    # No retries: a test must see the first answer, and a retried generation would be charged twice.
+    return openai.OpenAI(base_url=f"{live.base_url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def decode(b64: str | None) -> Image.Image:
+    assert b64 is not None
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "JPEG"
+    return image
+
+
+def expected_price(*, width: int, height: int, steps: int, samples: int) -> Decimal:
+    return price_of(width=width, height=height, steps=steps, samples=samples, pricing=PricingSettings())
+
+
+def test_b64_json_returns_a_jpeg_of_the_asked_size(live: LiveServer) -> None:
+    key = live.key()
+    result = client(live, key).images.generate(
+        model="stable-diffusion-3-medium",
+        prompt="a lighthouse at dusk",
+        size="512x640",
+        response_format="b64_json",
+        extra_body=STEPS,
+    )
+    assert result.created > 0
+    assert result.data is not None and len(result.data) == 1
+    assert decode(result.data[0].b64_json).size == (512, 640)
+    assert result.output_format == "jpeg"
+
+
+def test_url_points_at_a_downloadable_jpeg_of_the_asked_size(live: LiveServer) -> None:
+    key = live.key()
+    result = client(live, key).images.generate(
+        model="dall-e-3",  # any model name is accepted: there is one model here
+        prompt="a lighthouse at dusk",
+        size="640x512",
+        response_format="url",
+        quality="hd",
+        style="vivid",
+        user="someone",
+        extra_body=STEPS,
+    )
+    assert result.data is not None and len(result.data) == 1
+    url = result.data[0].url
+    assert url is not None and url.startswith(f"{live.base_url}/v1/outputs/") and url.endswith(".jpg")
+    # A capability URL: fetched without any key.
+    image = httpx.get(url, timeout=30)
+    assert image.status_code == 200
+    assert image.headers["content-type"] == "image/jpeg"
+    picture = Image.open(io.BytesIO(image.content))
+    assert (picture.format, picture.size) == ("JPEG", (640, 512))
+
+
+def test_url_is_the_default_and_honours_the_proxy_headers(live: LiveServer) -> None:
+    key = live.key()
+    response = httpx.post(
+        f"{live.base_url}/v1/images/generations",
+        json={"prompt": "a fox", "size": "512x512", **STEPS},
+        headers={
+            "Authorization": f"Bearer {key}",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "images.example.com",
+        },
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    url = response.json()["data"][0]["url"]
+    assert url.startswith("https://images.example.com/v1/outputs/")
+    output = url.removeprefix("https://images.example.com")
+    assert httpx.get(live.base_url + output, timeout=30).status_code == 200
+
+
+def test_n_2_returns_two_images_and_is_charged_like_the_segmind_request(live: LiveServer) -> None:
+    key = live.key("10")
+    result = client(live, key).images.generate(
+        model="sd3", prompt="two cats", n=2, size="512x768", response_format="b64_json", extra_body=STEPS
+    )
+    assert result.data is not None and len(result.data) == 2
+    for item in result.data:
+        assert decode(item.b64_json).size == (512, 768)
+    price = expected_price(width=512, height=768, steps=10, samples=2)
+    # 0.039 x 2 samples x 10/25 steps x (512 x 768)/1024^2 pixels
+    assert price == Decimal("0.01170")
+    assert live.balance_of(key) == Decimal("10") - price
+
+    # The same request on the Segmind surface costs exactly the same.
+    segmind_key = live.key("10")
+    body = {"prompt": "two cats", "samples": 2, "img_width": 512, "img_height": 768, "base64": True, **STEPS}
+    response = live.post(body, key=segmind_key, path=f"/v1/{SLUG}")
+    assert response.status_code == 200
+    assert Decimal(response.headers["x-cost"]) == price
+    assert live.balance_of(segmind_key) == live.balance_of(key)
+
+
+def test_the_contract_headers_come_with_the_answer(live: LiveServer) -> None:
+    key = live.key("10")
+    raw = client(live, key).images.with_raw_response.generate(
+        model="sd3",
+        prompt="a red bicycle",
+        size="512x512",
+        response_format="b64_json",
+        extra_body={
+            **STEPS,
+            "seed": 1234,
+            "negative_prompt": "blurry",
+            "scheduler": "Euler",
+            "guidance_scale": 4,
+        },
+    )
+    price = expected_price(width=512, height=512, steps=10, samples=1)
+    assert Decimal(raw.headers["x-cost"]) == price
+    assert Decimal(raw.headers["x-remaining-credits"]) == Decimal("10") - price
+    assert raw.headers["x-seed"] == "1234"
+    assert raw.headers["x-request-id"]
+    assert raw.parse().data is not None
+
+
+def test_size_auto_is_1024_square(live: LiveServer) -> None:
+    key = live.key("10")
+    result = client(live, key).images.generate(
+        model="sd3", prompt="a pear", size="auto", response_format="b64_json", extra_body=STEPS
+    )
+    assert result.data is not None
+    assert decode(result.data[0].b64_json).size == (1024, 1024)
+    assert live.balance_of(key) == Decimal("10") - expected_price(
+        width=1024, height=1024, steps=10, samples=1
+    )
+
+
+def test_a_wrong_key_is_an_authentication_error(live: LiveServer) -> None:
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client(live, "sd3_not-a-key").images.generate(model="sd3", prompt="a fox", size="512x512")
+    assert caught.value.status_code == 401
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "invalid_api_key" and body["message"]
+
+
+def test_a_missing_key_is_401_in_openai_shape(live: LiveServer) -> None:
+    response = httpx.post(f"{live.base_url}/v1/images/generations", json={"prompt": "a fox"}, timeout=30)
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "x-api-key" in error["message"]
+
+
+def test_x_api_key_is_accepted_too(live: LiveServer) -> None:
+    key = live.key()
+    response = httpx.post(
+        f"{live.base_url}/v1/images/generations",
+        json={"prompt": "a fox", "size": "512x512", "response_format": "b64_json", **STEPS},
+        headers={"x-api-key": key},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    assert decode(response.json()["data"][0]["b64_json"]).size == (512, 512)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"size": "256x256"}, "size"),
+        ({"size": "1020x1020"}, "size"),  # not a multiple of 8
+        ({"size": "4096x1024"}, "size"),
+        ({"size": "large"}, "size"),
+        ({"n": 5}, "n"),
+        ({"response_format": "png"}, "response_format"),
+        ({"output_format": "png"}, "output_format"),
+        ({"num_inference_steps": 5}, "num_inference_steps"),
+        ({"scheduler": "no such sampler"}, "scheduler"),
+    ],
+)
+def test_invalid_input_is_a_bad_request_naming_the_field_and_charges_nothing(
+    live: LiveServer, extra: dict[str, object], param: str
+) -> None:
+    key = live.key("10")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(live, key).images.generate(model="sd3", prompt="a fox", extra_body=extra)
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["type"] == "invalid_request_error" and body["param"] == param
+    assert param in body["message"]
+    assert caught.value.response.headers["x-remaining-credits"] == "10"
+    assert live.balance_of(key) == Decimal("10")
+
+
+def test_malformed_json_is_a_bad_request(live: LiveServer) -> None:
+    response = httpx.post(
+        f"{live.base_url}/v1/images/generations",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {live.key()}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    assert "JSON" in response.json()["error"]["message"]
+
+
+def test_insufficient_credits_is_an_error_and_charges_nothing(live: LiveServer) -> None:
+    key = live.key("0.001")
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(live, key).images.generate(
+            model="sd3", prompt="a fox", size="1024x1024", response_format="b64_json", extra_body=STEPS
+        )
+    assert caught.value.status_code == 406
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "insufficient_quota"
+    assert "credits" in body["message"].lower()
+    assert caught.value.response.headers["x-remaining-credits"] == "0.001"
+    assert live.balance_of(key) == Decimal("0.001")

@@ -1,0 +1,195 @@
+"""The playground page at `/`, driven in a real headless Chromium against a live server.
+
+Chromium and chromedriver come from Debian (`.ci/browser.sh` installs them); nothing is
+downloaded by the test. Without them the test is skipped on a developer machine and fails in CI
+(`CI` set), where a skipped browser test would hide a broken page.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from server.config import PricingSettings
+from server.pricing import price_of
+from tests.live import LiveServer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+GENERATION_TIMEOUT_S = 120
+
+
+def _unavailable() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "the selenium package is not installed (pip install selenium)"
+    for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)):
+        if not os.access(path, os.X_OK):
+            return f"{name} is not installed at {path} (run .ci/browser.sh, which installs it from Debian)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    reason = _unavailable()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser test cannot run in CI: {reason}")
+        pytest.skip(reason)
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root in a container, where the sandbox cannot start
+        "--disable-gpu",
+        "--disable-dev-shm-usage",  # small /dev/shm in containers crashes tabs
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        options.add_argument(flag)
+    with pytest.MonkeyPatch.context() as env:
+        # Never let Selenium Manager look for (or download) a browser or driver: both are given.
+        env.setenv("SE_OFFLINE", "true")
+        driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(driver: Any, condition: Any, timeout: float = 15) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+
+
+def _fill(driver: Any, element_id: str, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(text)
+
+
+def _open(driver: Any, live: LiveServer) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(live.base_url + "/")
+    # The scheduler list comes from GET /v1/schedulers once the script runs.
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#scheduler option")) > 1)
+
+
+def _enter_key(driver: Any, key: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    _fill(driver, "api-key", key)
+    driver.find_element("id", "api-key").send_keys(Keys.TAB)  # "change" fires when the field is left
+
+
+def _text(driver: Any, element_id: str) -> str:
+    return str(driver.find_element("id", element_id).text).strip()
+
+
+def test_generate_shows_the_image_seed_cost_and_remaining_credits(
+    browser: Any, live: LiveServer, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    key = live.key("10")
+    _open(browser, live)
+    _enter_key(browser, key)
+    _wait(browser, lambda d: _text(d, "credits") == "10")
+
+    _fill(browser, "prompt", "a watercolor of a lighthouse")
+    _fill(browser, "negative-prompt", "blurry")
+    _fill(browser, "width", "512")
+    _fill(browser, "height", "512")
+    _fill(browser, "steps", "10")
+    _fill(browser, "seed", "42")
+    browser.find_element(By.ID, "generate").click()
+
+    image = _wait(
+        browser,
+        lambda d: next(
+            (
+                el
+                for el in d.find_elements(By.ID, "image-0")
+                if d.execute_script("return arguments[0].complete", el)
+            ),
+            False,
+        ),
+        timeout=GENERATION_TIMEOUT_S,
+    )
+    assert str(image.get_attribute("src")).startswith("data:image/jpeg;base64,/9j/")  # JPEG magic, base64
+    size = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+    assert size == [512, 512]
+
+    price = price_of(width=512, height=512, steps=10, samples=1, pricing=PricingSettings())
+    assert _text(browser, "seed-used") == "42"
+    assert Decimal(_text(browser, "cost")) == price
+    shown = Decimal(_text(browser, "credits"))
+    assert shown < Decimal("10")
+    assert shown == Decimal(_text(browser, "remaining")) == live.balance_of(key) == Decimal("10") - price
+    assert not browser.find_element(By.ID, "error").is_displayed()
+
+    # Nothing but this server was contacted (no CDN, fonts or analytics).
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(str(url).startswith(live.base_url + "/") for url in loaded)
+
+    screenshot = tmp_path / "playground.png"
+    assert browser.save_screenshot(str(screenshot))
+    data = screenshot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 20_000
+
+
+def test_the_key_is_remembered_and_errors_are_shown(browser: Any, live: LiveServer) -> None:
+    from selenium.webdriver.common.by import By
+
+    _open(browser, live)
+    _enter_key(browser, "sd3_wrong-key")
+    # The credit check already reports the bad key.
+    _wait(browser, lambda d: "Unauthorized" in _text(d, "error"))
+
+    browser.refresh()
+    _wait(browser, lambda d: d.find_element(By.ID, "api-key").get_attribute("value") == "sd3_wrong-key")
+
+    # A valid key with too little for the asked request: the server's message is shown, nothing charged.
+    key = live.key("0.001")
+    _enter_key(browser, key)
+    _wait(browser, lambda d: _text(d, "credits") == "0.001")
+    _fill(browser, "prompt", "a fox")
+    _fill(browser, "width", "1024")
+    _fill(browser, "height", "1024")
+    browser.find_element(By.ID, "generate").click()
+    _wait(browser, lambda d: "Not enough credits" in _text(d, "error"))
+    assert _text(browser, "credits") == "0.001"
+    assert live.balance_of(key) == Decimal("0.001")
+
+
+def test_the_page_loads_nothing_from_elsewhere(live: LiveServer) -> None:
+    # Checked without a browser too, so that it holds where Chromium is not installed.
+    page = httpx.get(live.base_url + "/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    for asset in ("playground.js", "playground.css"):
+        assert httpx.get(f"{live.base_url}/playground/{asset}", timeout=30).status_code == 200
+    assert "http://" not in page.text and "https://" not in page.text
+    assert httpx.get(f"{live.base_url}/playground/..%2Fapp.py", timeout=30).status_code == 404
