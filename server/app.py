@@ -19,15 +19,17 @@ from pipelines.compilation import speed_up, warm_up
 from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device
 from pipelines.memory import MemoryPlan, apply_plan, free_memory, plan_memory
 from pipelines.sd3 import SamplingOptions, SD3Generator, batch_key
+from server.api import admin, ops, playground, segmind
 from server.api import jobs as jobs_api
 from server.api import openai as openai_api
-from server.api import ops, playground, segmind
 from server.api import outputs as outputs_api
 from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import install_error_handlers
 from server.job_store import JobStore
 from server.ledger import Ledger
+from server.logs import RequestContext
+from server.metrics import Metrics, RequestMetrics
 from server.outputs import OutputStore
 from server.queue import BatchGenerator, WorkQueue
 from server.serving import Serving
@@ -119,7 +121,9 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
         outputs = OutputStore(settings.data_dir / "outputs", retention_s=settings.jobs.outputs_retention_s)
         app.state.outputs = outputs
         jobs = JobStore(ledger.engine)
-        serving = Serving(settings=settings, ledger=ledger, queue=queue, jobs=jobs, outputs=outputs)
+        serving = Serving(
+            settings=settings, ledger=ledger, queue=queue, jobs=jobs, outputs=outputs, metrics=metrics
+        )
         # Before the first request: nothing of this instance can be in flight yet.
         await serving.recover()
         app.state.serving = serving
@@ -142,6 +146,9 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    metrics = Metrics()
+    app.state.metrics = metrics
+    # Added innermost first: the request id wraps everything, so even a 413 carries it.
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
@@ -160,9 +167,12 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
                 "x-rate-limit-reset-at-utc",
             ],
         )
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestContext)
     app.include_router(segmind.router)
     app.include_router(jobs_api.router)
     app.include_router(ops.router)
+    app.include_router(admin.router)
     app.include_router(openai_api.router)
     app.include_router(outputs_api.router)
     app.include_router(playground.router)

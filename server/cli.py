@@ -7,7 +7,6 @@ read (a new key, a balance) goes to standard output.
 
 from __future__ import annotations
 
-import logging
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -20,6 +19,7 @@ from rich.table import Table
 
 from server.config import Settings
 from server.headers import format_credits
+from server.logs import configure_logging
 
 app = typer.Typer(
     help="Self-hosted Stable Diffusion 3 Medium with Segmind's txt2img API.",
@@ -174,6 +174,7 @@ def serve(
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error [SD3_LOG_LEVEL]")] = None,
+    log_format: Annotated[str | None, typer.Option(help="json | text [SD3_LOG_FORMAT]")] = None,
 ) -> None:
     """Serve POST /v1/stable-diffusion-3-medium-txt2img on HOST:PORT."""
     import uvicorn
@@ -199,6 +200,7 @@ def serve(
         data_dir=data_dir,
         database_url=database_url,
         log_level=log_level,
+        log_format=log_format,
         **memory_overrides(
             t5=t5,
             no_t5=no_t5,
@@ -207,13 +209,16 @@ def serve(
             attention_slicing=attention_slicing,
         ),
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
     runtime = _load_runtime(settings)
     err.print(f"Model: {runtime.description} on {runtime.device}")
+    # log_config=None: uvicorn keeps the logging set up above (one format for every line).
     uvicorn.run(
-        create_app(settings, runtime), host=settings.host, port=settings.port, log_level=settings.log_level
+        create_app(settings, runtime),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
     )
 
 

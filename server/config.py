@@ -114,8 +114,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # One JSON object per line for log collectors, or readable text for a terminal.
+    log_format: Literal["json", "text"] = "json"
     # Browser origins allowed to call the API (CORS). Empty: no cross-origin access.
     cors_origins: list[str] = []
+    # Token of the operators' key-management API (/admin/...). Unset: that API does not exist.
+    # Never a user's API key: it can mint credits.
+    admin_token: SecretStr | None = None
     # Names this server instance in the ledger, so that after a crash it refunds the reservations
     # it left open and no one else's. Default: host name and port, stable across restarts.
     instance_id: str | None = None

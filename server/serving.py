@@ -29,6 +29,7 @@ from server.errors import ApiError, GenerationFailed, RateLimited
 from server.headers import REMAINING_CREDITS, format_credits
 from server.job_store import JobRecord, JobStore, Surface
 from server.ledger import KeyRecord, Ledger
+from server.metrics import Metrics
 from server.pricing import price_of
 from server.queue import WorkQueue
 from server.rate_limit import RateLimiter
@@ -79,13 +80,22 @@ def resolve_seed(seed: int) -> int:
 
 class Serving:
     def __init__(
-        self, *, settings: Settings, ledger: Ledger, queue: WorkQueue, jobs: JobStore, outputs: OutputStore
+        self,
+        *,
+        settings: Settings,
+        ledger: Ledger,
+        queue: WorkQueue,
+        jobs: JobStore,
+        outputs: OutputStore,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.queue = queue
         self.jobs = jobs
         self.outputs = outputs
+        self.metrics = metrics
+        metrics.track_queue(lambda: queue.pending)
         self.rate_limiter = RateLimiter(settings.limits.requests_per_minute)
         self.owner = settings.resolved_instance_id
         self._background: set[asyncio.Task[None]] = set()
@@ -132,9 +142,11 @@ class Serving:
             pricing=self.settings.pricing,
         )
 
-    async def _admit(self, key_id: int, body: Txt2ImgRequest, surface: Surface) -> tuple[str, Decimal]:
+    async def _admit(
+        self, key_id: int, body: Txt2ImgRequest, surface: Surface, request_id: str | None
+    ) -> tuple[str, Decimal]:
         """Reserve the price and record the request; raises InsufficientCredits (406) writing nothing."""
-        request_id = str(uuid.uuid4())
+        request_id = request_id or str(uuid.uuid4())
         cost = self.price(body)
         await to_thread.run_sync(
             lambda: self.ledger.reserve(key_id=key_id, amount=cost, request_id=request_id, owner=self.owner)
@@ -174,21 +186,25 @@ class Serving:
                 else []
             )
         except ApiError as exc:  # e.g. the queue is full (429): nothing ran, the debit goes back
+            self.metrics.failed("refused")
             balance = await self._fail(request_id, exc.message)
             exc.headers[REMAINING_CREDITS] = format_credits(balance)
             raise
         except Exception as exc:  # a failure on the device: refund, and no traceback to the client
             log.exception("generation %s failed", request_id)
+            self.metrics.failed("failed")
             balance = await self._fail(request_id, FAILED_MESSAGE)
             raise GenerationFailed(headers={REMAINING_CREDITS: format_credits(balance)}) from exc
         except BaseException:
             # The waiting task was cancelled (client gone, shutdown): no await is safe any more,
             # and the refund is one short transaction, so it runs right here.
+            self.metrics.failed("cancelled")
             self.ledger.refund(request_id)
             self.jobs.failed(request_id, error="Cancelled: the client went away or the server stopped")
             raise
         seconds = time.perf_counter() - started
         await to_thread.run_sync(lambda: self.ledger.settle(request_id))
+        self.metrics.generated(seconds=seconds, images=len(jpegs), cost=self.price(body))
         await to_thread.run_sync(
             lambda: self.jobs.completed(request_id, outputs=outputs, inference_s=seconds)
         )
@@ -209,19 +225,31 @@ class Serving:
 
     # -- surfaces --------------------------------------------------------------------------------
     async def txt2img(
-        self, key: KeyRecord, body: Txt2ImgRequest, *, surface: Surface = "v1", keep_outputs: bool = False
+        self,
+        key: KeyRecord,
+        body: Txt2ImgRequest,
+        *,
+        surface: Surface = "v1",
+        keep_outputs: bool = False,
+        request_id: str | None = None,
     ) -> Txt2ImgOutcome:
-        """Generate now and wait for the images (v1, and OpenAI's synchronous API)."""
-        request_id, cost = await self._admit(key.id, body, surface)
+        """Generate now and wait for the images (v1, and OpenAI's synchronous API).
+
+        `request_id` (the HTTP request's own id, when there is one) also names the charge and the
+        history row, so one id ties the response header, the logs and the ledger together.
+        """
+        request_id, cost = await self._admit(key.id, body, surface, request_id)
         jpegs, outputs, seed, seconds = await self._run(
             request_id, key.id, body, None, keep_outputs=keep_outputs
         )
         balance = await to_thread.run_sync(lambda: self.ledger.balance(key.id))
         return Txt2ImgOutcome(request_id, jpegs, seed, cost, balance, seconds, outputs)
 
-    async def submit(self, key: KeyRecord, body: Txt2ImgRequest) -> JobRecord:
+    async def submit(
+        self, key: KeyRecord, body: Txt2ImgRequest, *, request_id: str | None = None
+    ) -> JobRecord:
         """Accept a v2 job: reserve, record it QUEUED, run it in the background."""
-        request_id, _ = await self._admit(key.id, body, "v2")
+        request_id, _ = await self._admit(key.id, body, "v2", request_id)
         self._spawn(request_id, key.id, body, None)
         job = await to_thread.run_sync(lambda: self.jobs.get(request_id))
         assert job is not None

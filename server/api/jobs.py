@@ -45,7 +45,7 @@ async def submit(request: Request) -> JSONResponse:
     body = await read_body(request)
     serving = _serving(request)
     rate_headers = serving.rate_check(key)
-    job = await serving.submit(key, body)
+    job = await serving.submit(key, body, request_id=request.state.request_id)
     balance = await to_thread.run_sync(lambda: serving.ledger.balance(key.id))
     payload = {"request_id": job.request_id, "status": job.status, **_urls(request, job.request_id)}
     return JSONResponse(payload, headers=rate_headers | {"x-remaining-credits": format_credits(balance)})

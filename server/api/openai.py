@@ -183,6 +183,7 @@ def _api_key(request: Request) -> str | None:
 async def _authenticated(request: Request, serving: Serving) -> KeyRecord:
     key = await to_thread.run_sync(authenticate, serving.ledger, _api_key(request))
     remember_balance(request, key.balance)
+    request.state.key_name = key.name  # for the access log: a name, never the key
     return key
 
 
@@ -235,7 +236,10 @@ async def generate_images(request: Request) -> JSONResponse:
         # URLs are saved inside the serving call, so a failed save is refunded like any failure.
         as_urls = body.response_format == "url"
         outcome = await cancel_on_disconnect(
-            request, serving.txt2img(key, txt2img, surface="openai", keep_outputs=as_urls)
+            request,
+            serving.txt2img(
+                key, txt2img, surface="openai", keep_outputs=as_urls, request_id=request.state.request_id
+            ),
         )
         if as_urls:
             base = public_base_url(request)

@@ -37,6 +37,7 @@ async def authenticated(request: Request) -> KeyRecord:
     serving: Serving = request.app.state.serving
     key = await to_thread.run_sync(authenticate, serving.ledger, request.headers.get("x-api-key"))
     remember_balance(request, key.balance)
+    request.state.key_name = key.name  # for the access log: a name, never the key
     return key
 
 
@@ -74,7 +75,9 @@ async def txt2img(request: Request) -> Response:
     body = await read_body(request)
     serving: Serving = request.app.state.serving
     rate_headers = serving.rate_check(key)
-    outcome = await cancel_on_disconnect(request, serving.txt2img(key, body))
+    outcome = await cancel_on_disconnect(
+        request, serving.txt2img(key, body, request_id=request.state.request_id)
+    )
     headers = rate_headers | generation_headers(
         request,
         balance=outcome.balance,

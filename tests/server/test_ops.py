@@ -1,0 +1,137 @@
+"""Operations: readiness, Prometheus metrics, request ids in headers and logs, the admin API."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from decimal import Decimal
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+
+from server.app import Runtime
+from server.config import Settings
+from server.logs import configure_logging
+from tests.live import SLUG, SMALL, LiveServer, live_server
+
+ADMIN = "s3cret-admin-token"
+
+
+@pytest.fixture(scope="module")
+def admin_live(
+    settings: Settings, runtime: Runtime, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    db = tmp_path_factory.mktemp("admin") / "ledger.sqlite3"
+    yield from live_server(
+        settings.model_copy(update={"database_url": f"sqlite:///{db}", "admin_token": SecretStr(ADMIN)}),
+        runtime,
+    )
+
+
+def samples(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{base_url}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_ready_reports_the_queue(live: LiveServer) -> None:
+    response = httpx.get(f"{live.base_url}/ready")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["ready"] is True and body["queue"]["max_pending"] == live.settings.queue.max_pending
+
+
+def test_metrics_count_requests_generations_images_and_credits(live: LiveServer) -> None:
+    before = samples(live.base_url)
+    key = live.key()
+    assert live.post({"prompt": "metered", "samples": 2, **SMALL}, key=key).status_code == 200
+    assert live.post({"prompt": "x", "img_width": 3}, key=key).status_code == 422
+    after = samples(live.base_url)
+
+    def delta(name: str, **labels: str) -> float:
+        index = (name, tuple(sorted(labels.items())))
+        return after.get(index, 0.0) - before.get(index, 0.0)
+
+    route = f"/v1/{SLUG}"
+    assert delta("sd3_http_requests_total", route=route, method="POST", status="200") == 1
+    assert delta("sd3_http_requests_total", route=route, method="POST", status="422") == 1
+    assert delta("sd3_images_generated_total") == 2
+    assert delta("sd3_credits_charged_total") == pytest.approx(0.0078)
+    assert delta("sd3_generations_total", outcome="completed") == 1
+    assert delta("sd3_generation_seconds_count") == 1
+    assert ("sd3_queue_depth", ()) in after
+    # Unknown paths share one label instead of one per path.
+    httpx.get(f"{live.base_url}/no/such/{key[:8]}")
+    labels = [dict(labels) for (name, labels) in samples(live.base_url) if name == "sd3_http_requests_total"]
+    assert not any(key[:8] in label.get("route", "") for label in labels)
+
+
+def test_every_response_carries_a_request_id_that_names_the_charge(live: LiveServer) -> None:
+    key = live.key()
+    ok = live.post({"prompt": "traced", **SMALL}, key=key, headers={"x-request-id": "client-chosen"})
+    failed = live.post({}, key=key)
+    missing = httpx.get(f"{live.base_url}/nothing")
+    ids = [r.headers["x-request-id"] for r in (ok, failed, missing)]
+    assert len(set(ids)) == 3 and "client-chosen" not in ids
+    history = httpx.get(f"{live.base_url}/v1/history", headers={"x-api-key": key}).json()["items"]
+    assert history[0]["request_id"] == ok.headers["x-request-id"]
+
+
+def test_logs_are_json_lines_with_the_request_id_and_never_the_key(
+    live: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    configure_logging(level="info", fmt="json")
+    try:
+        key = live.key()
+        response = live.post({"prompt": "logged", **SMALL}, key=key)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        logging.getLogger("uvicorn.access").disabled = False
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line.get("logger") == "sd3.access" and line.get("status") == 200]
+    assert access, lines
+    mine = [line for line in access if line.get("request_id") == response.headers["x-request-id"]]
+    assert mine and mine[0]["path"] == f"/v1/{SLUG}" and mine[0]["key"].startswith("test-")
+    assert key not in json.dumps(lines)
+
+
+def test_admin_api_needs_the_token(admin_live: LiveServer, live: LiveServer) -> None:
+    url = f"{admin_live.base_url}/admin/keys"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
+    user_key = admin_live.key()
+    assert httpx.get(url, headers={"authorization": f"Bearer {user_key}"}).status_code == 401
+    assert httpx.get(f"{live.base_url}/admin/keys").status_code == 404  # no token configured: no API
+
+
+def test_admin_api_manages_keys_and_credits(admin_live: LiveServer) -> None:
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    base = f"{admin_live.base_url}/admin"
+    created = httpx.post(f"{base}/keys", json={"name": "ops-made", "credits": "2.5"}, headers=headers)
+    assert created.status_code == 200 and created.json()["credits"] == "2.5"
+    key = created.json()["key"]
+    assert admin_live.balance_of(key) == Decimal("2.5")
+    assert httpx.post(f"{base}/keys", json={"name": "ops-made"}, headers=headers).status_code == 422
+    listed = httpx.get(f"{base}/keys", headers=headers).json()["keys"]
+    assert any(row["name"] == "ops-made" and "key" not in row for row in listed)
+    added = httpx.post(f"{base}/keys/ops-made/credits", json={"amount": "1.25"}, headers=headers)
+    assert added.json()["credits"] == "3.75"
+    assert (
+        httpx.post(f"{base}/keys/ops-made/credits", json={"amount": "-1"}, headers=headers).status_code == 422
+    )
+    assert httpx.post(f"{base}/keys/ops-made/disable", headers=headers).status_code == 200
+    assert admin_live.post({"prompt": "x", **SMALL}, key=key).status_code == 401
+    assert httpx.post(f"{base}/keys/ops-made/enable", headers=headers).status_code == 200
+    assert admin_live.post({"prompt": "x", **SMALL}, key=key).status_code == 200
+    assert httpx.post(f"{base}/keys/nobody/disable", headers=headers).status_code == 404
+    audit = httpx.get(f"{base}/audit", headers=headers).json()
+    assert audit["ok"] is True and any(row["name"] == "ops-made" for row in audit["keys"])
