@@ -175,6 +175,15 @@ def serve(
     database_url: DatabaseUrl = None,
     log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error [SD3_LOG_LEVEL]")] = None,
     log_format: Annotated[str | None, typer.Option(help="json | text [SD3_LOG_FORMAT]")] = None,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Serve with Ray Serve: one replica per GPU (the `ray` extra)")
+    ] = False,
+    replicas: Annotated[
+        int, typer.Option(min=1, help="With --ray: number of replicas (one GPU each when GPUs exist)")
+    ] = 1,
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --ray: a Ray cluster to join [RAY_ADDRESS]")
+    ] = None,
 ) -> None:
     """Serve POST /v1/stable-diffusion-3-medium-txt2img on HOST:PORT."""
     import uvicorn
@@ -210,6 +219,15 @@ def serve(
         ),
     )
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    if ray:
+        # Each replica loads its own model, so the driver does not.
+        try:
+            from server.ray_app import ScaleOptions, run_ray
+        except ImportError:
+            err.print("[red]--ray needs the `ray` extra:[/red] pip install 'sd3-server[ray]'")
+            raise typer.Exit(2) from None
+        run_ray(settings, ScaleOptions(replicas=replicas), address=ray_address)
+        return
     runtime = _load_runtime(settings)
     err.print(f"Model: {runtime.description} on {runtime.device}")
     # log_config=None: uvicorn keeps the logging set up above (one format for every line).
