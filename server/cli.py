@@ -30,6 +30,8 @@ keys_app = typer.Typer(help="Create, list, enable and disable API keys.", no_arg
 credits_app = typer.Typer(help="Add credits to a key.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(credits_app, name="credits")
+db_app = typer.Typer(help="The ledger database's schema: migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 err = Console(stderr=True)
 out = Console()
@@ -452,6 +454,33 @@ def credits_audit(data_dir: DataDir = None, database_url: DatabaseUrl = None) ->
         err.print(f"[red]Ledger mismatch for: {', '.join(broken)}[/red]")
         raise typer.Exit(1)
     err.print(f"{len(rows)} key(s) audited: every balance equals its grants minus its charges.")
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Upgrade the database to the latest schema (the server also does this when it starts)."""
+    from server.migrations import upgrade_to_head
+
+    settings = build_settings(data_dir=data_dir, database_url=database_url)
+    try:
+        status = upgrade_to_head(settings.resolved_database_url)
+    except RuntimeError as exc:  # a database migrated by a newer release
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    err.print(f"Database schema at revision {status.current} (the latest).")
+
+
+@db_app.command("current")
+def db_current(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Print the schema revision ("none" before the first upgrade); exit 1 if it is not the latest."""
+    from server.migrations import schema_status
+
+    settings = build_settings(data_dir=data_dir, database_url=database_url)
+    status = schema_status(settings.resolved_database_url)
+    print(status.current or "none")
+    if not status.up_to_date:
+        err.print(f"The latest revision is {status.head}: run `sd3-server db upgrade` (or start the server).")
+        raise typer.Exit(1)
 
 
 def _decimal(text: str) -> Decimal:

@@ -34,6 +34,7 @@ from sqlalchemy import (
 )
 
 from server.ledger import from_micro, to_micro
+from server.migrations import upgrade_to_head
 
 JobStatus = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
 Surface = Literal["v1", "v2", "openai"]
@@ -135,7 +136,8 @@ def _record(row: Any) -> JobRecord:
 class JobStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        metadata.create_all(engine)
+        # Usually a no-op read: the Ledger sharing this engine has already upgraded the database.
+        upgrade_to_head(engine)
         self._last_progress_write: dict[str, float] = {}
         self._lock = threading.Lock()
 

@@ -48,6 +48,7 @@ from sqlalchemy.exc import DatabaseError, IntegrityError
 
 from server.auth import generate_key, hash_key, key_prefix
 from server.errors import InsufficientCredits, KeyNameTaken, Unauthorized, UnknownKey
+from server.migrations import upgrade_to_head
 
 MICRO = 1_000_000
 NAME_MAX = 128
@@ -212,11 +213,11 @@ class Ledger:
         self._create_tables()
 
     def _create_tables(self) -> None:
-        # Several workers starting at once on a fresh database can race between "does the table exist?"
-        # and CREATE TABLE; the loser fails, and the next check finds the tables.
+        # The upgrade locks the database against other workers starting at once (server/migrations);
+        # the retry stays as a second line of defence for a lock that timed out under heavy load.
         for attempt in range(3):
             try:
-                metadata.create_all(self._engine)
+                upgrade_to_head(self._engine)
                 return
             except DatabaseError:
                 if attempt == 2:

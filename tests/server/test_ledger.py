@@ -1,5 +1,4 @@
 import multiprocessing
-import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from sqlalchemy import create_engine, select
 from server.auth import hash_key
 from server.errors import InsufficientCredits, KeyNameTaken, Unauthorized, UnknownKey
 from server.ledger import Ledger, credit_grants
+from tests.postgres import postgres_url_or_skip
 
 PRICE = Decimal("0.039")
 
@@ -30,11 +30,7 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 
 
 def postgres_url() -> str:
-    url = os.environ.get("SD3_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("SD3_TEST_POSTGRES_URL is not set")
-    pytest.importorskip("psycopg")
-    return url
+    return postgres_url_or_skip()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
