@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -70,3 +76,54 @@ def live_server(settings: Settings, runtime: Runtime) -> Iterator[LiveServer]:
         server.should_exit = True
         thread.join(timeout=30)
         ledger.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """`sd3-server serve --model tiny` as a real child process, for tests that kill -9 it."""
+
+    def __init__(self, *, data_dir: Path, database: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.database_url = f"sqlite:///{database}"
+        self._env = {**os.environ, "SD3_DATABASE_URL": self.database_url, "SD3_DATA_DIR": str(data_dir)}
+        script = str(Path(sys.executable).with_name("sd3-server"))
+        self._command = [script, "serve", "--model", "tiny", "--port", str(self.port)]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self._command, env=self._env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        assert wait_for(self.answers, timeout=60), "the server did not start"
+
+    def answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill_9(self) -> None:
+        """SIGKILL: no handler, no refund, no shutdown runs in the process."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)

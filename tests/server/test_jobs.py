@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import signal
-import subprocess
-import sys
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -19,7 +15,7 @@ from segmind import SegmindClient
 from segmind.v2 import InferenceFailed
 
 from server.ledger import Ledger
-from tests.live import SLUG, SMALL, LiveServer
+from tests.live import SLUG, SMALL, LiveServer, ServerProcess, wait_for
 
 
 def image_at(url: str) -> Image.Image:
@@ -139,30 +135,11 @@ def test_history_pages_through_a_keys_requests(live: LiveServer) -> None:
 
 
 def test_an_accepted_job_survives_a_kill_9(tmp_path: Path, data_dir: Path, tiny_dir: Path) -> None:
-    from tests.server.test_reliability import _answers, free_port, wait_for
-
-    port = free_port()
-    db = tmp_path / "ledger.sqlite3"
-    env = {**os.environ, "SD3_DATABASE_URL": f"sqlite:///{db}", "SD3_DATA_DIR": str(data_dir)}
-    command = [
-        str(Path(sys.executable).with_name("sd3-server")),
-        "serve",
-        "--model",
-        "tiny",
-        "--port",
-        str(port),
-    ]
-    ledger = Ledger(f"sqlite:///{db}")
+    server = ServerProcess(data_dir=data_dir, database=tmp_path / "ledger.sqlite3")
+    ledger = Ledger(server.database_url)
     _, key = ledger.create_key(name="patient", credits=Decimal(1))
     headers = {"x-api-key": key}
-
-    def start() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert wait_for(lambda: _answers(port), timeout=60), "server did not start"
-        return process
-
-    server = start()
-    base = f"http://127.0.0.1:{port}"
+    server.start()
     slow = {
         "prompt": "survivor",
         "img_width": 1024,
@@ -170,15 +147,16 @@ def test_an_accepted_job_survives_a_kill_9(tmp_path: Path, data_dir: Path, tiny_
         "num_inference_steps": 100,
         "seed": 5,
     }
-    submitted = httpx.post(f"{base}/v2/{SLUG}", json=slow, headers=headers).json()
-    queued = httpx.post(f"{base}/v2/{SLUG}", json={**slow, "num_inference_steps": 10}, headers=headers).json()
-    assert wait_for(
-        lambda: httpx.get(submitted["status_url"], headers=headers).json()["status"] == "PROCESSING"
-    )
-    server.send_signal(signal.SIGKILL)
-    server.wait(30)
-    restarted = start()
+    submitted = httpx.post(f"{server.base_url}/v2/{SLUG}", json=slow, headers=headers).json()
+    queued = httpx.post(
+        f"{server.base_url}/v2/{SLUG}", json={**slow, "num_inference_steps": 10}, headers=headers
+    ).json()
     try:
+        assert wait_for(
+            lambda: httpx.get(submitted["status_url"], headers=headers).json()["status"] == "PROCESSING"
+        )
+        server.kill_9()
+        server.start()
         for job in (submitted, queued):
             assert wait_for(
                 lambda job=job: httpx.get(job["status_url"], headers=headers).json()["status"] == "COMPLETED",
@@ -188,5 +166,4 @@ def test_an_accepted_job_survives_a_kill_9(tmp_path: Path, data_dir: Path, tiny_
         assert ledger.list_keys()[0].balance == Decimal(1) - Decimal("0.156") - Decimal("0.0156")
         assert all(row.ok and row.open_reservations == 0 for row in ledger.audit())
     finally:
-        restarted.terminate()
-        restarted.wait(30)
+        server.stop()

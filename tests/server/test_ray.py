@@ -8,7 +8,6 @@ so a CI that forgot the extra cannot pass by skipping.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from server.config import Settings
 from server.job_store import JobStore
 from server.ledger import Ledger
 from server.pricing import price_of
-from tests.live import SLUG, SMALL
+from tests.live import SLUG, SMALL, free_port
 
 # Owners of the rows written by the replicas of app "sd3", deployment "sd3" (server.ray_app).
 OWNER_PREFIX = "sd3/sd3#sd3#"
@@ -34,12 +33,6 @@ def _unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"Ray Serve is required in CI: {reason}")
     pytest.skip(f"Ray Serve unavailable: {reason} (install the `ray` extra: pip install -e '.[ray]')")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -76,7 +69,7 @@ def ray_deployment(
         ledger.close()
         _unavailable(f"ray.init failed ({exc!r})")
     try:
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # Four ongoing requests per replica: eight concurrent requests must use both replicas.
         options = ScaleOptions(replicas=2, gpus_per_replica=0, cpus_per_replica=1, max_ongoing_requests=4)

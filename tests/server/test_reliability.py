@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -22,18 +16,9 @@ from server.app import Runtime
 from server.cli import app as cli
 from server.config import Settings
 from server.ledger import Ledger
-from tests.live import SLUG, SMALL, LiveServer, live_server
+from tests.live import SLUG, SMALL, LiveServer, ServerProcess, live_server, wait_for
 
 SLOW = {"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_steps": 100}
-
-
-def wait_for(condition, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +119,7 @@ def test_cors_is_closed_by_default_and_open_to_configured_origins(
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_non_finite_numbers_are_422(live: LiveServer, literal: str) -> None:
     key = live.key()
-    body = '{"prompt": "x", "guidance_scale": ' + literal + '}'
+    body = '{"prompt": "x", "guidance_scale": ' + literal + "}"
     response = httpx.post(
         f"{live.base_url}/v1/{SLUG}",
         content=body,
@@ -163,43 +148,20 @@ def test_credits_audit_finds_every_balance_equal_to_grants_minus_charges(live: L
         conn.exec_driver_sql("UPDATE api_keys SET balance_micro = balance_micro - 5 WHERE name = 'tampered'")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_kill_9_during_generation_loses_no_credits(tmp_path: Path, data_dir: Path, tiny_dir: Path) -> None:
-    port = free_port()
-    db = tmp_path / "ledger.sqlite3"
-    env = {**os.environ, "SD3_DATABASE_URL": f"sqlite:///{db}", "SD3_DATA_DIR": str(data_dir)}
-    command = [
-        str(Path(sys.executable).with_name("sd3-server")),
-        "serve",
-        "--model",
-        "tiny",
-        "--port",
-        str(port),
-    ]
-    ledger = Ledger(f"sqlite:///{db}")
+    server = ServerProcess(data_dir=data_dir, database=tmp_path / "ledger.sqlite3")
+    ledger = Ledger(server.database_url)
     _, key = ledger.create_key(name="victim", credits=Decimal(1))
-
-    def start() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert wait_for(lambda: _answers(port), timeout=60), "server did not start"
-        return process
 
     def balance() -> Decimal:
         return ledger.list_keys()[0].balance
 
-    server = start()
+    server.start()
     errors: list[Exception] = []
 
     def doomed_request() -> None:
         try:
-            httpx.post(
-                f"http://127.0.0.1:{port}/v1/{SLUG}", json=SLOW, headers={"x-api-key": key}, timeout=60
-            )
+            httpx.post(f"{server.base_url}/v1/{SLUG}", json=SLOW, headers={"x-api-key": key}, timeout=60)
         except httpx.HTTPError as exc:
             errors.append(exc)
 
@@ -207,24 +169,11 @@ def test_kill_9_during_generation_loses_no_credits(tmp_path: Path, data_dir: Pat
     client.start()
     try:
         assert wait_for(lambda: balance() < Decimal(1)), "the request was never debited"
-        server.send_signal(signal.SIGKILL)  # mid-generation: no refund can run in that process
-        server.wait(30)
+        server.kill_9()  # mid-generation: no refund can run in that process
         client.join(30)
         assert errors and balance() == Decimal(1) - Decimal("0.156")  # still reserved
-    finally:
-        if server.poll() is None:
-            server.kill()
-    restarted = start()
-    try:
+        server.start()
         assert balance() == Decimal(1)  # refunded by the new process before it served anything
         assert all(row.ok and row.open_reservations == 0 for row in ledger.audit())
     finally:
-        restarted.terminate()
-        restarted.wait(30)
-
-
-def _answers(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+        server.stop()
