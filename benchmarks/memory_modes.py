@@ -27,10 +27,12 @@ MODES: dict[str, dict[str, str]] = {
     "VAE tiling": {"mode": "device", "vae_tiling": "on", "attention_slicing": "off"},
     "attention slicing": {"mode": "device", "vae_tiling": "off", "attention_slicing": "on"},
     "VAE tiling + attention slicing": {"mode": "device", "vae_tiling": "on", "attention_slicing": "on"},
+    "T5 in 8-bit": {"mode": "device", "t5": "8bit", "vae_tiling": "off", "attention_slicing": "off"},
     "model offload": {"mode": "model_offload", "vae_tiling": "on"},
     "sequential offload": {"mode": "sequential_offload", "vae_tiling": "on"},
 }
-OFFLOAD = {"model offload", "sequential offload"}
+# Meaningful only with CUDA: offloading needs a device to offload from; bitsandbytes needs CUDA.
+OFFLOAD = {"model offload", "sequential offload", "T5 in 8-bit"}
 
 
 def child(model: str, memory: dict[str, str], size: int, steps: int, data_dir: str) -> None:

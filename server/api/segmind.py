@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from anyio import to_thread
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -32,8 +33,6 @@ router = APIRouter()
 
 
 async def authenticated(request: Request) -> KeyRecord:
-    from anyio import to_thread
-
     serving: Serving = request.app.state.serving
     key = await to_thread.run_sync(authenticate, serving.ledger, request.headers.get("x-api-key"))
     remember_balance(request, key.balance)
