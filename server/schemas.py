@@ -21,8 +21,28 @@ MAX_SEED = 999_999_999_999_999
 MAX_PROMPT_CHARS = 4000
 
 
-class Txt2ImgRequest(BaseModel):
+class LaxBody(BaseModel):
+    """A request body as real clients send it: unknown fields ignored, `null` meaning the default,
+    and a prompt that is more than whitespace. Shared by every generation surface."""
+
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class Txt2ImgRequest(LaxBody):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Prompt to render")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Prompts to exclude")
@@ -38,20 +58,6 @@ class Txt2ImgRequest(BaseModel):
     conditioningsettimesteprange_start: float = Field(0.1, ge=0.1, le=1)
     conditioningsettimesteprange_stop: float = Field(1.0, ge=0.1, le=1)
     base64: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
 
     @field_validator("scheduler")
     @classmethod

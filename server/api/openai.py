@@ -34,7 +34,7 @@ from typing import Any, Literal
 from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from server.api.segmind import cancel_on_disconnect
 from server.auth import authenticate
@@ -42,7 +42,7 @@ from server.encoding import to_base64
 from server.errors import ApiError, InvalidRequest
 from server.headers import credit_headers, generation_headers, remember_balance
 from server.ledger import KeyRecord
-from server.schemas import MAX_PROMPT_CHARS, Txt2ImgRequest, describe_validation_errors
+from server.schemas import MAX_PROMPT_CHARS, LaxBody, Txt2ImgRequest, describe_validation_errors
 from server.serving import Serving
 from server.urls import public_base_url
 
@@ -72,12 +72,11 @@ _ERROR_KINDS: dict[int, tuple[str, str | None]] = {
 }
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(LaxBody):
     """OpenAI's `images.generate` body, with the Segmind extensions this server understands."""
 
-    # Unknown fields (quality, style, user, background, moderation, ...) are ignored, as Segmind
-    # bodies' unknown fields are: clients send what OpenAI's newer models take.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields (quality, style, user, background, moderation, ...) are ignored (LaxBody), as
+    # Segmind bodies' unknown fields are: clients send what OpenAI's newer models take.
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = None
@@ -92,21 +91,6 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        # The SDK omits unset fields, but hand-written clients send `null` for "use the default".
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
 
     @field_validator("size")
     @classmethod
