@@ -177,8 +177,18 @@ class JobStore:
         with self._engine.begin() as conn:
             conn.execute(update(jobs).where(jobs.c.request_id == request_id).values(**values))
 
-    def started(self, request_id: str, *, seed: int) -> None:
-        self._update(request_id, status="PROCESSING", seed=seed, started_at=_now())
+    def started(self, request_id: str, *, seed: int, total: int = 0) -> None:
+        """QUEUED → PROCESSING, with the first step already done when `total` is given (one write)."""
+        with self._lock:
+            self._last_progress_write[request_id] = time.monotonic()
+        self._update(
+            request_id,
+            status="PROCESSING",
+            seed=seed,
+            started_at=_now(),
+            progress_step=1 if total else 0,
+            progress_total=total,
+        )
 
     def progress(self, request_id: str, *, step: int, total: int) -> None:
         """Record that `step` of `total` is done (throttled: the last step is always written)."""

@@ -213,8 +213,9 @@ class Serving:
     def _progress(self, request_id: str, seed: int) -> Callable[[int, int], None]:
         def on_step(step: int, total: int) -> None:  # runs on the device thread
             if step == 0:
-                self.jobs.started(request_id, seed=seed)
-            self.jobs.progress(request_id, step=step, total=total)
+                self.jobs.started(request_id, seed=seed, total=total)
+            else:
+                self.jobs.progress(request_id, step=step, total=total)
 
         return on_step
 

@@ -31,17 +31,14 @@ import re
 import time
 from typing import Any, Literal
 
-from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError, field_validator
 
-from server.api.segmind import cancel_on_disconnect
-from server.auth import authenticate
+from server.api.segmind import authenticated, cancel_on_disconnect
 from server.encoding import to_base64
 from server.errors import ApiError, InvalidRequest
-from server.headers import credit_headers, generation_headers, remember_balance
-from server.ledger import KeyRecord
+from server.headers import credit_headers, generation_headers
 from server.schemas import MAX_PROMPT_CHARS, LaxBody, Txt2ImgRequest, describe_validation_errors
 from server.serving import Serving
 from server.urls import public_base_url
@@ -164,13 +161,6 @@ def _api_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-async def _authenticated(request: Request, serving: Serving) -> KeyRecord:
-    key = await to_thread.run_sync(authenticate, serving.ledger, _api_key(request))
-    remember_balance(request, key.balance)
-    request.state.key_name = key.name  # for the access log: a name, never the key
-    return key
-
-
 async def _read_body(request: Request) -> ImageGenerationRequest:
     raw = await request.body()
     try:
@@ -212,7 +202,7 @@ def _error_response(request: Request, exc: ApiError) -> JSONResponse:
 async def generate_images(request: Request) -> JSONResponse:
     serving: Serving = request.app.state.serving
     try:
-        key = await _authenticated(request, serving)
+        key = await authenticated(request, _api_key(request))
         # OpenAI bodies are always JSON; the content type is not checked (the SDK always sets it).
         body = await _read_body(request)
         txt2img = _to_txt2img(body)

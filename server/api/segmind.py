@@ -32,9 +32,11 @@ T = TypeVar("T")
 router = APIRouter()
 
 
-async def authenticated(request: Request) -> KeyRecord:
+async def authenticated(request: Request, api_key: str | None = None) -> KeyRecord:
+    """The calling key (from `x-api-key` unless a surface passes the key it read elsewhere)."""
     serving: Serving = request.app.state.serving
-    key = await to_thread.run_sync(authenticate, serving.ledger, request.headers.get("x-api-key"))
+    sent = api_key if api_key is not None else request.headers.get("x-api-key")
+    key = await to_thread.run_sync(authenticate, serving.ledger, sent)
     remember_balance(request, key.balance)
     request.state.key_name = key.name  # for the access log: a name, never the key
     return key
