@@ -57,9 +57,11 @@ if [[ -z "$BIN" ]]; then
     BIN=$(find_bindir)
 fi
 
-# Reuse: a cluster that answers with the credentials we wrote last time.
-if [[ -f "$ENV_FILE" && -f "$CLUSTER_DIR/port" ]] \
+# Reuse: a cluster that answers. Its credentials are kept beside it, not only in this checkout's
+# env file, because the cluster folder is per user: another checkout may have (re)made it.
+if [[ -f "$CLUSTER_DIR/env" && -f "$CLUSTER_DIR/port" ]] \
     && "$BIN/pg_isready" -q -h 127.0.0.1 -p "$(cat "$CLUSTER_DIR/port")" -d "$DATABASE" 2>/dev/null; then
+    (umask 077 && cp "$CLUSTER_DIR/env" "$ENV_FILE")
     cat "$ENV_FILE"
     exit 0
 fi
@@ -91,5 +93,5 @@ as_owner "$BIN/pg_ctl" -D "$DATA" -l "$CLUSTER_DIR/server.log" -w -t 60 start \
 PGPASSWORD="$PASSWORD" "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U "$ROLE" "$DATABASE"
 
 URL="postgresql+psycopg://$ROLE:$PASSWORD@127.0.0.1:$PORT/$DATABASE"
-(umask 077 && echo "export SD3_TEST_POSTGRES_URL=$URL" >"$ENV_FILE")
+(umask 077 && echo "export SD3_TEST_POSTGRES_URL=$URL" >"$CLUSTER_DIR/env" && cp "$CLUSTER_DIR/env" "$ENV_FILE")
 cat "$ENV_FILE"
