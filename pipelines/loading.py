@@ -153,10 +153,7 @@ def _t5_in_8bit(path_or_id: str, spec: ModelSpec, dtype: torch.dtype) -> Any:
     """
     from transformers import BitsAndBytesConfig, T5EncoderModel
 
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as exc:
-        raise ModelLoadError("T5 in 8-bit needs the bitsandbytes package: pip install bitsandbytes") from exc
+    _require_bitsandbytes()
     return T5EncoderModel.from_pretrained(
         path_or_id,
         subfolder="text_encoder_3",
@@ -165,6 +162,35 @@ def _t5_in_8bit(path_or_id: str, spec: ModelSpec, dtype: torch.dtype) -> Any:
         quantization_config=BitsAndBytesConfig(load_in_8bit=True),
         dtype=dtype,
     )
+
+
+def _t5_to_8bit_if_asked(pipe: Any, spec: ModelSpec, device: torch.device) -> None:
+    """Quantize an already built T5 (single file, random weights): the folder path does it at load."""
+    if not spec.t5_8bit or pipe.text_encoder_3 is None:
+        return
+    _require_bitsandbytes()
+    from pipelines.quantization import quantize_linear_8bit
+
+    quantize_linear_8bit(pipe.text_encoder_3, device)
+
+
+def _require_bitsandbytes() -> None:
+    from pipelines.quantization import MIN_BITSANDBYTES
+
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"T5 in 8-bit needs the bitsandbytes package: pip install 'bitsandbytes>={MIN_BITSANDBYTES}'"
+        ) from exc
+    from packaging.version import Version
+
+    if Version(bitsandbytes.__version__) < Version(MIN_BITSANDBYTES):
+        # Older releases run LLM.int8 on CUDA only, and diffusers cannot offload their 8-bit modules.
+        raise ModelLoadError(
+            f"T5 in 8-bit needs bitsandbytes>={MIN_BITSANDBYTES}, found {bitsandbytes.__version__}: "
+            f"pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'"
+        )
 
 
 def _read_single_file(path: Path) -> SingleFileContents:
@@ -318,6 +344,7 @@ def _load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[An
     if source.startswith(_RANDOM_PREFIX):
         name = source.removeprefix(_RANDOM_PREFIX)
         pipe = _from_random(name, spec, device, dtype)
+        _t5_to_8bit_if_asked(pipe, spec, device)
         return pipe, f"random-weight {name} architecture (no weights loaded)"
     path = Path(source).expanduser()
     if path.is_dir():
@@ -331,6 +358,7 @@ def _load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[An
         if path.suffix.lower() not in _SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"'{source}' is a file but not a checkpoint (.safetensors or .ckpt).")
         pipe = _from_single_file(path, spec, dtype)
+        _t5_to_8bit_if_asked(pipe, spec, device)
         no_t5 = "" if pipe.text_encoder_3 is not None else ", without T5"
         return pipe, f"single-file checkpoint {path}{no_t5}"
     if not _HUB_ID.match(source):
@@ -350,6 +378,9 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    # bitsandbytes warns at import, on CPUs with AVX512-bf16, that an optional 4-bit kernel package
+    # is missing; only its 8-bit layers are used here, so the warning would only mislead.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:

@@ -10,7 +10,7 @@ for memory, so `auto` turns on only what the free memory calls for:
 | --- | --- | --- |
 | model CPU offload | all but the running component (~4 GB resident with T5 8-bit / none) | ~2-7x slower |
 | sequential CPU offload | nearly all weights (layer by layer) | much slower again (~7x on SD1.5) |
-| T5 in 8-bit (bitsandbytes) | ~4.7 GB | ~4 % latency |
+| T5 in 8-bit (bitsandbytes: CUDA, CPU) | ~4 GB in fp16, ~11 GB in fp32 (`wo` stays as is) | ~4 % on a GPU |
 | no T5 | ~9.5 GB | a different image (the context loses T5's tokens) |
 | VAE tiling | the 2048² decode peak (10 GB → ~4.4 GB) | ~35 % more decode FLOPs |
 | attention slicing | the attention matrix at 2048² where SDPA materialises it (MPS) | a little speed |
@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+
+from pipelines.quantization import MIN_BITSANDBYTES
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,19 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def bitsandbytes_available() -> bool:
+def bitsandbytes_available(device: torch.device) -> bool:
+    """Whether LLM.int8 can run on `device`: bitsandbytes ≥ 0.48 has CUDA and CPU kernels."""
+    if device.type not in ("cuda", "cpu"):
+        return False
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except Exception:  # ImportError, or a CUDA set-up error raised at import
         return False
-    return torch.cuda.is_available()
+    from packaging.version import Version
+
+    from pipelines.quantization import MIN_BITSANDBYTES
+
+    return Version(bitsandbytes.__version__) >= Version(MIN_BITSANDBYTES)
 
 
 def plan_memory(
@@ -79,7 +88,7 @@ def plan_memory(
     attention_slicing: str = "auto",
 ) -> MemoryPlan:
     """Choose the plan. Explicit settings win; `auto` follows performance.md §6's thresholds."""
-    can_8bit = device.type == "cuda" and bitsandbytes_available()
+    can_8bit = bitsandbytes_available(device)
     if mode == "auto":
         placement, auto_t5, reason = _auto_placement(device, free_bytes, can_8bit)
     else:
@@ -89,7 +98,8 @@ def plan_memory(
     chosen_t5: T5Mode = auto_t5 if t5 == "auto" else t5  # type: ignore[assignment]
     if chosen_t5 == "8bit" and not can_8bit:
         raise ValueError(
-            "T5 in 8-bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)"
+            "T5 in 8-bit needs a CUDA GPU or the CPU, and bitsandbytes "
+            f"(pip install 'bitsandbytes>={MIN_BITSANDBYTES}')"
         )
     small = free_bytes is not None and free_bytes < 24 * GiB
     tiling = _choice(vae_tiling, default=device.type != "cpu" and small)

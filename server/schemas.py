@@ -43,7 +43,6 @@ class LaxBody(BaseModel):
 
 
 class Txt2ImgRequest(LaxBody):
-
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Prompt to render")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Prompts to exclude")
     samples: int = Field(1, ge=1, le=4, description="Number of samples to generate")

@@ -18,7 +18,7 @@ CUDA = torch.device("cuda")
     [(80, "device"), (24, "device"), (16, "model_offload"), (8, "model_offload"), (4, "sequential_offload")],
 )
 def test_auto_follows_free_memory_on_cuda(free_gib: float, placement: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda: False)
+    monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: False)
     plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB))
     assert plan.placement == placement
     assert plan.t5 == "full"  # without bitsandbytes T5 stays whole: dropping it would change the image
@@ -27,14 +27,14 @@ def test_auto_follows_free_memory_on_cuda(free_gib: float, placement: str, monke
 
 
 def test_auto_uses_t5_in_8bit_when_bitsandbytes_is_there(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda: True)
+    monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: True)
     assert plan_memory(mode="auto", device=CUDA, free_bytes=14 * GiB).t5 == "8bit"
     assert plan_memory(mode="auto", device=CUDA, free_bytes=14 * GiB).placement == "device"
     assert plan_memory(mode="auto", device=CUDA, free_bytes=9 * GiB).t5 == "8bit"
 
 
 def test_explicit_choices_win_and_impossible_ones_are_refused(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda: False)
+    monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: False)
     plan = plan_memory(
         mode="sequential_offload",
         device=CUDA,

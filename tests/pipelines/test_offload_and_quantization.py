@@ -1,0 +1,190 @@
+"""The memory savers that move or shrink weights, run for real on the CPU with the tiny model.
+
+No GPU here, but the machinery is the real one: diffusers' `enable_model_cpu_offload` and
+`enable_sequential_cpu_offload` install accelerate's hooks with the CPU as their execution device,
+and bitsandbytes (≥ 0.48 has CPU kernels) quantizes T5 to LLM.int8. What is checked is that our own
+loop — which calls the text encoders, the transformer and the VAE directly rather than through
+`pipe(...)` — drives those hooks and layers correctly and gets the image it gets without them.
+What the CPU cannot show is the host-to-GPU traffic itself (benchmarks/gpu_check.sh measures it).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+from pipelines.checkpoints import export_single_file
+from pipelines.loading import LoadedModel, ModelSpec, load_model
+from pipelines.memory import MemoryPlan, apply_plan, plan_memory
+from pipelines.request import GenerationRequest
+from pipelines.sd3 import SD3Generator
+from server.app import Runtime
+
+bnb = pytest.importorskip("bitsandbytes", reason="the test extra installs bitsandbytes")
+
+CPU = torch.device("cpu")
+REQUEST = GenerationRequest(
+    prompt="a (red:1.2) fox in the snow",
+    negative_prompt="blurry",
+    samples=2,
+    scheduler="dpmpp_2m",
+    steps=8,
+    seed=5,
+    width=512,
+    height=384,
+    cond_start=0.1,
+)
+
+
+def load_tiny(tiny_dir: Path, source: Path | None = None, **spec: Any) -> LoadedModel:
+    return load_model(
+        ModelSpec(source=str(source or tiny_dir), tiny_dir=tiny_dir, device="cpu", dtype="fp32", **spec)
+    )
+
+
+def images(loaded: LoadedModel, request: GenerationRequest = REQUEST) -> np.ndarray:
+    return np.stack(SD3Generator(loaded).generate(request).images).astype(int)
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_dir: Path) -> np.ndarray:
+    return images(load_tiny(tiny_dir))
+
+
+def plan(placement: str, *, t5: str = "full", tiling: bool = False, slicing: bool = False) -> MemoryPlan:
+    return MemoryPlan(placement, t5, tiling, slicing, "test")  # type: ignore[arg-type]
+
+
+def run_hooks_on_cpu(pipe: Any) -> int:
+    """Point accelerate's sequential-offload hooks at "cpu" instead of the "cpu:0" diffusers names.
+
+    diffusers always names the execution device `<type>:<index>`. On a GPU that is where the
+    weight lands, so accelerate's later move of the same weight back to meta keeps it a Parameter;
+    from "cpu" to "cpu:0" torch makes a copy, which comes back a plain tensor that accelerate can
+    then no longer offload. Only the CPU-as-accelerator stand-in needs this.
+    """
+    count = 0
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for module in component.modules():
+            hook = getattr(module, "_hf_hook", None)
+            for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
+                if isinstance(h, AlignDevicesHook):
+                    h.execution_device = CPU
+                    count += 1
+    return count
+
+
+def test_model_offload_hooks_drive_our_loop(tiny_dir: Path, resident: np.ndarray) -> None:
+    loaded = load_tiny(tiny_dir, place_on_device=False)
+    apply_plan(loaded.pipe, plan("model_offload"), CPU)
+    pipe = loaded.pipe
+    components = (pipe.text_encoder, pipe.text_encoder_3, pipe.transformer, pipe.vae)
+    assert all(getattr(module, "_hf_hook", None) is not None for module in components)
+    generator = SD3Generator(loaded)
+    first = np.stack(generator.generate(REQUEST).images).astype(int)
+    # The second call finds both prompts in the cache: only the transformer and VAE hooks fire.
+    second = np.stack(generator.generate(REQUEST).images).astype(int)
+    # Offloading copies each weight to a fresh allocation, and CPU kernels round by alignment
+    # (see test_single_file.realigned): at most 1/255 apart.
+    assert np.abs(first - resident).max() <= 1
+    assert np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("slicing", [False, True], ids=["sdpa", "sliced-attention"])
+def test_sequential_offload_keeps_no_weight_resident_and_the_same_image(
+    tiny_dir: Path, resident: np.ndarray, slicing: bool
+) -> None:
+    loaded = load_tiny(tiny_dir, place_on_device=False)
+    apply_plan(loaded.pipe, plan("sequential_offload", slicing=slicing), CPU)
+    assert run_hooks_on_cpu(loaded.pipe) > 100  # one hook per leaf module
+    got = images(loaded)
+    assert np.array_equal(got, resident)
+    # Between forwards every weight is back on the meta device: only the hooks' CPU copy holds it.
+    transformer = loaded.pipe.transformer
+    assert all(p.is_meta for p in transformer.parameters())
+
+
+def test_vae_tiling_under_sequential_offload(tiny_dir: Path) -> None:
+    request = GenerationRequest(prompt="a harbour", seed=2, width=1024, height=768, steps=6)
+    tiled = load_tiny(tiny_dir)
+    apply_plan(tiled.pipe, plan("device", tiling=True), CPU)
+    offloaded = load_tiny(tiny_dir, place_on_device=False)
+    apply_plan(offloaded.pipe, plan("sequential_offload", tiling=True), CPU)
+    run_hooks_on_cpu(offloaded.pipe)
+    assert offloaded.pipe.vae.use_tiling and offloaded.pipe.vae.tile_sample_min_size == 512
+    assert np.array_equal(images(offloaded, request), images(tiled, request))
+
+
+# -- T5 in 8-bit ---------------------------------------------------------------------------------
+
+
+def linear_layers(t5: torch.nn.Module) -> dict[str, type]:
+    return {name: type(m) for name, m in t5.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def assert_t5_is_int8(loaded: LoadedModel) -> None:
+    t5 = loaded.pipe.text_encoder_3
+    layers = linear_layers(t5)
+    quantized = {name for name, cls in layers.items() if cls is bnb.nn.Linear8bitLt}
+    # As transformers does it: everything but T5's feed-forward output `wo`, kept in full precision.
+    assert quantized == {name for name in layers if not name.endswith(".wo")}
+    assert quantized and all(t5.get_submodule(n).weight.dtype == torch.int8 for n in quantized)
+
+
+@pytest.fixture(scope="module")
+def t5_8bit(tiny_dir: Path) -> LoadedModel:
+    return load_tiny(tiny_dir, t5_8bit=True)
+
+
+def test_t5_in_8bit_from_a_folder_runs_on_the_cpu(t5_8bit: LoadedModel, resident: np.ndarray) -> None:
+    assert_t5_is_int8(t5_8bit)
+    got = images(t5_8bit)
+    # A quantized T5 is a (slightly) different encoder, so the image moves, but only a little:
+    # int8 rows with fp16 outliers keep the encoding within a few percent.
+    assert not np.array_equal(got, resident)
+    assert np.abs(got - resident).mean() < 8
+
+
+def test_t5_in_8bit_is_the_same_from_a_single_file(
+    t5_8bit: LoadedModel, runtime: Runtime, tiny_dir: Path, tmp_path: Path
+) -> None:
+    configs = tmp_path / "configs"
+    shutil.copytree(tiny_dir, configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    path = export_single_file(runtime.generator.pipe, tmp_path / "tiny_incl_clips_t5xxl.safetensors")  # type: ignore[attr-defined]
+    single = load_tiny(tiny_dir, source=path, config=str(configs), t5_8bit=True)
+    assert_t5_is_int8(single)
+    # The same fp32 weights quantized by the same bitsandbytes code: the same int8 tensors.
+    expected = t5_8bit.pipe.text_encoder_3.state_dict()
+    for key, tensor in single.pipe.text_encoder_3.state_dict().items():
+        if tensor.dtype == torch.int8:
+            assert torch.equal(tensor, expected[key]), key
+
+
+def test_t5_in_8bit_for_random_weights(tmp_path: Path) -> None:
+    loaded = load_model(
+        ModelSpec(source="random:small", tiny_dir=tmp_path / "tiny", device="cpu", dtype="fp32", t5_8bit=True)
+    )
+    assert_t5_is_int8(loaded)
+
+
+def test_t5_in_8bit_under_model_offload(tiny_dir: Path, t5_8bit: LoadedModel) -> None:
+    offloaded = load_tiny(tiny_dir, t5_8bit=True, place_on_device=False)
+    apply_plan(offloaded.pipe, plan("model_offload", t5="8bit"), CPU)
+    assert getattr(offloaded.pipe.text_encoder_3, "_hf_hook", None) is not None  # offloaded too (bnb ≥ 0.48)
+    assert_t5_is_int8(offloaded)
+    assert np.abs(images(offloaded) - images(t5_8bit)).max() <= 1
+
+
+def test_the_plan_allows_8bit_on_cpu_and_cuda_only() -> None:
+    assert plan_memory(mode="auto", device=CPU, free_bytes=None, t5="8bit").t5 == "8bit"
+    assert plan_memory(mode="auto", device=CPU, free_bytes=None).t5 == "full"  # never picked unasked
+    with pytest.raises(ValueError, match="bitsandbytes"):
+        plan_memory(mode="auto", device=torch.device("mps"), free_bytes=32 * 2**30, t5="8bit")
