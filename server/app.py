@@ -116,6 +116,7 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
             max_pending=settings.queue.max_pending,
             retry_after_s=settings.queue.retry_after_s,
             max_batch_images=settings.queue.max_batch_images,
+            max_batch_pixels=settings.queue.max_batch_pixels,
             batch_wait_s=settings.queue.batch_wait_ms / 1000,
         )
         outputs = OutputStore(settings.data_dir / "outputs", retention_s=settings.jobs.outputs_retention_s)

@@ -152,6 +152,10 @@ def serve(
             help="Images per batch of compatible queued jobs; 1 = off [SD3_QUEUE__MAX_BATCH_IMAGES]"
         ),
     ] = None,
+    max_batch_pixels: Annotated[
+        int | None,
+        typer.Option(help="Pixels per batch (images x width x height) [SD3_QUEUE__MAX_BATCH_PIXELS]"),
+    ] = None,
     compile: Annotated[
         bool | None,
         typer.Option(
@@ -202,6 +206,7 @@ def serve(
         model__config=model_config,
         queue__max_pending=max_pending,
         queue__max_batch_images=max_batch_images,
+        queue__max_batch_pixels=max_batch_pixels,
         performance__compile=compile,
         performance__fuse_qkv=fuse_qkv,
         performance__warmup=warmup,

@@ -98,6 +98,9 @@ class QueueSettings(BaseModel):
     # which keeps every image bit-identical for its seed whatever else is queued (a batch changes
     # float rounding); batching pays mostly below 1024x1024 and on under-used GPUs.
     max_batch_images: int = Field(1, ge=1, le=16)
+    # And up to this many pixels (images x width x height): the batch's activations and VAE decodes
+    # grow with pixels, not images. The default, four 1024² images, allows sixteen 512² ones.
+    max_batch_pixels: int = Field(4 * 1024 * 1024, ge=512 * 512)
     # With batching on, how long the device waits for more compatible jobs before it starts a
     # batch that is not full. A few ms against generations of seconds.
     batch_wait_ms: int = Field(20, ge=0, le=1000)

@@ -5,9 +5,9 @@ One worker thread per device runs the generator, so the event loop never waits f
 or running, a new one is refused at once with `Overloaded` (HTTP 429 + Retry-After) instead of
 being left to time out. When the worker takes a job, it also takes the waiting jobs that can
 share its sampling batch (`batch_key`: same size, steps, scheduler, shift, guidance, window,
-denoise) up to `max_batch_images` images. A job whose waiter goes away (client disconnect) is
-flagged: if it has not started it never runs; a running batch stops at its next step once
-every job in it is cancelled.
+denoise) up to `max_batch_images` images and `max_batch_pixels` pixels. A job whose waiter goes
+away (client disconnect) is flagged: if it has not started it never runs; a running batch stops
+at its next step once every job in it is cancelled.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class WorkQueue:
         max_pending: int,
         retry_after_s: int,
         max_batch_images: int = 1,
+        max_batch_pixels: int | None = None,
         batch_wait_s: float = 0.0,
     ) -> None:
         self.generator = generator
@@ -75,6 +76,7 @@ class WorkQueue:
         self.max_pending = max_pending
         self.retry_after_s = retry_after_s
         self.max_batch_images = max_batch_images
+        self.max_batch_pixels = max_batch_pixels
         self.batch_wait_s = batch_wait_s
         self._waiting: deque[_Job] = deque()
         self._pending = 0  # waiting + running
@@ -109,6 +111,16 @@ class WorkQueue:
             job.cancelled.set()  # skipped if still waiting; a running batch stops at its next step
             raise
 
+    def _image_cap(self, request: GenerationRequest) -> int:
+        """How many images of this request's size one batch may hold.
+
+        A batch shares one size, so the pixel budget is a cap on images that depends on the size:
+        a GPU that fits four 1024² latents and VAE decodes at once fits sixteen 512² ones.
+        """
+        if self.max_batch_pixels is None:
+            return self.max_batch_images
+        return max(1, min(self.max_batch_images, self.max_batch_pixels // (request.width * request.height)))
+
     def _next_batch(self) -> list[_Job] | None:
         with self._condition:
             while not self._waiting and not self._stopping:
@@ -117,19 +129,21 @@ class WorkQueue:
                 return None
             first = self._waiting.popleft()
             batch, images = [first], first.request.samples
-            if first.key is None or self.max_batch_images <= images:
+            # The first job runs whatever its size: it was admitted, and alone it cannot be split.
+            cap = self._image_cap(first.request)
+            if first.key is None or cap <= images:
                 return batch
             # Clients of one burst arrive a few ms apart: without a short wait, the first arrival
             # would run alone and lock in a 1, n-1, 1, n-1 pattern (benchmarks/throughput.py).
             deadline = time.monotonic() + self.batch_wait_s
             while True:
                 for job in list(self._waiting):
-                    if job.key == first.key and images + job.request.samples <= self.max_batch_images:
+                    if job.key == first.key and images + job.request.samples <= cap:
                         self._waiting.remove(job)
                         batch.append(job)
                         images += job.request.samples
                 remaining = deadline - time.monotonic()
-                if images >= self.max_batch_images or remaining <= 0 or self._stopping:
+                if images >= cap or remaining <= 0 or self._stopping:
                     return batch
                 self._condition.wait(remaining)
 

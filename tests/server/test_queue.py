@@ -121,6 +121,32 @@ def test_the_batch_respects_the_image_budget(generator: SD3Generator) -> None:
     assert blocker.batches == [1, 1, 1, 1]  # 2 + 2 images would exceed 3
 
 
+def test_the_pixel_budget_caps_a_batch_by_its_size(generator: SD3Generator) -> None:
+    blocker = Blocker(generator)
+    # Two 512² images' worth of pixels: 512² jobs pair up, a 1024² job (4x the pixels) runs alone,
+    # and so does a first job already over the budget by itself (3 samples).
+    queue = make_queue(blocker, max_batch_images=8, max_batch_pixels=2 * 512 * 512)
+    small = [GenerationRequest(prompt="x", seed=i, **SMALL) for i in range(3)]
+    large = [GenerationRequest(prompt="x", seed=i, width=1024, height=1024, steps=10) for i in range(2)]
+    alone = GenerationRequest(prompt="x", seed=9, samples=3, width=512, height=512, steps=11)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
+        await asyncio.to_thread(blocker.started.wait, 30)
+        waiting = [asyncio.create_task(queue.submit(r)) for r in [*small, *large, alone]]
+        await asyncio.sleep(0.05)
+        blocker.release.set()
+        await first
+        results = await asyncio.gather(*waiting)
+        assert len(results[-1].images) == 3
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        queue.shutdown()
+    assert blocker.batches == [1, 2, 1, 1, 1, 1]
+
+
 def test_a_full_queue_refuses_at_once_and_a_cancelled_waiting_job_never_runs(generator: SD3Generator) -> None:
     blocker = Blocker(generator)
     queue = make_queue(blocker, max_pending=2)
