@@ -3,10 +3,13 @@
 # (run it from the repository root after the README's set-up, with a CUDA build of torch and
 # `pip install bitsandbytes`). Nothing is downloaded: the real SD3 Medium architecture is built
 # with random weights on the GPU (--model random:sd3-medium).
+#   0. the offload / 8-bit T5 / compile tests, run on the GPU (real host-to-device offloading);
 #   1. latency and peak GPU memory per memory mode at 1024² and 2048² (offloads, T5 8-bit, tiling);
 #   2. torch.compile (inductor) + fused QKV: warm-up time and latency against eager.
 set -euo pipefail
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+SD3_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider \
+    tests/pipelines/test_offload_and_quantization.py tests/pipelines/test_compilation.py || true
 python benchmarks/memory_modes.py --model random:sd3-medium --sizes 1024 2048 --steps 4
 python - <<'PY'
 import time

@@ -5,11 +5,13 @@ No GPU here, but the machinery is the real one: diffusers' `enable_model_cpu_off
 and bitsandbytes (≥ 0.48 has CPU kernels) quantizes T5 to LLM.int8. What is checked is that our own
 loop — which calls the text encoders, the transformer and the VAE directly rather than through
 `pipe(...)` — drives those hooks and layers correctly and gets the image it gets without them.
-What the CPU cannot show is the host-to-GPU traffic itself (benchmarks/gpu_check.sh measures it).
+What the CPU cannot show is the host-to-GPU traffic itself: on a GPU machine the same tests run
+there with `SD3_TEST_DEVICE=cuda` (benchmarks/gpu_check.sh does), offloading to the real device.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from server.app import Runtime
 bnb = pytest.importorskip("bitsandbytes", reason="the test extra installs bitsandbytes")
 
 CPU = torch.device("cpu")
+DEVICE = torch.device(os.environ.get("SD3_TEST_DEVICE", "cpu"))
 REQUEST = GenerationRequest(
     prompt="a (red:1.2) fox in the snow",
     negative_prompt="blurry",
@@ -44,7 +47,7 @@ REQUEST = GenerationRequest(
 
 def load_tiny(tiny_dir: Path, source: Path | None = None, **spec: Any) -> LoadedModel:
     return load_model(
-        ModelSpec(source=str(source or tiny_dir), tiny_dir=tiny_dir, device="cpu", dtype="fp32", **spec)
+        ModelSpec(source=str(source or tiny_dir), tiny_dir=tiny_dir, device=DEVICE.type, dtype="fp32", **spec)
     )
 
 
@@ -62,7 +65,7 @@ def plan(placement: str, *, t5: str = "full", tiling: bool = False, slicing: boo
 
 
 def run_hooks_on_cpu(pipe: Any) -> int:
-    """Point accelerate's sequential-offload hooks at "cpu" instead of the "cpu:0" diffusers names.
+    """On the CPU, point the sequential-offload hooks at "cpu" instead of the "cpu:0" diffusers names.
 
     diffusers always names the execution device `<type>:<index>`. On a GPU that is where the
     weight lands, so accelerate's later move of the same weight back to meta keeps it a Parameter;
@@ -70,6 +73,8 @@ def run_hooks_on_cpu(pipe: Any) -> int:
     then no longer offload. Only the CPU-as-accelerator stand-in needs this.
     """
     count = 0
+    if DEVICE.type != "cpu":
+        return sum(1 for c in pipe.components.values() if isinstance(c, torch.nn.Module) for _ in c.modules())
     for component in pipe.components.values():
         if not isinstance(component, torch.nn.Module):
             continue
@@ -84,7 +89,7 @@ def run_hooks_on_cpu(pipe: Any) -> int:
 
 def test_model_offload_hooks_drive_our_loop(tiny_dir: Path, resident: np.ndarray) -> None:
     loaded = load_tiny(tiny_dir, place_on_device=False)
-    apply_plan(loaded.pipe, plan("model_offload"), CPU)
+    apply_plan(loaded.pipe, plan("model_offload"), DEVICE)
     pipe = loaded.pipe
     components = (pipe.text_encoder, pipe.text_encoder_3, pipe.transformer, pipe.vae)
     assert all(getattr(module, "_hf_hook", None) is not None for module in components)
@@ -103,7 +108,7 @@ def test_sequential_offload_keeps_no_weight_resident_and_the_same_image(
     tiny_dir: Path, resident: np.ndarray, slicing: bool
 ) -> None:
     loaded = load_tiny(tiny_dir, place_on_device=False)
-    apply_plan(loaded.pipe, plan("sequential_offload", slicing=slicing), CPU)
+    apply_plan(loaded.pipe, plan("sequential_offload", slicing=slicing), DEVICE)
     assert run_hooks_on_cpu(loaded.pipe) > 100  # one hook per leaf module
     got = images(loaded)
     assert np.array_equal(got, resident)
@@ -115,9 +120,9 @@ def test_sequential_offload_keeps_no_weight_resident_and_the_same_image(
 def test_vae_tiling_under_sequential_offload(tiny_dir: Path) -> None:
     request = GenerationRequest(prompt="a harbour", seed=2, width=1024, height=768, steps=6)
     tiled = load_tiny(tiny_dir)
-    apply_plan(tiled.pipe, plan("device", tiling=True), CPU)
+    apply_plan(tiled.pipe, plan("device", tiling=True), DEVICE)
     offloaded = load_tiny(tiny_dir, place_on_device=False)
-    apply_plan(offloaded.pipe, plan("sequential_offload", tiling=True), CPU)
+    apply_plan(offloaded.pipe, plan("sequential_offload", tiling=True), DEVICE)
     run_hooks_on_cpu(offloaded.pipe)
     assert offloaded.pipe.vae.use_tiling and offloaded.pipe.vae.tile_sample_min_size == 512
     assert np.array_equal(images(offloaded, request), images(tiled, request))
@@ -169,15 +174,14 @@ def test_t5_in_8bit_is_the_same_from_a_single_file(
 
 
 def test_t5_in_8bit_for_random_weights(tmp_path: Path) -> None:
-    loaded = load_model(
-        ModelSpec(source="random:small", tiny_dir=tmp_path / "tiny", device="cpu", dtype="fp32", t5_8bit=True)
-    )
+    spec = ModelSpec(source="random:small", tiny_dir=tmp_path / "tiny", device=DEVICE.type, t5_8bit=True)
+    loaded = load_model(spec)
     assert_t5_is_int8(loaded)
 
 
 def test_t5_in_8bit_under_model_offload(tiny_dir: Path, t5_8bit: LoadedModel) -> None:
     offloaded = load_tiny(tiny_dir, t5_8bit=True, place_on_device=False)
-    apply_plan(offloaded.pipe, plan("model_offload", t5="8bit"), CPU)
+    apply_plan(offloaded.pipe, plan("model_offload", t5="8bit"), DEVICE)
     assert getattr(offloaded.pipe.text_encoder_3, "_hf_hook", None) is not None  # offloaded too (bnb ≥ 0.48)
     assert_t5_is_int8(offloaded)
     assert np.abs(images(offloaded) - images(t5_8bit)).max() <= 1
