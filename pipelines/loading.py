@@ -63,7 +63,7 @@ class ModelSpec:
     dtype: str = "auto"
     token: str | None = None  # None: huggingface_hub uses HF_TOKEN or the saved login
     load_t5: bool = True
-    # T5-XXL in 8-bit (bitsandbytes, CUDA only): ~4.7 GB less for ~4 % latency (performance.md §4.8).
+    # T5-XXL in 8-bit (bitsandbytes, CUDA or CPU): ~3.6 GB less in fp16, ~4 % latency (performance.md §4.8).
     t5_8bit: bool = False
     # False: leave the weights on the CPU, for a memory plan that offloads them (pipelines.memory).
     place_on_device: bool = True

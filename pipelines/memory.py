@@ -10,7 +10,7 @@ for memory, so `auto` turns on only what the free memory calls for:
 | --- | --- | --- |
 | model CPU offload | all but the running component (~4 GB resident with T5 8-bit / none) | ~2-7x slower |
 | sequential CPU offload | nearly all weights (layer by layer) | much slower again (~7x on SD1.5) |
-| T5 in 8-bit (bitsandbytes: CUDA, CPU) | ~4 GB in fp16, ~11 GB in fp32 (`wo` stays as is) | ~4 % on a GPU |
+| T5 in 8-bit (bitsandbytes: CUDA, CPU) | ~3.6 GB in fp16, ~11 GB in fp32 (`wo` stays) | ~4 % on a GPU |
 | no T5 | ~9.5 GB | a different image (the context loses T5's tokens) |
 | VAE tiling | the 2048² decode peak (10 GB → ~4.4 GB) | ~35 % more decode FLOPs |
 | attention slicing | the attention matrix at 2048² where SDPA materialises it (MPS) | a little speed |

@@ -78,9 +78,10 @@ def guided_denoiser(predict: Predict, *, cfg: float, ranges: tuple[CondRange, ..
         if not uncond_parts:
             return cfg * cond
         uncond = uncond_parts[0]
-        for part in uncond_parts[1:]:
-            uncond = uncond + part
-        uncond = uncond / len(uncond_parts)
+        if len(uncond_parts) > 1:  # x / 1 is x bit for bit: skip a full-latent op on most steps
+            for part in uncond_parts[1:]:
+                uncond = uncond + part
+            uncond = uncond / len(uncond_parts)
         return uncond + cfg * (cond - uncond)
 
     return denoise
