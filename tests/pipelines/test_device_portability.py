@@ -1,0 +1,50 @@
+"""What Apple's MPS backend refuses, checked on the CPU: no float64 tensor anywhere in a generation.
+
+MPS has no float64 (performance.md §5): a single double tensor moved to the device fails there.
+ComfyUI's sampler math is float32 throughout and ours follows it; this test watches every op of
+a whole generation, for every scheduler name the API accepts, and fails on the first float64
+result, wherever it was made (CPU-side sigmas and noise are moved to the device too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from pipelines.request import GenerationRequest
+from schedulers.names import public_names
+from server.app import Runtime
+
+
+class Float64Watch(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tree_flatten(out)[0]):
+            self.ops.add(str(func))
+        return out
+
+
+@pytest.mark.parametrize("scheduler", public_names())
+def test_no_float64_tensor_in_a_generation(runtime: Runtime, scheduler: str) -> None:
+    request = GenerationRequest(
+        prompt="a (fox:1.2) in snow",
+        negative_prompt="blur",
+        seed=1,
+        width=256,
+        height=256,
+        steps=4,
+        scheduler=scheduler,
+        cond_start=0.1,
+    )
+    watch = Float64Watch()
+    with watch:
+        runtime.generator.generate(request)  # type: ignore[attr-defined]
+    assert not watch.ops, f"float64 results from {sorted(watch.ops)}"
