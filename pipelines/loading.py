@@ -343,7 +343,9 @@ def _load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[An
         return _from_pretrained(str(folder), spec, dtype), f"tiny random-weight SD3 ({folder})"
     if source.startswith(_RANDOM_PREFIX):
         name = source.removeprefix(_RANDOM_PREFIX)
-        pipe = _from_random(name, spec, device, dtype)
+        # Built where it will live: on the device, or on the CPU for a plan that offloads (an 8 GB
+        # card could not hold the whole architecture even for a moment).
+        pipe = _from_random(name, spec, device if spec.place_on_device else torch.device("cpu"), dtype)
         _t5_to_8bit_if_asked(pipe, spec, device)
         return pipe, f"random-weight {name} architecture (no weights loaded)"
     path = Path(source).expanduser()
