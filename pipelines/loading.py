@@ -383,6 +383,9 @@ def quiet_libraries() -> None:
     # bitsandbytes warns at import, on CPUs with AVX512-bf16, that an optional 4-bit kernel package
     # is missing; only its 8-bit layers are used here, so the warning would only mislead.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # LLM.int8 computes in fp16 by design; with an fp32 pipeline (the CPU) bitsandbytes says so on
+    # every T5 layer call, which would flood the server's log.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:

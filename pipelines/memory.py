@@ -1,17 +1,18 @@
 """The memory plan: where the weights live and which memory savers are on.
 
-SD3 Medium is ~15.4 GB of fp16 weights with T5-XXL and ~5.9 GB without (performance.md §3.5),
-so an H100 holds everything, a 24 GB card holds everything at 1024², and an 8 GB card needs
-offloading. `plan_memory` turns the user's choice — or, with `auto`, the device's free memory —
-into one `MemoryPlan`; `apply_plan` carries it out on a loaded pipeline. Each saver trades speed
-for memory, so `auto` turns on only what the free memory calls for:
+SD3 Medium is ~17.4 GB of weights in an fp16 load with T5-XXL (15.4 GB if all were fp16,
+performance.md §3.5, but transformers keeps T5's `wo` layers in fp32) and ~5.9 GB without, so an
+H100 holds everything, a 24 GB card holds everything at 1024², and an 8 GB card needs offloading.
+`plan_memory` turns the user's choice — or, with `auto`, the device's free memory — into one
+`MemoryPlan`; `apply_plan` carries it out on a loaded pipeline. Each saver trades speed for memory,
+so `auto` turns on only what the free memory calls for:
 
 | saver | saves | costs |
 | --- | --- | --- |
-| model CPU offload | all but the running component (~4 GB resident with T5 8-bit / none) | ~2-7x slower |
+| model CPU offload | all but the running component (T5: 11.5 GB, 7.9 GB in 8-bit) | ~2-7x slower |
 | sequential CPU offload | nearly all weights (layer by layer) | much slower again (~7x on SD1.5) |
 | T5 in 8-bit (bitsandbytes: CUDA, CPU) | ~3.6 GB in fp16, ~11 GB in fp32 (`wo` stays) | ~4 % on a GPU |
-| no T5 | ~9.5 GB | a different image (the context loses T5's tokens) |
+| no T5 | ~11.5 GB | a different image (the context loses T5's tokens) |
 | VAE tiling | the 2048² decode peak (10 GB → ~4.4 GB) | ~35 % more decode FLOPs |
 | attention slicing | the attention matrix at 2048² where SDPA materialises it (MPS) | a little speed |
 """
@@ -90,7 +91,7 @@ def plan_memory(
     """Choose the plan. Explicit settings win; `auto` follows performance.md §6's thresholds."""
     can_8bit = bitsandbytes_available(device)
     if mode == "auto":
-        placement, auto_t5, reason = _auto_placement(device, free_bytes, can_8bit)
+        placement, auto_t5, reason = _auto_placement(device, free_bytes, can_8bit, t5)
     else:
         placement, auto_t5, reason = mode, "full", f"--memory-mode {mode}"  # type: ignore[assignment]
     if placement != "device" and device.type == "cpu":
@@ -115,20 +116,45 @@ def _choice(value: str, *, default: bool) -> bool:
     return default if value == "auto" else value == "on"
 
 
-def _auto_placement(device: torch.device, free: int | None, can_8bit: bool) -> tuple[Placement, T5Mode, str]:
+# GiB of free device memory each plan needs for SD3 Medium in fp16 at 1024², computed from the
+# component sizes: transformer 3.78, CLIP-G 1.29, CLIP-L 0.23, VAE 0.16 GiB; T5-XXL 10.74 GiB
+# (transformers keeps its 1.0 B-parameter `wo` layers in fp32 for fp16 loads), 7.37 GiB in 8-bit
+# (int8 for all but `wo`); no T5 5.46 GiB. Resident plans add ~2 GiB of activations and VAE decode
+# (tiled below 24 GiB); under model offload the peak is the largest component on the device plus
+# its activations: T5 (+0.5 GiB at 77 tokens) or the transformer and VAE (+2 GiB). These are
+# computed, not measured on a GPU (benchmarks/gpu_check.sh measures them). Fastest plan first.
+_NEEDS_GIB: dict[T5Mode, list[tuple[Placement, float]]] = {
+    "full": [("device", 20.0), ("model_offload", 12.0)],
+    "8bit": [("device", 15.0), ("model_offload", 8.5)],
+    "off": [("device", 8.0), ("model_offload", 6.0)],
+}
+
+
+def _auto_placement(
+    device: torch.device, free: int | None, can_8bit: bool, t5: str = "auto"
+) -> tuple[Placement, T5Mode, str]:
+    """The fastest placement that fits, for the T5 asked for (`auto` never drops T5: it would change
+    the image, but takes 8-bit when bitsandbytes is there and it lets a faster placement fit)."""
     if free is None or device.type != "cuda":
         return "device", "full", f"{device.type}: everything on the device"
     gib = free / GiB
-    if gib >= 20:
-        return "device", "full", f"{gib:.0f} GiB free: everything resident"
-    if gib >= 12:
-        if can_8bit:
-            return "device", "8bit", f"{gib:.0f} GiB free: resident with T5 in 8-bit"
-        return "model_offload", "full", f"{gib:.0f} GiB free, no bitsandbytes: model offload"
-    if gib >= 5:
-        t5: T5Mode = "8bit" if can_8bit else "full"
-        return "model_offload", t5, f"{gib:.0f} GiB free: model offload"
-    return "sequential_offload", "full", f"{gib:.1f} GiB free: sequential offload"
+    if t5 == "auto":
+        modes: list[T5Mode] = ["full", "8bit"] if can_8bit else ["full"]
+    else:
+        modes = [t5]  # type: ignore[list-item]
+    options = sorted(
+        ((placement, mode, need) for mode in modes for placement, need in _NEEDS_GIB[mode]),
+        key=lambda option: (option[0] != "device", option[1] != "full"),
+    )
+    for placement, mode, need in options:
+        if gib >= need:
+            what = {"full": "T5", "8bit": "T5 in 8-bit", "off": "no T5"}[mode]
+            where = placement.replace("_", " ")
+            return placement, mode, f"{gib:.1f} GiB free: {where} with {what} needs ~{need:g}"
+    # Sequential offload streams weights layer by layer and fits nearly anything, with the T5 asked
+    # for (`auto`: the whole T5, which keeps the image exact).
+    streamed: T5Mode = "full" if t5 == "auto" else t5  # type: ignore[assignment]
+    return "sequential_offload", streamed, f"{gib:.1f} GiB free: sequential offload (the slowest plan)"
 
 
 def apply_plan(pipe: Any, plan: MemoryPlan, device: torch.device) -> None:

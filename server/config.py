@@ -46,7 +46,7 @@ class SamplingSettings(BaseModel):
 class MemorySettings(BaseModel):
     # Where the weights live: "auto" picks from the device's free memory (pipelines/memory.py).
     mode: Literal["auto", "device", "model_offload", "sequential_offload"] = "auto"
-    # T5-XXL is 9.5 GB in fp16: "8bit" (bitsandbytes, CUDA or CPU) saves ~3.6 GB; "off" saves it all but
+    # T5-XXL is 11.5 GB in an fp16 load (wo stays fp32): "8bit" (bitsandbytes) saves ~3.6 GB; "off" all but
     # changes the image (the context is then CLIP only). "auto" never drops it.
     t5: Literal["auto", "full", "8bit", "off"] = "auto"
     vae_tiling: Literal["auto", "on", "off"] = "auto"
