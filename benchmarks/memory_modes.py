@@ -30,10 +30,11 @@ MODES: dict[str, dict[str, str]] = {
     "VAE tiling + attention slicing": {"mode": "device", "vae_tiling": "on", "attention_slicing": "on"},
     "T5 in 8-bit": {"mode": "device", "t5": "8bit", "vae_tiling": "off", "attention_slicing": "off"},
     "model offload": {"mode": "model_offload", "vae_tiling": "on"},
+    "model offload, T5 on the CPU": {"mode": "model_offload", "t5_on_cpu": "on", "vae_tiling": "on"},
     "sequential offload": {"mode": "sequential_offload", "vae_tiling": "on"},
 }
 # Meaningful only with a GPU: offloading needs a device to offload from.
-OFFLOAD = {"model offload", "sequential offload"}
+OFFLOAD = {"model offload", "model offload, T5 on the CPU", "sequential offload"}
 
 
 def child(model: str, memory: dict[str, str], size: int, steps: int, data_dir: str) -> None:

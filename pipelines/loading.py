@@ -67,6 +67,8 @@ class ModelSpec:
     t5_8bit: bool = False
     # False: leave the weights on the CPU, for a memory plan that offloads them (pipelines.memory).
     place_on_device: bool = True
+    # T5 kept on the CPU by the memory plan: an 8-bit T5 is then quantized there, never on the GPU.
+    t5_on_cpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,9 @@ def _t5_in_8bit(path_or_id: str, spec: ModelSpec, dtype: torch.dtype) -> Any:
         token=spec.token,
         quantization_config=BitsAndBytesConfig(load_in_8bit=True),
         dtype=dtype,
+        # By default transformers quantizes onto the first GPU; a T5 the plan keeps on the CPU
+        # would then cross the GPU once at its full 7.9 GB, which a small card cannot hold.
+        device_map={"": "cpu"} if spec.t5_on_cpu else None,
     )
 
 
@@ -171,7 +176,7 @@ def _t5_to_8bit_if_asked(pipe: Any, spec: ModelSpec, device: torch.device) -> No
     _require_bitsandbytes()
     from pipelines.quantization import quantize_linear_8bit
 
-    quantize_linear_8bit(pipe.text_encoder_3, device)
+    quantize_linear_8bit(pipe.text_encoder_3, torch.device("cpu") if spec.t5_on_cpu else device)
 
 
 def _require_bitsandbytes() -> None:

@@ -42,10 +42,15 @@ class MemoryPlan:
     vae_tiling: bool
     attention_slicing: bool
     reason: str
+    # T5 kept and run on the CPU, out of the placement: the rest of the model then needs ~6 GiB of
+    # the GPU instead of T5's 10.7, at the price of encoding new prompts on the CPU.
+    t5_on_cpu: bool = False
 
     def describe(self) -> str:
         savers = [self.placement.replace("_", " ")]
         savers.append({"full": "T5", "8bit": "T5 in 8-bit", "off": "no T5"}[self.t5])
+        if self.t5_on_cpu and self.t5 != "off":
+            savers[-1] += " on the CPU"
         if self.vae_tiling:
             savers.append("VAE tiling")
         if self.attention_slicing:
@@ -85,15 +90,16 @@ def plan_memory(
     device: torch.device,
     free_bytes: int | None,
     t5: str = "auto",
+    t5_on_cpu: str = "auto",
     vae_tiling: str = "auto",
     attention_slicing: str = "auto",
 ) -> MemoryPlan:
-    """Choose the plan. Explicit settings win; `auto` follows performance.md §6's thresholds."""
+    """Choose the plan. Explicit settings win; `auto` takes the fastest plan whose need fits."""
     can_8bit = bitsandbytes_available(device)
     if mode == "auto":
-        placement, auto_t5, reason = _auto_placement(device, free_bytes, can_8bit, t5)
+        placement, auto_t5, auto_cpu, reason = _auto_placement(device, free_bytes, can_8bit, t5, t5_on_cpu)
     else:
-        placement, auto_t5, reason = mode, "full", f"--memory-mode {mode}"  # type: ignore[assignment]
+        placement, auto_t5, auto_cpu, reason = mode, "full", False, f"--memory-mode {mode}"  # type: ignore[assignment]
     if placement != "device" and device.type == "cpu":
         placement, reason = "device", "offloading to the CPU means nothing on a CPU device"
     chosen_t5: T5Mode = auto_t5 if t5 == "auto" else t5  # type: ignore[assignment]
@@ -102,6 +108,8 @@ def plan_memory(
             "T5 in 8-bit needs a CUDA GPU or the CPU, and bitsandbytes "
             f"(pip install 'bitsandbytes>={MIN_BITSANDBYTES}')"
         )
+    # On a CPU device T5 is on the CPU anyway; elsewhere an explicit choice wins over auto's.
+    on_cpu = device.type != "cpu" and chosen_t5 != "off" and _choice(t5_on_cpu, default=auto_cpu)
     small = free_bytes is not None and free_bytes < 24 * GiB
     tiling = _choice(vae_tiling, default=device.type != "cpu" and small)
     # SDPA on CUDA and CPU never materialises the attention matrix; MPS may, and on a small Mac a
@@ -109,7 +117,7 @@ def plan_memory(
     slicing = _choice(
         attention_slicing, default=device.type == "mps" and free_bytes is not None and free_bytes < 64 * GiB
     )
-    return MemoryPlan(placement, chosen_t5, tiling, slicing, reason)
+    return MemoryPlan(placement, chosen_t5, tiling, slicing, reason, t5_on_cpu=on_cpu)
 
 
 def _choice(value: str, *, default: bool) -> bool:
@@ -121,44 +129,68 @@ def _choice(value: str, *, default: bool) -> bool:
 # (transformers keeps its 1.0 B-parameter `wo` layers in fp32 for fp16 loads), 7.37 GiB in 8-bit
 # (int8 for all but `wo`); no T5 5.46 GiB. Resident plans add ~2 GiB of activations and VAE decode
 # (tiled below 24 GiB); under model offload the peak is the largest component on the device plus
-# its activations: T5 (+0.5 GiB at 77 tokens) or the transformer and VAE (+2 GiB). These are
-# computed, not measured on a GPU (benchmarks/gpu_check.sh measures them). Fastest plan first.
-_NEEDS_GIB: dict[T5Mode, list[tuple[Placement, float]]] = {
-    "full": [("device", 20.0), ("model_offload", 12.0)],
-    "8bit": [("device", 15.0), ("model_offload", 8.5)],
-    "off": [("device", 8.0), ("model_offload", 6.0)],
+# its activations: T5 (+0.5 GiB at 77 tokens) or the transformer and VAE (+2 GiB); with T5 on the
+# CPU only the latter. These are computed, not measured on a GPU (benchmarks/gpu_check.sh measures
+# them). Per T5 mode, fastest plan first: (placement, T5 on the CPU, GiB needed).
+_NEEDS_GIB: dict[T5Mode, list[tuple[Placement, bool, float]]] = {
+    "full": [
+        ("device", False, 20.0),
+        ("model_offload", False, 12.0),
+        ("device", True, 8.0),
+        ("model_offload", True, 6.0),
+    ],
+    "8bit": [
+        ("device", False, 15.0),
+        ("model_offload", False, 8.5),
+        ("device", True, 8.0),
+        ("model_offload", True, 6.0),
+    ],
+    "off": [("device", False, 8.0), ("model_offload", False, 6.0)],
 }
 
 
 def _auto_placement(
-    device: torch.device, free: int | None, can_8bit: bool, t5: str = "auto"
-) -> tuple[Placement, T5Mode, str]:
+    device: torch.device, free: int | None, can_8bit: bool, t5: str = "auto", t5_on_cpu: str = "auto"
+) -> tuple[Placement, T5Mode, bool, str]:
     """The fastest placement that fits, for the T5 asked for (`auto` never drops T5: it would change
-    the image, but takes 8-bit when bitsandbytes is there and it lets a faster placement fit)."""
+    the image, but takes 8-bit when bitsandbytes is there and it lets a faster placement fit).
+
+    Keeping T5 on the CPU comes after every plan that fits it on the GPU: a new prompt is then
+    encoded on the CPU (seconds; the prompt cache makes repeats free), which still beats streaming
+    the whole model layer by layer at every step.
+    """
     if free is None or device.type != "cuda":
-        return "device", "full", f"{device.type}: everything on the device"
+        return "device", "full", False, f"{device.type}: everything on the device"
     gib = free / GiB
     if t5 == "auto":
         modes: list[T5Mode] = ["full", "8bit"] if can_8bit else ["full"]
     else:
         modes = [t5]  # type: ignore[list-item]
     options = sorted(
-        ((placement, mode, need) for mode in modes for placement, need in _NEEDS_GIB[mode]),
-        key=lambda option: (option[0] != "device", option[1] != "full"),
+        ((placement, mode, cpu, need) for mode in modes for placement, cpu, need in _NEEDS_GIB[mode]),
+        key=lambda option: (option[2], option[0] != "device", option[1] != "full"),
     )
-    for placement, mode, need in options:
+    for placement, mode, cpu, need in options:
+        if mode != "off" and (cpu and t5_on_cpu == "off" or not cpu and t5_on_cpu == "on"):
+            continue
         if gib >= need:
-            what = {"full": "T5", "8bit": "T5 in 8-bit", "off": "no T5"}[mode]
+            what = {"full": "T5", "8bit": "T5 in 8-bit", "off": "no T5"}[mode] + (
+                " on the CPU" if cpu else ""
+            )
             where = placement.replace("_", " ")
-            return placement, mode, f"{gib:.1f} GiB free: {where} with {what} needs ~{need:g}"
+            return placement, mode, cpu, f"{gib:.1f} GiB free: {where} with {what} needs ~{need:g}"
     # Sequential offload streams weights layer by layer and fits nearly anything, with the T5 asked
     # for (`auto`: the whole T5, which keeps the image exact).
     streamed: T5Mode = "full" if t5 == "auto" else t5  # type: ignore[assignment]
-    return "sequential_offload", streamed, f"{gib:.1f} GiB free: sequential offload (the slowest plan)"
+    return "sequential_offload", streamed, False, f"{gib:.1f} GiB free: sequential offload (the slowest plan)"
 
 
 def apply_plan(pipe: Any, plan: MemoryPlan, device: torch.device) -> None:
     """Place a freshly loaded pipeline (still on the CPU) as the plan says."""
+    t5 = pipe.text_encoder_3 if plan.t5_on_cpu else None
+    if t5 is not None:
+        # Out of the pipeline while the rest is placed, so that no offload hook or move takes it.
+        pipe.text_encoder_3 = None
     if plan.placement == "model_offload":
         pipe.enable_model_cpu_offload(device=device)
     elif plan.placement == "sequential_offload":
@@ -174,6 +206,8 @@ def apply_plan(pipe: Any, plan: MemoryPlan, device: torch.device) -> None:
     if plan.attention_slicing:
         # The VAE's own attention runs at the latent's resolution; tiling is what bounds it.
         pipe.transformer.set_attn_processor(SlicedJointAttnProcessor())
+    if t5 is not None:
+        pipe.text_encoder_3 = t5.to("cpu")
     log.info("memory plan: %s", plan.describe())
 
 

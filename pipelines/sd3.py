@@ -81,8 +81,12 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...] | None:
 
 
 class SD3Generator:
-    def __init__(self, model: LoadedModel, options: SamplingOptions | None = None) -> None:
+    def __init__(
+        self, model: LoadedModel, options: SamplingOptions | None = None, *, t5_on_cpu: bool = False
+    ) -> None:
         self.model = model
+        # The memory plan may keep T5 on the CPU (pipelines.memory): it then runs there.
+        self.t5_device = torch.device("cpu") if t5_on_cpu else None
         self.pipe = model.pipe
         self.options = options or SamplingOptions()
         self._tokenizer_lock = threading.Lock()
@@ -110,6 +114,7 @@ class SD3Generator:
                 device=self.device,
                 dtype=self.pipe.text_encoder.dtype,
                 t5_min_length=self.options.max_sequence_length,
+                t5_device=self.t5_device,
             )
         return Conditioning(context, pooled)
 

@@ -228,13 +228,20 @@ def _encode_t5(
 
 @torch.inference_mode()
 def encode_prompt(
-    pipe: Any, text: str, *, device: torch.device, dtype: torch.dtype, t5_min_length: int = 77
+    pipe: Any,
+    text: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    t5_min_length: int = 77,
+    t5_device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SD3's (context [1, L, D], pooled [1, P]) for one prompt, as ComfyUI encodes it.
 
     `pipe` is a diffusers `StableDiffusion3Pipeline` (its tokenizers, text encoders and the
     transformer's config are used). L = 77 · CLIP chunks + T5 length (≥ t5_min_length), or
-    77 · CLIP chunks without T5, so two prompts may give different L.
+    77 · CLIP chunks without T5, so two prompts may give different L. `t5_device`: where T5 runs
+    when the memory plan keeps it off the accelerator (its output joins the rest on `device`).
     """
     segments = parse_weights(text)
     l_hidden, l_pooled = _encode_clip(pipe.text_encoder, pipe.tokenizer, segments, device)
@@ -249,7 +256,8 @@ def encode_prompt(
         width = int(pipe.transformer.config.joint_attention_dim)
         context = F.pad(clip, (0, width - clip.shape[-1]))
     else:
-        t5 = _encode_t5(pipe.text_encoder_3, pipe.tokenizer_3, segments, device, t5_min_length)
+        t5 = _encode_t5(pipe.text_encoder_3, pipe.tokenizer_3, segments, t5_device or device, t5_min_length)
+        t5 = t5.to(device)
         context = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=1)
     pooled = torch.cat([l_pooled, g_pooled], dim=-1)
     return context.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)

@@ -54,7 +54,8 @@ def model_spec(settings: Settings, plan: MemoryPlan) -> ModelSpec:
         token=model.hf_token.get_secret_value() if model.hf_token else None,
         load_t5=plan.t5 != "off",
         t5_8bit=plan.t5 == "8bit",
-        place_on_device=plan.placement == "device",
+        place_on_device=plan.placement == "device" and not plan.t5_on_cpu,
+        t5_on_cpu=plan.t5_on_cpu,
     )
 
 
@@ -67,6 +68,7 @@ def memory_plan(settings: Settings) -> MemoryPlan:
             device=device,
             free_bytes=free_memory(device),
             t5=memory.t5,
+            t5_on_cpu=memory.t5_on_cpu,
             vae_tiling=memory.vae_tiling,
             attention_slicing=memory.attention_slicing,
         )
@@ -88,6 +90,7 @@ def load_runtime(settings: Settings) -> Runtime:
             max_sequence_length=sampling.max_sequence_length,
             prompt_cache_bytes=settings.memory.prompt_cache_mb * 2**20,
         ),
+        t5_on_cpu=plan.t5_on_cpu,
     )
     perf = settings.performance
     speed_up(

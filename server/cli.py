@@ -73,6 +73,13 @@ MemoryMode = Annotated[
         help="auto | device | model_offload | sequential_offload [SD3_MEMORY__MODE]",
     ),
 ]
+T5OnCpu = Annotated[
+    str | None,
+    typer.Option(
+        "--t5-on-cpu",
+        help="auto | on | off: run T5 on the CPU, out of the GPU's plan [SD3_MEMORY__T5_ON_CPU]",
+    ),
+]
 VaeTiling = Annotated[str | None, typer.Option(help="auto | on | off [SD3_MEMORY__VAE_TILING]")]
 AttentionSlicing = Annotated[str | None, typer.Option(help="auto | on | off [SD3_MEMORY__ATTENTION_SLICING]")]
 
@@ -84,9 +91,11 @@ def memory_overrides(
     memory_mode: str | None,
     vae_tiling: str | None,
     attention_slicing: str | None,
+    t5_on_cpu: str | None = None,
 ) -> dict[str, Any]:
     return {
         "memory__t5": "off" if no_t5 else t5,
+        "memory__t5_on_cpu": t5_on_cpu,
         "memory__mode": memory_mode,
         "memory__vae_tiling": vae_tiling,
         "memory__attention_slicing": attention_slicing,
@@ -138,6 +147,7 @@ def serve(
     dtype: Dtype = None,
     t5: T5 = None,
     no_t5: NoT5 = False,
+    t5_on_cpu: T5OnCpu = None,
     memory_mode: MemoryMode = None,
     vae_tiling: VaeTiling = None,
     attention_slicing: AttentionSlicing = None,
@@ -220,6 +230,7 @@ def serve(
         **memory_overrides(
             t5=t5,
             no_t5=no_t5,
+            t5_on_cpu=t5_on_cpu,
             memory_mode=memory_mode,
             vae_tiling=vae_tiling,
             attention_slicing=attention_slicing,
@@ -274,6 +285,7 @@ def generate(
     dtype: Dtype = None,
     t5: T5 = None,
     no_t5: NoT5 = False,
+    t5_on_cpu: T5OnCpu = None,
     memory_mode: MemoryMode = None,
     vae_tiling: VaeTiling = None,
     attention_slicing: AttentionSlicing = None,
@@ -298,6 +310,7 @@ def generate(
         **memory_overrides(
             t5=t5,
             no_t5=no_t5,
+            t5_on_cpu=t5_on_cpu,
             memory_mode=memory_mode,
             vae_tiling=vae_tiling,
             attention_slicing=attention_slicing,

@@ -49,6 +49,10 @@ class MemorySettings(BaseModel):
     # T5-XXL is 11.5 GB in an fp16 load (wo stays fp32): "8bit" (bitsandbytes) saves ~3.6 GB; "off" all but
     # changes the image (the context is then CLIP only). "auto" never drops it.
     t5: Literal["auto", "full", "8bit", "off"] = "auto"
+    # Keep T5 on the CPU and run it there, out of the GPU plan: an 8 GB card can then keep T5 under
+    # model offload; a new prompt is encoded on the CPU (seconds; repeats come from the cache).
+    # "auto": only when no plan fits T5 on the GPU.
+    t5_on_cpu: Literal["auto", "on", "off"] = "auto"
     vae_tiling: Literal["auto", "on", "off"] = "auto"
     attention_slicing: Literal["auto", "on", "off"] = "auto"
     # Encoded prompts kept for reuse (performance.md §4.2: ~1.3 MB per prompt at 154 tokens in fp16).

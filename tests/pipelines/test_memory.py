@@ -15,9 +15,9 @@ CUDA = torch.device("cuda")
 
 @pytest.mark.parametrize(
     ("free_gib", "placement"),
-    # T5 alone is 10.7 GiB in fp16 (its `wo` layers stay fp32), so model offload with T5 needs ~12 GiB:
-    # an 8 GB card keeps T5 only by streaming it.
-    [(80, "device"), (24, "device"), (16, "model_offload"), (12, "model_offload"), (8, "sequential_offload")],
+    # T5 alone is 10.7 GiB in fp16 (its `wo` layers stay fp32), so model offload with T5 on the GPU
+    # needs ~12 GiB; below that T5 runs on the CPU, and below ~6 GiB everything is streamed.
+    [(80, "device"), (24, "device"), (16, "model_offload"), (12, "model_offload"), (4, "sequential_offload")],
 )
 def test_auto_follows_free_memory_on_cuda(free_gib: float, placement: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: False)
@@ -35,7 +35,7 @@ def test_auto_follows_free_memory_on_cuda(free_gib: float, placement: str, monke
         (16, "device", "8bit"),  # resident beats offloading, and fits only with T5 in 8-bit
         (13, "model_offload", "full"),  # both T5s fit under offload: the exact one
         (10, "model_offload", "8bit"),  # only the 8-bit T5 fits under offload
-        (7, "sequential_offload", "full"),  # nothing with T5 fits whole: stream the exact one
+        (5, "sequential_offload", "full"),  # not even the rest fits whole: stream everything
     ],
 )
 def test_auto_takes_t5_in_8bit_only_where_it_buys_a_faster_plan(  # type: ignore[no-untyped-def]
@@ -45,6 +45,27 @@ def test_auto_takes_t5_in_8bit_only_where_it_buys_a_faster_plan(  # type: ignore
     plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB))
     assert (plan.placement, plan.t5) == (placement, t5)
     assert f"{free_gib:.1f} GiB free" in plan.reason
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "t5_on_cpu", "placement", "on_cpu"),
+    [
+        (10, "auto", "device", True),  # T5 fits nowhere on the GPU with the rest: the rest stays resident
+        (7, "auto", "model_offload", True),  # an 8 GB card: T5 on the CPU, the rest offloaded
+        (13, "auto", "model_offload", False),  # T5 fits under offload: it stays on the GPU
+        (7, "off", "sequential_offload", False),  # T5 must stay on the GPU: stream it
+        (24, "on", "device", True),  # asked for: T5 on the CPU, the rest resident
+    ],
+)
+def test_t5_goes_to_the_cpu_only_where_no_gpu_plan_fits_it(  # type: ignore[no-untyped-def]
+    free_gib: float, t5_on_cpu: str, placement: str, on_cpu: bool, monkeypatch
+) -> None:
+    monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: False)
+    plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB), t5_on_cpu=t5_on_cpu)
+    assert (plan.placement, plan.t5, plan.t5_on_cpu) == (placement, "full", on_cpu)
+    assert ("T5 on the CPU" in plan.describe()) is on_cpu
+    # Without T5 there is nothing to put on the CPU, whatever was asked.
+    assert not plan_memory(mode="auto", device=CUDA, free_bytes=7 * GiB, t5="off", t5_on_cpu="on").t5_on_cpu
 
 
 @pytest.mark.parametrize(
