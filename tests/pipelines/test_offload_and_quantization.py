@@ -211,3 +211,11 @@ def test_the_plan_allows_8bit_on_cpu_and_cuda_only() -> None:
     assert plan_memory(mode="auto", device=CPU, free_bytes=None).t5 == "full"  # never picked unasked
     with pytest.raises(ValueError, match="bitsandbytes"):
         plan_memory(mode="auto", device=torch.device("mps"), free_bytes=32 * 2**30, t5="8bit")
+
+
+def test_t5_in_8bit_under_sequential_offload(tiny_dir: Path, t5_8bit: LoadedModel) -> None:
+    streamed = load_tiny(tiny_dir, t5_8bit=True, place_on_device=False)
+    apply_plan(streamed.pipe, plan("sequential_offload", t5="8bit"), DEVICE)
+    run_hooks_on_cpu(streamed.pipe)
+    assert_t5_is_int8(streamed)
+    assert np.abs(images(streamed) - images(t5_8bit)).max() <= 1
