@@ -180,22 +180,10 @@ def _t5_to_8bit_if_asked(pipe: Any, spec: ModelSpec, device: torch.device) -> No
 
 
 def _require_bitsandbytes() -> None:
-    from pipelines.quantization import MIN_BITSANDBYTES
+    from pipelines.quantization import bitsandbytes_problem
 
-    try:
-        import bitsandbytes
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"T5 in 8-bit needs the bitsandbytes package: pip install 'bitsandbytes>={MIN_BITSANDBYTES}'"
-        ) from exc
-    from packaging.version import Version
-
-    if Version(bitsandbytes.__version__) < Version(MIN_BITSANDBYTES):
-        # Older releases run LLM.int8 on CUDA only, and diffusers cannot offload their 8-bit modules.
-        raise ModelLoadError(
-            f"T5 in 8-bit needs bitsandbytes>={MIN_BITSANDBYTES}, found {bitsandbytes.__version__}: "
-            f"pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'"
-        )
+    if (problem := bitsandbytes_problem()) is not None:
+        raise ModelLoadError(problem)
 
 
 def _read_single_file(path: Path) -> SingleFileContents:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from pipelines.quantization import MIN_BITSANDBYTES
+from pipelines.quantization import MIN_BITSANDBYTES, bitsandbytes_problem
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,17 @@ class MemoryPlan:
     t5_on_cpu: bool = False
 
     def describe(self) -> str:
-        savers = [self.placement.replace("_", " ")]
-        savers.append({"full": "T5", "8bit": "T5 in 8-bit", "off": "no T5"}[self.t5])
-        if self.t5_on_cpu and self.t5 != "off":
-            savers[-1] += " on the CPU"
+        savers = [self.placement.replace("_", " "), _t5_label(self.t5, on_cpu=self.t5_on_cpu)]
         if self.vae_tiling:
             savers.append("VAE tiling")
         if self.attention_slicing:
             savers.append("attention slicing")
         return f"{', '.join(savers)} ({self.reason})"
+
+
+def _t5_label(mode: T5Mode, *, on_cpu: bool) -> str:
+    label = {"full": "T5", "8bit": "T5 in 8-bit", "off": "no T5"}[mode]
+    return f"{label} on the CPU" if on_cpu and mode != "off" else label
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -71,17 +73,7 @@ def free_memory(device: torch.device) -> int | None:
 
 def bitsandbytes_available(device: torch.device) -> bool:
     """Whether LLM.int8 can run on `device`: bitsandbytes ≥ 0.48 has CUDA and CPU kernels."""
-    if device.type not in ("cuda", "cpu"):
-        return False
-    try:
-        import bitsandbytes
-    except Exception:  # ImportError, or a CUDA set-up error raised at import
-        return False
-    from packaging.version import Version
-
-    from pipelines.quantization import MIN_BITSANDBYTES
-
-    return Version(bitsandbytes.__version__) >= Version(MIN_BITSANDBYTES)
+    return device.type in ("cuda", "cpu") and bitsandbytes_problem() is None
 
 
 def plan_memory(
@@ -174,10 +166,7 @@ def _auto_placement(
         if mode != "off" and (cpu and t5_on_cpu == "off" or not cpu and t5_on_cpu == "on"):
             continue
         if gib >= need:
-            what = {"full": "T5", "8bit": "T5 in 8-bit", "off": "no T5"}[mode] + (
-                " on the CPU" if cpu else ""
-            )
-            where = placement.replace("_", " ")
+            where, what = placement.replace("_", " "), _t5_label(mode, on_cpu=cpu)
             return placement, mode, cpu, f"{gib:.1f} GiB free: {where} with {what} needs ~{need:g}"
     # Sequential offload streams weights layer by layer and fits nearly anything, with the T5 asked
     # for (`auto`: the whole T5, which keeps the image exact).

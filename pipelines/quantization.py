@@ -18,25 +18,36 @@ bitsandbytes ≥ 0.48 runs LLM.int8 on the CPU too, where T5 in fp32 would other
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 MIN_BITSANDBYTES = "0.48"
 
 
-def is_8bit(model: Any) -> bool:
-    from bitsandbytes.nn import Linear8bitLt
+def bitsandbytes_problem() -> str | None:
+    """Why T5 cannot be put in 8-bit here, as a sentence for the user; None when it can."""
+    try:
+        import bitsandbytes
+    except Exception as exc:  # ImportError, or a CUDA set-up error raised at import
+        return (
+            f"T5 in 8-bit needs bitsandbytes>={MIN_BITSANDBYTES}, which could not be imported ({exc}): "
+            f"pip install 'bitsandbytes>={MIN_BITSANDBYTES}'"
+        )
+    from packaging.version import Version
 
-    return any(isinstance(module, Linear8bitLt) for module in model.modules())
+    if Version(bitsandbytes.__version__) < Version(MIN_BITSANDBYTES):
+        # Older releases run LLM.int8 on CUDA only, and diffusers cannot offload their 8-bit modules.
+        return (
+            f"T5 in 8-bit needs bitsandbytes>={MIN_BITSANDBYTES}, found {bitsandbytes.__version__}: "
+            f"pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'"
+        )
+    return None
 
 
-def quantize_linear_8bit(model: torch.nn.Module, device: torch.device) -> int:
-    """Swap `model`'s linear layers for LLM.int8 ones quantized onto `device`; returns how many."""
+def quantize_linear_8bit(model: torch.nn.Module, device: torch.device) -> None:
+    """Swap `model`'s linear layers for LLM.int8 ones quantized onto `device`."""
     from bitsandbytes.nn import Int8Params, Linear8bitLt
 
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, torch.nn.Linear) or isinstance(child, Linear8bitLt) or name in keep:
@@ -54,5 +65,3 @@ def quantize_linear_8bit(model: torch.nn.Module, device: torch.device) -> int:
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data.to(device), requires_grad=False)
             setattr(parent, name, layer.to(device))
-            swapped += 1
-    return swapped
