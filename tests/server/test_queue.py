@@ -43,16 +43,12 @@ def make_queue(generator, **kwargs) -> WorkQueue:  # type: ignore[no-untyped-def
     )
 
 
-@pytest.fixture
-def generator(runtime: Runtime) -> SD3Generator:
-    assert isinstance(runtime.generator, SD3Generator)
-    return runtime.generator
+def queued_behind_a_blocker(blocker: Blocker, requests: list[GenerationRequest], **queue_options):  # type: ignore[no-untyped-def]
+    """Run `requests` queued while the worker is held on a first job; their results, in order.
 
-
-def test_compatible_waiting_jobs_run_as_one_batch_and_keep_their_own_images(generator: SD3Generator) -> None:
-    blocker = Blocker(generator)
-    queue = make_queue(blocker, max_batch_images=4)
-    requests = [GenerationRequest(prompt=f"a house {i}", seed=i, **SMALL) for i in range(3)]
+    They all wait together, so the worker's next batches show what the queue groups.
+    """
+    queue = make_queue(blocker, **queue_options)
 
     async def scenario():  # type: ignore[no-untyped-def]
         first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
@@ -64,9 +60,21 @@ def test_compatible_waiting_jobs_run_as_one_batch_and_keep_their_own_images(gene
         return await asyncio.gather(*waiting)
 
     try:
-        results = asyncio.run(scenario())
+        return asyncio.run(scenario())
     finally:
         queue.shutdown()
+
+
+@pytest.fixture
+def generator(runtime: Runtime) -> SD3Generator:
+    assert isinstance(runtime.generator, SD3Generator)
+    return runtime.generator
+
+
+def test_compatible_waiting_jobs_run_as_one_batch_and_keep_their_own_images(generator: SD3Generator) -> None:
+    blocker = Blocker(generator)
+    requests = [GenerationRequest(prompt=f"a house {i}", seed=i, **SMALL) for i in range(3)]
+    results = queued_behind_a_blocker(blocker, requests, max_batch_images=4)
     assert blocker.batches == [1, 3]
     for request, result in zip(requests, results, strict=True):
         assert result.seed == request.seed and result.timings["batch"] == 3
@@ -76,48 +84,20 @@ def test_compatible_waiting_jobs_run_as_one_batch_and_keep_their_own_images(gene
 
 def test_incompatible_or_stochastic_jobs_are_not_batched(generator: SD3Generator) -> None:
     blocker = Blocker(generator)
-    queue = make_queue(blocker, max_batch_images=8)
     others = [
         GenerationRequest(prompt="a", seed=1, **SMALL),
         GenerationRequest(prompt="b", seed=1, width=520, height=512, steps=10),  # another size
         GenerationRequest(prompt="c", seed=1, scheduler="Euler a", **SMALL),  # per-step noise
         GenerationRequest(prompt="d", seed=1, scheduler="Euler a", **SMALL),
     ]
-
-    async def scenario():  # type: ignore[no-untyped-def]
-        first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
-        await asyncio.to_thread(blocker.started.wait, 30)
-        waiting = [asyncio.create_task(queue.submit(r)) for r in others]
-        await asyncio.sleep(0.05)
-        blocker.release.set()
-        await first
-        await asyncio.gather(*waiting)
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        queue.shutdown()
+    queued_behind_a_blocker(blocker, others, max_batch_images=8)
     assert blocker.batches == [1, 1, 1, 1, 1]
 
 
 def test_the_batch_respects_the_image_budget(generator: SD3Generator) -> None:
     blocker = Blocker(generator)
-    queue = make_queue(blocker, max_batch_images=3)
     requests = [GenerationRequest(prompt="x", seed=i, samples=2, **SMALL) for i in range(3)]
-
-    async def scenario():  # type: ignore[no-untyped-def]
-        first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
-        await asyncio.to_thread(blocker.started.wait, 30)
-        waiting = [asyncio.create_task(queue.submit(r)) for r in requests]
-        await asyncio.sleep(0.05)
-        blocker.release.set()
-        await first
-        await asyncio.gather(*waiting)
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        queue.shutdown()
+    queued_behind_a_blocker(blocker, requests, max_batch_images=3)
     assert blocker.batches == [1, 1, 1, 1]  # 2 + 2 images would exceed 3
 
 
@@ -125,25 +105,13 @@ def test_the_pixel_budget_caps_a_batch_by_its_size(generator: SD3Generator) -> N
     blocker = Blocker(generator)
     # Two 512² images' worth of pixels: 512² jobs pair up, a 1024² job (4x the pixels) runs alone,
     # and so does a first job already over the budget by itself (3 samples).
-    queue = make_queue(blocker, max_batch_images=8, max_batch_pixels=2 * 512 * 512)
     small = [GenerationRequest(prompt="x", seed=i, **SMALL) for i in range(3)]
     large = [GenerationRequest(prompt="x", seed=i, width=1024, height=1024, steps=10) for i in range(2)]
     alone = GenerationRequest(prompt="x", seed=9, samples=3, width=512, height=512, steps=11)
-
-    async def scenario():  # type: ignore[no-untyped-def]
-        first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
-        await asyncio.to_thread(blocker.started.wait, 30)
-        waiting = [asyncio.create_task(queue.submit(r)) for r in [*small, *large, alone]]
-        await asyncio.sleep(0.05)
-        blocker.release.set()
-        await first
-        results = await asyncio.gather(*waiting)
-        assert len(results[-1].images) == 3
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        queue.shutdown()
+    results = queued_behind_a_blocker(
+        blocker, [*small, *large, alone], max_batch_images=8, max_batch_pixels=2 * 512 * 512
+    )
+    assert len(results[-1].images) == 3
     assert blocker.batches == [1, 2, 1, 1, 1, 1]
 
 
