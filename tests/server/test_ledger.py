@@ -13,6 +13,7 @@ from sqlalchemy import create_engine, select
 from server.auth import hash_key
 from server.errors import InsufficientCredits, KeyNameTaken, Unauthorized, UnknownKey
 from server.ledger import Ledger, credit_grants
+from tests.ledger_race import reserve_and_report
 from tests.postgres import postgres_url_or_skip
 
 PRICE = Decimal("0.039")
@@ -326,13 +327,7 @@ def reserve_in_process(url: str, key_id: int, attempts: int, tag: str, barrier: 
     ledger = Ledger(url)
     barrier.wait()
     for index in range(attempts):
-        try:
-            ledger.reserve(key_id=key_id, amount=PRICE, request_id=f"{tag}-{index}")
-            results.put("ok")
-        except InsufficientCredits:
-            results.put("refused")
-        except Exception as exc:
-            results.put(f"error: {exc!r}")
+        reserve_and_report(ledger, key_id=key_id, amount=PRICE, request_id=f"{tag}-{index}", results=results)
     ledger.close()
 
 

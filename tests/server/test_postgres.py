@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from server.errors import InsufficientCredits
 from server.job_store import JobStore
 from server.ledger import Ledger
 
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
     # torch and diffusers along, seconds per process.
     from server.app import Runtime
     from server.config import Settings
+from tests.ledger_race import reserve_and_report
 from tests.live import LiveServer
 from tests.postgres import postgres_url_or_skip
 
@@ -67,13 +67,7 @@ def reserve_in_process(
     ready.put(None)
     go.wait()
     for index in range(attempts):
-        try:
-            ledger.reserve(key_id=key_id, amount=PRICE, request_id=f"{tag}-{index}")
-            results.put("ok")
-        except InsufficientCredits:
-            results.put("refused")
-        except Exception as exc:
-            results.put(f"error: {exc!r}")
+        reserve_and_report(ledger, key_id=key_id, amount=PRICE, request_id=f"{tag}-{index}", results=results)
     ledger.close()
 
 
@@ -101,13 +95,9 @@ def test_threads_and_processes_racing_spend_exactly_the_balance(ledger: Ledger, 
 
     def reserve_in_thread(index: int) -> None:
         barrier.wait()
-        try:
-            ledger.reserve(key_id=record.id, amount=PRICE, request_id=f"{tag}-t{index}")
-            results.put("ok")
-        except InsufficientCredits:
-            results.put("refused")
-        except Exception as exc:
-            results.put(f"error: {exc!r}")
+        reserve_and_report(
+            ledger, key_id=record.id, amount=PRICE, request_id=f"{tag}-t{index}", results=results
+        )
 
     threads = [threading.Thread(target=reserve_in_thread, args=(index,)) for index in range(threads_count)]
     for thread in threads:
