@@ -196,13 +196,19 @@ def dpmpp_2s_ancestral_rf(model: RefDenoiser, x: Array, s: Sequence[float], nois
     return x
 
 
+def _offset_first(s: Sequence[float], first_sigma: float) -> list[float]:
+    """The SDE samplers' first-sigma offset: a schedule starting at σ ≥ 1 starts at `first_sigma`."""
+    s = list(s)
+    if s[0] >= 1:
+        s[0] = first_sigma
+    return s
+
+
 def dpmpp_2m_sde(
     model: RefDenoiser, x: Array, s: Sequence[float], noise: Sequence[Array], *, first_sigma: float
 ) -> Array:
     """Current CONST form; `first_sigma` replaces s[0] when s[0] ≥ 1 (the first-sigma offset)."""
-    s = list(s)
-    if s[0] >= 1:
-        s[0] = first_sigma
+    s = _offset_first(s, first_sigma)
 
     def lam(v: float) -> float:
         return math.log((1 - v) / v)
@@ -248,9 +254,7 @@ def dpmpp_sde(
     """DPM++ SDE, current CONST form (η = 1, r = ½), with the VE ancestral split applied to e^{−λ}.
 
     Noise is consumed in call order: the midpoint stage, then the full stage of each step."""
-    s = list(s)
-    if s[0] >= 1:
-        s[0] = first_sigma
+    s = _offset_first(s, first_sigma)
     draws = iter(noise)
     for i in range(len(s) - 1):
         denoised = model(x, s[i])
@@ -270,9 +274,7 @@ def dpmpp_3m_sde(
     model: RefDenoiser, x: Array, s: Sequence[float], noise: Sequence[Array], *, first_sigma: float
 ) -> Array:
     """DPM++ 3M SDE, current CONST form (η = 1)."""
-    s = list(s)
-    if s[0] >= 1:
-        s[0] = first_sigma
+    s = _offset_first(s, first_sigma)
     past: list[tuple[Array, float]] = []
     draws = iter(noise)
     for i in range(len(s) - 1):
