@@ -67,26 +67,30 @@ def plan(
 
 
 def run_hooks_on_cpu(pipe: Any) -> int:
-    """On the CPU, point the sequential-offload hooks at "cpu" instead of the "cpu:0" diffusers names.
+    """Count the sequential-offload hooks; on the CPU, point them at "cpu" instead of "cpu:0".
 
     diffusers always names the execution device `<type>:<index>`. On a GPU that is where the
     weight lands, so accelerate's later move of the same weight back to meta keeps it a Parameter;
     from "cpu" to "cpu:0" torch makes a copy, which comes back a plain tensor that accelerate can
-    then no longer offload. Only the CPU-as-accelerator stand-in needs this.
+    then no longer offload. Only the CPU-as-accelerator stand-in needs the repointing.
     """
-    count = 0
-    if DEVICE.type != "cpu":
-        return sum(1 for c in pipe.components.values() if isinstance(c, torch.nn.Module) for _ in c.modules())
-    for component in pipe.components.values():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        for module in component.modules():
-            hook = getattr(module, "_hf_hook", None)
-            for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
-                if isinstance(h, AlignDevicesHook):
-                    h.execution_device = CPU
-                    count += 1
-    return count
+    hooks = [
+        h
+        for component in pipe.components.values()
+        if isinstance(component, torch.nn.Module)
+        for module in component.modules()
+        for h in _hooks_of(module)
+        if isinstance(h, AlignDevicesHook)
+    ]
+    if DEVICE.type == "cpu":
+        for h in hooks:
+            h.execution_device = CPU
+    return len(hooks)
+
+
+def _hooks_of(module: torch.nn.Module) -> list[Any]:
+    hook = getattr(module, "_hf_hook", None)
+    return hook.hooks if isinstance(hook, SequentialHook) else [hook]
 
 
 def test_model_offload_hooks_drive_our_loop(tiny_dir: Path, resident: np.ndarray) -> None:
