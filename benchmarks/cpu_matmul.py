@@ -1,0 +1,67 @@
+"""How fast this CPU runs one T5-XXL feed-forward matmul, per dtype: what T5 on the CPU costs.
+
+    python benchmarks/cpu_matmul.py [--repeats 5]
+
+`--t5-on-cpu` encodes each new prompt with T5-XXL on the CPU. Its cost is dominated by matmuls of
+this shape (77 tokens x 2 rows for CFG, d_model 4096, d_ff 10240), so the rates below, times
+T5-XXL's ~0.715 TFLOP per 77-token prompt, estimate the encoding time. PyTorch's CPU speed per
+dtype depends on the instruction set (fp16 and bf16 are fast only with AVX512-FP16/-BF16 or AMX),
+which is why T5 keeps the dtype it was loaded in and this script exists to check a machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+TOKENS, D_MODEL, D_FF = 154, 4096, 10240
+T5_XXL_TFLOP_PER_PROMPT = 0.715  # performance.md §3.3: T5-XXL at 77 tokens
+
+
+def rate(run: Callable[[], object], repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return 2 * TOKENS * D_MODEL * D_FF / statistics.median(times) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"{'weights':<24} {'GFLOP/s':>9} {'s per 77-token T5-XXL prompt':>30}")
+    rows: list[tuple[str, Callable[[], object]]] = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x, w = torch.randn(TOKENS, D_MODEL, dtype=dtype), torch.randn(D_FF, D_MODEL, dtype=dtype)
+        rows.append((str(dtype).removeprefix("torch."), lambda x=x, w=w: torch.nn.functional.linear(x, w)))
+    try:
+        import bitsandbytes as bnb
+
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        layer = bnb.nn.Linear8bitLt(D_MODEL, D_FF, bias=False, has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(
+            torch.randn(D_FF, D_MODEL), requires_grad=False, has_fp16_weights=False
+        )
+        layer = layer.to("cpu")  # quantizes
+        x8 = torch.randn(TOKENS, D_MODEL)
+        rows.append(("int8 (bitsandbytes)", lambda: layer(x8)))
+    except ImportError:
+        print("(bitsandbytes not installed: no int8 row)")
+    with torch.inference_mode():
+        for name, run in rows:
+            gflops = rate(run, args.repeats)
+            print(f"{name:<24} {gflops:9.0f} {T5_XXL_TFLOP_PER_PROMPT * 1000 / gflops:30.1f}")
+
+
+if __name__ == "__main__":
+    main()
