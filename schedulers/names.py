@@ -60,9 +60,12 @@ _TABLE: tuple[SchedulerSpec, ...] = (
     SchedulerSpec("uni_pc", "uni_pc", "sgm_uniform"),
     SchedulerSpec("uni_pc_bh2", "uni_pc_bh2", "sgm_uniform"),
     SchedulerSpec("deis", "deis", "sgm_uniform"),
-    # Legacy labels of the hosted service's older models. "DPM Single" is left out: no spec says which
-    # ComfyUI sampler it would be.
+    # Legacy labels of the hosted service's older models, named after diffusers' schedulers. "DPM Single"
+    # is diffusers' single-step DPM-Solver++ (second order by default); ComfyUI has no deterministic
+    # single-step DPM-Solver++, and its nearest sampler is DPM-Solver++(2S) with ancestral noise
+    # (README.md, "Schedulers").
     SchedulerSpec("DPM Multi", "dpmpp_2m", "sgm_uniform"),
+    SchedulerSpec("DPM Single", "dpmpp_2s_ancestral", "sgm_uniform"),
     SchedulerSpec("euler_a", "euler_ancestral", "sgm_uniform"),
 )
 

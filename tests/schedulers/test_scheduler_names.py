@@ -84,6 +84,9 @@ def test_comfyui_sampler_tokens_run_that_sampler_on_sgm_uniform(token: str) -> N
 def test_legacy_labels_resolve() -> None:
     assert (resolve("DPM Multi").sampler, resolve("DPM Multi").schedule) == ("dpmpp_2m", "sgm_uniform")
     assert resolve("euler_a").sampler == "euler_ancestral"
+    # diffusers' single-step DPM-Solver++ has no deterministic twin in ComfyUI: its nearest, DPM-Solver++(2S).
+    single = resolve("DPM Single")
+    assert (single.sampler, single.schedule) == ("dpmpp_2s_ancestral", "sgm_uniform")
 
 
 def test_names_match_case_insensitively() -> None:
@@ -101,7 +104,7 @@ def test_unknown_name_raises_a_value_error_listing_the_accepted_names() -> None:
         assert name in str(raised.value)
 
 
-@pytest.mark.parametrize("name", ["DPM Single", "dpm_fast", "dpmpp_2m_sde_gpu", "UniPC Karras", ""])
+@pytest.mark.parametrize("name", ["dpm_fast", "dpmpp_2m_sde_gpu", "UniPC Karras", ""])
 def test_names_without_an_implementation_are_rejected(name: str) -> None:
     with pytest.raises(UnknownScheduler):
         resolve(name)
