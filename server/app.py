@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from pipelines.compilation import speed_up, warm_up
 from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device
@@ -143,7 +144,8 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
             queue.shutdown()
             ledger.close()
 
-    app = FastAPI(
+    # The docs pages load their scripts from the server itself: a self-hosted server often has no internet.
+    app = FastAPIOffline(
         title="sd3-server",
         summary="Segmind's Stable Diffusion 3 Medium txt2img API, on your own hardware",
         version="0.1.0",
@@ -176,7 +178,8 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
     app.include_router(segmind.router)
     app.include_router(jobs_api.router)
     app.include_router(ops.router)
-    app.include_router(admin.router)
+    # Without an admin token the admin routes answer 404, so the schema must not advertise them either.
+    app.include_router(admin.router, include_in_schema=settings.admin_token is not None)
     app.include_router(openai_api.router)
     app.include_router(outputs_api.router)
     app.include_router(playground.router)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -135,3 +136,25 @@ def test_admin_api_manages_keys_and_credits(admin_live: LiveServer) -> None:
     assert httpx.post(f"{base}/keys/nobody/disable", headers=headers).status_code == 404
     audit = httpx.get(f"{base}/audit", headers=headers).json()
     assert audit["ok"] is True and any(row["name"] == "ops-made" for row in audit["keys"])
+
+
+def test_the_docs_pages_load_every_asset_from_the_server_itself(live: LiveServer) -> None:
+    # A self-hosted server often runs without internet: /docs must not depend on a CDN.
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(f"{live.base_url}{page}").text
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html) + re.findall(r"url: *'([^']+)'", html)
+        assert assets, html
+        for asset in assets:
+            assert asset.startswith("/"), f"{page} loads {asset} from elsewhere"
+            assert httpx.get(f"{live.base_url}{asset}").status_code == 200, asset
+
+
+def test_the_schema_lists_the_admin_routes_only_when_the_admin_api_exists(
+    live: LiveServer, admin_live: LiveServer
+) -> None:
+    def admin_paths(server: LiveServer) -> list[str]:
+        paths = httpx.get(f"{server.base_url}/openapi.json").json()["paths"]
+        return [path for path in paths if path.startswith("/admin")]
+
+    assert admin_paths(live) == []
+    assert "/admin/keys" in admin_paths(admin_live)
