@@ -47,17 +47,30 @@ class MemoryPlan:
     t5_on_cpu: bool = False
 
     def describe(self) -> str:
-        savers = [self.placement.replace("_", " "), _t5_label(self.t5, on_cpu=self.t5_on_cpu)]
-        if self.vae_tiling:
-            savers.append("VAE tiling")
-        if self.attention_slicing:
-            savers.append("attention slicing")
-        return f"{', '.join(savers)} ({self.reason})"
+        """One phrase for people: where the weights live, which T5, which savers, and why."""
+        parts = [_PLACEMENT_WORDS[self.placement], _t5_words(self.t5, on_cpu=self.t5_on_cpu)]
+        flags = (("VAE tiling", self.vae_tiling), ("attention slicing", self.attention_slicing))
+        savers = [name for name, on in flags if on]
+        parts.append(" and ".join(savers) if savers else "no VAE tiling or attention slicing")
+        return f"{'; '.join(parts)} ({self.reason})"
+
+
+_PLACEMENT_WORDS: dict[Placement, str] = {
+    "device": "all weights on the device",
+    "model_offload": "model CPU offload (one component on the GPU at a time)",
+    "sequential_offload": "sequential CPU offload (weights streamed layer by layer)",
+}
 
 
 def _t5_label(mode: T5Mode, *, on_cpu: bool) -> str:
     label = {"full": "T5", "8bit": "T5 in 8-bit", "off": "no T5"}[mode]
     return f"{label} on the CPU" if on_cpu and mode != "off" else label
+
+
+def _t5_words(mode: T5Mode, *, on_cpu: bool) -> str:
+    if mode == "off":
+        return "without T5 (a CLIP-only context)"
+    return f"with {_t5_label(mode, on_cpu=on_cpu)}"
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -93,7 +106,7 @@ def plan_memory(
     else:
         placement, auto_t5, auto_cpu, reason = mode, "full", False, f"--memory-mode {mode}"  # type: ignore[assignment]
     if placement != "device" and device.type == "cpu":
-        placement, reason = "device", "offloading to the CPU means nothing on a CPU device"
+        placement, reason = "device", "on a CPU there is nothing to offload to"
     chosen_t5: T5Mode = auto_t5 if t5 == "auto" else t5  # type: ignore[assignment]
     if chosen_t5 == "8bit" and not can_8bit:
         raise ValueError(
@@ -152,7 +165,8 @@ def _auto_placement(
     the whole model layer by layer at every step.
     """
     if free is None or device.type != "cuda":
-        return "device", "full", False, f"{device.type}: everything on the device"
+        # The CPU, and MPS's unified memory, have no separate pool that offloading would spare.
+        return "device", "full", False, f"{device.type}: no separate device memory to offload from"
     gib = free / GiB
     if t5 == "auto":
         modes: list[T5Mode] = ["full", "8bit"] if can_8bit else ["full"]
@@ -166,12 +180,12 @@ def _auto_placement(
         if mode != "off" and (cpu and t5_on_cpu == "off" or not cpu and t5_on_cpu == "on"):
             continue
         if gib >= need:
-            where, what = placement.replace("_", " "), _t5_label(mode, on_cpu=cpu)
-            return placement, mode, cpu, f"{gib:.1f} GiB free: {where} with {what} needs ~{need:g}"
+            what = _t5_label(mode, on_cpu=cpu)
+            return placement, mode, cpu, f"{gib:.1f} GiB free; this plan with {what} needs ~{need:g} GiB"
     # Sequential offload streams weights layer by layer and fits nearly anything, with the T5 asked
     # for (`auto`: the whole T5, which keeps the image exact).
     streamed: T5Mode = "full" if t5 == "auto" else t5  # type: ignore[assignment]
-    return "sequential_offload", streamed, False, f"{gib:.1f} GiB free: sequential offload (the slowest plan)"
+    return "sequential_offload", streamed, False, f"{gib:.1f} GiB free: too little for any faster plan"
 
 
 def apply_plan(pipe: Any, plan: MemoryPlan, device: torch.device) -> None:

@@ -123,3 +123,21 @@ def test_sliced_attention_gives_the_same_image(runtime: Runtime) -> None:
     finally:
         transformer.set_attn_processor(original)
     assert abs(plain - sliced).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("device", "free_gib", "expected"),
+    [
+        ("cpu", None, "all weights on the device; with T5; no VAE tiling or attention slicing (cpu: "),
+        ("cuda", 7.0, "model CPU offload (one component on the GPU at a time); with T5 on the CPU; VAE"),
+        ("cuda", 2.0, "sequential CPU offload (weights streamed layer by layer); with T5; VAE tiling"),
+    ],
+)
+def test_the_plan_is_described_in_words_people_read(
+    device: str, free_gib: float | None, expected: str
+) -> None:
+    free = None if free_gib is None else int(free_gib * GiB)
+    description = plan_memory(mode="auto", device=torch.device(device), free_bytes=free).describe()
+    assert description.startswith(expected), description
+    # Not the old "device, T5 (cpu: everything on the device)": no bare setting names.
+    assert "device," not in description and "_" not in description
