@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,12 +126,31 @@ def _hub_error(source: str, exc: Exception) -> ModelLoadError:
         )
     if isinstance(exc, RevisionNotFoundError):
         return ModelLoadError(f"The revision asked for does not exist in '{source}': check --revision.")
-    if isinstance(exc, LocalEntryNotFoundError):
+    if isinstance(exc, LocalEntryNotFoundError) or _unreachable(exc):
         return ModelLoadError(
-            f"The model '{source}' is not in the local Hugging Face cache and cannot be downloaded "
-            "(offline?): connect once to download it, or pass a local diffusers folder."
+            f"The model '{source}' is not in the local Hugging Face cache and the Hub cannot be reached: "
+            f"accept its licence on https://huggingface.co/{source}, set HF_TOKEN to a token of that "
+            "account and start once online to download it (or pass a local diffusers folder or "
+            "single file); `--model tiny` runs offline with no weights."
         )
     return ModelLoadError(f"The model '{source}' could not be loaded: {exc}")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a load failed because the Hub could not be reached (diffusers wraps that in an OSError)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen: BaseException | None = exc
+    for _ in range(16):  # the cause chain is short; the bound guards against a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, (LocalEntryNotFoundError, ConnectionError, TimeoutError, socket.gaierror)):
+            return True
+        # httpx's transport errors subclass neither of the above.
+        if type(seen).__name__ in ("ConnectError", "ConnectTimeout"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _from_pretrained(path_or_id: str, spec: ModelSpec, dtype: torch.dtype) -> Any:
@@ -395,6 +415,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
         raise _hub_error(spec.source, exc) from exc
     except (OSError, ValueError) as exc:
+        if _unreachable(exc):
+            raise _hub_error(spec.source, exc) from exc
         raise ModelLoadError(f"The model '{spec.source}' could not be loaded: {exc}") from exc
     _check_clip_l_projection(pipe)
     if spec.place_on_device:

@@ -8,6 +8,8 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
+import huggingface_hub.constants
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -101,3 +103,18 @@ def test_serve_with_a_missing_model_fails_in_one_sentence(tmp_path: Path) -> Non
     result = runner.invoke(app, ["serve", "--model", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "Cannot load the model" in result.output and "Traceback" not in result.output
+
+
+def test_serve_without_a_model_says_how_to_get_the_weights_and_how_to_run_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Offline, as on a laptop on a train (and so that no test ever downloads): not in the cache.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for command in (["serve"], ["generate", "--prompt", "x", "--out", str(tmp_path / "x.jpg")]):
+        result = runner.invoke(app, [*command, "--data-dir", str(tmp_path)])
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())  # rich wraps at the terminal width
+        assert "HF_HUB" not in message and "stacktrace" not in message and "Traceback" not in message
+        for needed in ("licence", "HF_TOKEN", "--model tiny"):
+            assert needed in message, message
