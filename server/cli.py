@@ -190,7 +190,9 @@ def serve(
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error [SD3_LOG_LEVEL]")] = None,
-    log_format: Annotated[str | None, typer.Option(help="json | text [SD3_LOG_FORMAT]")] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="auto | json | text (auto: text on a terminal) [SD3_LOG_FORMAT]")
+    ] = None,
     ray: Annotated[
         bool, typer.Option("--ray", help="Serve with Ray Serve: one replica per GPU (the `ray` extra)")
     ] = False,

@@ -121,8 +121,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # One JSON object per line for log collectors, or readable text for a terminal.
-    log_format: Literal["json", "text"] = "json"
+    # One JSON object per line for log collectors, or readable text for a terminal; "auto": text when
+    # standard error is a terminal, JSON otherwise (a service manager, a container, a pipe).
+    log_format: Literal["auto", "json", "text"] = "auto"
     # Browser origins allowed to call the API (CORS). Empty: no cross-origin access.
     cors_origins: list[str] = []
     # Token of the operators' key-management API (/admin/...). Unset: that API does not exist.

@@ -9,6 +9,7 @@ API keys are never logged: the access line names the key by its name, never by i
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 
@@ -34,7 +35,10 @@ access_log = structlog.get_logger("sd3.access")
 
 
 def configure_logging(*, level: str, fmt: str) -> None:
+    """Route every logger through one handler on standard error; `fmt` is json, text or auto."""
     shared = SHARED_PROCESSORS
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "json"
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -57,6 +61,9 @@ def configure_logging(*, level: str, fmt: str) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # Alembic narrates every start-up's schema check at INFO ("Context impl SQLiteImpl", "Will assume
+    # transactional DDL"): noise for an operator. Its warnings and errors still come through.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
 
 
 class RequestContext:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import sys
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +19,7 @@ from pydantic import SecretStr
 from server.app import Runtime
 from server.config import Settings
 from server.logs import configure_logging
+from server.migrations import upgrade_to_head
 from tests.live import SLUG, SMALL, LiveServer, live_server
 
 ADMIN = "s3cret-admin-token"
@@ -158,3 +162,44 @@ def test_the_schema_lists_the_admin_routes_only_when_the_admin_api_exists(
 
     assert admin_paths(live) == []
     assert "/admin/keys" in admin_paths(admin_live)
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        yield
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        logging.getLogger("uvicorn.access").disabled = False
+        logging.getLogger("alembic").setLevel(logging.NOTSET)
+
+
+def test_auto_log_format_is_text_on_a_terminal_and_json_elsewhere(
+    restored_logging: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A real pseudo-terminal stands for the operator's terminal.
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        configure_logging(level="info", fmt="auto")
+        logging.getLogger("sd3.test").info("hello terminal")
+        terminal.flush()
+        seen = os.read(leader, 4096).decode()
+    os.close(leader)
+    assert "hello terminal" in seen and not seen.lstrip().startswith("{")
+    monkeypatch.undo()
+    configure_logging(level="info", fmt="auto")  # captured standard error is not a terminal
+    logging.getLogger("sd3.test").info("hello pipe")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert json.loads(line)["event"] == "hello pipe"
+
+
+def test_alembic_does_not_narrate_the_schema_check(
+    restored_logging: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging(level="info", fmt="json")
+    upgrade_to_head(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    assert "alembic" not in capsys.readouterr().err
