@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
+import platformdirs
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -115,7 +116,10 @@ class Settings(BaseSettings):
         env_prefix="SD3_", env_nested_delimiter="__", extra="ignore", validate_default=True
     )
 
-    data_dir: Path = Path("sd3-data")
+    # The ledger, outputs and built models. The platform's per-user data folder (on Linux
+    # ~/.local/share/sd3-server), not the current directory: a relative default made `keys create`,
+    # run from another folder, create a second, empty ledger whose keys the server then refused.
+    data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("sd3-server")))
     # Default: a SQLite file in the data dir. PostgreSQL: postgresql+psycopg://user:pass@host/db
     database_url: str | None = None
     host: str = "127.0.0.1"

@@ -118,3 +118,17 @@ def test_serve_without_a_model_says_how_to_get_the_weights_and_how_to_run_offlin
         assert "HF_HUB" not in message and "stacktrace" not in message and "Traceback" not in message
         for needed in ("licence", "HF_TOKEN", "--model tiny"):
             assert needed in message, message
+
+
+def test_the_default_data_folder_does_not_depend_on_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `keys create` run from one folder and `serve` from another must find the same ledger.
+    monkeypatch.delenv("SD3_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # where platformdirs puts it on Linux
+    folders = set()
+    for cwd in (tmp_path / "one", tmp_path / "two"):
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        folders.add(Settings().data_dir)
+    assert folders == {tmp_path / "xdg" / "sd3-server"}
