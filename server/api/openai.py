@@ -152,15 +152,6 @@ class OpenAIInvalidRequest(InvalidRequest):
         super().__init__(message)
 
 
-def _api_key(request: Request) -> str | None:
-    # OpenAI clients send `Authorization: Bearer KEY`; Segmind clients `x-api-key`. Either will do.
-    authorization = request.headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return request.headers.get("x-api-key")
-
-
 async def _read_body(request: Request) -> ImageGenerationRequest:
     raw = await request.body()
     try:
@@ -202,7 +193,7 @@ def _error_response(request: Request, exc: ApiError) -> JSONResponse:
 async def generate_images(request: Request) -> JSONResponse:
     serving: Serving = request.app.state.serving
     try:
-        key = await authenticated(request, _api_key(request))
+        key = await authenticated(request)
         # OpenAI bodies are always JSON; the content type is not checked (the SDK always sets it).
         body = await _read_body(request)
         txt2img = _to_txt2img(body)

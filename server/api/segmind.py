@@ -32,11 +32,19 @@ T = TypeVar("T")
 router = APIRouter()
 
 
-async def authenticated(request: Request, api_key: str | None = None) -> KeyRecord:
-    """The calling key (from `x-api-key` unless a surface passes the key it read elsewhere)."""
+def sent_key(request: Request) -> str | None:
+    """The key a client sent: Segmind's `x-api-key`, or `Authorization: Bearer KEY` as OpenAI's
+    clients (and many HTTP tools) send it. Every surface takes both."""
+    if key := request.headers.get("x-api-key"):
+        return key
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def authenticated(request: Request) -> KeyRecord:
+    """The calling key, from `x-api-key` or a Bearer token."""
     serving: Serving = request.app.state.serving
-    sent = api_key if api_key is not None else request.headers.get("x-api-key")
-    key = await to_thread.run_sync(authenticate, serving.ledger, sent)
+    key = await to_thread.run_sync(authenticate, serving.ledger, sent_key(request))
     remember_balance(request, key.balance)
     request.state.key_name = key.name  # for the access log: a name, never the key
     return key

@@ -146,6 +146,16 @@ def test_missing_key_is_401(live: LiveServer) -> None:
     assert_error(live.post({"prompt": "x"}, key=None), 401, "Missing Authorization or x-api-key")
 
 
+def test_a_bearer_token_is_taken_on_v1_as_on_the_openai_surface(live: LiveServer) -> None:
+    key = live.key("1")
+    url = f"{live.base_url}/v1/{SLUG}"
+    answer = httpx.post(url, json={"prompt": "bearer", **SMALL}, headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg"
+    assert Decimal(answer.headers["x-remaining-credits"]) < 1
+    wrong = httpx.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer sd3_not-a-real-key"})
+    assert_error(wrong, 401, "API key is invalid")
+
+
 def test_unknown_key_is_401(live: LiveServer) -> None:
     response = live.post({"prompt": "x"}, key="sd3_not-a-real-key")
     assert_error(response, 401, "API key is invalid")
