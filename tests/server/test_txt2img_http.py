@@ -17,15 +17,12 @@ from PIL import Image
 from server.auth import hash_key
 from tests.live import SLUG, SMALL, LiveServer
 
-SEED_PAGE = Path(__file__).resolve().parents[3] / "shared" / "seed"
+# The example request of the hosted model page, copied verbatim from the page's JavaScript snippet.
+HOSTED_PAGE_REQUEST = Path(__file__).resolve().parents[1] / "data" / "hosted_page_request.json"
 
 
 def original_request() -> dict:
-    """The JSON of the hosted model page's example, read from the copy in ../shared/seed."""
-    text = next(SEED_PAGE.glob("*.txt")).read_text()
-    start = text.index("const data = ") + len("const data = ")
-    end = text.index("; (async function")
-    return json.loads(text[start:end])
+    return json.loads(HOSTED_PAGE_REQUEST.read_text())
 
 
 def jpeg(data: bytes) -> Image.Image:
