@@ -132,3 +132,13 @@ def install_error_handlers(app: FastAPI) -> None:
         from server.schemas import describe_validation_errors
 
         return respond(request, 422, describe_validation_errors(exc.errors()), {})
+
+    # Last resort for a bug or an unexpected failure (a broken database, say): Starlette calls this
+    # outermost, outside our middleware, so the answer carries no credit headers, but it is still
+    # the contract's JSON and not Starlette's text/plain "Internal Server Error". Starlette logs
+    # the traceback after the response is sent.
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", None)
+        where = f" (request {request_id}: the server's log has the details)" if request_id else ""
+        return JSONResponse({"error": f"Internal server error{where}"}, status_code=500)

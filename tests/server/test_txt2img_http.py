@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -14,8 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from server.app import Runtime
 from server.auth import hash_key
-from tests.live import SLUG, SMALL, LiveServer
+from server.config import Settings
+from tests.live import SLUG, SMALL, LiveServer, live_server
 
 # The example request of the hosted model page, copied verbatim from the page's JavaScript snippet.
 HOSTED_PAGE_REQUEST = Path(__file__).resolve().parents[1] / "data" / "hosted_page_request.json"
@@ -281,3 +285,21 @@ def test_every_public_scheduler_name_generates_over_http(live: LiveServer) -> No
         response = live.post({"prompt": "a bridge", "scheduler": name, "seed": 9, **SMALL}, key=key)
         assert response.status_code == 200, (name, response.text)
         assert jpeg(response.content).size == (512, 512)
+
+
+def test_an_unexpected_failure_is_a_json_500(
+    settings: Settings, runtime: Runtime, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    db = tmp_path_factory.mktemp("broken") / "ledger.sqlite3"
+    for server in live_server(settings.model_copy(update={"database_url": f"sqlite:///{db}"}), runtime):
+        key = server.key("1")
+        # A real fault below the HTTP layer: the keys table is gone from under the running server.
+        with sqlite3.connect(db) as conn:
+            conn.execute("PRAGMA foreign_keys=OFF")
+            conn.execute("DROP TABLE api_keys")
+        response = server.post({"prompt": "x", **SMALL}, key=key)
+        assert response.status_code == 500
+        assert response.headers["content-type"] == "application/json"
+        assert "Internal server error" in response.json()["error"]
+        # The id of the request names it in the server's log (the traceback is logged, never sent).
+        assert re.search(r"request [0-9a-f-]{36}", response.json()["error"])
