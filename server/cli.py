@@ -187,6 +187,34 @@ def serve(
     requests_per_minute: Annotated[
         int | None, typer.Option(help="Per-key rate limit, 0 = none [SD3_LIMITS__REQUESTS_PER_MINUTE]")
     ] = None,
+    header_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds for a request's line and headers [SD3_CONNECTIONS__HEADER_TIMEOUT_S]"),
+    ] = None,
+    body_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds for a request's body after its headers [SD3_CONNECTIONS__BODY_TIMEOUT_S]"),
+    ] = None,
+    keep_alive: Annotated[
+        int | None, typer.Option(help="Seconds an idle connection stays open [SD3_CONNECTIONS__KEEP_ALIVE_S]")
+    ] = None,
+    max_header_bytes: Annotated[
+        int | None,
+        typer.Option(help="Largest request line + headers, else 431 [SD3_CONNECTIONS__MAX_HEADER_BYTES]"),
+    ] = None,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(
+            help="Open connections, all clients; keep it under `ulimit -n` [SD3_CONNECTIONS__MAX_CONNECTIONS]"
+        ),
+    ] = None,
+    max_connections_per_client: Annotated[
+        int | None,
+        typer.Option(
+            help="Open connections per client address, 0 = no cap; behind a local proxy raise it to "
+            "--max-connections [SD3_CONNECTIONS__MAX_CONNECTIONS_PER_CLIENT]"
+        ),
+    ] = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error [SD3_LOG_LEVEL]")] = None,
@@ -205,6 +233,7 @@ def serve(
     import uvicorn
 
     from server.app import create_app
+    from server.connections import uvicorn_config
 
     settings = build_settings(
         model__id=model,
@@ -223,6 +252,12 @@ def serve(
         performance__jpeg_quality=jpeg_quality,
         memory__prompt_cache_mb=prompt_cache_mb,
         limits__requests_per_minute=requests_per_minute,
+        connections__header_timeout_s=header_timeout,
+        connections__body_timeout_s=body_timeout,
+        connections__keep_alive_s=keep_alive,
+        connections__max_header_bytes=max_header_bytes,
+        connections__max_connections=max_connections,
+        connections__max_connections_per_client=max_connections_per_client,
         data_dir=data_dir,
         database_url=database_url,
         log_level=log_level,
@@ -248,14 +283,10 @@ def serve(
         return
     runtime = _load_runtime(settings)
     err.print(f"Model: {runtime.description} on {runtime.device}")
-    # log_config=None: uvicorn keeps the logging set up above (one format for every line).
-    uvicorn.run(
-        create_app(settings, runtime),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,
-    )
+    server = uvicorn.Server(uvicorn_config(create_app(settings, runtime), settings))
+    server.run()
+    if not server.started:  # uvicorn has logged why (a port in use, a failed lifespan): as uvicorn.run
+        raise typer.Exit(3)
 
 
 @app.command()
