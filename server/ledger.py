@@ -234,6 +234,17 @@ class Ledger:
     def close(self) -> None:
         self._engine.dispose()
 
+    def probe(self) -> None:
+        """Run the reads every authenticated request makes; raise the database's error if they fail.
+
+        A few page reads, not an integrity check: the key table and its hash index, the pages a
+        corrupted file or a lost table break first (docs/reliability.md, "Connections and start-up").
+        """
+        with self._engine.connect() as conn:
+            conn.execute(select(api_keys.c.id).order_by(api_keys.c.id).limit(1)).all()
+            conn.execute(select(api_keys.c.id).where(api_keys.c.key_hash == "")).all()
+            conn.execute(select(charges.c.request_id).limit(1)).all()
+
     # --- keys -------------------------------------------------------------------------------------
 
     def create_key(self, *, name: str, credits: Decimal) -> tuple[KeyRecord, str]:
