@@ -120,9 +120,23 @@ def build_settings(**overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _check_storage(settings: Settings, *, data_dir: bool) -> None:
+    """Exit 2 with one sentence when the data folder (if `data_dir`) or the SQLite ledger is unusable."""
+    from server.data_dir import StorageUnusable, check_data_dir, check_database_path
+
+    try:
+        if data_dir:
+            check_data_dir(settings)
+        check_database_path(settings)
+    except StorageUnusable as exc:
+        err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
 def _ledger(settings: Settings):  # type: ignore[no-untyped-def]
     from server.ledger import Ledger
 
+    _check_storage(settings, data_dir=False)
     return Ledger(settings.resolved_database_url)
 
 
@@ -272,6 +286,8 @@ def serve(
         ),
     )
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    # Before the model: the tiny model, outputs and the ledger are all written there.
+    _check_storage(settings, data_dir=True)
     if ray:
         # Each replica loads its own model, so the driver does not.
         try:
@@ -511,6 +527,7 @@ def db_upgrade(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> No
     from server.migrations import upgrade_to_head
 
     settings = build_settings(data_dir=data_dir, database_url=database_url)
+    _check_storage(settings, data_dir=False)
     try:
         status = upgrade_to_head(settings.resolved_database_url)
     except RuntimeError as exc:  # a database migrated by a newer release
@@ -525,6 +542,7 @@ def db_current(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> No
     from server.migrations import schema_status
 
     settings = build_settings(data_dir=data_dir, database_url=database_url)
+    _check_storage(settings, data_dir=False)
     status = schema_status(settings.resolved_database_url)
     print(status.current or "none")
     if not status.up_to_date:
