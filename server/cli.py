@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from server.config import Settings
 from server.headers import format_credits
@@ -129,7 +130,7 @@ def _check_storage(settings: Settings, *, data_dir: bool) -> None:
             check_data_dir(settings)
         check_database_path(settings)
     except StorageUnusable as exc:
-        err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+        err.print(Text(str(exc), style="red"))  # paths are text, not markup
         raise typer.Exit(2) from None
 
 
@@ -247,7 +248,7 @@ def serve(
     import uvicorn
 
     from server.app import create_app
-    from server.connections import uvicorn_config
+    from server.connections import TooFewDescriptors, ensure_descriptors, uvicorn_config
 
     settings = build_settings(
         model__id=model,
@@ -297,6 +298,11 @@ def serve(
             raise typer.Exit(2) from None
         run_ray(settings, ScaleOptions(replicas=replicas), address=ray_address)
         return
+    try:
+        ensure_descriptors(settings.connections)
+    except TooFewDescriptors as exc:
+        err.print(Text(str(exc), style="red"))
+        raise typer.Exit(2) from None
     runtime = _load_runtime(settings)
     err.print(f"Model: {runtime.description} on {runtime.device}")
     server = uvicorn.Server(uvicorn_config(create_app(settings, runtime), settings))

@@ -21,10 +21,12 @@ tests' live servers both use it, so the tests exercise the real set-up. docs/rel
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
 import time
 from collections import Counter
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -33,13 +35,28 @@ from server.config import ConnectionSettings, Settings
 
 logger = logging.getLogger("sd3.connections")
 
+
 # A plain answer written by the protocol itself (no request reached the app): `connection: close`
 # and nothing else to parse.
-_TOO_LARGE_BODY = b'{"error": "Request line and headers too large"}'
-_HEADERS_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
+def _plain_answer(status: bytes, message: str, extra: bytes = b"") -> bytes:
+    body = json.dumps({"error": message}).encode()
+    head = b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n" % status
+    return head + extra + b"content-length: %d\r\n\r\n" % len(body) + body
+
+
+_HEADERS_TOO_LARGE = _plain_answer(
+    b"431 Request Header Fields Too Large", "Request line and headers too large"
 )
+# Written to a connection over the cap as soon as it is accepted, before its request is read, and the
+# connection closed at once. A client whose request had already arrived may see a reset instead of
+# the answer (unread data turns a close into a reset): either way it was refused, and lingering to
+# read its request would let a flood of new connections hold descriptors again.
+_TOO_MANY_CONNECTIONS = _plain_answer(
+    b"503 Service Unavailable", "Too many open connections; retry later", b"retry-after: 5\r\n"
+)
+# Descriptors the process needs besides its connections: the ledger's pooled SQLite connections
+# (each with its -wal and -shm), model files, logging, the event loop.
+RESERVED_DESCRIPTORS = 128
 
 # During an attack every refused connection would log a line: one warning per this many seconds.
 _REFUSAL_LOG_INTERVAL_S = 10.0
@@ -82,6 +99,7 @@ class ConnectionGuard(asyncio.Protocol):
         if full or (per_client and cls.open_per_client[client] >= per_client):
             cls._log_refusal(client)
             # Not handed to uvicorn: this connection never reaches the app and frees its descriptor now.
+            cast(asyncio.Transport, transport).write(_TOO_MANY_CONNECTIONS)
             transport.close()
             return
         self._client_key = client
@@ -193,6 +211,34 @@ def guarded_protocol(limits: ConnectionSettings) -> type[asyncio.Protocol]:
     )
 
 
+class TooFewDescriptors(Exception):
+    """The open-file limit is below what `max_connections` needs; the message is one sentence."""
+
+
+def ensure_descriptors(limits: ConnectionSettings) -> None:
+    """Raise the soft open-file limit so that `max_connections` fits under it, or say it cannot.
+
+    The cap is only a defence if it is reached before the descriptors run out: otherwise accepting
+    fails for everyone (and the database cannot open its files) while the cap still has room.
+    """
+    if sys.platform == "win32":  # no RLIMIT_NOFILE; sockets are not bounded by it
+        return
+    import resource
+
+    needed = limits.max_connections + RESERVED_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return
+    raise TooFewDescriptors(
+        f"--max-connections {limits.max_connections} needs {needed} open files but this process may "
+        f"open {hard} (ulimit -n): lower --max-connections (SD3_CONNECTIONS__MAX_CONNECTIONS) below "
+        f"{max(hard - RESERVED_DESCRIPTORS, 1)} or raise the limit."
+    )
+
+
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     """The uvicorn configuration of `serve`, from the settings alone."""
     limits = settings.connections
@@ -204,7 +250,8 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         # No route is a WebSocket; an upgraded connection would also leave the timers above.
         ws="none",
         timeout_keep_alive=limits.keep_alive_s,
-        h11_max_incomplete_event_size=limits.max_header_bytes,
+        # A backstop only: the guard's own count (the same bytes) answers 431 before h11's 400.
+        h11_max_incomplete_event_size=2 * limits.max_header_bytes,
         lifespan="on",
         log_level=settings.log_level,
         # None: uvicorn keeps the logging set up by `configure_logging` (one format for every line).

@@ -8,11 +8,16 @@ a few seconds show what thousands would.
 
 from __future__ import annotations
 
+import os
+import resource
 import select
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, suppress
+from pathlib import Path
 
 import httpx
 import pytest
@@ -30,6 +35,7 @@ LIMITS = ConnectionSettings(
 )
 # Generous: every limit above is a few seconds; this only bounds a test that would otherwise hang.
 BOUND_S = 30
+SD3_SERVER = str(Path(sys.executable).with_name("sd3-server"))
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +63,23 @@ def partial_head(live: LiveServer, source: str, stack: ExitStack) -> socket.sock
 
 
 def closed_by_server(sock: socket.socket) -> bool:
-    """True once the server has closed it: readable, and reading gives the end (or a reset)."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    if not readable:
-        return False
-    try:
-        return sock.recv(65536) == b""
-    except ConnectionError:
-        return True
+    """True once the server has closed it: reading what has come reaches the end (or a reset)."""
+    while select.select([sock], [], [], 0)[0]:
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except ConnectionError:
+            return True
+    return False
+
+
+def everything_from(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection."""
+    sock.settimeout(BOUND_S)
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
 
 
 def health_answers(live: LiveServer) -> bool:
@@ -98,8 +113,14 @@ def test_the_total_cap_refuses_more_connections_until_the_attackers_time_out(gua
             partial_head(guarded, source, stack) for source in ("127.0.0.2", "127.0.0.3") for _ in range(20)
         ]
         # 40 open, the total cap: one more, from anyone, is closed as soon as it is accepted.
-        late = partial_head(guarded, "127.0.0.4", stack)
-        assert wait_for(lambda: closed_by_server(late), timeout=BOUND_S)
+        # (It has sent nothing yet: the answer is written before any request is read, and a request
+        # already waiting in the socket would turn the close into a reset that drops the answer.)
+        late = stack.enter_context(
+            socket.create_connection(address(guarded), source_address=("127.0.0.4", 0))
+        )
+        answer = everything_from(late)
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and b"retry-after: 5\r\n" in answer
+        assert answer.endswith(b'{"error": "Too many open connections; retry later"}')
         # The header timeout frees the server again without anyone's help.
         assert wait_for(lambda: all(closed_by_server(s) for s in attackers), timeout=BOUND_S)
     assert wait_for(lambda: health_answers(guarded), timeout=BOUND_S)
@@ -120,9 +141,7 @@ def test_headers_above_the_limit_are_431(guarded: LiveServer) -> None:
         # 10 KB of headers against a limit of 8 KB, sent at once and no more: the server reads it all,
         # so its close is a clean one and the answer is not lost to a reset.
         sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n" + b"x-filler: " + b"a" * 10_000 + b"\r\n")
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+        answer = everything_from(sock)
     assert answer.startswith(b"HTTP/1.1 431 "), answer
     assert answer.endswith(b'{"error": "Request line and headers too large"}')
 
@@ -131,3 +150,22 @@ def test_a_kept_alive_connection_serves_several_requests(guarded: LiveServer) ->
     with httpx.Client(base_url=guarded.base_url) as client:
         for _ in range(3):
             assert client.get("/health").status_code == 200
+
+
+def test_serve_refuses_a_connection_cap_above_the_open_file_limit(tmp_path: Path) -> None:
+    def low_limit() -> None:  # in the child only: 300 descriptors at most, soft and hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
+    result = subprocess.run(
+        [SD3_SERVER, "serve", "--model", "tiny", "--port", "0", "--data-dir", str(tmp_path)],
+        env={**os.environ, "SD3_CONNECTIONS__MAX_CONNECTIONS": "512"},
+        preexec_fn=low_limit,
+        capture_output=True,
+        text=True,
+        timeout=120,  # a server that did start would never return
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert "--max-connections 512 needs 640 open files but this process may open 300 (ulimit -n)" in message
+    assert "lower --max-connections (SD3_CONNECTIONS__MAX_CONNECTIONS) below 172" in message
