@@ -132,6 +132,11 @@ class ConnectionGuard(asyncio.Protocol):
         if self.cycle is not self._waiting_after:
             self._head_arrived()
             return
+        previous = self._waiting_after
+        if previous is not None and previous.more_body:
+            # The rest of a body the app answered without reading (an early 413): the parser drops
+            # it, so it costs no memory, and it is not a head. The header timer still bounds it.
+            return
         self._head_bytes += len(data)
         if self._head_bytes > type(self).limits.max_header_bytes:
             self._cancel_timers()

@@ -8,6 +8,7 @@ a few seconds show what thousands would.
 
 from __future__ import annotations
 
+import http.client
 import os
 import resource
 import select
@@ -169,3 +170,21 @@ def test_serve_refuses_a_connection_cap_above_the_open_file_limit(tmp_path: Path
     message = " ".join(result.stderr.split())
     assert "--max-connections 512 needs 640 open files but this process may open 300 (ulimit -n)" in message
     assert "lower --max-connections (SD3_CONNECTIONS__MAX_CONNECTIONS) below 172" in message
+
+
+def test_the_rest_of_an_unread_body_is_not_taken_for_a_huge_head(guarded: LiveServer) -> None:
+    # 413 from Content-Length alone, before the body is read; the client still sends the body
+    # (2 MB, far above the 8 KB head limit) and then its next request on the same connection.
+    host, port = address(guarded)
+    conn = http.client.HTTPConnection(host, port, timeout=BOUND_S)
+    try:
+        body = b" " * 2_000_000
+        conn.request("POST", f"/v1/{SLUG}", body=body, headers={"content-type": "application/json"})
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 413
+        conn.request("GET", "/health")
+        second = conn.getresponse()
+        assert second.status == 200, second.read()
+    finally:
+        conn.close()
