@@ -22,8 +22,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from server.app import Runtime
+from server.cli import app
 from server.config import ConnectionSettings, Settings
 from tests.live import SLUG, LiveServer, live_server, wait_for
 
@@ -188,3 +190,20 @@ def test_the_rest_of_an_unread_body_is_not_taken_for_a_huge_head(guarded: LiveSe
         assert second.status == 200, second.read()
     finally:
         conn.close()
+
+
+def test_serve_flags_reach_the_connection_settings(tmp_path: Path) -> None:
+    # Each flag is validated as its setting before anything starts: an impossible value is refused.
+    for flag, value in [
+        ("--header-timeout", "0"),
+        ("--body-timeout", "-1"),
+        ("--keep-alive", "0"),
+        ("--max-header-bytes", "10"),
+        ("--max-connections", "0"),
+        ("--max-connections-per-client", "-1"),
+    ]:
+        result = CliRunner().invoke(
+            app, ["serve", "--model", "tiny", "--data-dir", str(tmp_path), flag, value]
+        )
+        assert result.exit_code == 2 and "Invalid settings" in result.output, (flag, result.output)
+        assert "connections." in result.output, (flag, result.output)
