@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from server.config import Settings
 from server.headers import format_credits
@@ -120,9 +121,23 @@ def build_settings(**overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _check_storage(settings: Settings, *, data_dir: bool) -> None:
+    """Exit 2 with one sentence when the data folder (if `data_dir`) or the SQLite ledger is unusable."""
+    from server.data_dir import StorageUnusable, check_data_dir, check_database_path
+
+    try:
+        if data_dir:
+            check_data_dir(settings)
+        check_database_path(settings)
+    except StorageUnusable as exc:
+        err.print(Text(str(exc), style="red"))  # paths are text, not markup
+        raise typer.Exit(2) from None
+
+
 def _ledger(settings: Settings):  # type: ignore[no-untyped-def]
     from server.ledger import Ledger
 
+    _check_storage(settings, data_dir=False)
     return Ledger(settings.resolved_database_url)
 
 
@@ -187,6 +202,34 @@ def serve(
     requests_per_minute: Annotated[
         int | None, typer.Option(help="Per-key rate limit, 0 = none [SD3_LIMITS__REQUESTS_PER_MINUTE]")
     ] = None,
+    header_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds for a request's line and headers [SD3_CONNECTIONS__HEADER_TIMEOUT_S]"),
+    ] = None,
+    body_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds for a request's body after its headers [SD3_CONNECTIONS__BODY_TIMEOUT_S]"),
+    ] = None,
+    keep_alive: Annotated[
+        int | None, typer.Option(help="Seconds an idle connection stays open [SD3_CONNECTIONS__KEEP_ALIVE_S]")
+    ] = None,
+    max_header_bytes: Annotated[
+        int | None,
+        typer.Option(help="Largest request line + headers, else 431 [SD3_CONNECTIONS__MAX_HEADER_BYTES]"),
+    ] = None,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(
+            help="Open connections, all clients; keep it under `ulimit -n` [SD3_CONNECTIONS__MAX_CONNECTIONS]"
+        ),
+    ] = None,
+    max_connections_per_client: Annotated[
+        int | None,
+        typer.Option(
+            help="Open connections per client address, 0 = no cap; behind a local proxy raise it to "
+            "--max-connections [SD3_CONNECTIONS__MAX_CONNECTIONS_PER_CLIENT]"
+        ),
+    ] = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error [SD3_LOG_LEVEL]")] = None,
@@ -207,6 +250,7 @@ def serve(
     import uvicorn
 
     from server.app import create_app
+    from server.connections import TooFewDescriptors, ensure_descriptors, uvicorn_config
 
     settings = build_settings(
         model__id=model,
@@ -225,6 +269,12 @@ def serve(
         performance__jpeg_quality=jpeg_quality,
         memory__prompt_cache_mb=prompt_cache_mb,
         limits__requests_per_minute=requests_per_minute,
+        connections__header_timeout_s=header_timeout,
+        connections__body_timeout_s=body_timeout,
+        connections__keep_alive_s=keep_alive,
+        connections__max_header_bytes=max_header_bytes,
+        connections__max_connections=max_connections,
+        connections__max_connections_per_client=max_connections_per_client,
         data_dir=data_dir,
         database_url=database_url,
         log_level=log_level,
@@ -239,6 +289,8 @@ def serve(
         ),
     )
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    # Before the model: the tiny model, outputs and the ledger are all written there.
+    _check_storage(settings, data_dir=True)
     if ray:
         # Each replica loads its own model, so the driver does not.
         try:
@@ -248,16 +300,17 @@ def serve(
             raise typer.Exit(2) from None
         run_ray(settings, ScaleOptions(replicas=replicas), address=ray_address)
         return
+    try:
+        ensure_descriptors(settings.connections)
+    except TooFewDescriptors as exc:
+        err.print(Text(str(exc), style="red"))
+        raise typer.Exit(2) from None
     runtime = _load_runtime(settings)
     err.print(f"Model: {runtime.description} on {runtime.device}")
-    # log_config=None: uvicorn keeps the logging set up above (one format for every line).
-    uvicorn.run(
-        create_app(settings, runtime),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,
-    )
+    server = uvicorn.Server(uvicorn_config(create_app(settings, runtime), settings))
+    server.run()
+    if not server.started:  # uvicorn has logged why (a port in use, a failed lifespan): as uvicorn.run
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -482,6 +535,7 @@ def db_upgrade(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> No
     from server.migrations import upgrade_to_head
 
     settings = build_settings(data_dir=data_dir, database_url=database_url)
+    _check_storage(settings, data_dir=False)
     try:
         status = upgrade_to_head(settings.resolved_database_url)
     except RuntimeError as exc:  # a database migrated by a newer release
@@ -496,6 +550,7 @@ def db_current(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> No
     from server.migrations import schema_status
 
     settings = build_settings(data_dir=data_dir, database_url=database_url)
+    _check_storage(settings, data_dir=False)
     status = schema_status(settings.resolved_database_url)
     print(status.current or "none")
     if not status.up_to_date:

@@ -88,6 +88,33 @@ class LimitSettings(BaseModel):
     requests_per_minute: int = Field(0, ge=0)
 
 
+class ConnectionSettings(BaseModel):
+    """What one client can hold open, so that slow or idle clients cannot starve the others.
+
+    uvicorn by itself closes neither a connection that never finishes its request head nor one
+    that never finishes its body, and its `limit_concurrency` only answers 503 to requests whose
+    head is complete: partial-header connections are not counted against anything. These limits
+    are enforced by `server/connections.py` (docs/reliability.md, "Connections and start-up").
+    The defaults are meant to be safe with `--host 0.0.0.0`.
+    """
+
+    # The request line and headers must arrive within this long of the connection opening (or of
+    # the previous response on a kept-alive connection); a slowloris client is cut off after it.
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    # A request's body must arrive within this long of its head: 1 MiB in 30 s is 35 KB/s.
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # An idle kept-alive connection is closed after this long (uvicorn's own timer).
+    keep_alive_s: int = Field(5, ge=1, le=3600)
+    # Request line and headers larger than this are refused with 431 (httptools sets no bound).
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=2**24)
+    # Open connections, all clients together; one more is closed at once, before it costs a file
+    # descriptor for long. Keep it under the process's open-file limit (`ulimit -n`, often 1024).
+    max_connections: int = Field(512, ge=1)
+    # Open connections from one client address; 0 = no per-address cap. Behind a reverse proxy on
+    # the same host every connection comes from the proxy's address: raise it to max_connections.
+    max_connections_per_client: int = Field(64, ge=0)
+
+
 class PricingSettings(BaseModel):
     # Price of one 1024x1024 image at 25 steps; scaled by samples, steps and pixels (api-contract.md §4).
     price_per_image: Decimal = Decimal("0.039")
@@ -143,6 +170,7 @@ class Settings(BaseSettings):
     performance: PerformanceSettings = PerformanceSettings()
     pricing: PricingSettings = PricingSettings()
     limits: LimitSettings = LimitSettings()
+    connections: ConnectionSettings = ConnectionSettings()
     jobs: JobSettings = JobSettings()
     queue: QueueSettings = QueueSettings()
 

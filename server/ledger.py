@@ -187,7 +187,7 @@ def _sqlite_engine(url: str) -> Engine:
     if not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -204,12 +204,14 @@ def _sqlite_engine(url: str) -> Engine:
 
 
 class Ledger:
+    # Every engine is built with `hide_parameters=True`: a database error's message otherwise
+    # carries the statement's bound values (a key's hash, a request id) into the logs.
     def __init__(self, database_url: str) -> None:
         backend = make_url(database_url).get_backend_name()
         if backend == "sqlite":
             self._engine = _sqlite_engine(database_url)
         else:
-            self._engine = create_engine(database_url, pool_pre_ping=True)
+            self._engine = create_engine(database_url, pool_pre_ping=True, hide_parameters=True)
         self._create_tables()
 
     def _create_tables(self) -> None:
@@ -231,6 +233,17 @@ class Ledger:
 
     def close(self) -> None:
         self._engine.dispose()
+
+    def probe(self) -> None:
+        """Run the reads every authenticated request makes; raise the database's error if they fail.
+
+        A few page reads, not an integrity check: the key table and its hash index, the pages a
+        corrupted file or a lost table break first (docs/reliability.md, "Connections and start-up").
+        """
+        with self._engine.connect() as conn:
+            conn.execute(select(api_keys.c.id).order_by(api_keys.c.id).limit(1)).all()
+            conn.execute(select(api_keys.c.id).where(api_keys.c.key_hash == "")).all()
+            conn.execute(select(charges.c.request_id).limit(1)).all()
 
     # --- keys -------------------------------------------------------------------------------------
 

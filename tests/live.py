@@ -20,6 +20,7 @@ import uvicorn
 
 from server.app import Runtime, create_app
 from server.config import Settings
+from server.connections import uvicorn_config
 from server.ledger import Ledger
 
 SLUG = "stable-diffusion-3-medium-txt2img"
@@ -54,8 +55,9 @@ class LiveServer:
 
 def start_server(settings: Settings, runtime: Runtime) -> tuple[uvicorn.Server, threading.Thread, str]:
     app = create_app(settings, runtime)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    # The same uvicorn set-up as `serve` (connection limits included), on a free loopback port.
+    edge = settings.model_copy(update={"host": "127.0.0.1", "port": 0, "log_level": "warning"})
+    server = uvicorn.Server(uvicorn_config(app, edge))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

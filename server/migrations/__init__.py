@@ -168,9 +168,10 @@ def _engine(engine_or_url: Engine | str) -> Iterator[Engine]:
     if url.get_backend_name() == "sqlite":
         if url.database and not url.database.startswith("file:") and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True)
     else:
-        engine = create_engine(url)
+        # Bound values (hashes, ids) never go into an error message, hence the logs (server/ledger.py).
+        engine = create_engine(url, hide_parameters=True)
     try:
         yield engine
     finally:
