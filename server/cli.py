@@ -7,6 +7,8 @@ read (a new key, a balance) goes to standard output.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -236,6 +238,13 @@ def serve(
     log_format: Annotated[
         str | None, typer.Option(help="auto | json | text (auto: text on a terminal) [SD3_LOG_FORMAT]")
     ] = None,
+    starter_key: Annotated[
+        bool | None,
+        typer.Option(
+            "--starter-key/--no-starter-key",
+            help="On a ledger with no key, create one and print it once [SD3_STARTER_KEY]",
+        ),
+    ] = None,
     ray: Annotated[
         bool, typer.Option("--ray", help="Serve with Ray Serve: one replica per GPU (the `ray` extra)")
     ] = False,
@@ -246,11 +255,12 @@ def serve(
         str | None, typer.Option(help="With --ray: a Ray cluster to join [RAY_ADDRESS]")
     ] = None,
 ) -> None:
-    """Serve POST /v1/stable-diffusion-3-medium-txt2img on HOST:PORT."""
+    """Serve POST /v1/stable-diffusion-3-medium-txt2img on HOST:PORT (until Ctrl+C)."""
     import uvicorn
 
     from server.app import create_app
     from server.connections import TooFewDescriptors, ensure_descriptors, uvicorn_config
+    from server.instance_lock import InstanceBusy, instance_lock
 
     settings = build_settings(
         model__id=model,
@@ -279,6 +289,7 @@ def serve(
         database_url=database_url,
         log_level=log_level,
         log_format=log_format,
+        starter_key=starter_key,
         **memory_overrides(
             t5=t5,
             no_t5=no_t5,
@@ -305,12 +316,78 @@ def serve(
     except TooFewDescriptors as exc:
         err.print(Text(str(exc), style="red"))
         raise typer.Exit(2) from None
-    runtime = _load_runtime(settings)
-    err.print(f"Model: {runtime.description} on {runtime.device}")
-    server = uvicorn.Server(uvicorn_config(create_app(settings, runtime), settings))
-    server.run()
-    if not server.started:  # uvicorn has logged why (a port in use, a failed lifespan): as uvicorn.run
+    config = uvicorn_config(None, settings)
+    url = f"http://{settings.host}:{settings.port}"
+    with contextlib.ExitStack() as held:
+        # Both before anything is recovered (in the app's lifespan) and before the model loads, so
+        # that a second server on this folder or port exits at once and touches nothing.
+        try:
+            held.enter_context(instance_lock(settings.data_dir, settings.resolved_instance_id, listening=url))
+        except InstanceBusy as exc:
+            err.print(Text(str(exc), style="red"))
+            raise typer.Exit(2) from None
+        try:
+            sock = held.enter_context(_bound_socket(settings.host, settings.port))
+        except OSError as exc:
+            err.print(Text(f"Cannot listen on {settings.host}:{settings.port} ({exc.strerror}): pick another "
+                           "--port (SD3_PORT) or --host, or stop what uses it.", style="red"))
+            raise typer.Exit(2) from None
+        err.print(Text(f"Ledger: {_ledger_location(settings)}"))
+        if settings.starter_key:
+            _print_starter_key(settings)
+        runtime = _load_runtime(settings)
+        err.print(Text(f"Model: {runtime.description} on {runtime.device}"))
+        config.app = create_app(settings, runtime)
+        server = uvicorn.Server(config)
+        err.print(Text(f"Serving on {url}: the playground at /, the API docs at /docs. Ctrl+C stops it."))
+        server.run(sockets=[sock])
+    if not server.started:  # uvicorn has logged why (a failed lifespan): as uvicorn.run does
         raise typer.Exit(3)
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    # Bound here rather than by uvicorn, which binds only after the app's lifespan (and so after
+    # crash recovery) and exits the process on failure.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not past a live listener
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+STARTER_KEY_NAME = "starter"
+STARTER_CREDITS = Decimal(100)
+
+
+def _ledger_location(settings: Settings) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.resolved_database_url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        return url.database
+    return url.render_as_string(hide_password=True)
+
+
+def _print_starter_key(settings: Settings) -> None:
+    """On a ledger without keys, make the first one and print it: the only time it is ever shown."""
+    ledger = _ledger(settings)
+    try:
+        if ledger.list_keys():
+            err.print(Text(
+                "API keys exist in this ledger (the first was printed when it was made); "
+                "`sd3-server keys create --name NAME` makes another."
+            ))
+            return
+        _, key = ledger.create_key(name=STARTER_KEY_NAME, credits=STARTER_CREDITS)
+    finally:
+        ledger.close()
+    err.print(Text(f"Your API key, with {STARTER_CREDITS} credits (shown this once; only its hash is kept):"))
+    # Alone on standard output, as `keys create` prints a key: KEY=$(...) and log collectors see it plainly.
+    out.print(Text(key), soft_wrap=True)
 
 
 @app.command()

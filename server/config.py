@@ -163,6 +163,9 @@ class Settings(BaseSettings):
     # Names this server instance in the ledger, so that after a crash it refunds the reservations
     # it left open and no one else's. Default: host name and port, stable across restarts.
     instance_id: str | None = None
+    # On a ledger with no key at all, `serve` creates one ("starter", STARTER_CREDITS credits) and
+    # prints it, once: the quick start's `make serve` turns it on, like Jupyter's start-up token.
+    starter_key: bool = False
 
     model: ModelSettings = ModelSettings()
     sampling: SamplingSettings = SamplingSettings()
