@@ -8,9 +8,13 @@ that refuse a write as a full disk would.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import logging
 import socket
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
@@ -19,11 +23,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from pipelines.request import GenerationRequest
+from pipelines.sd3 import SD3Generator, batch_key
 from server.app import Runtime
 from server.cli import app as cli
 from server.config import Settings
 from server.job_store import JobRecord, JobStore
 from server.ledger import Ledger
+from server.queue import WorkQueue
 from tests.live import SLUG, LiveServer, live_server
 
 SLOW = {"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_steps": 100}
@@ -151,3 +158,56 @@ def test_a_finished_job_never_goes_back_to_processing(ledger: Ledger) -> None:
     assert_unchanged()
     store.requeue(["failed-first", "completed-first"])  # what a stopping server does to its v2 jobs
     assert_unchanged()
+
+
+# -- the queue ----------------------------------------------------------------------------------
+
+
+class Blocker:
+    """Holds the device on a first job until released, so that others wait behind it."""
+
+    def __init__(self, generator: SD3Generator) -> None:
+        self.generator = generator
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def generate_batch(self, requests, *, callback=None):  # type: ignore[no-untyped-def]
+        if requests[0].prompt == "block":
+            self.started.set()
+            self.release.wait(30)
+        return self.generator.generate_batch(requests, callback=callback)
+
+
+def test_jobs_whose_waiters_left_log_no_unretrieved_future_errors(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert isinstance(runtime.generator, SD3Generator)
+    blocker = Blocker(runtime.generator)
+    queue = WorkQueue(blocker, batch_key=batch_key, max_pending=16, retry_after_s=1)
+    small = {"width": 512, "height": 512, "steps": 10}
+
+    async def scenario() -> None:
+        first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **small)))
+        await asyncio.to_thread(blocker.started.wait, 30)
+        gone = [
+            asyncio.create_task(queue.submit(GenerationRequest(prompt=f"gone {i}", seed=i, **small)))
+            for i in range(3)
+        ]
+        await asyncio.sleep(0)  # they are queued
+        for task in gone:
+            task.cancel()
+        await asyncio.gather(*gone, return_exceptions=True)
+        blocker.release.set()
+        await first
+        # The device skips the cancelled jobs and resolves their futures, which nobody awaits now.
+        while queue.pending:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # the deliveries scheduled before `pending` dropped
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        try:
+            asyncio.run(scenario())
+        finally:
+            queue.shutdown()
+        gc.collect()  # an unretrieved exception is logged when its future is collected
+    assert not [record for record in caplog.records if "never retrieved" in record.getMessage()]
