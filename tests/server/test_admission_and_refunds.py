@@ -17,6 +17,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -158,6 +159,38 @@ def test_a_finished_job_never_goes_back_to_processing(ledger: Ledger) -> None:
     assert_unchanged()
     store.requeue(["failed-first", "completed-first"])  # what a stopping server does to its v2 jobs
     assert_unchanged()
+
+
+# -- the audit ----------------------------------------------------------------------------------
+
+
+def test_the_audit_fails_on_a_reservation_nothing_will_settle_or_refund(ledger: Ledger) -> None:
+    store = JobStore(ledger.engine)
+    key, _ = ledger.create_key(name="k", credits=Decimal(1))
+    new_job(store, ledger, "running", key_id=key.id)
+    new_job(store, ledger, "finished", key_id=key.id)
+    ledger.reserve(key_id=key.id, amount=Decimal("0.1"), request_id="no-job", owner="me")
+    store.started("running", seed=1)
+    store.failed("finished", error="failed, refund pending")
+    # Just now: the refund of a failure follows its status by moments, so nothing is stale yet.
+    [row] = ledger.audit()
+    assert row.ok and (row.open_reservations, row.stale_reservations) == (3, 0)
+    url = str(ledger.engine.url)
+    assert CliRunner().invoke(cli, ["credits", "audit", "--database-url", url]).exit_code == 0
+    # Ten minutes later, the failed job's and the job-less reservations are still open.
+    past = datetime.now(timezone.utc) - timedelta(minutes=10)
+    with ledger.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE jobs SET finished_at = ?, created_at = ?", (past, past))
+        conn.exec_driver_sql("UPDATE charges SET created_at = ?, updated_at = ?", (past, past))
+    [row] = ledger.audit()
+    assert row.balanced and row.stale_reservations == 2 and not row.ok
+    result = CliRunner().invoke(cli, ["credits", "audit", "--database-url", url])
+    assert result.exit_code == 1 and "Stale reservations" in result.output
+    # The running job's reservation is its request's to settle: once the others are refunded, ok.
+    ledger.refund("finished")
+    ledger.refund("no-job")
+    [row] = ledger.audit()
+    assert row.ok and (row.open_reservations, row.stale_reservations) == (1, 0)
 
 
 # -- the queue ----------------------------------------------------------------------------------
