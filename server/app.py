@@ -139,8 +139,7 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
             yield
         finally:
             purger.cancel()
-            await serving.shutdown()
-            queue.shutdown()
+            await serving.shutdown()  # stops the queue too, once the v2 jobs are put back
             ledger.close()
 
     app = FastAPI(

@@ -12,16 +12,20 @@ import asyncio
 import gc
 import json
 import logging
+import random
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pipelines.request import GenerationRequest
@@ -32,7 +36,7 @@ from server.config import Settings
 from server.job_store import JobRecord, JobStore
 from server.ledger import Ledger
 from server.queue import WorkQueue
-from tests.live import SLUG, LiveServer, live_server
+from tests.live import SLUG, SMALL, LiveServer, ServerProcess, live_server, wait_for
 
 SLOW = {"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_steps": 100}
 ROUTE = f"/v1/{SLUG}"
@@ -110,6 +114,115 @@ def audit_exit_code(live: LiveServer) -> int:
     url = live.settings.resolved_database_url
     result = CliRunner().invoke(cli, ["credits", "audit", "--database-url", url])
     return result.exit_code
+
+
+# -- admission ----------------------------------------------------------------------------------
+
+
+def test_a_client_gone_while_admission_waits_for_the_database_is_not_charged(server: LiveServer) -> None:
+    key = server.key("1")
+    with write_lock(server):
+        # The reservation waits for the lock in a worker thread; the client gives up meanwhile.
+        sock = send_and_leave(server, {"prompt": "impatient", **SMALL}, key=key)
+        time.sleep(1)  # the scenario itself: a client that waits one second, then closes
+        sock.close()
+        assert wait_for(lambda: answered(server, 499) == 1, timeout=10), "the disconnect was not seen"
+    # The lock is gone: the reservation commits now, after its client left, and must be undone.
+    assert wait_for(lambda: [job.status for job in jobs_of(server)] == ["FAILED"], timeout=30)
+    assert wait_for(lambda: open_reservations(server) == 0), "the charge stayed reserved"
+    assert server.balance_of(key) == Decimal("1")
+    assert "Cancelled" in (jobs_of(server)[0].error or "")
+    assert audit_exit_code(server) == 0
+
+
+def test_a_storm_of_clients_that_leave_early_leaves_no_reservation_open(server: LiveServer) -> None:
+    keys = [server.key("1") for _ in range(16)]
+    rng = random.Random(11)
+
+    def client(key: str, round_: int) -> None:
+        sock = send_and_leave(server, {"prompt": f"storm {round_}", **SMALL}, key=key)
+        time.sleep(rng.uniform(0.15, 0.6))
+        sock.close()
+
+    for round_ in range(ROUNDS):
+        threads = [threading.Thread(target=client, args=(key, round_)) for key in keys]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    sent = len(keys) * ROUNDS
+    assert wait_for(lambda: answered_in_all(server) == sent, timeout=120), "not every request was answered"
+    assert wait_for(lambda: open_reservations(server) == 0, timeout=60), (
+        f"{open_reservations(server)} reservation(s) left open"
+    )
+    # Every key paid exactly for what was delivered (requests that finished before their client
+    # left were generated and settled): the books balance and nothing is stale.
+    assert audit_exit_code(server) == 0
+
+
+# -- refunds off the event loop, retried until they land ----------------------------------------
+
+
+def test_a_refund_blocked_by_a_locked_database_neither_freezes_the_server_nor_is_lost(
+    server: LiveServer,
+) -> None:
+    key = server.key("1")
+    sock = send_and_leave(server, SLOW, key=key)
+    try:
+        assert wait_for(lambda: server.balance_of(key) < Decimal("1")), "the request was never admitted"
+        with write_lock(server):
+            sock.close()  # the refund now has to wait for the lock
+            assert wait_for(lambda: answered(server, 499) == 1, timeout=10), "the event loop was blocked"
+            started = time.monotonic()
+            health = httpx.get(f"{server.base_url}/health", timeout=10)
+            assert health.status_code == 200 and time.monotonic() - started < 5
+            assert server.balance_of(key) < Decimal("1")  # not refunded yet: the lock holds it
+    finally:
+        sock.close()
+    assert wait_for(lambda: server.balance_of(key) == Decimal("1"), timeout=60), "the refund was dropped"
+    assert wait_for(lambda: open_reservations(server) == 0)
+    assert audit_exit_code(server) == 0
+
+
+FULL_DISK = "SELECT RAISE(ABORT, 'database or disk is full')"
+
+
+def test_a_database_that_refuses_writes_mid_request_gives_json_and_the_refund_lands_later(
+    server: LiveServer,
+) -> None:
+    key = server.key("1")
+    transformer = server.app.state.serving.queue.generator.pipe.transformer  # type: ignore[attr-defined]
+
+    def out_of_memory(*_):  # type: ignore[no-untyped-def]
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    # The generation fails, and so does every write of its failure path: the job's status and the refund.
+    execute(
+        server,
+        f"CREATE TRIGGER full_jobs BEFORE UPDATE ON jobs BEGIN {FULL_DISK}; END",
+        "CREATE TRIGGER full_refunds BEFORE UPDATE ON charges WHEN NEW.status = 'refunded' "
+        f"BEGIN {FULL_DISK}; END",
+    )
+    handle = transformer.register_forward_pre_hook(out_of_memory)
+    try:
+        failed = server.post({"prompt": "doomed", **SMALL}, key=key)
+    finally:
+        handle.remove()
+    assert failed.status_code == 500 and failed.headers["content-type"] == "application/json"
+    assert "no credits were charged" in failed.json()["error"]
+    assert server.balance_of(key) < Decimal("1")  # the database still refuses the refund
+    execute(server, "DROP TRIGGER full_jobs", "DROP TRIGGER full_refunds")  # space is freed
+    assert wait_for(lambda: server.balance_of(key) == Decimal("1"), timeout=30), "the refund was dropped"
+    assert [job.status for job in jobs_of(server)] == ["FAILED"]
+    assert audit_exit_code(server) == 0
+
+    # A write refused at admission: nothing is charged, and the answer is JSON too.
+    execute(server, f"CREATE TRIGGER full_keys BEFORE UPDATE ON api_keys BEGIN {FULL_DISK}; END")
+    refused = server.post({"prompt": "no room", **SMALL}, key=key)
+    execute(server, "DROP TRIGGER full_keys")
+    assert refused.status_code == 503 and refused.headers["content-type"] == "application/json"
+    assert "database" in refused.json()["error"] and refused.headers["retry-after"]
+    assert server.balance_of(key) == Decimal("1")
 
 
 # -- job states ---------------------------------------------------------------------------------
@@ -191,6 +304,52 @@ def test_the_audit_fails_on_a_reservation_nothing_will_settle_or_refund(ledger: 
     ledger.refund("no-job")
     [row] = ledger.audit()
     assert row.ok and (row.open_reservations, row.stale_reservations) == (1, 0)
+
+
+# -- shutdown -----------------------------------------------------------------------------------
+
+
+def test_sigterm_keeps_accepted_v2_jobs_for_the_next_start(
+    tmp_path: Path, data_dir: Path, tiny_dir: Path
+) -> None:
+    server = ServerProcess(data_dir=data_dir, database=tmp_path / "ledger.sqlite3")
+    ledger = Ledger(server.database_url)
+    _, key = ledger.create_key(name="patient", credits=Decimal(1))
+    headers = {"x-api-key": key}
+    store = JobStore(ledger.engine)
+    server.start()
+    slow = {
+        "prompt": "survivor",
+        "img_width": 1024,
+        "img_height": 1024,
+        "num_inference_steps": 30,
+        "seed": 5,
+    }
+    running = httpx.post(f"{server.base_url}/v2/{SLUG}", json=slow, headers=headers).json()
+    waiting = httpx.post(
+        f"{server.base_url}/v2/{SLUG}", json={**slow, "num_inference_steps": 10}, headers=headers
+    ).json()
+    try:
+        assert wait_for(
+            lambda: httpx.get(running["status_url"], headers=headers).json()["status"] == "PROCESSING"
+        )
+        server.stop()  # SIGTERM: a graceful shutdown (uvicorn re-raises the signal once it is done)
+        for job in (running, waiting):
+            record = store.get(job["request_id"])
+            assert record is not None and record.status == "QUEUED", record
+            assert ledger.charge(job["request_id"]) == "reserved"  # still paid for, not refunded
+        server.start()
+        for job in (running, waiting):
+            assert wait_for(
+                lambda job=job: httpx.get(job["status_url"], headers=headers).json()["status"] == "COMPLETED",
+                timeout=240,
+            )
+        # Both jobs ran to completion after the restart and were charged once each.
+        assert ledger.list_keys()[0].balance == Decimal(1) - Decimal("0.0468") - Decimal("0.0156")
+        assert all(row.ok and row.open_reservations == 0 for row in ledger.audit())
+    finally:
+        server.stop()
+        ledger.close()
 
 
 # -- the queue ----------------------------------------------------------------------------------
