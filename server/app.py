@@ -140,8 +140,7 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
             yield
         finally:
             purger.cancel()
-            await serving.shutdown()
-            queue.shutdown()
+            await serving.shutdown()  # stops the queue too, once the v2 jobs are put back
             ledger.close()
 
     # The docs pages load their scripts from the server itself: a self-hosted server often has no internet.

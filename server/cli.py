@@ -585,10 +585,11 @@ def credits_add(
 
 @credits_app.command("audit")
 def credits_audit(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
-    """Check every key: credits granted − charged must equal its balance. Exit 1 on a mismatch."""
+    """Check every key: credits granted − charged must equal its balance, and no reservation may be
+    stale (its job finished or missing, yet the credits still held). Exit 1 on either."""
     settings = build_settings(data_dir=data_dir, database_url=database_url)
     rows = _ledger(settings).audit()
-    table = Table("name", "granted", "charged", "balance", "open reservations", "ok")
+    table = Table("name", "granted", "charged", "balance", "open reservations", "stale", "ok")
     for row in rows:
         table.add_row(
             row.name,
@@ -596,14 +597,25 @@ def credits_audit(data_dir: DataDir = None, database_url: DatabaseUrl = None) ->
             format_credits(row.charged),
             format_credits(row.balance),
             str(row.open_reservations),
+            str(row.stale_reservations),
             "yes" if row.ok else "[red]NO[/red]",
         )
     out.print(table)
-    broken = [row.name for row in rows if not row.ok]
-    if broken:
-        err.print(f"[red]Ledger mismatch for: {', '.join(broken)}[/red]")
+    unbalanced = [row.name for row in rows if not row.balanced]
+    stale = [row.name for row in rows if row.stale_reservations]
+    if unbalanced:
+        err.print(f"[red]Ledger mismatch for: {', '.join(unbalanced)}[/red]")
+    if stale:
+        err.print(
+            f"[red]Stale reservations (job finished or missing, credits still held) for: "
+            f"{', '.join(stale)}[/red]; the instance that made them refunds them when it starts again."
+        )
+    if unbalanced or stale:
         raise typer.Exit(1)
-    err.print(f"{len(rows)} key(s) audited: every balance equals its grants minus its charges.")
+    err.print(
+        f"{len(rows)} key(s) audited: every balance equals its grants minus its charges, "
+        "and every open reservation belongs to a queued or running job."
+    )
 
 
 @db_app.command("upgrade")

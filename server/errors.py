@@ -5,16 +5,20 @@ them (and Starlette's own 404/405 and FastAPI's request-validation errors) into
 `{"error": "..."}` bodies with the contract's status codes. There is deliberately no catch-all
 `Exception` handler: Starlette runs it outside our middleware, and the headers of the contract
 would be lost. Unexpected failures during generation are wrapped in `GenerationFailed` by the
-serving layer, which is where the refund happens.
+serving layer, which is where the refund happens; a failure of the database itself, wherever it
+surfaces, is a JSON 503 (`DatabaseUnavailable`), never Starlette's plain-text 500.
 """
 
 from __future__ import annotations
 
+import logging
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -91,6 +95,13 @@ class GenerationFailed(ApiError):
     default_message = "The server failed to generate the image; no credits were charged"
 
 
+class DatabaseUnavailable(ApiError):
+    # The ledger's database refused a read or write (locked past its busy timeout, disk full, gone).
+    # Whatever the request had reserved is refunded by the serving layer, retried until it lands.
+    status_code = 503
+    default_message = "The server's database is unavailable; retry later"
+
+
 class KeyNameTaken(Exception):
     """`keys create` with a name that already exists."""
 
@@ -104,6 +115,7 @@ def install_error_handlers(app: FastAPI) -> None:
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from sqlalchemy.exc import SQLAlchemyError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from server.headers import credit_headers
@@ -126,6 +138,13 @@ def install_error_handlers(app: FastAPI) -> None:
             method = request.method
             return respond(request, 405, f"Method Not Allowed: {method} is not allowed here", allow)
         return respond(request, exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        # The driver's message only: SQLAlchemy's own text carries the statement's bound parameters.
+        reason = getattr(exc, "orig", None) or type(exc).__name__
+        log.error("database failure on %s %s: %s", request.method, request.url.path, reason)
+        return respond(request, 503, DatabaseUnavailable.default_message, {"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

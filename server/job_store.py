@@ -39,6 +39,7 @@ from server.migrations import upgrade_to_head
 JobStatus = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
 Surface = Literal["v1", "v2", "openai"]
 PENDING: tuple[JobStatus, ...] = ("QUEUED", "PROCESSING")
+FINAL: tuple[JobStatus, ...] = ("COMPLETED", "FAILED")
 # Progress is written at most this often per job: a step takes milliseconds on a big GPU.
 PROGRESS_WRITE_INTERVAL_S = 0.5
 
@@ -173,16 +174,29 @@ class JobStore:
         assert record is not None
         return record
 
-    def _update(self, request_id: str, **values: Any) -> None:
+    def _update(self, request_id: str, *, when: tuple[JobStatus, ...], **values: Any) -> bool:
+        """Write `values` only while the job's status is one of `when`; whether it did.
+
+        Every transition is one conditional UPDATE, so states only move forward whatever the order
+        in which threads land: the device thread's progress write that arrives after the job was
+        failed or completed changes nothing, and a finished job is never PROCESSING again.
+        """
         with self._engine.begin() as conn:
-            conn.execute(update(jobs).where(jobs.c.request_id == request_id).values(**values))
+            matched = conn.execute(
+                update(jobs).where(jobs.c.request_id == request_id, jobs.c.status.in_(when)).values(**values)
+            ).rowcount
+        return bool(matched)
 
     def started(self, request_id: str, *, seed: int, total: int = 0) -> None:
-        """QUEUED → PROCESSING, with the first step already done when `total` is given (one write)."""
+        """QUEUED → PROCESSING, with the first step already done when `total` is given (one write).
+
+        A job resumed after a restart may still be PROCESSING from its first run: it starts again.
+        """
         with self._lock:
             self._last_progress_write[request_id] = time.monotonic()
         self._update(
             request_id,
+            when=PENDING,
             status="PROCESSING",
             seed=seed,
             started_at=_now(),
@@ -198,12 +212,13 @@ class JobStore:
             if now - last < PROGRESS_WRITE_INTERVAL_S and step + 1 < total:
                 return
             self._last_progress_write[request_id] = now
-        self._update(request_id, progress_step=step + 1, progress_total=total)
+        self._update(request_id, when=("PROCESSING",), progress_step=step + 1, progress_total=total)
 
     def completed(self, request_id: str, *, outputs: list[str], inference_s: float) -> None:
         self._forget_progress(request_id)
         self._update(
             request_id,
+            when=PENDING,
             status="COMPLETED",
             outputs=json.dumps(outputs),
             inference_s=inference_s,
@@ -211,8 +226,22 @@ class JobStore:
         )
 
     def failed(self, request_id: str, *, error: str) -> None:
+        """QUEUED or PROCESSING → FAILED; a job that already finished keeps its outcome."""
         self._forget_progress(request_id)
-        self._update(request_id, status="FAILED", error=error, finished_at=_now())
+        self._update(request_id, when=PENDING, status="FAILED", error=error, finished_at=_now())
+
+    def requeue(self, request_ids: list[str]) -> None:
+        """PROCESSING → QUEUED for jobs a stopping server hands to its next start (seed kept)."""
+        for request_id in request_ids:
+            self._forget_progress(request_id)
+            self._update(
+                request_id,
+                when=PENDING,
+                status="QUEUED",
+                started_at=None,
+                progress_step=0,
+                progress_total=0,
+            )
 
     def _forget_progress(self, request_id: str) -> None:
         with self._lock:

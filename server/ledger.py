@@ -36,11 +36,13 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    column,
     create_engine,
     event,
     func,
     insert,
     select,
+    table,
     update,
 )
 from sqlalchemy.engine import Connection, make_url
@@ -59,6 +61,10 @@ OWNER_MAX = 128
 MAX_MICRO = 2**63 - 1
 # How long a SQLite writer waits for another one before giving up ("database is locked").
 SQLITE_BUSY_TIMEOUT_S = 30.0
+# How long a reservation may stay open after its job finished (or, with no job row, after it was
+# made) before the audit calls it stale: the refund that follows a failure is a separate write,
+# retried while the database refuses it (docs/reliability.md, "Admission, cancellation and refunds").
+STALE_RESERVATION_GRACE_S = 60.0
 
 ChargeStatus = Literal["reserved", "settled", "refunded"]
 
@@ -95,6 +101,10 @@ charges = Table(
     CheckConstraint("amount_micro >= 0", name="ck_charges_amount_non_negative"),
 )
 
+# The job store's table, as far as the audit reads it. Declared here as a lightweight table rather
+# than imported: the job store builds on the ledger (server/job_store.py), not the other way round.
+_jobs = table("jobs", column("request_id"), column("status"), column("finished_at", DateTime(timezone=True)))
+
 credit_grants = Table(
     "credit_grants",
     metadata,
@@ -123,7 +133,11 @@ class AuditRow:
     charged: Decimal  # reserved or settled; refunded charges gave their amount back
     balance: Decimal
     open_reservations: int
-    ok: bool
+    # Open reservations that nothing will settle or refund any more: their job finished (or was never
+    # recorded) longer than STALE_RESERVATION_GRACE_S ago, yet the credits are still held.
+    stale_reservations: int
+    balanced: bool  # granted − charged == balance
+    ok: bool  # balanced, and no stale reservation
 
 
 def to_micro(amount: Decimal | int) -> int:
@@ -455,13 +469,29 @@ class Ledger:
             self.refund(request_id)
         return refunded
 
-    def audit(self) -> list[AuditRow]:
-        """Per key: granted − charged (reserved or settled) against the stored balance.
+    def audit(self, *, grace_s: float = STALE_RESERVATION_GRACE_S) -> list[AuditRow]:
+        """Per key: granted − charged (reserved or settled) against the balance; stale reservations.
 
-        The two always agree when the ledger is intact; a row with `ok = False` means a balance
-        was changed outside the ledger's operations.
+        The two sums always agree when the ledger is intact: a mismatch means a balance was changed
+        outside the ledger's operations. A reservation is stale when its job is final (COMPLETED or
+        FAILED) or absent, for longer than `grace_s`: then no running request will ever settle or
+        refund it, and the key is short of credits it should have. Either makes the row not ok.
         """
+        now = _now()
         with self._engine.connect() as conn:
+            stale: dict[int, int] = {}
+            for charge in conn.execute(
+                select(charges.c.key_id, charges.c.created_at, _jobs.c.status, _jobs.c.finished_at)
+                .select_from(charges.outerjoin(_jobs, _jobs.c.request_id == charges.c.request_id))
+                .where(charges.c.status == "reserved")
+            ).all():
+                if charge.status is not None and charge.status not in ("COMPLETED", "FAILED"):
+                    continue  # queued or running: its request will settle or refund it
+                since = charge.finished_at if charge.status is not None else charge.created_at
+                # A final job always has finished_at; a missing one counts from the reservation.
+                since = _utc(since if since is not None else charge.created_at)
+                if (now - since).total_seconds() > grace_s:
+                    stale[charge.key_id] = stale.get(charge.key_id, 0) + 1
             granted: dict[int, int] = dict(
                 conn.execute(
                     select(
@@ -489,6 +519,7 @@ class Ledger:
         rows = []
         for key in keys:
             expected = int(granted.get(key.id, 0)) - int(charged.get(key.id, 0))
+            balanced = expected == key.balance_micro
             rows.append(
                 AuditRow(
                     name=key.name,
@@ -496,7 +527,9 @@ class Ledger:
                     charged=from_micro(int(charged.get(key.id, 0))),
                     balance=from_micro(key.balance_micro),
                     open_reservations=int(reserved.get(key.id, 0)),
-                    ok=expected == key.balance_micro,
+                    stale_reservations=stale.get(key.id, 0),
+                    balanced=balanced,
+                    ok=balanced and not stale.get(key.id, 0),
                 )
             )
         return rows

@@ -51,6 +51,10 @@ class _Job:
                 return
             if error is not None:
                 self.future.set_exception(error)
+                # Mark it retrieved: a waiter that is still there gets it all the same, and one that
+                # went away (its shield no longer listens) must not leave asyncio logging "Future
+                # exception was never retrieved" at ERROR for every cancelled job.
+                self.future.exception()
             else:
                 self.future.set_result(result)  # type: ignore[arg-type]
 

@@ -18,7 +18,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 from anyio import to_thread
 
@@ -42,6 +43,75 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "stable-diffusion-3-medium-txt2img"
 FAILED_MESSAGE = GenerationFailed.default_message
+CANCELLED_MESSAGE = "Cancelled: the client went away or the server stopped; refunded"
+# A write the database refused (locked past its busy timeout, disk full) is tried again after this
+# long, doubling up to the cap, until it lands.
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 30.0
+# At shutdown, how long writes still being retried get to land; what is left, the next start's
+# recovery does (a reservation is refunded, an accepted v2 job resumed).
+SHUTDOWN_DRAIN_S = 10.0
+T = TypeVar("T")
+
+
+def _reason(exc: BaseException) -> str:
+    # The driver's own message ("database is locked"), not SQLAlchemy's text with the statement
+    # and its bound parameters (which may hold a key's hash).
+    return str(getattr(exc, "orig", None) or exc)
+
+
+class PendingWrites:
+    """Database writes that must land: refunds, failure and completion records.
+
+    Each runs in a worker thread, never on the event loop, in its own task, so that the cancelled
+    request that asked for it cannot interrupt it; a write the database refuses is retried with
+    backoff until it lands. Every write given here is idempotent (a refund flips `reserved` once;
+    job transitions are conditional), so running one twice is harmless.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: dict[asyncio.Task[None], str] = {}
+
+    @property
+    def pending(self) -> list[str]:
+        """The names of the writes not landed yet."""
+        return list(self._tasks.values())
+
+    def run(self, name: str, write: Callable[[], T]) -> asyncio.Future[T | None]:
+        """Start `write`; the future resolves after its first attempt: its result, or None if that
+        failed (the retries then go on in the background)."""
+        first: asyncio.Future[T | None] = asyncio.get_running_loop().create_future()
+
+        async def attempts() -> None:
+            delay = RETRY_FIRST_S
+            while True:
+                try:
+                    result = await to_thread.run_sync(write)
+                except Exception as exc:
+                    log.warning("%s did not land (%s); retrying in %.1f s", name, _reason(exc), delay)
+                    if not first.done():
+                        first.set_result(None)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
+                else:
+                    if not first.done():
+                        first.set_result(result)
+                    return
+
+        task = asyncio.create_task(attempts(), name=name)
+        self._tasks[task] = name
+        task.add_done_callback(self._tasks.pop)
+        return first
+
+    async def drain(self, timeout_s: float) -> None:
+        """Give the pending writes `timeout_s` to land, then stop retrying the rest."""
+        if not self._tasks:
+            return
+        _, left = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in left:
+            log.warning("%s still not landed at shutdown: the next start's recovery does it", task.get_name())
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
 
 
 @dataclass(frozen=True)
@@ -98,7 +168,9 @@ class Serving:
         metrics.track_queue(lambda: queue.pending)
         self.rate_limiter = RateLimiter(settings.limits.requests_per_minute)
         self.owner = settings.resolved_instance_id
-        self._background: set[asyncio.Task[None]] = set()
+        self.writes = PendingWrites()
+        self._background: dict[asyncio.Task[None], str] = {}  # running v2 jobs, by request id
+        self._stopping = False
 
     # -- start-up and admission ------------------------------------------------------------------
     async def recover(self) -> None:
@@ -120,6 +192,18 @@ class Serving:
 
     def _mark_interrupted(self, request_id: str) -> None:
         self.jobs.failed(request_id, error="Interrupted: the server stopped during generation; refunded")
+
+    def _undo_now(self, request_id: str, error: str) -> Decimal:
+        """Record the request as failed, then give its credits back; the balance after.
+
+        In this order: if only the first write lands, the next start refunds the reservation of a
+        finished job; the other order could leave a refunded v2 job QUEUED, to be run for free.
+        """
+        self.jobs.failed(request_id, error=error)
+        return self.ledger.refund(request_id)
+
+    def _undo(self, request_id: str, error: str) -> asyncio.Future[Decimal | None]:
+        return self.writes.run(f"refund {request_id}", partial(self._undo_now, request_id, error))
 
     def rate_check(self, key: KeyRecord) -> dict[str, str]:
         """Count this request against the key's rate limit; raise `RateLimited` past it."""
@@ -145,28 +229,64 @@ class Serving:
     async def _admit(
         self, key_id: int, body: Txt2ImgRequest, surface: Surface, request_id: str | None
     ) -> tuple[str, Decimal]:
-        """Reserve the price and record the request; raises InsufficientCredits (406) writing nothing."""
+        """Reserve the price and record the request; raises InsufficientCredits (406) writing nothing.
+
+        Admission and its undo are one unit that a cancellation cannot split. The writes run in
+        worker threads, which go on when the waiting request is cancelled (client gone, shutdown):
+        so the admission runs in its own task, shielded, and if it lands after its waiter left, it
+        is undone at once (job failed, credits refunded) instead of leaving a charge nobody settles.
+        """
         request_id = request_id or str(uuid.uuid4())
         cost = self.price(body)
+        admission = asyncio.ensure_future(self._reserve_and_record(key_id, body, surface, request_id, cost))
+        try:
+            await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            admission.add_done_callback(partial(self._undo_if_admitted, request_id))
+            raise
+        return request_id, cost
+
+    async def _reserve_and_record(
+        self, key_id: int, body: Txt2ImgRequest, surface: Surface, request_id: str, cost: Decimal
+    ) -> None:
         await to_thread.run_sync(
             lambda: self.ledger.reserve(key_id=key_id, amount=cost, request_id=request_id, owner=self.owner)
         )
-        await to_thread.run_sync(
-            lambda: self.jobs.create(
-                request_id=request_id,
-                key_id=key_id,
-                surface=surface,
-                model=MODEL_NAME,
-                params=body.model_dump(mode="json"),
-                cost=cost,
-                owner=self.owner,
+        try:
+            await to_thread.run_sync(
+                lambda: self.jobs.create(
+                    request_id=request_id,
+                    key_id=key_id,
+                    surface=surface,
+                    model=MODEL_NAME,
+                    params=body.model_dump(mode="json"),
+                    cost=cost,
+                    owner=self.owner,
+                )
             )
-        )
-        return request_id, cost
+        except Exception:
+            # Without its job row nobody would settle or refund the reservation until a restart.
+            # (Cancelled here only when the event loop itself is closing: then the next start's
+            # recovery refunds or resumes it, whichever of the two writes landed.)
+            self.writes.run(f"refund {request_id}", partial(self.ledger.refund, request_id))
+            raise
+
+    def _undo_if_admitted(self, request_id: str, admission: asyncio.Future[None]) -> None:
+        if admission.cancelled() or admission.exception() is not None:
+            return  # nothing was reserved, or _reserve_and_record is already giving it back
+        self.metrics.failed("cancelled")
+        self._undo(request_id, CANCELLED_MESSAGE)
 
     # -- the shared run --------------------------------------------------------------------------
     async def _run(
-        self, request_id: str, key_id: int, body: Txt2ImgRequest, seed: int | None, *, keep_outputs: bool
+        self,
+        request_id: str,
+        key_id: int,
+        body: Txt2ImgRequest,
+        seed: int | None,
+        *,
+        surface: Surface,
+        keep_outputs: bool,
     ) -> tuple[list[bytes], list[str], int, float]:
         """Generate an admitted request: settle on success; refund and record the failure otherwise."""
         seed = resolve_seed(body.seed) if seed is None else seed
@@ -188,41 +308,56 @@ class Serving:
         except ApiError as exc:  # e.g. the queue is full (429): nothing ran, the debit goes back
             self.metrics.failed("refused")
             balance = await self._fail(request_id, exc.message)
-            exc.headers[REMAINING_CREDITS] = format_credits(balance)
+            if balance is not None:
+                exc.headers[REMAINING_CREDITS] = format_credits(balance)
             raise
         except Exception as exc:  # a failure on the device: refund, and no traceback to the client
             log.exception("generation %s failed", request_id)
             self.metrics.failed("failed")
             balance = await self._fail(request_id, FAILED_MESSAGE)
-            raise GenerationFailed(headers={REMAINING_CREDITS: format_credits(balance)}) from exc
+            headers = {} if balance is None else {REMAINING_CREDITS: format_credits(balance)}
+            raise GenerationFailed(headers=headers) from exc
         except BaseException:
-            # The waiting task was cancelled (client gone, shutdown): no await is safe any more,
-            # and the refund is one short transaction, so it runs right here.
+            # The waiting task was cancelled (client gone, shutdown). The undo runs in its own task,
+            # off the event loop, retried until it lands. An accepted v2 job cancelled by a stopping
+            # server is not undone: it keeps its reservation and the next start runs it (shutdown).
             self.metrics.failed("cancelled")
-            self.ledger.refund(request_id)
-            self.jobs.failed(request_id, error="Cancelled: the client went away or the server stopped")
+            if not (surface == "v2" and self._stopping):
+                self._undo(request_id, CANCELLED_MESSAGE)
             raise
         seconds = time.perf_counter() - started
-        await to_thread.run_sync(lambda: self.ledger.settle(request_id))
         self.metrics.generated(seconds=seconds, images=len(jpegs), cost=self.price(body))
-        await to_thread.run_sync(
-            lambda: self.jobs.completed(request_id, outputs=outputs, inference_s=seconds)
-        )
+        # The images exist and their price was taken at admission: settling (reserved → settled) and
+        # the history row must land, so they go to the pending writes, which retry them if refused.
+        settle = partial(self._settle_now, request_id, outputs=outputs, seconds=seconds)
+        await asyncio.shield(self.writes.run(f"settle {request_id}", settle))
         return jpegs, outputs, seed, seconds
+
+    def _settle_now(self, request_id: str, *, outputs: list[str], seconds: float) -> None:
+        try:
+            self.ledger.settle(request_id)  # a second time (a retry) is a no-op
+        except (LookupError, ValueError):
+            # Refunded or gone behind our back: retrying cannot change that, so say it and go on.
+            log.error("the charge of %s could not be settled: it is no longer reserved", request_id)
+        self.jobs.completed(request_id, outputs=outputs, inference_s=seconds)
 
     def _progress(self, request_id: str, seed: int) -> Callable[[int, int], None]:
         def on_step(step: int, total: int) -> None:  # runs on the device thread
-            if step == 0:
-                self.jobs.started(request_id, seed=seed, total=total)
-            else:
-                self.jobs.progress(request_id, step=step, total=total)
+            # Progress is informational: a database that refuses it must not cost the user the image.
+            try:
+                if step == 0:
+                    self.jobs.started(request_id, seed=seed, total=total)
+                else:
+                    self.jobs.progress(request_id, step=step, total=total)
+            except Exception as exc:
+                log.warning("progress of %s not recorded (%s)", request_id, _reason(exc))
 
         return on_step
 
-    async def _fail(self, request_id: str, error: str) -> Decimal:
-        balance = await to_thread.run_sync(lambda: self.ledger.refund(request_id))
-        await to_thread.run_sync(lambda: self.jobs.failed(request_id, error=error))
-        return balance
+    async def _fail(self, request_id: str, error: str) -> Decimal | None:
+        """Record the failure and refund; the balance after, or None if the database refused the
+        first attempt (the refund is then retried in the background until it lands)."""
+        return await asyncio.shield(self._undo(request_id, error))
 
     # -- surfaces --------------------------------------------------------------------------------
     async def txt2img(
@@ -241,7 +376,7 @@ class Serving:
         """
         request_id, cost = await self._admit(key.id, body, surface, request_id)
         jpegs, outputs, seed, seconds = await self._run(
-            request_id, key.id, body, None, keep_outputs=keep_outputs
+            request_id, key.id, body, None, surface=surface, keep_outputs=keep_outputs
         )
         balance = await to_thread.run_sync(lambda: self.ledger.balance(key.id))
         return Txt2ImgOutcome(request_id, jpegs, seed, cost, balance, seconds, outputs)
@@ -260,15 +395,30 @@ class Serving:
         async def run() -> None:
             # A failure is already refunded and recorded as FAILED; the client reads it by polling.
             with contextlib.suppress(ApiError):
-                await self._run(request_id, key_id, body, seed, keep_outputs=True)
+                await self._run(request_id, key_id, body, seed, surface="v2", keep_outputs=True)
 
         task = asyncio.create_task(run(), name=f"v2-{request_id}")
         # The event loop keeps only weak references to tasks.
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background[task] = request_id
+        task.add_done_callback(self._background.pop)
 
     async def shutdown(self) -> None:
-        """Stop background v2 jobs; each one refunds itself and is recorded as failed."""
-        for task in list(self._background):
+        """Stop: accepted v2 jobs are kept for the next start, the device stops, pending writes land.
+
+        A v2 job was accepted with its credits reserved, and the client is polling for it: stopping
+        the server is no reason to fail it. The running one is stopped at its next step and, like
+        the waiting ones, put back to QUEUED with its reservation; the next start runs them
+        (`recover`), as it does after a crash. v1 requests still waiting are refunded.
+        """
+        self._stopping = True
+        kept = dict(self._background)
+        for task in kept:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*kept, return_exceptions=True)
+        # Off the event loop: joining the device thread waits for its current step.
+        await to_thread.run_sync(self.queue.shutdown)
+        try:
+            await to_thread.run_sync(self.jobs.requeue, list(kept.values()))
+        except Exception as exc:  # they stay QUEUED or PROCESSING: the next start resumes them anyway
+            log.warning("v2 jobs not put back to QUEUED (%s); the next start resumes them", _reason(exc))
+        await self.writes.drain(SHUTDOWN_DRAIN_S)

@@ -139,6 +139,7 @@ async def audit(request: Request) -> dict[str, Any]:
                 "charged": format_credits(row.charged),
                 "credits": format_credits(row.balance),
                 "open_reservations": row.open_reservations,
+                "stale_reservations": row.stale_reservations,
                 "ok": row.ok,
             }
             for row in rows
