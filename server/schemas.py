@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipelines.text import MAX_WEIGHT, parse_weights, weight_out_of_bounds
 from schedulers.names import public_names, resolve
 
 MAX_SEED = 999_999_999_999_999
@@ -118,6 +119,17 @@ class Txt2ImgRequest(LaxBody):
     conditioningsettimesteprange_start: float = Field(0.1, ge=0.1, le=1)
     conditioningsettimesteprange_stop: float = Field(1.0, ge=0.1, le=1)
     base64: bool = False
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _usable_weights(cls, value: str) -> str:
+        weight = weight_out_of_bounds(parse_weights(value))
+        if weight is not None:
+            raise ValueError(
+                f"a prompt weight of {weight:g} is outside -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} (an explicit "
+                "'(text:weight)', or nested parentheses, which multiply by 1.1 per level)"
+            )
+        return value
 
     @field_validator("scheduler")
     @classmethod

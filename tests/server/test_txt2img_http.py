@@ -259,6 +259,26 @@ def test_a_huge_invalid_value_is_not_echoed_whole(live: LiveServer, field: str) 
     assert "ZZZZZZZZZZ…" in message or "9999999999…" in message
 
 
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [
+        ("prompt", "a (cat:1e39)"),  # inf in float32: NaN latents, a 500 before
+        ("negative_prompt", "(blurry:-1e6)"),
+        ("prompt", "(" * 30 + "cat" + ")" * 30),  # 1.1 ** 30 = 17
+    ],
+)
+def test_an_unusable_prompt_weight_is_422_and_not_charged(live: LiveServer, field: str, text: str) -> None:
+    key = live.key()
+    body = {"prompt": "x", **SMALL, field: text}
+    assert_error(live.post(body, key=key), 422, field, "weight", "-10 to 10")
+    assert live.balance_of(key) == Decimal("10")
+
+
+def test_prompt_weights_within_the_bound_generate(live: LiveServer) -> None:
+    body = {"prompt": "a (cat:10) (dog:-10)", "negative_prompt": "((blurry))", **SMALL}
+    assert live.post(body, key=live.key()).status_code == 200
+
+
 def test_malformed_json_is_422(live: LiveServer) -> None:
     key = live.key()
     response = httpx.post(
