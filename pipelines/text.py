@@ -32,8 +32,8 @@ CLIP_CONTENT = CLIP_CHUNK - 2  # room left by BOS and EOS
 # it across the chunk boundary; longer segments (and any unweighted long prompt) are split.
 MAX_WORD_LENGTH = 8
 EMPHASIS = 1.1  # "(text)" without an explicit weight
-# Weights beyond this make no image, only overflow: (a:1e39) is inf in float32 and any weight of a
-# few thousand overflows fp16, and the sampler then returns NaNs. ComfyUI takes any float; we take
+# Weights beyond this make no image, only overflow: (a:1e39) is inf in float32, large finite weights
+# overflow fp16, and the sampler then returns NaNs. ComfyUI takes any float; we take
 # ±10 (nested "(((…)))" multiplies 1.1 per level: 24 levels stay below it). The server refuses a
 # prompt beyond it (422); the pipeline itself clamps, so that no caller gets NaNs from it.
 MAX_WEIGHT = 10.0
