@@ -48,9 +48,12 @@ _PLAIN_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 def _plain_number(value: Any, kind: type) -> Any:
     if not isinstance(value, str):
         return value
-    pattern, example = (_PLAIN_INT, "25") if kind is int else (_PLAIN_FLOAT, "5.5 or 1e-3")
+    if kind is int:
+        pattern, what = _PLAIN_INT, "an integer (e.g. 25)"
+    else:
+        pattern, what = _PLAIN_FLOAT, "a number (e.g. 5.5)"
     if pattern.fullmatch(value) is None:
-        raise ValueError(f"must be a {kind.__name__}, written as a plain number (e.g. {example})")
+        raise ValueError(f"must be {what}, written as a plain number")
     return value
 
 
@@ -65,7 +68,8 @@ PlainInt = Annotated[int, BeforeValidator(plain_int)]
 
 def _number_kind(annotation: Any) -> type | None:
     """int or float when a field holds that number (possibly optional), else None; bool is not one."""
-    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if union else (annotation,)
     kinds = {arg for arg in args if arg in (int, float)}
     return kinds.pop() if len(kinds) == 1 else None
 
