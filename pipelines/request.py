@@ -24,6 +24,10 @@ class GenerationRequest:
     shift: float = 3.0
     cond_start: float = 0.1  # conditioningsettimesteprange_start
     cond_stop: float = 1.0  # conditioningsettimesteprange_stop
+    # Who may reuse this request's encoded prompts: the prompt cache is partitioned by it, so that
+    # one client's timings cannot tell whether another sent the same prompt recently. The server
+    # passes the API key; "" shares with every other unscoped request.
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,6 +12,7 @@ state; tokenizers are used under a lock, diffusers issues #3672/#7851).
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from pipelines.loading import LoadedModel
 from pipelines.prompt_cache import PromptCache
 from pipelines.request import GenerationRequest, GenerationResult
-from pipelines.text import encode_prompt
+from pipelines.text import count_tokens, encode_prompt
 from schedulers import sample, sigmas_for
 from schedulers.guidance import guided_denoiser, negative_ranges
 from schedulers.names import resolve
@@ -93,16 +94,33 @@ class SD3Generator:
         self._has_t5 = self.pipe.text_encoder_3 is not None
         self.latent_channels = self.pipe.transformer.config.in_channels
         self.prompt_cache = PromptCache(self.options.prompt_cache_bytes)
+        # Counting has its own tokenizer copy and lock: a request's count must not wait for another
+        # request's encode, which holds the encoding lock through the text encoders' forwards.
+        self._counting_tokenizer = copy.deepcopy(self.pipe.tokenizer)
+        self._counting_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     # -- text -------------------------------------------------------------------------------
-    def encode(self, text: str) -> Conditioning:
-        """The SD3 conditioning of one prompt (cached: the same text is encoded once)."""
-        key = (text, self._has_t5, self.options.max_sequence_length)
+    def encode(self, text: str, *, scope: str = "") -> Conditioning:
+        """The SD3 conditioning of one prompt (cached: the same text in the same scope is encoded once).
+
+        The empty prompt (every default negative) is shared across scopes: that it was used recently
+        says nothing about anyone.
+        """
+        key = (scope if text else "", text, self._has_t5, self.options.max_sequence_length)
         return self.prompt_cache.get_or_compute(key, lambda: self._encode_uncached(text))
+
+    def count_tokens(self, text: str) -> int:
+        """CLIP tokens of a prompt as encoding splits it (weights syntax excluded), from any thread.
+
+        CLIP-L's tokenizer: SD3's two CLIP tokenizers share one vocabulary, and the CLIP count is
+        the one that multiplies 77-token chunks through both CLIP encoders.
+        """
+        with self._counting_lock:
+            return count_tokens(self._counting_tokenizer, text)
 
     def _encode_uncached(self, text: str) -> Conditioning:
         # ComfyUI's text conditioning (chunked CLIP, untruncated T5, "(word:1.2)" weights; §7).
@@ -174,8 +192,10 @@ class SD3Generator:
             raise ValueError("requests with different batch keys cannot share a batch")
         spec = resolve(first.scheduler)
         t0 = time.perf_counter()
-        positives = [_repeat(self.encode(r.prompt), r.samples) for r in requests]
-        negatives = [_repeat(self.encode(r.negative_prompt), r.samples) for r in requests]
+        positives = [_repeat(self.encode(r.prompt, scope=r.cache_scope), r.samples) for r in requests]
+        negatives = [
+            _repeat(self.encode(r.negative_prompt, scope=r.cache_scope), r.samples) for r in requests
+        ]
         if (
             len({c.context.shape[1] for c in positives}) > 1
             or len({c.context.shape[1] for c in negatives}) > 1

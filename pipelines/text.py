@@ -32,6 +32,11 @@ CLIP_CONTENT = CLIP_CHUNK - 2  # room left by BOS and EOS
 # it across the chunk boundary; longer segments (and any unweighted long prompt) are split.
 MAX_WORD_LENGTH = 8
 EMPHASIS = 1.1  # "(text)" without an explicit weight
+# Weights beyond this make no image, only overflow: (a:1e39) is inf in float32, large finite weights
+# overflow fp16, and the sampler then returns NaNs. ComfyUI takes any float; we take
+# ±10 (nested "(((…)))" multiplies 1.1 per level: 24 levels stay below it). The server refuses a
+# prompt beyond it (422); the pipeline itself clamps, so that no caller gets NaNs from it.
+MAX_WEIGHT = 10.0
 
 Segments = list[tuple[str, float]]
 Tokens = list[tuple[int, float]]  # (token id, weight)
@@ -126,7 +131,17 @@ def _group_weight(inner: list[_Char], outer: float) -> tuple[list[_Char], float]
     return inner, outer * EMPHASIS
 
 
+def weight_out_of_bounds(segments: Segments) -> float | None:
+    """The first weight beyond ±MAX_WEIGHT among `segments`, or None when every weight is usable."""
+    return next((weight for _, weight in segments if abs(weight) > MAX_WEIGHT), None)
+
+
 # -- tokens ---------------------------------------------------------------------------------------
+def count_tokens(tokenizer: Any, text: str) -> int:
+    """The content tokens `tokenizer` makes of a prompt, as encoding splits it (without BOS/EOS/padding)."""
+    return sum(len(group) for group in _tokenize(tokenizer, parse_weights(text)))
+
+
 def _tokenize(tokenizer: Any, segments: Segments) -> list[Tokens]:
     """One token group per segment, each token carrying its segment's weight.
 
@@ -137,7 +152,8 @@ def _tokenize(tokenizer: Any, segments: Segments) -> list[Tokens]:
         # verbose=False: a long prompt is not an error here; we chunk instead of truncating.
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         if ids:
-            groups.append([(int(token), weight) for token in ids])
+            bounded = min(max(weight, -MAX_WEIGHT), MAX_WEIGHT)
+            groups.append([(int(token), bounded) for token in ids])
     return groups
 
 

@@ -86,6 +86,10 @@ class LimitSettings(BaseModel):
     max_body_bytes: int = Field(1 * 2**20, ge=1024)
     # Per-key requests per minute on the generation endpoints; 0 = no limit.
     requests_per_minute: int = Field(0, ge=0)
+    # CLIP tokens per prompt (and per negative prompt), counted before anything is reserved: the
+    # text work and the transformer's context grow with them, at the same price. 4,000 characters of
+    # English are ~1,000 tokens; of emoji, ~16,000 (docs/reliability.md, Request bounds).
+    max_prompt_tokens: int = Field(1000, ge=1)
 
 
 class ConnectionSettings(BaseModel):
@@ -120,6 +124,11 @@ class PricingSettings(BaseModel):
     price_per_image: Decimal = Decimal("0.039")
     reference_steps: int = 25
     reference_pixels: int = 1024 * 1024
+    # "image": the hosted contract's price, whatever the sampler and guidance. "evaluations": scaled
+    # by the transformer evaluations the request runs instead of its steps (two-stage samplers such
+    # as Heun run ~2 per step; guidance 1 skips the negative), so that a reference request
+    # (a one-evaluation sampler, guidance above 1, reference_steps steps) still costs price_per_image.
+    mode: Literal["image", "evaluations"] = "image"
 
 
 class QueueSettings(BaseModel):

@@ -262,11 +262,27 @@ class JobStore:
             ).all()
         return [_record(row) for row in rows]
 
-    def history(self, key_id: int, *, limit: int, before: datetime | None = None) -> list[JobRecord]:
-        """A key's requests, newest first; pass the last row's `created_at` as `before` for the next page."""
+    def history(
+        self, key_id: int, *, limit: int, before: datetime | None = None, before_id: str | None = None
+    ) -> list[JobRecord]:
+        """A key's requests, newest first (ties broken by request id, descending).
+
+        For the next page pass the last row's `created_at` as `before` and its `request_id` as
+        `before_id`: rows created in the same microsecond are then neither skipped nor repeated.
+        `before` alone returns the rows created strictly before it. A naive `before` is UTC; an
+        aware one is converted, because SQLite stores UTC wall times and would otherwise compare
+        a "+10:00" time as if it were UTC.
+        """
         query = select(jobs).where(jobs.c.key_id == key_id)
         if before is not None:
-            query = query.where(jobs.c.created_at < before)
+            before = (before if before.tzinfo else before.replace(tzinfo=timezone.utc)).astimezone(
+                timezone.utc
+            )
+            earlier = jobs.c.created_at < before
+            if before_id is not None:
+                earlier = earlier | ((jobs.c.created_at == before) & (jobs.c.request_id < before_id))
+            query = query.where(earlier)
+        order = (jobs.c.created_at.desc(), jobs.c.request_id.desc())
         with self._engine.connect() as conn:
-            rows = conn.execute(query.order_by(jobs.c.created_at.desc()).limit(limit)).all()
+            rows = conn.execute(query.order_by(*order).limit(limit)).all()
         return [_record(row) for row in rows]

@@ -2,19 +2,60 @@
 
 price = price_per_image × samples × (steps / reference_steps) × (width × height / reference_pixels),
 rounded half-up to 6 decimals — the resolution of the ledger (1 credit = 1 000 000 micro-credits).
+
+With `pricing.mode = "evaluations"` the operator prices the work instead: steps / reference_steps
+becomes evaluations / reference_evaluations, where evaluations are the transformer forwards per
+image (`model_evaluations`) and the reference is `reference_steps` of a one-evaluation sampler with
+guidance — so the default request costs the same in both modes (docs/reliability.md, Request bounds).
 """
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 from fractions import Fraction
 
+from schedulers import sigmas_for
+from schedulers.names import resolve
 from server.config import PricingSettings
 
 PRICE_DECIMALS = 6
 
+# Samplers that evaluate the model twice per step, except on the last step (whose second stage
+# would land on σ = 0): 2·steps − 1 evaluations. Every other sampler evaluates once per step
+# (multistep methods reuse earlier evaluations). tests/server/test_pricing.py counts the calls of
+# every sampler to keep this table true.
+TWO_STAGE_SAMPLERS = frozenset({"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"})
+# Forwards per evaluation with classifier-free guidance: the prompt and a negative. At guidance 1 the
+# negative is skipped (schedulers/guidance.py), so one.
+GUIDED_FORWARDS = 2
 
-def price_of(*, width: int, height: int, steps: int, samples: int, pricing: PricingSettings) -> Decimal:
+
+def model_evaluations(
+    *, scheduler: str, steps: int, shift: float = 3.0, denoise: float = 1.0, guidance_scale: float
+) -> int:
+    """Transformer forwards per image of a request: denoiser calls × (1 at guidance 1, else 2)."""
+    spec = resolve(scheduler)
+    # The schedule itself says how many steps run: ddim_uniform runs a few more than asked for some
+    # steps, shifts and denoise values, as ComfyUI's does.
+    ran = len(sigmas_for(spec.schedule, steps, shift=shift, denoise=denoise, sampler=spec.sampler)) - 1
+    calls = 2 * ran - 1 if spec.sampler in TWO_STAGE_SAMPLERS else ran
+    # The same test as the guided denoiser's, so the price follows what runs.
+    return calls * (1 if math.isclose(guidance_scale, 1.0) else GUIDED_FORWARDS)
+
+
+def price_of(
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    samples: int,
+    pricing: PricingSettings,
+    scheduler: str = "DPM++ 2M",
+    shift: float = 3.0,
+    denoise: float = 1.0,
+    guidance_scale: float = 5.0,
+) -> Decimal:
     for field, value in (("width", width), ("height", height), ("steps", steps), ("samples", samples)):
         if value < 1:
             raise ValueError(f"{field} must be at least 1, got {value}")
@@ -23,16 +64,18 @@ def price_of(*, width: int, height: int, steps: int, samples: int, pricing: Pric
     if not pricing.price_per_image.is_finite() or pricing.price_per_image < 0:
         raise ValueError(f"pricing.price_per_image must be non-negative, got {pricing.price_per_image}")
 
+    if pricing.mode == "evaluations":
+        work = Fraction(
+            model_evaluations(
+                scheduler=scheduler, steps=steps, shift=shift, denoise=denoise, guidance_scale=guidance_scale
+            ),
+            GUIDED_FORWARDS * pricing.reference_steps,
+        )
+    else:
+        work = Fraction(steps, pricing.reference_steps)
     # A Fraction keeps every step exact: Decimal division would round at the context precision first
     # and could then round a second time, which is how one micro-credit goes astray.
-    exact = (
-        Fraction(pricing.price_per_image)
-        * samples
-        * steps
-        * width
-        * height
-        / (pricing.reference_steps * pricing.reference_pixels)
-    )
+    exact = Fraction(pricing.price_per_image) * samples * work * width * height / pricing.reference_pixels
     scaled = exact * 10**PRICE_DECIMALS
     # The value is non-negative, so floor(x + 1/2) is exactly ROUND_HALF_UP.
     units = int(scaled + Fraction(1, 2))

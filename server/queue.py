@@ -32,6 +32,8 @@ class BatchGenerator(Protocol):
         self, requests: list[GenerationRequest], *, callback: StepCallback | None = None
     ) -> list[GenerationResult]: ...
 
+    def count_tokens(self, text: str) -> int: ...
+
 
 BatchKey = Callable[[GenerationRequest], object | None]
 
@@ -88,6 +90,10 @@ class WorkQueue:
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="sd3-device", daemon=True)
         self._thread.start()
+
+    def count_tokens(self, text: str) -> int:
+        """The generator's count of a prompt's tokens (its own tokenizer; any thread, not the device's)."""
+        return self.generator.count_tokens(text)
 
     @property
     def pending(self) -> int:

@@ -8,17 +8,75 @@ unknown fields are ignored, because clients send fields of other models.
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from schedulers.names import UnknownScheduler, resolve
+from pipelines.text import MAX_WEIGHT, parse_weights, weight_out_of_bounds
+from schedulers.names import public_names, resolve
 
 MAX_SEED = 999_999_999_999_999
 # Prompts are not truncated (T5 sees every token, as in ComfyUI), and attention grows with the
 # square of the length: a bound keeps one request from claiming the device's memory.
 MAX_PROMPT_CHARS = 4000
+# What an error message echoes of the value it refuses: enough to recognise it, never the whole of a
+# megabyte-long value (docs/reliability.md, Request bounds).
+MAX_ECHO_CHARS = 100
+MAX_MESSAGE_CHARS = 1000
+
+# Numbers sent as strings are taken, as real clients send them, but only in plain notation: Python's
+# int() and float() would also read "5_12" as 512, "٥" (an Arabic-Indic digit) as 5 and "nan" as
+# a number. An int is an optional sign and ASCII digits; a float may add a decimal point and an
+# exponent, the notation of JSON numbers.
+_PLAIN_INT = re.compile(r"[+-]?[0-9]+")
+_PLAIN_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _plain_number(value: Any, kind: type) -> Any:
+    if not isinstance(value, str):
+        return value
+    if kind is int:
+        pattern, what = _PLAIN_INT, "an integer (e.g. 25)"
+    else:
+        pattern, what = _PLAIN_FLOAT, "a number (e.g. 5.5)"
+    if pattern.fullmatch(value) is None:
+        raise ValueError(f"must be {what}, written as a plain number")
+    return value
+
+
+def plain_int(value: Any) -> Any:
+    """A string that is an int in plain digits passes on to pydantic; any other string is refused."""
+    return _plain_number(value, int)
+
+
+# For parameters outside a body model (query strings): the same rule as the bodies' int fields.
+PlainInt = Annotated[int, BeforeValidator(plain_int)]
+
+
+def _number_kind(annotation: Any) -> type | None:
+    """int or float when a field holds that number (possibly optional), else None; bool is not one."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if union else (annotation,)
+    kinds = {arg for arg in args if arg in (int, float)}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def clip_echo(value: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`value` cut to `limit` characters, with an ellipsis saying it was cut."""
+    return value if len(value) <= limit else value[:limit] + "…"
 
 
 class LaxBody(BaseModel):
@@ -33,6 +91,14 @@ class LaxBody(BaseModel):
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if v is not None}
         return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name is None:
+            return value
+        kind = _number_kind(cls.model_fields[info.field_name].annotation)
+        return value if kind is None else _plain_number(value, kind)
 
     @field_validator("prompt", check_fields=False)
     @classmethod
@@ -58,13 +124,28 @@ class Txt2ImgRequest(LaxBody):
     conditioningsettimesteprange_stop: float = Field(1.0, ge=0.1, le=1)
     base64: bool = False
 
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _usable_weights(cls, value: str) -> str:
+        weight = weight_out_of_bounds(parse_weights(value))
+        if weight is not None:
+            raise ValueError(
+                f"a prompt weight of {weight:g} is outside -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} (an explicit "
+                "'(text:weight)', or nested parentheses, which multiply by 1.1 per level)"
+            )
+        return value
+
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
         try:
             return resolve(value).label
-        except UnknownScheduler as exc:
-            raise ValueError(str(exc)) from None
+        except ValueError:
+            # Not UnknownScheduler's own message: it quotes the name whole, and the name may be long.
+            raise ValueError(f"unknown scheduler; accepted: {', '.join(public_names())}") from None
+
+
+_NO_ECHO = frozenset({"missing", "json_invalid", "model_type"})
 
 
 def describe_validation_errors(errors: Sequence[Any]) -> str:
@@ -79,10 +160,11 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
         if err.get("type") == "json_invalid":
             loc, message = "body", f"is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
         got = err.get("input")
-        suffix = f" (got {got!r})" if err.get("type") not in {"missing", "json_invalid", "model_type"} else ""
+        suffix = f" (got {clip_echo(repr(got))})" if err.get("type") not in _NO_ECHO else ""
         if isinstance(got, (dict, list)):
             suffix = ""
-        lines.append(f"{loc}: {message}{suffix}")
+        # Messages are ours or pydantic's and short; the clip only guards against one that quotes input.
+        lines.append(f"{clip_echo(loc)}: {clip_echo(message, MAX_MESSAGE_CHARS)}{suffix}")
     return "; ".join(lines) or "invalid request"
 
 

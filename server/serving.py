@@ -26,7 +26,7 @@ from anyio import to_thread
 from pipelines.request import GenerationRequest
 from server.config import Settings
 from server.encoding import to_jpeg
-from server.errors import ApiError, GenerationFailed, RateLimited
+from server.errors import ApiError, GenerationFailed, InvalidRequest, RateLimited
 from server.headers import REMAINING_CREDITS, format_credits
 from server.job_store import JobRecord, JobStore, Surface
 from server.ledger import KeyRecord, Ledger
@@ -125,7 +125,7 @@ class Txt2ImgOutcome:
     outputs: list[str] = field(default_factory=list)  # saved output ids, when asked to keep them
 
 
-def to_generation_request(body: Txt2ImgRequest, *, seed: int) -> GenerationRequest:
+def to_generation_request(body: Txt2ImgRequest, *, seed: int, key_id: int | None = None) -> GenerationRequest:
     return GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -140,6 +140,8 @@ def to_generation_request(body: Txt2ImgRequest, *, seed: int) -> GenerationReque
         shift=body.modelsamplingsd3_shift,
         cond_start=body.conditioningsettimesteprange_start,
         cond_stop=body.conditioningsettimesteprange_stop,
+        # One key's prompts are cached apart from another's (docs/reliability.md, Request bounds).
+        cache_scope="" if key_id is None else f"key:{key_id}",
     )
 
 
@@ -224,7 +226,25 @@ class Serving:
             steps=body.num_inference_steps,
             samples=body.samples,
             pricing=self.settings.pricing,
+            scheduler=body.scheduler,
+            shift=body.modelsamplingsd3_shift,
+            denoise=body.denoise,
+            guidance_scale=body.guidance_scale,
         )
+
+    async def check_prompt_tokens(self, body: Txt2ImgRequest) -> None:
+        """Refuse (422) a prompt of more CLIP tokens than `limits.max_prompt_tokens`, reserving nothing.
+
+        Counted by the generator's own tokenizer: characters say little (an emoji is several tokens).
+        """
+        limit = self.settings.limits.max_prompt_tokens
+        prompts = {"prompt": body.prompt, "negative_prompt": body.negative_prompt}
+        counts = await to_thread.run_sync(
+            lambda: {name: self.queue.count_tokens(text) for name, text in prompts.items()}
+        )
+        for name, count in counts.items():
+            if count > limit:
+                raise InvalidRequest(f"{name}: {count} CLIP tokens, more than the limit of {limit}")
 
     async def _admit(
         self, key_id: int, body: Txt2ImgRequest, surface: Surface, request_id: str | None
@@ -236,6 +256,7 @@ class Serving:
         so the admission runs in its own task, shielded, and if it lands after its waiter left, it
         is undone at once (job failed, credits refunded) instead of leaving a charge nobody settles.
         """
+        await self.check_prompt_tokens(body)
         request_id = request_id or str(uuid.uuid4())
         cost = self.price(body)
         admission = asyncio.ensure_future(self._reserve_and_record(key_id, body, surface, request_id, cost))
@@ -290,7 +311,7 @@ class Serving:
     ) -> tuple[list[bytes], list[str], int, float]:
         """Generate an admitted request: settle on success; refund and record the failure otherwise."""
         seed = resolve_seed(body.seed) if seed is None else seed
-        job = to_generation_request(body, seed=seed)
+        job = to_generation_request(body, seed=seed, key_id=key_id)
         started = time.perf_counter()
         quality = self.settings.performance.jpeg_quality
         try:

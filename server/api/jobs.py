@@ -8,8 +8,10 @@ that submitted it; to any other key it does not exist (404).
 
 from __future__ import annotations
 
+import base64
+import binascii
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Annotated, Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Query, Request
@@ -19,6 +21,7 @@ from server.api.segmind import SLUG, authenticated, read_body
 from server.errors import InvalidRequest, NotFound
 from server.headers import credit_headers, format_credits
 from server.job_store import JobRecord
+from server.schemas import PlainInt
 from server.serving import Serving
 from server.urls import public_base_url
 
@@ -118,22 +121,45 @@ async def response(request: Request, request_id: str) -> JSONResponse:
     return _answer(request, job, body)
 
 
+def _cursor(job: JobRecord) -> str:
+    """The opaque `next` cursor: base64url of the last row's UTC time and id, safe in a URL as it is
+    (a "+00:00" offset pasted into a query string unencoded would arrive as a space)."""
+    raw = f"{job.created_at.astimezone(timezone.utc).isoformat()}|{job.request_id}"
+    return base64.urlsafe_b64encode(raw.encode()).rstrip(b"=").decode()
+
+
+def _position(before: str) -> tuple[datetime, str | None]:
+    """`?before=`: a cursor from `next`, or an ISO 8601 time (naive means UTC; offsets count)."""
+    try:
+        raw = base64.urlsafe_b64decode(before + "=" * (-len(before) % 4)).decode()
+        moment, separator, request_id = raw.partition("|")
+        if separator and request_id:
+            return datetime.fromisoformat(moment), request_id
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    try:
+        return datetime.fromisoformat(before), None
+    except ValueError:
+        raise InvalidRequest(
+            "before: not a cursor returned by this endpoint (`next`) nor an ISO 8601 time"
+        ) from None
+
+
 @router.get("/v1/history")
 async def history(
     request: Request,
-    limit: int = Query(20, ge=1, le=100),
-    before: str | None = Query(None, description="The `next` cursor of the previous page"),
+    limit: Annotated[PlainInt, Query(ge=1, le=100)] = 20,
+    before: Annotated[
+        str | None, Query(description="The `next` cursor of the previous page, or an ISO 8601 time")
+    ] = None,
 ) -> JSONResponse:
     """The calling key's requests, newest first, whatever surface they came through."""
     key = await authenticated(request)
-    cursor = None
-    if before is not None:
-        try:
-            cursor = datetime.fromisoformat(before)
-        except ValueError:
-            raise InvalidRequest("before: not a cursor returned by this endpoint") from None
+    moment, request_id = (None, None) if before is None else _position(before)
     serving = _serving(request)
-    rows = await to_thread.run_sync(lambda: serving.jobs.history(key.id, limit=limit, before=cursor))
+    rows = await to_thread.run_sync(
+        lambda: serving.jobs.history(key.id, limit=limit, before=moment, before_id=request_id)
+    )
     items = [
         {
             "request_id": job.request_id,
@@ -150,5 +176,5 @@ async def history(
         }
         for job in rows
     ]
-    next_cursor = rows[-1].created_at.isoformat() if len(rows) == limit else None
+    next_cursor = _cursor(rows[-1]) if len(rows) == limit else None
     return JSONResponse({"items": items, "next": next_cursor}, headers=credit_headers(request))

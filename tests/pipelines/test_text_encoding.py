@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from pipelines.text import encode_prompt, parse_weights
+from pipelines.text import MAX_WEIGHT, count_tokens, encode_prompt, parse_weights
 from server.app import Runtime
 
 CPU = torch.device("cpu")
@@ -175,6 +175,22 @@ def test_weighted_tokens_move_away_from_the_empty_prompt(pipe: Any) -> None:
     assert (weighted[0, rows] - plain[0, rows]).abs().max() > 1e-3
     assert torch.equal(weighted[0, ~rows], plain[0, ~rows])
     assert torch.equal(weighted_pooled, plain_pooled)  # pooled is never weighted
+
+
+@pytest.mark.parametrize("huge", ["1e39", "1e6", "-1e39"])
+def test_a_huge_weight_is_clamped_to_the_bound_not_turned_into_nans(pipe: Any, huge: str) -> None:
+    bound = MAX_WEIGHT if not huge.startswith("-") else -MAX_WEIGHT
+    clamped, _ = encode(pipe, f"a (cat:{huge}) on a mat")
+    at_bound, _ = encode(pipe, f"a (cat:{bound:g}) on a mat")
+    assert torch.isfinite(clamped).all()
+    assert torch.equal(clamped, at_bound)
+
+
+def test_count_tokens_counts_what_encoding_feeds_clip(pipe: Any) -> None:
+    # Character-level tiny tokenizer: parentheses and the weight are syntax, not tokens.
+    assert count_tokens(pipe.tokenizer, "a (cat:1.5) on a mat") == n_tokens(pipe.tokenizer, "a cat on a mat")
+    assert count_tokens(pipe.tokenizer, LONG) == n_tokens(pipe.tokenizer, LONG) > 75
+    assert count_tokens(pipe.tokenizer, "") == 0
 
 
 # -- the checkpoint without T5 ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from PIL import Image
 from segmind import SegmindClient
 from segmind.v2 import InferenceFailed
 
+from server.auth import hash_key
+from server.job_store import JobStore
 from server.ledger import Ledger
 from tests.live import SLUG, SMALL, LiveServer, ServerProcess, wait_for
 
@@ -132,6 +135,86 @@ def test_history_pages_through_a_keys_requests(live: LiveServer) -> None:
     assert rest["next"] is None
     other = httpx.get(f"{live.base_url}/v1/history", headers={"x-api-key": live.key()}).json()
     assert other["items"] == []
+
+
+def history_rows(live: LiveServer, key: str, count: int) -> list[str]:
+    """`count` history rows for `key`, written through the real job store; their ids, oldest first."""
+    record = live.ledger.find_by_hash(hash_key(key))
+    assert record is not None
+    store = JobStore(live.ledger.engine)
+    ids = [f"row-{i}-{key[-6:]}" for i in range(count)]
+    for request_id in ids:
+        store.create(
+            request_id=request_id,
+            key_id=record.id,
+            surface="v1",
+            model=SLUG,
+            params={"prompt": request_id},
+            cost=Decimal("0.0039"),
+            owner="test",
+        )
+    return ids
+
+
+def test_the_history_cursor_can_be_pasted_into_a_url_as_it_is(live: LiveServer) -> None:
+    key = live.key()
+    ids = history_rows(live, key, 5)
+    # Three rows created in the same microsecond: paging must neither skip nor repeat one of them.
+    moment = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+    with live.ledger.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE jobs SET created_at = ? WHERE request_id IN (?, ?, ?)",
+            (moment.replace(tzinfo=None).isoformat(sep=" "), ids[0], ids[1], ids[2]),
+        )
+    seen: list[str] = []
+    url = f"{live.base_url}/v1/history?limit=2"
+    for _ in range(5):
+        page = httpx.get(url, headers={"x-api-key": key})
+        assert page.status_code == 200, page.text
+        seen += [item["request_id"] for item in page.json()["items"]]
+        cursor = page.json()["next"]
+        if cursor is None:
+            break
+        # As a person or a shell script does it: no encoding.
+        url = f"{live.base_url}/v1/history?limit=2&before={cursor}"
+    assert seen == [ids[4], ids[3], ids[2], ids[1], ids[0]]
+
+
+def test_history_before_a_time_honours_its_utc_offset(live: LiveServer) -> None:
+    key = live.key()
+    history_rows(live, key, 3)
+    items = httpx.get(f"{live.base_url}/v1/history", headers={"x-api-key": key}).json()["items"]
+    oldest = datetime.fromisoformat(items[-1]["created_at"])
+    newest = datetime.fromisoformat(items[0]["created_at"])
+    sydney = timezone(timedelta(hours=10))
+
+    def count_before(moment: datetime) -> int:
+        response = httpx.get(
+            f"{live.base_url}/v1/history",
+            params={"before": moment.isoformat()},  # encoded by httpx: "+" survives
+            headers={"x-api-key": key},
+        )
+        assert response.status_code == 200, response.text
+        return len(response.json()["items"])
+
+    assert count_before(oldest.astimezone(sydney)) == 0
+    assert count_before((newest + timedelta(microseconds=1)).astimezone(sydney)) == 3
+    assert count_before((newest + timedelta(microseconds=1)).replace(tzinfo=None)) == 3  # naive = UTC
+
+
+@pytest.mark.parametrize("before", ["yesterday", "not-a-cursor", "MjAyNg"])
+def test_a_history_cursor_that_is_not_one_is_422(live: LiveServer, before: str) -> None:
+    response = httpx.get(
+        f"{live.base_url}/v1/history", params={"before": before}, headers={"x-api-key": live.key()}
+    )
+    assert response.status_code == 422 and "before" in response.json()["error"]
+
+
+def test_history_limit_must_be_plain_digits(live: LiveServer) -> None:
+    response = httpx.get(
+        f"{live.base_url}/v1/history", params={"limit": "5_0"}, headers={"x-api-key": live.key()}
+    )
+    assert response.status_code == 422 and "limit" in response.json()["error"]
 
 
 def test_an_accepted_job_survives_a_kill_9(tmp_path: Path, data_dir: Path, tiny_dir: Path) -> None:

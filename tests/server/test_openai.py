@@ -188,6 +188,9 @@ def test_x_api_key_is_accepted_too(live: LiveServer) -> None:
         ({"output_format": "png"}, "output_format"),
         ({"num_inference_steps": 5}, "num_inference_steps"),
         ({"scheduler": "no such sampler"}, "scheduler"),
+        ({"seed": "5_12"}, "seed"),  # plain digits only: Python's int() reads 512
+        ({"guidance_scale": "5_0"}, "guidance_scale"),
+        ({"negative_prompt": "(blurry:1e39)"}, "negative_prompt"),
     ],
 )
 def test_invalid_input_is_a_bad_request_naming_the_field_and_charges_nothing(

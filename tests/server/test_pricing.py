@@ -1,14 +1,17 @@
 from decimal import Decimal
 
 import pytest
+import torch
 
+from schedulers import sample, sigmas_for
+from schedulers.names import public_names, resolve
 from server.config import PricingSettings
-from server.pricing import price_of
+from server.pricing import model_evaluations, price_of
 
 DEFAULTS = {"width": 1024, "height": 1024, "steps": 25, "samples": 1}
 
 
-def price(**overrides: int) -> Decimal:
+def price(**overrides: object) -> Decimal:
     return price_of(**{**DEFAULTS, **overrides}, pricing=PricingSettings())
 
 
@@ -61,3 +64,48 @@ def test_price_follows_the_pricing_settings() -> None:
 def test_non_positive_dimensions_are_refused(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         price(**{field: 0})
+
+
+# -- pricing by model evaluations ------------------------------------------------------------------
+EVALUATIONS = PricingSettings(mode="evaluations")
+
+
+def evaluations_price(**overrides: object) -> Decimal:
+    return price_of(**{**DEFAULTS, **overrides}, pricing=EVALUATIONS)  # type: ignore[arg-type]
+
+
+def test_by_evaluations_the_default_request_still_costs_the_listed_price() -> None:
+    assert evaluations_price() == price() == Decimal("0.039")
+    assert evaluations_price(scheduler="Euler", steps=50) == price(steps=50)
+
+
+@pytest.mark.parametrize("scheduler", ["Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "dpmpp_sde"])
+def test_by_evaluations_a_two_stage_sampler_costs_what_it_runs(scheduler: str) -> None:
+    # 2 × 25 − 1 = 49 evaluations against the reference's 25.
+    assert evaluations_price(scheduler=scheduler) == Decimal("0.07644")
+    assert price(scheduler=scheduler) == Decimal("0.039")  # the default mode ignores the sampler
+
+
+def test_by_evaluations_guidance_one_skips_the_negative_and_costs_half() -> None:
+    assert evaluations_price(guidance_scale=1.0) == Decimal("0.0195")
+    assert price(guidance_scale=1.0) == Decimal("0.039")
+
+
+@pytest.mark.parametrize("name", public_names())
+@pytest.mark.parametrize(("steps", "shift", "denoise"), [(10, 3.0, 1.0), (11, 3.0, 1.0), (13, 1.0, 0.35)])
+def test_model_evaluations_match_the_denoiser_calls_each_scheduler_makes(
+    name: str, steps: int, shift: float, denoise: float
+) -> None:
+    spec = resolve(name)
+    calls = 0
+
+    def denoiser(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return 0.9 * x
+
+    sigmas = sigmas_for(spec.schedule, steps, shift=shift, denoise=denoise, sampler=spec.sampler)
+    sample(spec.sampler, denoiser, sigmas[0] * torch.ones(1, 4, 2, 2), sigmas, seed=0, shift=shift)
+    request = {"scheduler": name, "steps": steps, "shift": shift, "denoise": denoise}
+    assert model_evaluations(**request, guidance_scale=1.0) == calls  # type: ignore[arg-type]
+    assert model_evaluations(**request, guidance_scale=5.0) == 2 * calls  # type: ignore[arg-type]

@@ -235,6 +235,61 @@ def test_invalid_parameters_are_422_naming_the_field(live: LiveServer, body: dic
     assert live.balance_of(key) == Decimal("10")
 
 
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [
+        ("img_width", "5_12"),  # Python's int() reads this as 512
+        ("seed", "1_000"),
+        ("num_inference_steps", "١٠"),  # Arabic-Indic digits: int() reads 10
+        ("samples", " 1"),
+        ("guidance_scale", "5_0"),  # float() reads 50.0
+        ("guidance_scale", "nan"),
+        ("denoise", "0x1"),
+    ],
+)
+def test_numbers_in_strings_must_be_plain_digits(live: LiveServer, field: str, text: str) -> None:
+    key = live.key()
+    response = live.post({"prompt": "x", **SMALL, field: text}, key=key)
+    assert_error(response, 422, field, "plain number")
+    assert live.balance_of(key) == Decimal("10")
+
+
+def test_plain_numbers_in_strings_are_still_accepted(live: LiveServer) -> None:
+    body = {"prompt": "x", **SMALL, "seed": "-1", "guidance_scale": "4.5", "denoise": "1e0"}
+    assert live.post(body, key=live.key()).status_code == 200
+
+
+@pytest.mark.parametrize("field", ["scheduler", "img_width", "prompt"])
+def test_a_huge_invalid_value_is_not_echoed_whole(live: LiveServer, field: str) -> None:
+    # 900 KB: under the 1 MiB body limit, so it reaches validation.
+    huge = "9" * 900_000 if field == "img_width" else "Z" * 900_000
+    body = {"prompt": "x", field: huge} if field != "prompt" else {"prompt": huge}
+    response = live.post(body, key=live.key())
+    message = assert_error(response, 422, field)
+    assert len(response.content) < 2000, len(response.content)
+    assert "ZZZZZZZZZZ…" in message or "9999999999…" in message
+
+
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [
+        ("prompt", "a (cat:1e39)"),  # inf in float32: NaN latents, a 500 before
+        ("negative_prompt", "(blurry:-1e6)"),
+        ("prompt", "(" * 30 + "cat" + ")" * 30),  # 1.1 ** 30 = 17
+    ],
+)
+def test_an_unusable_prompt_weight_is_422_and_not_charged(live: LiveServer, field: str, text: str) -> None:
+    key = live.key()
+    body = {"prompt": "x", **SMALL, field: text}
+    assert_error(live.post(body, key=key), 422, field, "weight", "-10 to 10")
+    assert live.balance_of(key) == Decimal("10")
+
+
+def test_prompt_weights_within_the_bound_generate(live: LiveServer) -> None:
+    body = {"prompt": "a (cat:10) (dog:-10)", "negative_prompt": "((blurry))", **SMALL}
+    assert live.post(body, key=live.key()).status_code == 200
+
+
 def test_malformed_json_is_422(live: LiveServer) -> None:
     key = live.key()
     response = httpx.post(
