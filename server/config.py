@@ -135,6 +135,10 @@ class QueueSettings(BaseModel):
     # Requests waiting for the device beyond this are refused with 429.
     max_pending: int = Field(16, ge=1)
     retry_after_s: int = Field(5, ge=1)
+    # Accepted v2 jobs not yet finished, per server. An accepted job is persisted and waits for room
+    # in the device queue (it is never failed for a full queue); past this many, a new submission is
+    # refused with 429 and Retry-After before anything is charged.
+    max_accepted_jobs: int = Field(1000, ge=1)
     # Compatible waiting requests share one sampling batch up to this many images. 1 = no batching,
     # which keeps every image bit-identical for its seed whatever else is queued (a batch changes
     # float rounding); batching pays mostly below 1024x1024 and on under-used GPUs.

@@ -2,16 +2,18 @@
 
 Everything below `server/api/` raises one of these domain errors; `install_error_handlers` turns
 them (and Starlette's own 404/405 and FastAPI's request-validation errors) into
-`{"error": "..."}` bodies with the contract's status codes. There is deliberately no catch-all
-`Exception` handler: Starlette runs it outside our middleware, and the headers of the contract
-would be lost. Unexpected failures during generation are wrapped in `GenerationFailed` by the
-serving layer, which is where the refund happens; a failure of the database itself, wherever it
-surfaces, is a JSON 503 (`DatabaseUnavailable`), never Starlette's plain-text 500.
+`{"error": "..."}` bodies with the contract's status codes. Every expected failure has its class:
+the catch-all `Exception` handler is a last resort for bugs only, since Starlette runs it outside
+our middleware and the headers of the contract are lost there. Unexpected failures during
+generation are wrapped in `GenerationFailed` by the serving layer, which is where the refund
+happens; a failure of the database itself, wherever it surfaces, is a JSON 503
+(`DatabaseUnavailable`), never Starlette's plain-text 500.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -72,6 +74,15 @@ class InvalidRequest(ApiError):
 class Overloaded(ApiError):
     status_code = 429
     default_message = "Too many requests: the generation queue is full, retry later"
+
+    def __init__(self, message: str | None = None, *, retry_after_s: int) -> None:
+        # Both headers, as on the per-key rate limit's 429: clients of either read one or the other.
+        reset = datetime.now(timezone.utc) + timedelta(seconds=retry_after_s)
+        headers = {
+            "Retry-After": str(retry_after_s),
+            "x-rate-limit-reset-at-utc": reset.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        super().__init__(message, headers=headers)
 
 
 class RateLimited(ApiError):

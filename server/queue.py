@@ -111,7 +111,7 @@ class WorkQueue:
         job = _Job(request, self.batch_key(request), loop, loop.create_future(), progress)
         with self._condition:
             if self._stopping or self._pending >= self.max_pending:
-                raise Overloaded(headers={"Retry-After": str(self.retry_after_s)})
+                raise Overloaded(retry_after_s=self.retry_after_s)
             self._pending += 1
             self._waiting.append(job)
             self._condition.notify()

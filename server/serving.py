@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 from anyio import to_thread
 
-from pipelines.request import GenerationRequest
+from pipelines.request import GenerationRequest, GenerationResult
 from server.config import Settings
 from server.encoding import to_jpeg
-from server.errors import ApiError, GenerationFailed, InvalidRequest, RateLimited
+from server.errors import ApiError, GenerationFailed, InvalidRequest, Overloaded, RateLimited
 from server.headers import REMAINING_CREDITS, format_credits
 from server.job_store import JobRecord, JobStore, Surface
 from server.ledger import KeyRecord, Ledger
@@ -51,6 +51,8 @@ RETRY_MAX_S = 30.0
 # At shutdown, how long writes still being retried get to land; what is left, the next start's
 # recovery does (a reservation is refunded, an accepted v2 job resumed).
 SHUTDOWN_DRAIN_S = 10.0
+# How often an accepted v2 job looks for room in a full device queue.
+QUEUE_ROOM_POLL_S = 0.2
 T = TypeVar("T")
 
 
@@ -172,6 +174,7 @@ class Serving:
         self.owner = settings.resolved_instance_id
         self.writes = PendingWrites()
         self._background: dict[asyncio.Task[None], str] = {}  # running v2 jobs, by request id
+        self._admitting = 0  # v2 submissions between the accepted-jobs check and their task
         self._stopping = False
 
     # -- start-up and admission ------------------------------------------------------------------
@@ -315,7 +318,7 @@ class Serving:
         started = time.perf_counter()
         quality = self.settings.performance.jpeg_quality
         try:
-            result = await self.queue.submit(job, progress=self._progress(request_id, seed))
+            result = await self._submit(job, request_id, seed, waits=surface == "v2")
             jpegs = await to_thread.run_sync(
                 lambda: [to_jpeg(image, quality=quality) for image in result.images]
             )
@@ -353,6 +356,20 @@ class Serving:
         settle = partial(self._settle_now, request_id, outputs=outputs, seconds=seconds)
         await asyncio.shield(self.writes.run(f"settle {request_id}", settle))
         return jpegs, outputs, seed, seconds
+
+    async def _submit(
+        self, job: GenerationRequest, request_id: str, seed: int, *, waits: bool
+    ) -> GenerationResult:
+        """Put the job in the device queue; a full queue refuses a v1 request (429) but not an
+        accepted v2 job, which was promised to run: that one waits for room."""
+        while True:
+            try:
+                return await self.queue.submit(job, progress=self._progress(request_id, seed))
+            except Overloaded:
+                if not waits:
+                    raise
+            # The device frees room at the end of each generation (seconds); a short poll is enough.
+            await asyncio.sleep(QUEUE_ROOM_POLL_S)
 
     def _settle_now(self, request_id: str, *, outputs: list[str], seconds: float) -> None:
         try:
@@ -405,8 +422,24 @@ class Serving:
     async def submit(
         self, key: KeyRecord, body: Txt2ImgRequest, *, request_id: str | None = None
     ) -> JobRecord:
-        """Accept a v2 job: reserve, record it QUEUED, run it in the background."""
-        request_id, _ = await self._admit(key.id, body, "v2", request_id)
+        """Accept a v2 job: reserve, record it QUEUED, run it in the background.
+
+        Refused at the door (429, nothing charged) when this server already holds
+        `max_accepted_jobs` unfinished v2 jobs; once accepted, a job waits for room in the device
+        queue instead of failing when it is full.
+        """
+        # Counted with the submissions still in admission: they await the database, and a burst
+        # would otherwise all pass this check before the first one is accepted.
+        if len(self._background) + self._admitting >= self.settings.queue.max_accepted_jobs:
+            raise Overloaded(
+                "Too many requests: this server holds as many accepted jobs as it takes, retry later",
+                retry_after_s=self.settings.queue.retry_after_s,
+            )
+        self._admitting += 1
+        try:
+            request_id, _ = await self._admit(key.id, body, "v2", request_id)
+        finally:
+            self._admitting -= 1
         self._spawn(request_id, key.id, body, None)
         job = await to_thread.run_sync(lambda: self.jobs.get(request_id))
         assert job is not None
