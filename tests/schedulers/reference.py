@@ -53,6 +53,22 @@ def schedule(name: str, n: int, a: float) -> Array:
     elif name == "ddim_uniform":
         ss = max(1000 // n, 1)
         body = [tab[k] for k in range(1, 1000, ss)][::-1]
+    elif name == "linear_quadratic":
+        # 1 − s: s rises linearly by 0.025/(n//2) per step for n//2 steps, then along the parabola
+        # through (n//2, 0.025) with that slope which reaches 1 at step n.
+        if n == 1:
+            return np.array([1.0, 0.0])
+        m = n // 2
+        slope = 0.025 / m
+        # s(i) = 0.025 + slope·(i − m) + c·(i − m)² with s(n) = 1
+        c = (1 - 0.025 - slope * (n - m)) / (n - m) ** 2
+        body = [1 - (i * slope if i < m else 0.025 + slope * (i - m) + c * (i - m) ** 2) for i in range(n)]
+    elif name == "kl_optimal":
+        if n == 1:
+            body = [hi]
+        else:
+            ramp = np.arange(n) / (n - 1)
+            body = list(np.tan(ramp * math.atan(lo) + (1 - ramp) * math.atan(hi)))
     else:
         raise ValueError(name)
     return np.array([*body, 0.0])
