@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from schedulers import cfg_pp, multistep, stochastic
+from schedulers import cfg_pp, dpm_solver, multistep, stochastic
 from schedulers.noise import AncestralNoise, BrownianTreeNoise, NoiseSource
 from schedulers.sigmas import to_float32
 from schedulers.stepping import Denoiser, Sampler, StepCallback
@@ -764,6 +764,9 @@ SAMPLERS: dict[str, Sampler] = {
     "seeds_2": stochastic.sample_seeds_2,
     "seeds_3": stochastic.sample_seeds_3,
     "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
+    # schedulers/dpm_solver.py: they end at the smallest non-zero sigma, as upstream.
+    "dpm_fast": dpm_solver.sample_dpm_fast,
+    "dpm_adaptive": dpm_solver.sample_dpm_adaptive,
     # The _gpu twins run the same math; only their Brownian tree lives on the state's device.
     "dpmpp_sde_gpu": sample_dpmpp_sde,
     "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde,
