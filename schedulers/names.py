@@ -72,7 +72,7 @@ _TABLE: tuple[SchedulerSpec, ...] = (
             *("dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v"),
             *("res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral"),
             *("res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp"),
-            *("er_sde", "seeds_2", "seeds_3", "dpm_fast", "dpm_adaptive"),
+            *("er_sde", "seeds_2", "seeds_3", "dpm_fast", "dpm_adaptive", "sa_solver", "sa_solver_pece"),
         )
     ),
     # Spellings of the hosted pages (family-contract.md §2, §3): the `_pp` samplers ComfyUI had for a few

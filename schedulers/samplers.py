@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from schedulers import cfg_pp, dpm_solver, multistep, stochastic
+from schedulers import cfg_pp, dpm_solver, multistep, sa_solver, stochastic
 from schedulers.noise import AncestralNoise, BrownianTreeNoise, NoiseSource
 from schedulers.sigmas import to_float32
 from schedulers.stepping import Denoiser, Sampler, StepCallback
@@ -767,6 +767,9 @@ SAMPLERS: dict[str, Sampler] = {
     # schedulers/dpm_solver.py: they end at the smallest non-zero sigma, as upstream.
     "dpm_fast": dpm_solver.sample_dpm_fast,
     "dpm_adaptive": dpm_solver.sample_dpm_adaptive,
+    # schedulers/sa_solver.py
+    "sa_solver": sa_solver.sample_sa_solver,
+    "sa_solver_pece": sa_solver.sample_sa_solver_pece,
     # The _gpu twins run the same math; only their Brownian tree lives on the state's device.
     "dpmpp_sde_gpu": sample_dpmpp_sde,
     "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde,
@@ -784,7 +787,7 @@ _ANCESTRAL: frozenset[str] = frozenset(
         *("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral"),
         *("euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp"),
         *("res_multistep_ancestral", "res_multistep_ancestral_cfg_pp"),
-        *("lcm", "ddpm", "er_sde", "seeds_2", "seeds_3"),
+        *("lcm", "ddpm", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"),
     }
 )
 _BROWNIAN: frozenset[str] = frozenset({"dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_sde", "dpmpp_3m_sde"})

@@ -107,3 +107,39 @@ def test_ipndm_v_order_2_is_variable_step_adams_bashforth() -> None:
     np.testing.assert_allclose(_ipndm_v_weights(s, 4, 2), ref.adams_bashforth_weights(s, 4, 2), rtol=1e-12)
     equal = [1.0, 0.8, 0.6, 0.4, 0.2]
     np.testing.assert_allclose(_ipndm_v_weights(equal, 2, 3), [23 / 12, -16 / 12, 5 / 12], rtol=1e-12)
+
+
+def test_sa_solver_draws_noise_only_inside_its_window_and_needs_the_shift(toy: Toy) -> None:
+    from schedulers.sigmas import percent_to_sigma
+
+    sigmas = sigmas_for("sgm_uniform", steps=12, shift=SHIFT)
+    x = torch.from_numpy(start_latent(1, 1.0)).float()
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
+    noise = ListNoise(noise_draws(12, tuple(x.shape)))
+    SAMPLERS["sa_solver"](denoiser, x, sigmas, noise=noise, shift=SHIFT)
+    high = percent_to_sigma(0.2, shift=SHIFT, rule="current")
+    low = percent_to_sigma(0.8, shift=SHIFT, rule="current")
+    targets = [target for _, target in noise.calls]
+    assert targets and all(low <= t <= high for t in targets)
+    assert targets == [float(s) for s in sigmas[1:-1] if low <= float(s) <= high]
+    with pytest.raises(ValueError, match="shift"):
+        partial = sigmas_for("sgm_uniform", steps=4, shift=SHIFT, denoise=0.5)
+        SAMPLERS["sa_solver"](denoiser, x, partial, noise=noise)
+
+
+@pytest.mark.parametrize("pece", [False, True])
+def test_sa_solver_float32_weights_stay_close_to_float64_ones(toy: Toy, pece: bool) -> None:
+    from schedulers.sa_solver import sa_solver
+
+    sigmas = sigmas_for("sgm_uniform", steps=25, shift=SHIFT)
+    x = torch.from_numpy(start_latent(2, 1.0)).float()
+    denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
+
+    def run(dtype: torch.dtype) -> torch.Tensor:
+        noise = ListNoise(noise_draws(30, tuple(x.shape)))
+        return sa_solver(
+            denoiser, x, sigmas, noise=noise, callback=None, shift=SHIFT, pece=pece, scalar_dtype=dtype
+        )
+
+    # Upstream's weights come from a float32 Vandermonde solve; on this toy that rounding stays small.
+    assert float((run(torch.float32) - run(torch.float64)).abs().max()) < 1e-4

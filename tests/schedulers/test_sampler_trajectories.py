@@ -77,6 +77,12 @@ REFERENCES: dict[str, Callable] = {
     ),
     "dpm_fast": lambda model, x, s, noise: ref.dpm_fast(model, x, s),
     "dpm_adaptive": lambda model, x, s, noise: ref.dpm_adaptive(model, x, s),
+    "sa_solver": lambda model, x, s, noise: ref.sa_solver(
+        model, x, s, noise, first_sigma=SDE_FIRST_SIGMA, shift=SHIFT
+    ),
+    "sa_solver_pece": lambda model, x, s, noise: ref.sa_solver(
+        model, x, s, noise, first_sigma=SDE_FIRST_SIGMA, shift=SHIFT, pece=True
+    ),
 }
 # The _gpu twins run the same math as their CPU samplers (only the Brownian tree's device differs).
 for _name in ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"):
@@ -202,7 +208,8 @@ def test_single_step_to_zero_returns_the_denoised_prediction(toy: Toy, sampler: 
     sigmas = torch.tensor([1.0, 0.0])
     x = torch.from_numpy(start_latent(2, 1.0)).float()
     denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
-    sigma0 = SDE_FIRST_SIGMA if sampler in SNR_SDE else 1.0  # these SDEs evaluate just below 1
+    # these SDEs evaluate just below 1
+    sigma0 = SDE_FIRST_SIGMA if sampler in (*SNR_SDE, "sa_solver", "sa_solver_pece") else 1.0
     expected = denoiser(x, sigma0)
     if sampler.startswith("uni_pc"):
         # Upstream's UniPC has order min(3, steps − 1) = 0 for one step: it evaluates once and returns
