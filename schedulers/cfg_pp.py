@@ -32,9 +32,7 @@ def sample_euler_cfg_pp(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Euler CFG++: x ← α_{i+1}·D + σ_{i+1}·(x − α_i·D_u)/σ_i with α = 1 − σ; the last step returns D."""
     return _euler_ancestral_cfg_pp(denoiser, x, sigmas, noise=None, callback=callback, eta=0.0)
@@ -47,7 +45,6 @@ def sample_euler_ancestral_cfg_pp(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Euler ancestral CFG++ (η = 1): the VE ancestral split of the VP-scaled sigmas σ/α, the Euler
     part along D_u's direction, then α_{i+1}·σ_up·z."""
@@ -96,9 +93,7 @@ def sample_dpmpp_2m_cfg_pp(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM++ 2M CFG++ in λ = −log σ: x ← D + r·(x − D_u') with r = σ_{i+1}/σ_i, where D_u' is D_u
     corrected by the previous step's D_u (the 2M extrapolation, applied to the uncond only). The
@@ -132,7 +127,6 @@ def sample_dpmpp_2s_ancestral_cfg_pp(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM++ 2S ancestral CFG++ (η = 1) in λ = −log σ with upstream's VE ancestral split (it has no
     rectified-flow variant): a half step to σ_s = √(σ_i·σ_down), a full step to σ_down using D at

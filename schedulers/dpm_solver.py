@@ -12,7 +12,6 @@ import math
 
 import torch
 
-from schedulers.noise import NoiseSource
 from schedulers.stepping import Denoiser, StepCallback, done, sigma_values
 
 _F32 = torch.float32
@@ -92,9 +91,7 @@ def sample_dpm_fast(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM-Solver-fast: the evaluation budget N = len(sigmas) − 1 spent as ⌊N/3⌋ third-order steps plus
     one of order N mod 3 (or, when 3 divides N, a second- and a first-order step at the end), on a grid
@@ -129,9 +126,7 @@ def sample_dpm_adaptive(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM-Solver-23 with adaptive steps (upstream's defaults: order 3, rtol 0.05, atol 0.0078, first step
     0.05 in t, an integral-only step controller with accept safety 0.81): each attempt compares the

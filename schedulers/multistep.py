@@ -30,9 +30,7 @@ def sample_heunpp2(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Heun++ (2nd-order variant): the slope is a weighted mean of the slopes at σ_i and at Euler
     predictions for the next one or two sigmas, weighted by σ/(k·σ_0) (k = 2 or 3 nodes). The step
@@ -67,9 +65,7 @@ def sample_ipndm(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Improved PNDM: Adams–Bashforth of order up to 4 on the slope with the fixed equal-step weights
     (3, −1)/2, (23, −16, 5)/12, (55, −59, 37, −9)/24, warming up from Euler; the last step returns D."""
@@ -102,9 +98,7 @@ def sample_ipndm_v(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """iPNDM with variable steps: the Adams–Bashforth weights of order up to 4 recomputed from the
     actual sigma gaps (as the diff-solvers code upstream adopts); the last step returns D."""
@@ -216,9 +210,7 @@ def sample_res_multistep(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """res_multistep, deterministic (η = 0): see `res_multistep`."""
     return res_multistep(denoiser, x, sigmas, noise=None, callback=callback, eta=0.0, cfg_pp=False)
@@ -229,9 +221,7 @@ def sample_res_multistep_cfg_pp(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """res_multistep with CFG++, deterministic: see `res_multistep`."""
     return res_multistep(denoiser, x, sigmas, noise=None, callback=callback, eta=0.0, cfg_pp=True)
@@ -244,7 +234,6 @@ def sample_res_multistep_ancestral(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """res_multistep with ancestral noise (η = 1): see `res_multistep`."""
     source = required(noise, "res_multistep_ancestral")
@@ -258,7 +247,6 @@ def sample_res_multistep_ancestral_cfg_pp(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """res_multistep ancestral (η = 1) with CFG++: see `res_multistep`."""
     source = required(noise, "res_multistep_ancestral_cfg_pp")
@@ -299,9 +287,7 @@ def sample_gradient_estimation(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Gradient estimation: see `gradient_estimation`."""
     return gradient_estimation(denoiser, x, sigmas, callback=callback, cfg_pp=False)
@@ -312,9 +298,7 @@ def sample_gradient_estimation_cfg_pp(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Gradient estimation with CFG++: see `gradient_estimation`."""
     return gradient_estimation(denoiser, x, sigmas, callback=callback, cfg_pp=True)

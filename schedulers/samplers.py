@@ -6,6 +6,7 @@ discretisation. Step coefficients are computed in Python floats from the float32
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -26,9 +27,7 @@ def sample_euler(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Euler: x ← x + (σ_{i+1} − σ_i)·d_i. Also ComfyUI's `ddim`."""
     sigma = _sigma_values(sigmas)
@@ -46,9 +45,7 @@ def sample_heun(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Heun: Euler predictor, trapezoidal corrector; the last step (to σ = 0) is plain Euler."""
     sigma = _sigma_values(sigmas)
@@ -73,9 +70,7 @@ def sample_dpmpp_2m(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM++ 2M with λ = −log σ (the VE form ComfyUI uses even for flow models).
 
@@ -105,9 +100,7 @@ def sample_dpm_2(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM2: the slope is taken at the log-midpoint sigma; the last step is Euler. Use it with the
     discard-penultimate schedule."""
@@ -125,9 +118,7 @@ def sample_lms(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Linear multistep of order up to 4 over the slope history; the last step returns D."""
     sigma = _sigma_values(sigmas)
@@ -155,7 +146,6 @@ def sample_euler_ancestral(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Euler ancestral, rectified-flow form (η = 1): Euler down to σ_d, then re-noise up to σ_{i+1}."""
     source = _required(noise, "euler_ancestral")
@@ -182,7 +172,6 @@ def sample_dpm_2_ancestral(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM2 ancestral, rectified-flow form (η = 1): a DPM2 step down to σ_d, then the RF re-noise."""
     source = _required(noise, "dpm_2_ancestral")
@@ -208,7 +197,6 @@ def sample_dpmpp_2s_ancestral(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM++ 2S ancestral, rectified-flow form (η = 1): a second evaluation at the half-log-SNR point
     between σ_i and σ_d, a step to σ_d with that prediction, then the RF re-noise."""
@@ -404,9 +392,7 @@ def sample_uni_pc(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """UniPC, B(h) = h variant ("bh1"), multistep data prediction: ComfyUI's `uni_pc` (sampling.md §3.8).
 
@@ -437,9 +423,7 @@ def sample_uni_pc_bh2(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """UniPC with B(h) = e^h − 1 ("bh2"); otherwise identical to `sample_uni_pc`."""
     return _uni_pc(denoiser, x, sigmas, callback=callback, bh2=True)
@@ -450,9 +434,7 @@ def sample_deis(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DEIS, tab mode, order up to 3: ComfyUI's `deis` (sampling.md §3.8).
 
@@ -794,6 +776,32 @@ _BROWNIAN: frozenset[str] = frozenset({"dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpm
 _BROWNIAN_ON_DEVICE: frozenset[str] = frozenset(f"{name}_gpu" for name in _BROWNIAN)
 STOCHASTIC: frozenset[str] = _ANCESTRAL | _BROWNIAN | _BROWNIAN_ON_DEVICE
 """Samplers that draw per-step noise, and so need a seed."""
+
+
+_KEYWORDS: dict[str, frozenset[str]] = {
+    name: frozenset(inspect.signature(function).parameters) - {"denoiser", "x", "sigmas"}
+    for name, function in SAMPLERS.items()
+}
+"""The keyword arguments each sampler takes (`callback`, and `noise` / `shift` where it uses them)."""
+
+
+def run(
+    sampler: str,
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    shift: float | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run the registered `sampler`, handing it only the keyword arguments it takes."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(sorted(SAMPLERS))}")
+    offered = {"noise": noise, "shift": shift, "callback": callback}
+    return SAMPLERS[sampler](
+        denoiser, x, sigmas, **{key: value for key, value in offered.items() if key in _KEYWORDS[sampler]}
+    )
 
 
 def noise_for(sampler: str, *, seed: int, sigmas: torch.Tensor, like: torch.Tensor) -> NoiseSource | None:

@@ -25,24 +25,14 @@ StepCallback = Callable[[int, int], None]
 """callback(i, total): step i (0-based) of `total` is done; it may raise to abort sampling."""
 
 
-class Sampler(Protocol):
-    """sampler(denoiser, x, sigmas, *, noise, callback, shift) → the final float32 state.
+Sampler = Callable[..., torch.Tensor]
+"""sampler(denoiser, x, sigmas, *, callback=None, ...) → the final float32 state.
 
-    `x` is the already-noised start (σ0·noise for txt2img); `noise` is needed only by stochastic samplers
-    (build it with `noise_for`); `shift` is the model's flow shift, needed only where a sampler moves a
-    first sigma of 1 (the half-log-SNR samplers); the others ignore both.
-    """
-
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        x: torch.Tensor,
-        sigmas: torch.Tensor,
-        *,
-        noise: NoiseSource | None = None,
-        callback: StepCallback | None = None,
-        shift: float | None = None,
-    ) -> torch.Tensor: ...
+`x` is the already-noised start (σ0·noise for txt2img). Each sampler takes only the keyword arguments it
+uses, as k-diffusion's do: `noise` (a `NoiseSource`, from `noise_for`) for the stochastic ones, `shift`
+(the model's flow shift) for those that move a first sigma of 1 or place a noise window by percent.
+`schedulers.samplers.run` hands each one what it takes.
+"""
 
 
 @runtime_checkable

@@ -34,7 +34,6 @@ def sample_lcm(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """LCM: jump to D, then re-noise to the next sigma as the flow does, σ_{i+1}·z + (1 − σ_{i+1})·D."""
     source = required(noise, "lcm")
@@ -56,7 +55,6 @@ def sample_ddpm(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DDPM ancestral steps on the VP view of the sigma (ᾱ = 1/(1+σ²)), as upstream runs them for
     every model: the posterior mean from ε = (x − D)/σ plus the posterior noise, then back to the

@@ -12,7 +12,7 @@ from test_sampler_trajectories import SDE_FIRST_SIGMA, SHIFT, WINDOW_RANGES, Lis
 from torch_toy import start_latent, torch_predict
 
 from schedulers.guidance import guided_denoiser, negative_ranges
-from schedulers.samplers import CFG_PP, SAMPLERS, sample_euler
+from schedulers.samplers import CFG_PP, run, sample_euler
 from schedulers.sigmas import sigmas_for
 from schedulers.stepping import split_guidance
 
@@ -60,7 +60,7 @@ def test_euler_cfg_pp_without_guidance_is_euler(toy: Toy) -> None:
     sigmas = sigmas_for("sgm_uniform", steps=12, shift=SHIFT)
     x = torch.from_numpy(start_latent(2, 1.0)).float()
     torch.testing.assert_close(
-        SAMPLERS["euler_cfg_pp"](plain, x, sigmas), sample_euler(plain, x, sigmas), atol=2e-6, rtol=0
+        run("euler_cfg_pp", plain, x, sigmas), sample_euler(plain, x, sigmas), atol=2e-6, rtol=0
     )
 
 
@@ -73,11 +73,11 @@ def test_cfg_pp_samplers_use_the_uncond_so_they_differ_from_plain_guidance(toy: 
     def plain(x: torch.Tensor, sigma: float) -> torch.Tensor:
         return denoiser(x, sigma)
 
-    def run(d) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def sample_with(d) -> torch.Tensor:  # type: ignore[no-untyped-def]
         noise = ListNoise(noise_draws(12, tuple(x.shape)))
-        return SAMPLERS[sampler](d, x, sigmas, noise=noise, shift=SHIFT)
+        return run(sampler, d, x, sigmas, noise=noise, shift=SHIFT)
 
-    assert (run(denoiser) - run(plain)).abs().max() > 1e-2
+    assert (sample_with(denoiser) - sample_with(plain)).abs().max() > 1e-2
 
 
 def test_dpmpp_sde_float32_scalars_matter_at_the_offset_first_sigma(toy: Toy) -> None:
@@ -90,8 +90,8 @@ def test_dpmpp_sde_float32_scalars_matter_at_the_offset_first_sigma(toy: Toy) ->
     x0 = start_latent(2, 1.0)
     draws = noise_draws(2 * len(values), x0.shape)
     denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
-    ours = SAMPLERS["dpmpp_sde"](
-        denoiser, torch.from_numpy(x0).float(), sigmas, noise=ListNoise(draws), shift=SHIFT
+    ours = run(
+        "dpmpp_sde", denoiser, torch.from_numpy(x0).float(), sigmas, noise=ListNoise(draws), shift=SHIFT
     ).numpy()
     model = toy.guided(cfg=5.0, ranges=ref.windows(0.1, 1.0, SHIFT, "a", "current"))
     f32 = ref.dpmpp_sde(model, x0, values, draws, first_sigma=SDE_FIRST_SIGMA, float32=True)
@@ -116,7 +116,7 @@ def test_sa_solver_draws_noise_only_inside_its_window_and_needs_the_shift(toy: T
     x = torch.from_numpy(start_latent(1, 1.0)).float()
     denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
     noise = ListNoise(noise_draws(12, tuple(x.shape)))
-    SAMPLERS["sa_solver"](denoiser, x, sigmas, noise=noise, shift=SHIFT)
+    run("sa_solver", denoiser, x, sigmas, noise=noise, shift=SHIFT)
     high = percent_to_sigma(0.2, shift=SHIFT, rule="current")
     low = percent_to_sigma(0.8, shift=SHIFT, rule="current")
     targets = [target for _, target in noise.calls]
@@ -124,7 +124,7 @@ def test_sa_solver_draws_noise_only_inside_its_window_and_needs_the_shift(toy: T
     assert targets == [float(s) for s in sigmas[1:-1] if low <= float(s) <= high]
     with pytest.raises(ValueError, match="shift"):
         partial = sigmas_for("sgm_uniform", steps=4, shift=SHIFT, denoise=0.5)
-        SAMPLERS["sa_solver"](denoiser, x, partial, noise=noise)
+        run("sa_solver", denoiser, x, partial, noise=noise)
 
 
 @pytest.mark.parametrize("pece", [False, True])
@@ -135,11 +135,11 @@ def test_sa_solver_float32_weights_stay_close_to_float64_ones(toy: Toy, pece: bo
     x = torch.from_numpy(start_latent(2, 1.0)).float()
     denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
 
-    def run(dtype: torch.dtype) -> torch.Tensor:
+    def sample_in(dtype: torch.dtype) -> torch.Tensor:
         noise = ListNoise(noise_draws(30, tuple(x.shape)))
         return sa_solver(
             denoiser, x, sigmas, noise=noise, callback=None, shift=SHIFT, pece=pece, scalar_dtype=dtype
         )
 
     # Upstream's weights come from a float32 Vandermonde solve; on this toy that rounding stays small.
-    assert float((run(torch.float32) - run(torch.float64)).abs().max()) < 1e-4
+    assert float((sample_in(torch.float32) - sample_in(torch.float64)).abs().max()) < 1e-4

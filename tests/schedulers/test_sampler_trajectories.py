@@ -18,6 +18,7 @@ from schedulers.samplers import (
     SAMPLERS,
     STOCHASTIC,
     noise_for,
+    run,
     sample_dpmpp_2m,
     sample_euler,
 )
@@ -146,7 +147,7 @@ def noise_draws(count: int, shape: tuple[int, ...]) -> list[np.ndarray]:
 def run_sampler(sampler: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, **kwargs) -> torch.Tensor:
     """Runs a sampler with the noise source it needs, as the pipeline would."""
     noise: NoiseSource | None = noise_for(sampler, seed=5, sigmas=sigmas, like=x)
-    return SAMPLERS[sampler](denoiser, x, sigmas, noise=noise, shift=SHIFT, **kwargs)
+    return run(sampler, denoiser, x, sigmas, noise=noise, shift=SHIFT, **kwargs)
 
 
 WINDOW_RANGES = negative_ranges(start=0.1, stop=1.0, shift=SHIFT, wiring="a", rule="current")
@@ -163,7 +164,7 @@ def run_both(
     draws = noise_draws(3 * len(values), x0.shape)  # seeds_3 draws three times per step
     noise = ListNoise(draws)
     denoiser = guided_denoiser(torch_predict(toy), cfg=cfg, ranges=WINDOW_RANGES)
-    ours = SAMPLERS[sampler](denoiser, torch.from_numpy(x0).float(), sigmas, noise=noise, shift=SHIFT)
+    ours = run(sampler, denoiser, torch.from_numpy(x0).float(), sigmas, noise=noise, shift=SHIFT)
     assert ours.dtype == torch.float32
     ranges = ref.windows(0.1, 1.0, SHIFT, "a", "current")
     if sampler in SPLIT_REFERENCES:
@@ -281,7 +282,7 @@ def test_stochastic_samplers_draw_once_per_step_except_the_last(toy: Toy, sample
     x = torch.from_numpy(start_latent(1, 1.0)).float()
     noise = ListNoise(noise_draws(10, tuple(x.shape)))
     denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
-    SAMPLERS[sampler](denoiser, x, sigmas, noise=noise, shift=SHIFT)
+    run(sampler, denoiser, x, sigmas, noise=noise, shift=SHIFT)
     expected = list(pairwise(values[:-1]))
     if sampler in SNR_SDE:
         expected[0] = (SDE_FIRST_SIGMA, values[1])  # queried from the offset first sigma
@@ -293,7 +294,7 @@ def test_stochastic_samplers_refuse_to_run_without_noise(toy: Toy, sampler: str)
     sigmas = sigmas_for("sgm_uniform", steps=3, shift=SHIFT)
     denoiser = guided_denoiser(torch_predict(toy), cfg=1.0, ranges=())
     with pytest.raises(ValueError, match="noise"):
-        SAMPLERS[sampler](denoiser, torch.zeros(1, 4, 6, 6), sigmas, shift=SHIFT)
+        run(sampler, denoiser, torch.zeros(1, 4, 6, 6), sigmas, shift=SHIFT)
 
 
 @pytest.mark.parametrize("sampler", SNR_SDE)
@@ -302,10 +303,10 @@ def test_snr_sdes_need_the_shift_only_when_the_first_sigma_is_one(toy: Toy, samp
     x = torch.from_numpy(start_latent(1, 1.0)).float()
     full = sigmas_for("sgm_uniform", steps=4, shift=SHIFT)
     with pytest.raises(ValueError, match="shift"):
-        SAMPLERS[sampler](denoiser, x, full, noise=noise_for(sampler, seed=1, sigmas=full, like=x))
+        run(sampler, denoiser, x, full, noise=noise_for(sampler, seed=1, sigmas=full, like=x))
     partial = sigmas_for("sgm_uniform", steps=4, shift=SHIFT, denoise=0.5)
     noise = noise_for(sampler, seed=1, sigmas=partial, like=x)
-    assert SAMPLERS[sampler](denoiser, x, partial, noise=noise).shape == x.shape
+    assert run(sampler, denoiser, x, partial, noise=noise).shape == x.shape
 
 
 @pytest.mark.parametrize("sampler", sorted(STOCHASTIC))
@@ -318,9 +319,20 @@ def test_stochastic_samplers_repeat_with_the_same_seed_and_differ_with_another(
     x = torch.from_numpy(start_latent(1, 1.0)).float()
     denoiser = guided_denoiser(torch_predict(toy), cfg=5.0, ranges=WINDOW_RANGES)
 
-    def run(seed: int) -> torch.Tensor:
+    def sample_with(seed: int) -> torch.Tensor:
         noise = noise_for(sampler, seed=seed, sigmas=sigmas, like=x)
-        return SAMPLERS[sampler](denoiser, x, sigmas, noise=noise, shift=SHIFT)
+        return run(sampler, denoiser, x, sigmas, noise=noise, shift=SHIFT)
 
-    assert torch.equal(run(8), run(8))
-    assert not torch.equal(run(8), run(9))
+    assert torch.equal(sample_with(8), sample_with(8))
+    assert not torch.equal(sample_with(8), sample_with(9))
+
+
+def test_each_sampler_takes_only_the_arguments_it_uses() -> None:
+    import inspect
+
+    for name, function in SAMPLERS.items():
+        keywords = set(inspect.signature(function).parameters) - {"denoiser", "x", "sigmas"}
+        assert "callback" in keywords, name
+        assert ("noise" in keywords) == (name in STOCHASTIC), name
+        if "shift" in keywords:  # only samplers that offset a first sigma of 1 or place a noise window
+            assert name in (*SNR_SDE, "sa_solver", "sa_solver_pece"), name
