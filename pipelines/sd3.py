@@ -70,6 +70,7 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...] | None:
     return (
         spec.sampler,
         spec.schedule,
+        spec.guidance_factor,
         request.steps,
         request.shift,
         request.denoise,
@@ -223,7 +224,8 @@ class SD3Generator:
         x = float(sigmas[0]) * noise
         denoiser = guided_denoiser(
             self._predictor(conds),
-            cfg=first.guidance_scale,
+            # The `_pp` spellings run their plain sampler at twice the guidance (schedulers/names.py).
+            cfg=first.guidance_scale * spec.guidance_factor,
             ranges=negative_ranges(
                 start=first.cond_start,
                 stop=first.cond_stop,

@@ -13,7 +13,15 @@ from __future__ import annotations
 import torch
 
 from schedulers import sigmas as _sigmas
-from schedulers.samplers import DISCARD_PENULTIMATE, SAMPLERS, STOCHASTIC, Denoiser, StepCallback, noise_for
+from schedulers.samplers import (
+    DISCARD_PENULTIMATE,
+    SAMPLERS,
+    STOCHASTIC,
+    Denoiser,
+    StepCallback,
+    noise_for,
+    run,
+)
 
 
 def sigmas_for(
@@ -52,7 +60,7 @@ def sample(
     if seed is None and sampler in STOCHASTIC:
         raise ValueError(f"sampler {sampler!r} draws noise at every step: pass seed=")
     noise = None if seed is None else noise_for(sampler, seed=seed, sigmas=sigmas, like=x)
-    return SAMPLERS[sampler](denoiser, x, sigmas, noise=noise, callback=callback, shift=shift)
+    return run(sampler, denoiser, x, sigmas, noise=noise, shift=shift, callback=callback)
 
 
 __all__ = ["SAMPLERS", "sample", "sigmas_for"]

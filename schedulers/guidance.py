@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from schedulers.samplers import Denoiser
 from schedulers.sigmas import percent_to_sigma, to_float32
 
 Predict = Callable[[torch.Tensor, float, tuple[str, ...]], list[torch.Tensor]]
@@ -63,25 +62,39 @@ def negative_ranges(
     )
 
 
-def guided_denoiser(predict: Predict, *, cfg: float, ranges: tuple[CondRange, ...]) -> Denoiser:
+class GuidedDenoiser:
     """D = D_u + cfg·(D_c − D_u), with D_u the mean of the negatives active at σ, or 0 in a gap.
 
-    At cfg = 1 only the positive is evaluated, as upstream skips the uncond pass entirely.
+    Calling it gives D; at cfg = 1 only the positive is evaluated, as upstream skips the uncond pass
+    entirely. `with_uncond` gives (D, D_u) for the CFG++ samplers: upstream registers them with the cfg-1
+    shortcut disabled, so the negatives are evaluated at every guidance, cfg 1 included.
     """
-    skip_uncond = math.isclose(cfg, 1.0)
 
-    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        if skip_uncond:
-            return predict(x, sigma, (POSITIVE,))[0]
-        negatives = tuple(entry.name for entry in ranges if entry.active(sigma))
-        cond, *uncond_parts = predict(x, sigma, (POSITIVE, *negatives))
+    def __init__(self, predict: Predict, *, cfg: float, ranges: tuple[CondRange, ...]) -> None:
+        self.predict = predict
+        self.cfg = cfg
+        self.ranges = ranges
+        self._skip_uncond = math.isclose(cfg, 1.0)
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if self._skip_uncond:
+            return self.predict(x, sigma, (POSITIVE,))[0]
+        return self.with_uncond(x, sigma)[0]
+
+    def with_uncond(self, x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        negatives = tuple(entry.name for entry in self.ranges if entry.active(sigma))
+        cond, *uncond_parts = self.predict(x, sigma, (POSITIVE, *negatives))
         if not uncond_parts:
-            return cfg * cond
+            # A gap: upstream's uncond is 0, so D = cfg·D_c bit for bit.
+            return self.cfg * cond, torch.zeros_like(cond)
         uncond = uncond_parts[0]
         if len(uncond_parts) > 1:  # x / 1 is x bit for bit: skip a full-latent op on most steps
             for part in uncond_parts[1:]:
                 uncond = uncond + part
             uncond = uncond / len(uncond_parts)
-        return uncond + cfg * (cond - uncond)
+        return uncond + self.cfg * (cond - uncond), uncond
 
-    return denoise
+
+def guided_denoiser(predict: Predict, *, cfg: float, ranges: tuple[CondRange, ...]) -> GuidedDenoiser:
+    """The CFG-combined denoiser of one request (see `GuidedDenoiser`)."""
+    return GuidedDenoiser(predict, cfg=cfg, ranges=ranges)

@@ -16,6 +16,9 @@ class SchedulerSpec:
     label: str
     sampler: str
     schedule: str
+    guidance_factor: float = 1.0
+    """The request's guidance is multiplied by this: 2 for the short-lived `_pp` spellings, which ComfyUI
+    migrated to the plain sampler at twice the cfg (family-contract.md §2)."""
 
 
 class UnknownScheduler(ValueError):
@@ -60,6 +63,25 @@ _TABLE: tuple[SchedulerSpec, ...] = (
     SchedulerSpec("uni_pc", "uni_pc", "sgm_uniform"),
     SchedulerSpec("uni_pc_bh2", "uni_pc_bh2", "sgm_uniform"),
     SchedulerSpec("deis", "deis", "sgm_uniform"),
+    # The rest of ComfyUI's sampler tokens (issue 15), on the same schedule.
+    *(
+        SchedulerSpec(token, token, "sgm_uniform")
+        for token in (
+            *("euler_cfg_pp", "euler_ancestral_cfg_pp", "heunpp2", "dpmpp_2s_ancestral_cfg_pp"),
+            *("dpmpp_sde_gpu", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun"),
+            *("dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v"),
+            *("res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral"),
+            *("res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp"),
+            *("er_sde", "seeds_2", "seeds_3", "dpm_fast", "dpm_adaptive", "sa_solver", "sa_solver_pece"),
+        )
+    ),
+    # Spellings of the hosted pages (family-contract.md §2, §3): the `_pp` samplers ComfyUI had for a few
+    # days in 2024-06 step with d = (x − 2D + D_u)/σ, which is exactly euler / euler_ancestral at twice
+    # the guidance, as ComfyUI migrated them; and two typos of a page's sampler list.
+    SchedulerSpec("euler_pp", "euler", "sgm_uniform", guidance_factor=2.0),
+    SchedulerSpec("euler_ancestral_pp", "euler_ancestral", "sgm_uniform", guidance_factor=2.0),
+    SchedulerSpec("euler_ancestra", "euler_ancestral", "sgm_uniform"),
+    SchedulerSpec("leuler_ancestral_cfg_pp", "euler_ancestral_cfg_pp", "sgm_uniform"),
     # Legacy labels of the hosted service's older models, named after diffusers' schedulers. "DPM Single"
     # is diffusers' single-step DPM-Solver++ (second order by default); ComfyUI has no deterministic
     # single-step DPM-Solver++, and its nearest sampler is DPM-Solver++(2S) with ancestral noise

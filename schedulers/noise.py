@@ -39,22 +39,30 @@ class AncestralNoise:
 
 class BrownianTreeNoise:
     """Brownian-tree noise for SDE samplers: (W(σ_next) − W(σ)) / sqrt|σ_next − σ| from one torchsde
-    tree over [sigma_min, sigma_max] for the whole batch, built on CPU and seeded with `seed`."""
+    tree over [sigma_min, sigma_max] for the whole batch, seeded with `seed`. Built on CPU, or with
+    `on_device` on `like`'s device as upstream's `_gpu` samplers do (there torchsde draws from that
+    device's generator, so a CUDA tree is a different stream from the CPU one)."""
 
-    def __init__(self, seed: int, sigma_min: float, sigma_max: float, like: torch.Tensor) -> None:
+    def __init__(
+        self, seed: int, sigma_min: float, sigma_max: float, like: torch.Tensor, *, on_device: bool = False
+    ) -> None:
         if not 0.0 < sigma_min <= sigma_max:
             raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min} and {sigma_max}")
         self.seed = seed
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.shape = tuple(like.shape)
+        self.device = like.device if on_device else torch.device("cpu")
         self._tree: Any = None
 
     def __call__(self, sigma: float, sigma_next: float, like: torch.Tensor) -> torch.Tensor:
         if self._tree is None:
             # Built on first use: a one-step schedule never queries (and has sigma_min == sigma_max).
             self._tree = self._build()
-        low, high = (torch.tensor(value, dtype=torch.float32) for value in sorted((sigma, sigma_next)))
+        low, high = (
+            torch.tensor(value, dtype=torch.float32, device=self.device)
+            for value in sorted((sigma, sigma_next))
+        )
         with warnings.catch_warnings():
             # torchsde rounds the tree's ends to its 1e-6 tolerance, so a query at the exact sigma_min
             # lands a hair outside and is clamped to the end, exactly as upstream; the warning is noise.
@@ -67,7 +75,7 @@ class BrownianTreeNoise:
     def _build(self) -> Any:
         import torchsde  # lazy: only SDE samplers need it
 
-        start = torch.tensor(self.sigma_min, dtype=torch.float32)
-        end = torch.tensor(self.sigma_max, dtype=torch.float32)
-        origin = torch.zeros(self.shape, dtype=torch.float32)
+        start = torch.tensor(self.sigma_min, dtype=torch.float32, device=self.device)
+        end = torch.tensor(self.sigma_max, dtype=torch.float32, device=self.device)
+        origin = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
         return torchsde.BrownianTree(start, origin, end, entropy=self.seed)

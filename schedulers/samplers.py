@@ -6,49 +6,20 @@ discretisation. Step coefficients are computed in Python floats from the float32
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
-from typing import Protocol
 
 import torch
 
+from schedulers import cfg_pp, dpm_solver, multistep, sa_solver, stochastic
 from schedulers.noise import AncestralNoise, BrownianTreeNoise, NoiseSource
-from schedulers.sigmas import percent_to_sigma, to_float32
-
-Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
-"""D(x, σ): the CFG-combined denoised float32 prediction; σ is the float32 value as a Python float."""
-
-StepCallback = Callable[[int, int], None]
-"""callback(i, total): step i (0-based) of `total` is done; it may raise to abort sampling."""
-
-
-class Sampler(Protocol):
-    """sampler(denoiser, x, sigmas, *, noise, callback, shift) → the final float32 state.
-
-    `x` is the already-noised start (σ0·noise for txt2img); `noise` is needed only by stochastic samplers
-    (build it with `noise_for`); `shift` is the model's flow shift, needed only where a sampler moves a
-    first sigma of 1 (dpmpp_2m_sde); the others ignore both.
-    """
-
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        x: torch.Tensor,
-        sigmas: torch.Tensor,
-        *,
-        noise: NoiseSource | None = None,
-        callback: StepCallback | None = None,
-        shift: float | None = None,
-    ) -> torch.Tensor: ...
-
-
-def _sigma_values(sigmas: torch.Tensor) -> list[float]:
-    return [float(value) for value in sigmas.detach().to(device="cpu", dtype=torch.float32)]
-
-
-def _done(callback: StepCallback | None, step: int, total: int) -> None:
-    if callback is not None:
-        callback(step, total)
+from schedulers.sigmas import to_float32
+from schedulers.stepping import Denoiser, Sampler, StepCallback
+from schedulers.stepping import done as _done
+from schedulers.stepping import half_log_snr as _half_log_snr
+from schedulers.stepping import offset_first_sigma as _offset_first_sigma
+from schedulers.stepping import required as _required
+from schedulers.stepping import sigma_values as _sigma_values
 
 
 def sample_euler(
@@ -56,9 +27,7 @@ def sample_euler(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Euler: x ← x + (σ_{i+1} − σ_i)·d_i. Also ComfyUI's `ddim`."""
     sigma = _sigma_values(sigmas)
@@ -76,9 +45,7 @@ def sample_heun(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Heun: Euler predictor, trapezoidal corrector; the last step (to σ = 0) is plain Euler."""
     sigma = _sigma_values(sigmas)
@@ -103,9 +70,7 @@ def sample_dpmpp_2m(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM++ 2M with λ = −log σ (the VE form ComfyUI uses even for flow models).
 
@@ -135,9 +100,7 @@ def sample_dpm_2(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM2: the slope is taken at the log-midpoint sigma; the last step is Euler. Use it with the
     discard-penultimate schedule."""
@@ -155,9 +118,7 @@ def sample_lms(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Linear multistep of order up to 4 over the slope history; the last step returns D."""
     sigma = _sigma_values(sigmas)
@@ -185,7 +146,6 @@ def sample_euler_ancestral(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """Euler ancestral, rectified-flow form (η = 1): Euler down to σ_d, then re-noise up to σ_{i+1}."""
     source = _required(noise, "euler_ancestral")
@@ -212,7 +172,6 @@ def sample_dpm_2_ancestral(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM2 ancestral, rectified-flow form (η = 1): a DPM2 step down to σ_d, then the RF re-noise."""
     source = _required(noise, "dpm_2_ancestral")
@@ -238,7 +197,6 @@ def sample_dpmpp_2s_ancestral(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DPM++ 2S ancestral, rectified-flow form (η = 1): a second evaluation at the half-log-SNR point
     between σ_i and σ_d, a step to σ_d with that prediction, then the RF re-noise."""
@@ -278,8 +236,36 @@ def sample_dpmpp_2m_sde(
     """DPM++ 2M SDE (η = 1, midpoint) in the flow's half-log-SNR λ = log((1−σ)/σ), as ComfyUI since
     2025-06-17. A first sigma ≥ 1 (λ = −∞) is moved to percent_to_sigma(1e-4) and evaluated there; the
     start latent is not re-noised for it. The last step returns D."""
-    source = _required(noise, "dpmpp_2m_sde")
-    sigma = _offset_first_sigma(sigmas, shift, "dpmpp_2m_sde")
+    return _dpmpp_2m_sde(denoiser, x, sigmas, noise=noise, callback=callback, shift=shift, heun=False)
+
+
+def sample_dpmpp_2m_sde_heun(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    shift: float | None = None,
+) -> torch.Tensor:
+    """DPM++ 2M SDE with the Heun correction: as `sample_dpmpp_2m_sde`, but the second-order term
+    weighs the first difference of D by 1 − (1 − e^{−2h})/(2h) instead of the midpoint's ½(1 − e^{−2h})."""
+    return _dpmpp_2m_sde(denoiser, x, sigmas, noise=noise, callback=callback, shift=shift, heun=True)
+
+
+def _dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: NoiseSource | None,
+    callback: StepCallback | None,
+    shift: float | None,
+    heun: bool,
+) -> torch.Tensor:
+    name = "dpmpp_2m_sde_heun" if heun else "dpmpp_2m_sde"
+    source = _required(noise, name)
+    sigma = _offset_first_sigma(sigmas, shift, name)
     x = x.to(torch.float32)
     total = len(sigma) - 1
     previous: torch.Tensor | None = None
@@ -294,7 +280,8 @@ def sample_dpmpp_2m_sde(
             gain = -math.expm1(-2 * h)  # 1 − e^{−(1+η)h}
             x = (sigma[i + 1] / sigma[i]) * math.exp(-h) * x + alpha * gain * denoised
             if previous is not None:
-                x = x + 0.5 * alpha * gain * (h / h_previous) * (denoised - previous)
+                weight = (gain / (-2 * h) + 1) if heun else 0.5 * gain
+                x = x + alpha * weight * (h / h_previous) * (denoised - previous)
             x = x + source(sigma[i], sigma[i + 1], x) * (sigma[i + 1] * math.sqrt(gain))
             h_previous = h
         previous = denoised
@@ -314,9 +301,13 @@ def sample_dpmpp_sde(
     """DPM++ SDE (η = 1, r = 1/2) in the flow's half-log-SNR λ = log((1−σ)/σ), as ComfyUI since 2025-06.
 
     Each step evaluates D at σ_i and at the λ-midpoint σ_m between σ_i and σ_{i+1}; both stages are
-    ancestral steps in λ (deterministic part to λ' = 2λ_target − λ_i, then Brownian noise queried over
+    ancestral steps in λ (the VE ancestral split of e^{−λ}, then Brownian noise queried over
     (σ_i, σ_target)), and the second stage uses only the midpoint prediction. A first sigma ≥ 1 is moved
     to percent_to_sigma(1e-4) as in dpmpp_2m_sde; the last step returns D. 2 NFE per step, 1 on the last.
+
+    The step scalars (λ, the midpoint sigma, α, the ancestral split) are float32 tensor operations in
+    upstream's order: at the offset first sigma e^{−λ} is ~3·10⁴, σ_down² = σ_to² − σ_up² cancels, and
+    float32 gives a different (often zero) σ_down than float64 would (up to 8e-4 in the state).
     """
     source = _required(noise, "dpmpp_sde")
     sigma = _offset_first_sigma(sigmas, shift, "dpmpp_sde")
@@ -327,10 +318,23 @@ def sample_dpmpp_sde(
         if sigma[i + 1] == 0:
             x = denoised
         else:
-            lam, lam_next = _half_log_snr(sigma[i]), _half_log_snr(sigma[i + 1])
-            mid = to_float32(1 / (1 + math.exp(lam + 0.5 * (lam_next - lam))))
-            x_mid = _snr_ancestral_step(x, denoised, sigma[i], mid, source)
-            x = _snr_ancestral_step(x, denoiser(x_mid, mid), sigma[i], sigma[i + 1], source)
+            now, nxt = (torch.tensor(value, dtype=torch.float32) for value in (sigma[i], sigma[i + 1]))
+            lam, lam_next = -torch.logit(now), -torch.logit(nxt)
+            lam_mid = lam + 0.5 * (lam_next - lam)
+            mid_sigma = torch.sigmoid(-lam_mid)
+            alpha, alpha_mid, alpha_next = now * lam.exp(), mid_sigma * lam_mid.exp(), nxt * lam_next.exp()
+            mid = float(mid_sigma)
+            x_mid = _snr_ancestral_stage(
+                x, denoised, lam=(lam, lam_mid), alpha=(alpha, alpha_mid), span=(sigma[i], mid), noise=source
+            )
+            x = _snr_ancestral_stage(
+                x,
+                denoiser(x_mid, mid),
+                lam=(lam, lam_next),
+                alpha=(alpha, alpha_next),
+                span=(sigma[i], sigma[i + 1]),
+                noise=source,
+            )
         _done(callback, i, total)
     return x
 
@@ -388,9 +392,7 @@ def sample_uni_pc(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """UniPC, B(h) = h variant ("bh1"), multistep data prediction: ComfyUI's `uni_pc` (sampling.md §3.8).
 
@@ -421,9 +423,7 @@ def sample_uni_pc_bh2(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """UniPC with B(h) = e^h − 1 ("bh2"); otherwise identical to `sample_uni_pc`."""
     return _uni_pc(denoiser, x, sigmas, callback=callback, bh2=True)
@@ -434,9 +434,7 @@ def sample_deis(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
-    shift: float | None = None,
 ) -> torch.Tensor:
     """DEIS, tab mode, order up to 3: ComfyUI's `deis` (sampling.md §3.8).
 
@@ -475,35 +473,29 @@ def sample_deis(
 _LMS_ORDER = 4
 
 
-def _required(noise: NoiseSource | None, sampler: str) -> NoiseSource:
-    if noise is None:
-        raise ValueError(f"{sampler} is stochastic and needs a noise source (see noise_for)")
-    return noise
-
-
-def _offset_first_sigma(sigmas: torch.Tensor, shift: float | None, sampler: str) -> list[float]:
-    """The schedule as floats, with a first sigma ≥ 1 (λ = −∞) moved to percent_to_sigma(1e-4), as
-    upstream's half-log-SNR samplers do for flow models; the model is evaluated there too."""
-    sigma = _sigma_values(sigmas)
-    if len(sigma) > 1 and sigma[0] >= 1.0:
-        if shift is None:
-            raise ValueError(f"{sampler} needs the model's shift to offset a first sigma of 1")
-        sigma[0] = to_float32(percent_to_sigma(1e-4, shift=shift, rule="current"))
-    return sigma
-
-
-def _snr_ancestral_step(
-    x: torch.Tensor, denoised: torch.Tensor, sigma: float, target: float, source: NoiseSource
+def _snr_ancestral_stage(
+    x: torch.Tensor,
+    denoised: torch.Tensor,
+    *,
+    lam: tuple[torch.Tensor, torch.Tensor],
+    alpha: tuple[torch.Tensor, torch.Tensor],
+    span: tuple[float, float],
+    noise: NoiseSource,
 ) -> torch.Tensor:
-    """One η = 1 ancestral stage of DPM++ SDE from σ to `target` in λ = log((1−σ)/σ).
+    """One η = 1 ancestral stage of DPM++ SDE from λ to λ_to (λ = log((1−σ)/σ)), float32 scalars.
 
-    The deterministic part goes to λ' = 2λ_target − λ (data-prediction exponential integrator, span
-    h' = 2(λ_target − λ)); the noise σ_target·√(1 − e^{−h'}) restores the marginal at `target`.
+    The VE ancestral split of e^{−λ} → e^{−λ_to} gives σ_down and σ_up; the data-prediction exponential
+    integrator goes to λ' = −log σ_down (span h' = λ' − λ) and the noise α_to·σ_up·z restores the
+    marginal. A σ_down of 0 makes h' infinite: x ← α_to·D + α_to·σ_up·z, as upstream.
     """
-    span = 2 * (_half_log_snr(target) - _half_log_snr(sigma))
-    alpha, alpha_target = 1 - sigma, 1 - target
-    x = (alpha_target / alpha) * math.exp(-span) * x - alpha_target * math.expm1(-span) * denoised
-    return x + source(sigma, target, x) * (target * math.sqrt(-math.expm1(-span)))
+    (lam_from, lam_to), (alpha_from, alpha_to) = lam, alpha
+    sigma_from, sigma_to = (-lam_from).exp(), (-lam_to).exp()
+    up = min(sigma_to, (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    down = (sigma_to**2 - up**2) ** 0.5
+    h = down.log().neg() - lam_from
+    x = (alpha_to / alpha_from) * (-h).exp() * x - alpha_to * (-h).expm1() * denoised
+    # The Brownian increment is queried over (σ_from, σ_target), the schedule sigmas of this stage.
+    return x + alpha_to * noise(span[0], span[1], x) * up
 
 
 def _vp_view(sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -680,10 +672,6 @@ def _deis_weights(
     return weights
 
 
-def _half_log_snr(sigma: float) -> float:
-    return math.log((1 - sigma) / sigma)
-
-
 def _rf_ancestral(sigma: float, sigma_next: float) -> tuple[float, float, float]:
     """(σ_d, α_{i+1}/α_d, c) of the rectified-flow ancestral step with η = 1: deterministic down to σ_d,
     then scale by α_{i+1}/α_d and add c·z so the marginal at σ_{i+1} is right."""
@@ -736,27 +724,103 @@ SAMPLERS: dict[str, Sampler] = {
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,
     "deis": sample_deis,
+    # CFG++ (schedulers/cfg_pp.py): they take D_u from the guidance layer.
+    "euler_cfg_pp": cfg_pp.sample_euler_cfg_pp,
+    "euler_ancestral_cfg_pp": cfg_pp.sample_euler_ancestral_cfg_pp,
+    "dpmpp_2m_cfg_pp": cfg_pp.sample_dpmpp_2m_cfg_pp,
+    "dpmpp_2s_ancestral_cfg_pp": cfg_pp.sample_dpmpp_2s_ancestral_cfg_pp,
+    # schedulers/multistep.py
+    "heunpp2": multistep.sample_heunpp2,
+    "ipndm": multistep.sample_ipndm,
+    "ipndm_v": multistep.sample_ipndm_v,
+    "res_multistep": multistep.sample_res_multistep,
+    "res_multistep_cfg_pp": multistep.sample_res_multistep_cfg_pp,
+    "res_multistep_ancestral": multistep.sample_res_multistep_ancestral,
+    "res_multistep_ancestral_cfg_pp": multistep.sample_res_multistep_ancestral_cfg_pp,
+    "gradient_estimation": multistep.sample_gradient_estimation,
+    "gradient_estimation_cfg_pp": multistep.sample_gradient_estimation_cfg_pp,
+    # schedulers/stochastic.py
+    "lcm": stochastic.sample_lcm,
+    "ddpm": stochastic.sample_ddpm,
+    "er_sde": stochastic.sample_er_sde,
+    "seeds_2": stochastic.sample_seeds_2,
+    "seeds_3": stochastic.sample_seeds_3,
+    "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
+    # schedulers/dpm_solver.py: they end at the smallest non-zero sigma, as upstream.
+    "dpm_fast": dpm_solver.sample_dpm_fast,
+    "dpm_adaptive": dpm_solver.sample_dpm_adaptive,
+    # schedulers/sa_solver.py
+    "sa_solver": sa_solver.sample_sa_solver,
+    "sa_solver_pece": sa_solver.sample_sa_solver_pece,
+    # The _gpu twins run the same math; only their Brownian tree lives on the state's device.
+    "dpmpp_sde_gpu": sample_dpmpp_sde,
+    "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_heun_gpu": sample_dpmpp_2m_sde_heun,
+    "dpmpp_3m_sde_gpu": sample_dpmpp_3m_sde,
 }
 
 DISCARD_PENULTIMATE: frozenset[str] = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
 
-_ANCESTRAL: frozenset[str] = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral"})
-_BROWNIAN: frozenset[str] = frozenset({"dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde"})
-STOCHASTIC: frozenset[str] = _ANCESTRAL | _BROWNIAN
+CFG_PP: frozenset[str] = frozenset(name for name in SAMPLERS if name.endswith("_cfg_pp"))
+"""Samplers that use the unconditional prediction (the guidance layer's `with_uncond`)."""
+
+_ANCESTRAL: frozenset[str] = frozenset(
+    {
+        *("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral"),
+        *("euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp"),
+        *("res_multistep_ancestral", "res_multistep_ancestral_cfg_pp"),
+        *("lcm", "ddpm", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"),
+    }
+)
+_BROWNIAN: frozenset[str] = frozenset({"dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_sde", "dpmpp_3m_sde"})
+_BROWNIAN_ON_DEVICE: frozenset[str] = frozenset(f"{name}_gpu" for name in _BROWNIAN)
+STOCHASTIC: frozenset[str] = _ANCESTRAL | _BROWNIAN | _BROWNIAN_ON_DEVICE
 """Samplers that draw per-step noise, and so need a seed."""
+
+
+_KEYWORDS: dict[str, frozenset[str]] = {
+    name: frozenset(inspect.signature(function).parameters) - {"denoiser", "x", "sigmas"}
+    for name, function in SAMPLERS.items()
+}
+"""The keyword arguments each sampler takes (`callback`, and `noise` / `shift` where it uses them)."""
+
+
+def run(
+    sampler: str,
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    shift: float | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run the registered `sampler`, handing it only the keyword arguments it takes."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(sorted(SAMPLERS))}")
+    offered = {"noise": noise, "shift": shift, "callback": callback}
+    return SAMPLERS[sampler](
+        denoiser, x, sigmas, **{key: value for key, value in offered.items() if key in _KEYWORDS[sampler]}
+    )
 
 
 def noise_for(sampler: str, *, seed: int, sigmas: torch.Tensor, like: torch.Tensor) -> NoiseSource | None:
     """The per-step noise source `sampler` needs for this request, or None for deterministic samplers.
 
     The Brownian tree spans the schedule's smallest non-zero sigma to its largest, taken before any
-    sampler-internal offset of the first sigma.
+    sampler-internal offset of the first sigma; the `_gpu` samplers build it on `like`'s device.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(sorted(SAMPLERS))}")
     if sampler in _ANCESTRAL:
         return AncestralNoise(seed)
-    if sampler in _BROWNIAN:
+    if sampler in _BROWNIAN or sampler in _BROWNIAN_ON_DEVICE:
         positive = sigmas[sigmas > 0]
-        return BrownianTreeNoise(seed, float(positive.min()), float(sigmas.max()), like)
+        return BrownianTreeNoise(
+            seed,
+            float(positive.min()),
+            float(sigmas.max()),
+            like,
+            on_device=sampler in _BROWNIAN_ON_DEVICE,
+        )
     return None

@@ -19,12 +19,15 @@ SCHEDULES: tuple[str, ...] = (
     "exponential",
     "beta",
     "ddim_uniform",
+    "linear_quadratic",
+    "kl_optimal",
 )
 
 _TABLE_SIZE = 1000
 _KARRAS_RHO = 7.0
 _BETA_ALPHA = 0.6
 _BETA_BETA = 0.6
+_LINEAR_QUADRATIC_THRESHOLD = 0.025
 
 
 @overload
@@ -130,7 +133,39 @@ def _schedule(schedule: str, *, steps: int, shift: float) -> torch.Tensor:
         return torch.cat([logs.exp(), zero])
     if schedule == "beta":
         return _beta_schedule(table, steps=steps)
+    if schedule == "linear_quadratic":
+        return _linear_quadratic_schedule(steps=steps) * sigma_max
+    if schedule == "kl_optimal":
+        return _kl_optimal_schedule(steps=steps, sigma_min=float(sigma_min), sigma_max=float(sigma_max))
     return _ddim_uniform_schedule(table, steps=steps)
+
+
+def _linear_quadratic_schedule(*, steps: int) -> torch.Tensor:
+    """Mochi's schedule: 1 − s with s linear from 0 up to the 0.025 threshold over the first half of
+    the steps, then quadratic up to 1 (the model's shift plays no part). Python floats, as upstream."""
+    if steps == 1:
+        return torch.tensor([1.0, 0.0], dtype=torch.float32)
+    threshold = _LINEAR_QUADRATIC_THRESHOLD
+    linear_steps = steps // 2
+    quadratic_steps = steps - linear_steps
+    excess = linear_steps - threshold * steps
+    quadratic = excess / (linear_steps * quadratic_steps**2)
+    linear = threshold / linear_steps - 2 * excess / quadratic_steps**2
+    constant = quadratic * linear_steps**2
+    progress = [i * threshold / linear_steps for i in range(linear_steps)]
+    progress += [quadratic * i**2 + linear * i + constant for i in range(linear_steps, steps)]
+    return torch.tensor([1.0 - p for p in [*progress, 1.0]], dtype=torch.float32)
+
+
+def _kl_optimal_schedule(*, steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """The KL-optimal schedule (AYS paper): σ = tan of a linear ramp from atan(σ_max) to atan(σ_min), in
+    float32 ops as upstream. Upstream divides the ramp by steps − 1, so one step gives NaN there; here
+    one step is [σ_max, 0]."""
+    if steps == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float32)
+    ramp = torch.arange(steps, dtype=torch.float32).div_(steps - 1)
+    body = (ramp * math.atan(sigma_min) + (1 - ramp) * math.atan(sigma_max)).tan_()
+    return torch.cat([body, torch.zeros(1, dtype=torch.float32)])
 
 
 def _beta_schedule(table: torch.Tensor, *, steps: int) -> torch.Tensor:

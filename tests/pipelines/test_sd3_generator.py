@@ -180,3 +180,26 @@ def test_every_size_of_the_contract_generates_at_its_size(
         GenerationRequest(prompt="a field", seed=6, width=width, height=height, steps=10)
     )
     assert result.images[0].shape == (height, width, 3)
+
+
+@pytest.mark.parametrize(
+    ("spelling", "plain"), [("euler_pp", "euler"), ("euler_ancestral_pp", "euler_ancestral")]
+)
+def test_pp_spellings_are_their_plain_sampler_at_twice_the_guidance(
+    generator: SD3Generator, spelling: str, plain: str
+) -> None:
+    small = {"width": 256, "height": 256, "steps": 4, "seed": 5, "prompt": "a fox"}
+    doubled = generator.generate(GenerationRequest(scheduler=spelling, guidance_scale=3.5, **small))
+    reference = generator.generate(GenerationRequest(scheduler=plain, guidance_scale=7.0, **small))
+    assert np.array_equal(doubled.images[0], reference.images[0])
+
+
+def test_cfg_pp_samplers_evaluate_the_uncond_even_at_guidance_1(generator: SD3Generator) -> None:
+    log = CallLog(generator.pipe.transformer)
+    try:
+        generator.generate(
+            GenerationRequest(prompt="a dog", guidance_scale=1.0, seed=1, scheduler="euler_cfg_pp", **SMALL)
+        )
+    finally:
+        log.close()
+    assert [batch for _, batch, _ in log.calls] == [2] * 10

@@ -84,4 +84,28 @@ def test_noise_for_gives_each_sampler_its_noise_kind() -> None:
         # The tree spans the schedule's own extremes, before the sampler moves a first sigma of 1.
         assert (brownian.sigma_min, brownian.sigma_max) == (pytest.approx(0.2), 1.0)
     with pytest.raises(ValueError):
-        noise_for("dpm_fast", seed=1, sigmas=sigmas, like=like)
+        noise_for("pndm", seed=1, sigmas=sigmas, like=like)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"])
+def test_gpu_sde_samplers_build_their_tree_on_the_state_device(sampler: str) -> None:
+    sigmas = torch.tensor([1.0, 0.6, 0.2, 0.0])
+    like = torch.zeros(2, 4, 3, 3)
+    cpu = noise_for(sampler, seed=9, sigmas=sigmas, like=like)
+    on_device = noise_for(f"{sampler}_gpu", seed=9, sigmas=sigmas, like=like)
+    assert isinstance(cpu, BrownianTreeNoise) and isinstance(on_device, BrownianTreeNoise)
+    assert cpu.device.type == "cpu" and on_device.device == like.device
+    # On a CPU state the device tree is the CPU tree: the same increments.
+    for sigma, sigma_next in pairwise([1.0, 0.6, 0.2]):
+        assert torch.equal(cpu(sigma, sigma_next, like), on_device(sigma, sigma_next, like))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_sde_tree_lives_on_cuda_and_returns_float32_there() -> None:
+    sigmas = torch.tensor([1.0, 0.6, 0.2, 0.0], device="cuda")
+    like = torch.zeros(1, 4, 3, 3, device="cuda")
+    noise = noise_for("dpmpp_2m_sde_gpu", seed=9, sigmas=sigmas, like=like)
+    assert isinstance(noise, BrownianTreeNoise) and noise.device.type == "cuda"
+    draw = noise(1.0, 0.6, like)
+    assert draw.device.type == "cuda" and draw.dtype == torch.float32
+    assert 0.3 < float(draw.std()) < 3.0

@@ -104,7 +104,7 @@ def test_unknown_name_raises_a_value_error_listing_the_accepted_names() -> None:
         assert name in str(raised.value)
 
 
-@pytest.mark.parametrize("name", ["dpm_fast", "dpmpp_2m_sde_gpu", "UniPC Karras", ""])
+@pytest.mark.parametrize("name", ["UniPC Karras", "euler_ancestral_cfg", "pndm", ""])
 def test_names_without_an_implementation_are_rejected(name: str) -> None:
     with pytest.raises(UnknownScheduler):
         resolve(name)
@@ -118,6 +118,48 @@ NEW_NAMES = [
 
 @pytest.mark.parametrize("name", NEW_NAMES)
 def test_new_names_resolve_and_run_on_their_schedule(name: str) -> None:
+    spec = resolve(name)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    for steps in (1, 2, 5):
+        sigmas = schedulers.sigmas_for(spec.schedule, steps, sampler=spec.sampler)
+        out = schedulers.sample(spec.sampler, lambda x, sigma: 0.5 * x, sigmas[0] * x, sigmas, seed=4)
+        assert out.shape == x.shape and out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+
+
+ISSUE_15_TOKENS = [
+    *("euler_cfg_pp", "euler_ancestral_cfg_pp", "heunpp2", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde_gpu"),
+    *("dpmpp_2m_cfg_pp", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"),
+    "dpmpp_3m_sde_gpu",
+    *("ddpm", "lcm", "ipndm", "ipndm_v", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral"),
+    *("res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde"),
+    *("seeds_2", "seeds_3", "dpm_fast", "dpm_adaptive", "sa_solver", "sa_solver_pece"),
+]
+
+
+@pytest.mark.parametrize("token", ISSUE_15_TOKENS)
+def test_every_new_comfyui_token_runs_that_sampler_on_sgm_uniform(token: str) -> None:
+    assert resolve(token) == SchedulerSpec(token, token, "sgm_uniform")
+
+
+def test_every_implemented_sampler_has_its_own_token() -> None:
+    tokens = {spec.sampler for spec in map(resolve, public_names()) if spec.label == spec.sampler}
+    assert tokens == set(SAMPLERS)
+
+
+def test_pp_spellings_are_the_plain_samplers_at_twice_the_guidance() -> None:
+    assert resolve("euler_pp") == SchedulerSpec("euler_pp", "euler", "sgm_uniform", guidance_factor=2.0)
+    spec = resolve("Euler_Ancestral_PP")
+    assert (spec.sampler, spec.guidance_factor) == ("euler_ancestral", 2.0)
+    assert all(resolve(name).guidance_factor == 1.0 for name in public_names() if not name.endswith("_pp"))
+
+
+def test_page_typos_resolve_to_the_sampler_they_mean() -> None:
+    assert resolve("euler_ancestra").sampler == "euler_ancestral"
+    assert resolve("leuler_ancestral_cfg_pp").sampler == "euler_ancestral_cfg_pp"
+
+
+@pytest.mark.parametrize("name", [*ISSUE_15_TOKENS, "euler_pp", "euler_ancestral_pp"])
+def test_issue_15_names_run_through_the_public_entry_points(name: str) -> None:
     spec = resolve(name)
     x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
     for steps in (1, 2, 5):

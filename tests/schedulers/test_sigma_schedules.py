@@ -18,6 +18,10 @@ GOLDEN = {
     "exponential": ([1.0, 0.7849534, 0.6161519], 0.0029940),
     "beta": ([1.0, 0.9969820, 0.9908350], 0.0294118),
     "ddim_uniform": ([0.9870042, 0.9725739, 0.9573084], 0.0059761),
+    # issue 15. linear_quadratic: 1 − 0.025·i/12 for i < 12, then the parabola; unshifted.
+    "linear_quadratic": ([1.0, 0.9979167, 0.9958333], 0.1423077),
+    # kl_optimal: tan((1 − i/24)·atan(1) + (i/24)·atan(σ_min)).
+    "kl_optimal": ([1.0, 0.9368365, 0.8774180], 0.0029940),
 }
 
 
@@ -99,7 +103,7 @@ def test_denoise_above_0_9999_is_the_full_schedule() -> None:
 
 def test_unknown_schedule_and_bad_arguments_raise_value_error() -> None:
     with pytest.raises(ValueError, match="karras"):
-        sigmas_for("kl_optimal", steps=25, shift=3.0)
+        sigmas_for("polyexponential", steps=25, shift=3.0)
     with pytest.raises(ValueError):
         sigmas_for("simple", steps=0, shift=3.0)
     with pytest.raises(ValueError):

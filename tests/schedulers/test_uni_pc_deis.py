@@ -15,7 +15,7 @@ from torch_toy import start_latent, torch_predict
 
 from schedulers import samplers
 from schedulers.guidance import guided_denoiser
-from schedulers.samplers import SAMPLERS
+from schedulers.samplers import run
 from schedulers.sigmas import sigmas_for
 
 
@@ -74,7 +74,7 @@ def test_multistep_samplers_evaluate_once_per_step_at_the_schedule_sigmas(toy: T
         calls.append(sigma)
         return denoiser(x, sigma)
 
-    SAMPLERS[sampler](counting, torch.from_numpy(start_latent(1, 1.0)).float(), sigmas)
+    run(sampler, counting, torch.from_numpy(start_latent(1, 1.0)).float(), sigmas)
     assert calls == [float(s) for s in sigmas[:-1]]  # never at UniPC's stand-in end sigma 0.001
 
 
@@ -90,7 +90,7 @@ def test_dpmpp_sde_evaluates_and_draws_at_the_half_log_snr_midpoint(toy: Toy) ->
         calls.append(sigma)
         return denoiser(x, sigma)
 
-    SAMPLERS["dpmpp_sde"](counting, x, sigmas, noise=noise, shift=SHIFT)
+    run("dpmpp_sde", counting, x, sigmas, noise=noise, shift=SHIFT)
 
     def lam(v: float) -> float:
         return math.log((1 - v) / v)
@@ -141,7 +141,7 @@ def test_error_against_the_exact_ode_solution(toy: Toy, sampler: str) -> None:
             shift=SHIFT,
             discard_penultimate=sampler in samplers.DISCARD_PENULTIMATE,
         )
-        out = SAMPLERS[sampler](denoiser, torch.from_numpy(x0).float(), sigmas).numpy()
+        out = run(sampler, denoiser, torch.from_numpy(x0).float(), sigmas).numpy()
         errors.append(float(np.abs(out - exact_end(toy, x0)).max()))
     assert errors[1] < errors[0]
     assert errors[0] < EXACT_ERROR_BOUNDS[sampler][0] and errors[1] < EXACT_ERROR_BOUNDS[sampler][1], errors
