@@ -46,6 +46,10 @@ _PLAIN_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 
 
 def _plain_number(value: Any, kind: type) -> Any:
+    if isinstance(value, bool):
+        # JSON's true is not 1: `samples: true` is a client's mistake, not a count (pydantic's lax
+        # mode would read it as 1).
+        raise ValueError(f"must be a number, not {str(value).lower()}")
     if not isinstance(value, str):
         return value
     if kind is int:

@@ -254,6 +254,21 @@ def test_numbers_in_strings_must_be_plain_digits(live: LiveServer, field: str, t
     assert live.balance_of(key) == Decimal("10")
 
 
+@pytest.mark.parametrize("field", ["samples", "guidance_scale", "seed", "img_width", "denoise"])
+def test_json_booleans_are_not_numbers(live: LiveServer, field: str) -> None:
+    key = live.key()
+    assert_error(live.post({"prompt": "x", **SMALL, field: True}, key=key), 422, field, "not true")
+    assert live.balance_of(key) == Decimal("10")
+
+
+@pytest.mark.parametrize(("text", "image_type"), [("yes", "application/json"), ("off", "image/jpeg")])
+def test_base64_takes_the_usual_boolean_words(live: LiveServer, text: str, image_type: str) -> None:
+    # Decided (README, Parameters): true/false, 1/0, yes/no, on/off, t/f, y/n in any case; nothing else.
+    response = live.post({"prompt": "x", **SMALL, "base64": text}, key=live.key())
+    assert response.status_code == 200 and response.headers["content-type"] == image_type
+    assert_error(live.post({"prompt": "x", **SMALL, "base64": "maybe"}, key=live.key()), 422, "base64")
+
+
 def test_plain_numbers_in_strings_are_still_accepted(live: LiveServer) -> None:
     body = {"prompt": "x", **SMALL, "seed": "-1", "guidance_scale": "4.5", "denoise": "1e0"}
     assert live.post(body, key=live.key()).status_code == 200
