@@ -106,6 +106,14 @@ class JobRecord:
         return (self.started_at - self.created_at).total_seconds()
 
     @property
+    def run_s(self) -> float | None:
+        """From the device starting the job to its completion record: with `queue_s`, the two parts
+        of `total_s` (the stored `inference_s` is timed from submission, queue wait included)."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+    @property
     def total_s(self) -> float | None:
         if self.finished_at is None:
             return None

@@ -111,7 +111,8 @@ async def response(request: Request, request_id: str) -> JSONResponse:
         "output": urls[0] if len(urls) == 1 else urls,
         "seed": job.seed,
         "metrics": {
-            "inference_time": job.inference_s,
+            # queue_time + inference_time = total_time: all three from the job's own timestamps.
+            "inference_time": job.run_s if job.run_s is not None else job.inference_s,
             "queue_time": job.queue_s,
             "total_time": job.total_s,
             "cost": float(job.cost),
