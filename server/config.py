@@ -16,6 +16,8 @@ import platformdirs
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.credits import MAX_CREDITS
+
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 
 
@@ -121,9 +123,12 @@ class ConnectionSettings(BaseModel):
 
 class PricingSettings(BaseModel):
     # Price of one 1024x1024 image at 25 steps; scaled by samples, steps and pixels (api-contract.md §4).
-    price_per_image: Decimal = Decimal("0.039")
-    reference_steps: int = 25
-    reference_pixels: int = 1024 * 1024
+    # Checked here so that a bad price stops the start with one sentence rather than failing every
+    # request: finite, not negative, at most a balance's maximum, and few enough decimals that the
+    # exact arithmetic of server/pricing.py stays small (each request's price is rounded to 6 anyway).
+    price_per_image: Decimal = Field(Decimal("0.039"), ge=0, le=MAX_CREDITS, decimal_places=12)
+    reference_steps: int = Field(25, ge=1)
+    reference_pixels: int = Field(1024 * 1024, ge=1)
     # "image": the hosted contract's price, whatever the sampler and guidance. "evaluations": scaled
     # by the transformer evaluations the request runs instead of its steps (two-stage samplers such
     # as Heun run ~2 per step; guidance 1 skips the negative), so that a reference request

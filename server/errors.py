@@ -110,6 +110,10 @@ class UnknownKey(Exception):
     """A CLI operation on a key name that does not exist."""
 
 
+class BalanceLimitExceeded(Exception):
+    """A grant that would take a key's balance past the maximum (server/credits.py `MAX_CREDITS`)."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     # Imported here so that the domain errors above stay importable without the web stack.
     from fastapi import Request
