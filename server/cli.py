@@ -548,7 +548,7 @@ def keys_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> Non
     table = Table("name", "key prefix", "credits", "enabled", "created (UTC)")
     for record in _ledger(settings).list_keys():
         table.add_row(
-            record.name,
+            Text(record.name),
             record.prefix + "…",
             format_credits(record.balance),
             "yes" if record.enabled else "no",
@@ -613,7 +613,7 @@ def credits_audit(data_dir: DataDir = None, database_url: DatabaseUrl = None) ->
     table = Table("name", "granted", "charged", "balance", "open reservations", "stale", "ok")
     for row in rows:
         table.add_row(
-            row.name,
+            Text(row.name),
             format_credits(row.granted),
             format_credits(row.charged),
             format_credits(row.balance),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -242,6 +243,9 @@ class Ledger:
         name = name.strip()
         if not name or len(name) > NAME_MAX:
             raise ValueError(f"a key needs a name of 1 to {NAME_MAX} characters, got {name!r}")
+        if any(unicodedata.category(char) == "Cc" for char in name):
+            # A newline or escape sequence in a name would forge lines in text logs and tables.
+            raise ValueError(f"a key name cannot contain control characters, got {name!r}")
         micro = to_micro(credits)
         key = generate_key()
         now = _now()

@@ -3,6 +3,9 @@
 Behind the admin token of the settings (`Authorization: Bearer <token>` or `x-admin-token`),
 compared in constant time. Without a configured token these routes answer 404, as if they did not
 exist: an operator turns them on deliberately. Users' API keys never open them.
+
+A key's name is the rest of the path before the action (`{name:path}`), so every name the CLI
+accepts, `/` included, can be managed here too; percent-encode what a URL cannot carry as is.
 """
 
 from __future__ import annotations
@@ -106,17 +109,17 @@ async def _set_enabled(request: Request, name: str, enabled: bool) -> dict[str, 
     return {"name": name, "enabled": enabled}
 
 
-@router.post("/keys/{name}/disable")
+@router.post("/keys/{name:path}/disable")
 async def disable_key(request: Request, name: str) -> dict[str, Any]:
     return await _set_enabled(request, name, False)
 
 
-@router.post("/keys/{name}/enable")
+@router.post("/keys/{name:path}/enable")
 async def enable_key(request: Request, name: str) -> dict[str, Any]:
     return await _set_enabled(request, name, True)
 
 
-@router.post("/keys/{name}/credits")
+@router.post("/keys/{name:path}/credits")
 async def add_credits(request: Request, name: str) -> dict[str, Any]:
     ledger = _ledger(request)
     body: Grant = await _parse(request, Grant)

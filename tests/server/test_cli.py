@@ -164,6 +164,29 @@ def test_credits_add_past_the_maximum_balance_is_refused_and_the_audit_stays_ok(
     assert audit.exit_code == 0 and "600000000" in audit.stdout
 
 
+@pytest.mark.parametrize("name", ["[/]", "acme[prod]", "[bold]boss", "team/a"])
+def test_key_names_that_look_like_markup_are_printed_as_they_are(tmp_path: Path, name: str) -> None:
+    opts = ["--data-dir", str(tmp_path)]
+    created = runner.invoke(app, ["keys", "create", "--name", name, "--credits", "1", *opts])
+    assert created.exit_code == 0, created.output
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("sd3_")  # the plaintext, shown once, is not lost
+    assert f"Created key {name!r}" in created.output
+    for command in (["keys", "list"], ["credits", "audit"]):
+        result = runner.invoke(app, [*command, *opts])
+        assert result.exit_code == 0, result.output
+        assert name in result.stdout
+    for command in (["keys", "disable", name], ["credits", "add", name, "1"]):
+        assert runner.invoke(app, [*command, *opts]).exit_code == 0
+    taken = runner.invoke(app, ["keys", "create", "--name", name, *opts])
+    assert taken.exit_code == 1 and f"A key named {name!r} already exists" in taken.output
+
+
+def test_key_names_with_control_characters_are_refused(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["keys", "create", "--name", "evil\nkey=admin", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "control characters" in result.output
+
+
 def test_serve_refuses_a_negative_price_in_one_sentence(tmp_path: Path) -> None:
     # A model that does not exist: had the price been accepted, the command would stop there instead.
     result = runner.invoke(
