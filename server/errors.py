@@ -15,6 +15,8 @@ import logging
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from server.headers import REMAINING_CREDITS, format_credits
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
@@ -57,7 +59,12 @@ class InsufficientCredits(ApiError):
     def __init__(self, *, balance: Decimal, price: Decimal) -> None:
         self.balance = balance
         self.price = price
-        super().__init__(f"Not enough credits: this request costs {price}, the balance is {balance}")
+        # The balance the ledger saw when it refused, not the one read at authentication: another
+        # request may have spent in between, and the header must agree with the message.
+        super().__init__(
+            f"Not enough credits: this request costs {price}, the balance is {balance}",
+            headers={REMAINING_CREDITS: format_credits(balance)},
+        )
 
 
 class InvalidContentType(ApiError):

@@ -8,10 +8,12 @@ the error handlers read it from there.
 from __future__ import annotations
 
 from decimal import Decimal
-
-from starlette.requests import Request
+from typing import TYPE_CHECKING
 
 from server.credits import format_credits
+
+if TYPE_CHECKING:  # only annotations: server/errors.py imports this module without the web stack
+    from starlette.requests import Request
 
 REMAINING_CREDITS = "x-remaining-credits"
 
