@@ -130,6 +130,9 @@ def build_settings(**overrides: Any) -> Settings:
         )
         _fail(f"Invalid settings: {problems}.")
         raise typer.Exit(2) from None
+    except Exception as exc:  # pydantic-settings' SettingsError, e.g. a list variable that is not JSON
+        _fail(f"Invalid settings: {exc}")
+        raise typer.Exit(2) from None
 
 
 def _check_storage(settings: Settings, *, data_dir: bool) -> None:
