@@ -9,7 +9,10 @@ rows would refund or re-run its work under its feet. So rows are adopted only wh
 - the instance id is the default one (an operator who set `SD3_INSTANCE_ID` keeps it across ports
   and upgrades, and nothing of theirs is orphaned), and
 - the ledger is a SQLite file inside the data folder, which one server uses at a time: a server that
-  wrote `<this host>:<port>` into it is this folder's previous server, stopped now.
+  wrote `<this host>:<port>` into it is this folder's previous server, stopped now; and
+- no live process holds that old id's instance lock on this folder (server/instance_lock.py; releases
+  that take it hold it while they run). The locks are held while the rows move, so a server with the
+  old id cannot start meanwhile.
 
 Elsewhere (PostgreSQL, a SQLite file outside the data folder) the operator starts the server once
 with `SD3_INSTANCE_ID=<host>:<old port>` to recover them (docs/reliability.md).
@@ -20,12 +23,14 @@ from __future__ import annotations
 import logging
 import re
 import socket
+from contextlib import ExitStack
 from pathlib import Path
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import make_url
 
 from server.config import Settings
+from server.instance_lock import InstanceBusy, instance_lock
 from server.job_store import PENDING, jobs
 from server.ledger import charges
 
@@ -57,14 +62,25 @@ def adopt_legacy_rows(settings: Settings, engine: Engine, *, owner: str) -> list
     """
     if not adopts_legacy_rows(settings):
         return []
-    with engine.begin() as conn:
+    with ExitStack() as held, engine.begin() as conn:
         found = set(
             conn.execute(select(charges.c.owner).where(charges.c.status == "reserved").distinct()).scalars()
         )
         found |= set(
             conn.execute(select(jobs.c.owner).where(jobs.c.status.in_(PENDING)).distinct()).scalars()
         )
-        legacy = legacy_owners(found)
+        legacy = []
+        for candidate in legacy_owners(found):
+            try:
+                held.enter_context(
+                    instance_lock(
+                        settings.data_dir, candidate, listening=f"adopting its open work as {owner}"
+                    )
+                )
+            except InstanceBusy:
+                log.warning("not adopting the open work of %s: a server with that id is running", candidate)
+                continue
+            legacy.append(candidate)
         if legacy:
             conn.execute(
                 update(charges)

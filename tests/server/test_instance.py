@@ -4,6 +4,8 @@ adopted only where their owner is provably gone."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
@@ -122,3 +124,35 @@ def test_old_rows_are_left_alone_where_their_owner_may_still_run(
     assert adopt_legacy_rows(settings, ledger.engine, owner=settings.resolved_instance_id) == []
     assert owners(ledger, jobs, ["old"]) == [f"{HOST}:8000"]
     assert ledger.charge("old") == "reserved"
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from server.instance_lock import instance_lock
+with instance_lock(Path(sys.argv[1]), sys.argv[2], listening="http://127.0.0.1:8000"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_old_rows_of_a_server_still_holding_its_lock_are_left_alone(
+    tmp_path: Path, stores: tuple[Ledger, JobStore]
+) -> None:
+    # A release with the instance lock but the port-based id, still running on this data folder.
+    ledger, jobs = stores
+    leave_open_work(ledger, jobs, f"{HOST}:8000", "alive")
+    leave_open_work(ledger, jobs, f"{HOST}:8001", "gone")
+    folder = tmp_path / "data"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder), f"{HOST}:8000"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        settings = Settings(data_dir=folder)
+        me = settings.resolved_instance_id
+        assert adopt_legacy_rows(settings, ledger.engine, owner=me) == [f"{HOST}:8001"]
+        assert owners(ledger, jobs, ["alive", "gone"]) == [f"{HOST}:8000", me]
+    finally:
+        holder.kill()
+        holder.wait()
