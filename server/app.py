@@ -27,6 +27,7 @@ from server.api import outputs as outputs_api
 from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import install_error_handlers
+from server.instance import adopt_legacy_rows
 from server.job_store import JobStore
 from server.ledger import Ledger
 from server.logs import RequestContext
@@ -129,7 +130,9 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
         serving = Serving(
             settings=settings, ledger=ledger, queue=queue, jobs=jobs, outputs=outputs, metrics=metrics
         )
-        # Before the first request: nothing of this instance can be in flight yet.
+        # Before the first request: nothing of this instance can be in flight yet. Rows of this data
+        # folder's previous, port-based identity become ours first (server/instance.py says when).
+        adopt_legacy_rows(settings, ledger.engine, owner=serving.owner)
         await serving.recover()
         app.state.serving = serving
         app.state.model_description = runtime.description

@@ -2,7 +2,9 @@
 
 Every flag has an environment twin (SD3_...) through `Settings`; a flag left out keeps the
 environment's (or the default) value. Messages for people go to standard error; what scripts
-read (a new key, a balance) goes to standard output.
+read (a new key, a balance) goes to standard output. User data (key names, amounts, values from
+the environment) is printed as rich `Text`, never as markup: a key named "acme[prod]" or "[/]"
+would otherwise be read as style tags, and fail or vanish.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from server.config import Settings
-from server.headers import format_credits
+from server.credits import InvalidAmount, format_credits, parse_credits
 from server.logs import configure_logging
 
 app = typer.Typer(
@@ -116,10 +118,20 @@ def build_settings(**overrides: Any) -> Settings:
             nested.setdefault(group, {})[field] = value
         else:
             nested[name] = value
+    from pydantic import ValidationError
+
     try:
         return Settings(**nested)
-    except Exception as exc:  # pydantic's ValidationError: show it as one message, not a traceback
-        err.print(f"[red]Invalid settings:[/red] {exc}")
+    except ValidationError as exc:  # one line naming each setting and its SD3_ twin, not a traceback
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))} (SD3_{'__'.join(map(str, e['loc'])).upper()}): "
+            f"{e['msg']} (got {str(e.get('input'))[:40]!r})"
+            for e in exc.errors()
+        )
+        _fail(f"Invalid settings: {problems}.")
+        raise typer.Exit(2) from None
+    except Exception as exc:  # pydantic-settings' SettingsError, e.g. a list variable that is not JSON
+        _fail(f"Invalid settings: {exc}")
         raise typer.Exit(2) from None
 
 
@@ -134,6 +146,11 @@ def _check_storage(settings: Settings, *, data_dir: bool) -> None:
     except StorageUnusable as exc:
         err.print(Text(str(exc), style="red"))  # paths are text, not markup
         raise typer.Exit(2) from None
+
+
+def _fail(message: str) -> None:
+    # soft_wrap: one line whatever the terminal's width, so that logs and scripts see one sentence.
+    err.print(Text(message, style="red"), soft_wrap=True)
 
 
 def _ledger(settings: Settings):  # type: ignore[no-untyped-def]
@@ -329,8 +346,13 @@ def serve(
         try:
             sock = held.enter_context(_bound_socket(settings.host, settings.port))
         except OSError as exc:
-            err.print(Text(f"Cannot listen on {settings.host}:{settings.port} ({exc.strerror}): pick another "
-                           "--port (SD3_PORT) or --host, or stop what uses it.", style="red"))
+            err.print(
+                Text(
+                    f"Cannot listen on {settings.host}:{settings.port} ({exc.strerror}): pick another "
+                    "--port (SD3_PORT) or --host, or stop what uses it.",
+                    style="red",
+                )
+            )
             raise typer.Exit(2) from None
         err.print(Text(f"Ledger: {_ledger_location(settings)}"))
         if settings.starter_key:
@@ -377,10 +399,12 @@ def _print_starter_key(settings: Settings) -> None:
     ledger = _ledger(settings)
     try:
         if ledger.list_keys():
-            err.print(Text(
-                "API keys exist in this ledger (the first was printed when it was made); "
-                "`sd3-server keys create --name NAME` makes another."
-            ))
+            err.print(
+                Text(
+                    "API keys exist in this ledger (the first was printed when it was made); "
+                    "`sd3-server keys create --name NAME` makes another."
+                )
+            )
             return
         _, key = ledger.create_key(name=STARTER_KEY_NAME, credits=STARTER_CREDITS)
     finally:
@@ -506,18 +530,17 @@ def keys_create(
     from server.errors import KeyNameTaken
 
     settings = build_settings(data_dir=data_dir, database_url=database_url)
-    amount = _decimal(credits)
+    amount = _amount(credits)
     try:
         record, key = _ledger(settings).create_key(name=name, credits=amount)
     except KeyNameTaken:
-        err.print(f"[red]A key named {name!r} already exists.[/red]")
+        _fail(f"A key named {name!r} already exists.")
         raise typer.Exit(1) from None
     except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
+        _fail(str(exc))
         raise typer.Exit(2) from None
-    err.print(
-        f"Created key {record.name!r} with {format_credits(record.balance)} credits. It is shown only once:"
-    )
+    balance = format_credits(record.balance)
+    err.print(Text(f"Created key {record.name!r} with {balance} credits. It is shown only once:"))
     print(key)
 
 
@@ -528,7 +551,7 @@ def keys_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> Non
     table = Table("name", "key prefix", "credits", "enabled", "created (UTC)")
     for record in _ledger(settings).list_keys():
         table.add_row(
-            record.name,
+            Text(record.name),
             record.prefix + "…",
             format_credits(record.balance),
             "yes" if record.enabled else "no",
@@ -544,9 +567,9 @@ def _set_enabled(name: str, enabled: bool, data_dir: Path | None, database_url: 
     try:
         _ledger(settings).set_enabled(name, enabled)
     except UnknownKey:
-        err.print(f"[red]No key named {name!r}.[/red]")
+        _fail(f"No key named {name!r}.")
         raise typer.Exit(1) from None
-    err.print(f"Key {name!r} {'enabled' if enabled else 'disabled'}.")
+    err.print(Text(f"Key {name!r} {'enabled' if enabled else 'disabled'}."))
 
 
 @keys_app.command("disable")
@@ -569,16 +592,17 @@ def credits_add(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Add AMOUNT credits to the key NAME; the new balance is printed on standard output."""
-    from server.errors import UnknownKey
+    from server.errors import BalanceLimitExceeded, UnknownKey
 
     settings = build_settings(data_dir=data_dir, database_url=database_url)
+    credits = _amount(amount)
     try:
-        balance = _ledger(settings).add_credits(name, _decimal(amount), note="cli")
+        balance = _ledger(settings).add_credits(name, credits, note="cli")
     except UnknownKey:
-        err.print(f"[red]No key named {name!r}.[/red]")
+        _fail(f"No key named {name!r}.")
         raise typer.Exit(1) from None
-    except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
+    except (BalanceLimitExceeded, ValueError) as exc:
+        _fail(str(exc))
         raise typer.Exit(2) from None
     print(format_credits(balance))
 
@@ -592,7 +616,7 @@ def credits_audit(data_dir: DataDir = None, database_url: DatabaseUrl = None) ->
     table = Table("name", "granted", "charged", "balance", "open reservations", "stale", "ok")
     for row in rows:
         table.add_row(
-            row.name,
+            Text(row.name),
             format_credits(row.granted),
             format_credits(row.charged),
             format_credits(row.balance),
@@ -604,11 +628,11 @@ def credits_audit(data_dir: DataDir = None, database_url: DatabaseUrl = None) ->
     unbalanced = [row.name for row in rows if not row.balanced]
     stale = [row.name for row in rows if row.stale_reservations]
     if unbalanced:
-        err.print(f"[red]Ledger mismatch for: {', '.join(unbalanced)}[/red]")
+        _fail(f"Ledger mismatch for: {', '.join(unbalanced)}")
     if stale:
-        err.print(
-            f"[red]Stale reservations (job finished or missing, credits still held) for: "
-            f"{', '.join(stale)}[/red]; the instance that made them refunds them when it starts again."
+        _fail(
+            f"Stale reservations (job finished or missing, credits still held) for: "
+            f"{', '.join(stale)}; the instance that made them refunds them when it starts again."
         )
     if unbalanced or stale:
         raise typer.Exit(1)
@@ -647,18 +671,12 @@ def db_current(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> No
         raise typer.Exit(1)
 
 
-def _decimal(text: str) -> Decimal:
-    from decimal import InvalidOperation
-
+def _amount(text: str) -> Decimal:
     try:
-        value = Decimal(text)
-    except InvalidOperation:
-        err.print(f"[red]Not a number: {text!r}[/red]")
+        return parse_credits(text)
+    except InvalidAmount as exc:
+        _fail(f"Invalid amount: {exc}")
         raise typer.Exit(2) from None
-    if not value.is_finite():
-        err.print(f"[red]Not a finite number: {text!r}[/red]")
-        raise typer.Exit(2)
-    return value
 
 
 def main() -> None:  # pragma: no cover - `python -m server.cli`

@@ -7,6 +7,8 @@ Built once (by the CLI or by whoever embeds the app) and passed down; nothing el
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
 from decimal import Decimal
 from pathlib import Path
@@ -16,7 +18,37 @@ import platformdirs
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.credits import MAX_CREDITS
+
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+# In the data folder: the default instance id (see `Settings.instance_id`).
+INSTANCE_ID_FILE = "instance-id"
+
+
+def stored_instance_id(data_dir: Path) -> str:
+    """The id kept in `data_dir`, made on first use: `<host name>-<16 hex digits>`.
+
+    Created under a temporary name and hard-linked into place, which fails if the file exists: two
+    processes starting at once on a new folder agree on the one id that was linked first.
+    """
+    path = data_dir / INSTANCE_ID_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        made = f"{socket.gethostname()[:64]}-{secrets.token_hex(8)}"
+        scratch = data_dir / f".{INSTANCE_ID_FILE}.{secrets.token_hex(4)}"
+        scratch.write_text(made + "\n", encoding="utf-8")
+        try:
+            os.link(scratch, path)
+        except FileExistsError:
+            pass
+        finally:
+            scratch.unlink()
+    instance_id = path.read_text(encoding="utf-8").strip()
+    if not 1 <= len(instance_id) <= 128:
+        raise ValueError(
+            f"{path} must hold an instance id of 1 to 128 characters: restore it, or set SD3_INSTANCE_ID"
+        )
+    return instance_id
 
 
 class ModelSettings(BaseModel):
@@ -121,9 +153,12 @@ class ConnectionSettings(BaseModel):
 
 class PricingSettings(BaseModel):
     # Price of one 1024x1024 image at 25 steps; scaled by samples, steps and pixels (api-contract.md §4).
-    price_per_image: Decimal = Decimal("0.039")
-    reference_steps: int = 25
-    reference_pixels: int = 1024 * 1024
+    # Checked here so that a bad price stops the start with one sentence rather than failing every
+    # request: finite, not negative, at most a balance's maximum, and few enough decimals that the
+    # exact arithmetic of server/pricing.py stays small (each request's price is rounded to 6 anyway).
+    price_per_image: Decimal = Field(Decimal("0.039"), ge=0, le=MAX_CREDITS, decimal_places=12)
+    reference_steps: int = Field(25, ge=1)
+    reference_pixels: int = Field(1024 * 1024, ge=1)
     # "image": the hosted contract's price, whatever the sampler and guidance. "evaluations": scaled
     # by the transformer evaluations the request runs instead of its steps (two-stage samplers such
     # as Heun run ~2 per step; guidance 1 skips the negative), so that a reference request
@@ -173,9 +208,11 @@ class Settings(BaseSettings):
     # Token of the operators' key-management API (/admin/...). Unset: that API does not exist.
     # Never a user's API key: it can mint credits.
     admin_token: SecretStr | None = None
-    # Names this server instance in the ledger, so that after a crash it refunds the reservations
-    # it left open and no one else's. Default: host name and port, stable across restarts.
-    instance_id: str | None = None
+    # Names this server instance in the ledger, so that after a crash it resumes or refunds what it
+    # left open and no one else's. Default: an id made once and kept in the data folder's
+    # `instance-id` file, so it survives restarts, a new port and a new host name (a container).
+    # The ledger's owner columns hold 128 characters.
+    instance_id: str | None = Field(None, min_length=1, max_length=128)
     # On a ledger with no key at all, `serve` creates one ("starter", STARTER_CREDITS credits) and
     # prints it, once: the quick start's `make serve` turns it on, like Jupyter's start-up token.
     starter_key: bool = False
@@ -202,7 +239,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_instance_id(self) -> str:
-        return self.instance_id or f"{socket.gethostname()}:{self.port}"
+        return self.instance_id or stored_instance_id(self.data_dir)
 
     @property
     def tiny_model_dir(self) -> Path:

@@ -17,6 +17,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from server.headers import REMAINING_CREDITS, format_credits
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
@@ -59,7 +61,12 @@ class InsufficientCredits(ApiError):
     def __init__(self, *, balance: Decimal, price: Decimal) -> None:
         self.balance = balance
         self.price = price
-        super().__init__(f"Not enough credits: this request costs {price}, the balance is {balance}")
+        # The balance the ledger saw when it refused, not the one read at authentication: another
+        # request may have spent in between, and the header must agree with the message.
+        super().__init__(
+            f"Not enough credits: this request costs {price}, the balance is {balance}",
+            headers={REMAINING_CREDITS: format_credits(balance)},
+        )
 
 
 class InvalidContentType(ApiError):
@@ -119,6 +126,10 @@ class KeyNameTaken(Exception):
 
 class UnknownKey(Exception):
     """A CLI operation on a key name that does not exist."""
+
+
+class BalanceLimitExceeded(Exception):
+    """A grant that would take a key's balance past the maximum (server/credits.py `MAX_CREDITS`)."""
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -8,16 +8,17 @@ the error handlers read it from there.
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
-from starlette.requests import Request
+from server.credits import format_credits
+
+if TYPE_CHECKING:  # only annotations: server/errors.py imports this module without the web stack
+    from starlette.requests import Request
 
 REMAINING_CREDITS = "x-remaining-credits"
 
 
-def format_credits(amount: Decimal) -> str:
-    # A plain decimal string ("12.5", never "1.25E+1"), as `segmindapi` parses it with float().
-    text = format(amount.normalize(), "f")
-    return text
+__all__ = ["REMAINING_CREDITS", "credit_headers", "format_credits", "generation_headers", "remember_balance"]
 
 
 def remember_balance(request: Request, balance: Decimal) -> None:

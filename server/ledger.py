@@ -1,7 +1,8 @@
 """The credit ledger: API keys, their balances, charges per request and a journal of grants.
 
 Amounts are stored as integer micro-credits (1 credit = 1 000 000) so that every balance is exact,
-and exposed as `Decimal`. Each public operation is one transaction. Spending is one conditional
+and exposed as `Decimal`; server/credits.py converts and bounds them (a grant never takes a balance
+past `MAX_CREDITS`). Each public operation is one transaction. Spending is one conditional
 UPDATE (`balance >= price`), so the database itself refuses an overspend, whatever the number of
 threads or processes: SQLite serialises writers (WAL + a busy timeout so they wait instead of
 failing), PostgreSQL re-checks the WHERE clause on the row it locks.
@@ -17,10 +18,10 @@ from __future__ import annotations
 
 import hmac
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -49,16 +50,14 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DatabaseError, IntegrityError
 
 from server.auth import generate_key, hash_key, key_prefix
-from server.errors import InsufficientCredits, KeyNameTaken, Unauthorized, UnknownKey
+from server.credits import MAX_CREDITS, MAX_MICRO, format_credits, from_micro, to_micro
+from server.errors import BalanceLimitExceeded, InsufficientCredits, KeyNameTaken, Unauthorized, UnknownKey
 from server.migrations import upgrade_to_head
 
-MICRO = 1_000_000
 NAME_MAX = 128
 REQUEST_ID_MAX = 64
 NOTE_MAX = 500
 OWNER_MAX = 128
-# BigInteger is signed 64-bit on every backend.
-MAX_MICRO = 2**63 - 1
 # How long a SQLite writer waits for another one before giving up ("database is locked").
 SQLITE_BUSY_TIMEOUT_S = 30.0
 # How long a reservation may stay open after its job finished (or, with no job row, after it was
@@ -138,28 +137,6 @@ class AuditRow:
     stale_reservations: int
     balanced: bool  # granted − charged == balance
     ok: bool  # balanced, and no stale reservation
-
-
-def to_micro(amount: Decimal | int) -> int:
-    """Exact conversion of a non-negative credit amount; more than 6 decimals is an error, not a rounding."""
-    if isinstance(amount, bool) or not isinstance(amount, (Decimal, int)):
-        # A float has already lost the exact value (0.1 is not 1/10), so refuse it rather than guess.
-        raise TypeError(f"credit amounts are Decimal or int, got {type(amount).__name__}")
-    if isinstance(amount, Decimal) and not amount.is_finite():
-        raise ValueError(f"credit amount must be a finite number, got {amount}")
-    scaled = Fraction(amount) * MICRO
-    if scaled.denominator != 1:
-        raise ValueError(f"credit amount {amount} has more than 6 decimals")
-    micro = scaled.numerator
-    if micro < 0:
-        raise ValueError(f"credit amount must not be negative, got {amount}")
-    if micro > MAX_MICRO:
-        raise ValueError(f"credit amount {amount} is too large")
-    return micro
-
-
-def from_micro(micro: int) -> Decimal:
-    return Decimal(micro).scaleb(-6)
 
 
 def _now() -> datetime:
@@ -266,6 +243,9 @@ class Ledger:
         name = name.strip()
         if not name or len(name) > NAME_MAX:
             raise ValueError(f"a key needs a name of 1 to {NAME_MAX} characters, got {name!r}")
+        if any(unicodedata.category(char) == "Cc" for char in name):
+            # A newline or escape sequence in a name would forge lines in text logs and tables.
+            raise ValueError(f"a key name cannot contain control characters, got {name!r}")
         micro = to_micro(credits)
         key = generate_key()
         now = _now()
@@ -298,20 +278,33 @@ class Ledger:
         return [_record(row) for row in rows]
 
     def add_credits(self, name: str, amount: Decimal, *, note: str = "") -> Decimal:
-        """Grant credits (never negative: taking credits back is not a grant) and journal it."""
+        """Grant credits (never negative: taking credits back is not a grant) and journal it.
+
+        Raises `BalanceLimitExceeded`, granting nothing, when the balance would pass `MAX_CREDITS`.
+        """
         micro = to_micro(amount)
         # Checked here because PostgreSQL would refuse a longer note while SQLite would store it.
         if len(note) > NOTE_MAX:
             raise ValueError(f"a note has at most {NOTE_MAX} characters")
         with self._engine.begin() as conn:
-            # Write first (see the module docstring); the read after it sees our own locked row.
+            # Write first (see the module docstring); the read after it sees our own locked row. The
+            # maximum is part of the conditional UPDATE, so concurrent grants cannot pass it together.
             matched = conn.execute(
                 update(api_keys)
-                .where(api_keys.c.name == name)
+                .where(api_keys.c.name == name, api_keys.c.balance_micro <= MAX_MICRO - micro)
                 .values(balance_micro=api_keys.c.balance_micro + micro)
             ).rowcount
             if matched == 0:
-                raise UnknownKey(f"no key named {name!r}")
+                current = conn.execute(
+                    select(api_keys.c.balance_micro).where(api_keys.c.name == name)
+                ).scalar_one_or_none()
+                if current is None:
+                    raise UnknownKey(f"no key named {name!r}")
+                would_be = format_credits(from_micro(current + micro))
+                raise BalanceLimitExceeded(
+                    f"the balance of {name!r} would be {would_be} credits, "
+                    f"over the maximum of {MAX_CREDITS} a key may hold"
+                )
             key_id, balance_micro = conn.execute(
                 select(api_keys.c.id, api_keys.c.balance_micro).where(api_keys.c.name == name)
             ).one()

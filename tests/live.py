@@ -98,11 +98,16 @@ def free_port() -> int:
 class ServerProcess:
     """`sd3-server serve --model tiny` as a real child process, for tests that kill -9 it."""
 
-    def __init__(self, *, data_dir: Path, database: Path) -> None:
+    def __init__(self, *, data_dir: Path, database: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.database_url = f"sqlite:///{database}"
-        self._env = {**os.environ, "SD3_DATABASE_URL": self.database_url, "SD3_DATA_DIR": str(data_dir)}
+        self._env = {
+            **os.environ,
+            "SD3_DATABASE_URL": self.database_url,
+            "SD3_DATA_DIR": str(data_dir),
+            **(env or {}),
+        }
         script = str(Path(sys.executable).with_name("sd3-server"))
         self._command = [script, "serve", "--model", "tiny", "--port", str(self.port)]
         self.process: subprocess.Popen[bytes] | None = None

@@ -3,20 +3,30 @@
 Behind the admin token of the settings (`Authorization: Bearer <token>` or `x-admin-token`),
 compared in constant time. Without a configured token these routes answer 404, as if they did not
 exist: an operator turns them on deliberately. Users' API keys never open them.
+
+A key's name is the rest of the path before the action (`{name:path}`), so every name the CLI
+accepts, `/` included, can be managed here too; percent-encode what a URL cannot carry as is.
 """
 
 from __future__ import annotations
 
 import hmac
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
 
-from server.errors import InvalidRequest, KeyNameTaken, NotFound, Unauthorized, UnknownKey
-from server.headers import format_credits
+from server.credits import InvalidAmount, format_credits, parse_credits
+from server.errors import (
+    BalanceLimitExceeded,
+    InvalidRequest,
+    KeyNameTaken,
+    NotFound,
+    Unauthorized,
+    UnknownKey,
+)
 from server.ledger import KeyRecord, Ledger
 
 router = APIRouter(prefix="/admin", include_in_schema=True, tags=["admin"])
@@ -52,14 +62,11 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         raise InvalidRequest(describe_validation_errors(exc.errors())) from None
 
 
-def _amount(text: str) -> Decimal:
+def _amount(field: str, text: str) -> Decimal:
     try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise InvalidRequest(f"amount: not a decimal number (got {text!r})") from None
-    if not value.is_finite() or value < 0:
-        raise InvalidRequest(f"amount: must be a finite number >= 0 (got {text!r})")
-    return value
+        return parse_credits(text)
+    except InvalidAmount as exc:
+        raise InvalidRequest(f"{field}: {exc}") from None
 
 
 def _key_json(record: KeyRecord) -> dict[str, Any]:
@@ -76,7 +83,7 @@ def _key_json(record: KeyRecord) -> dict[str, Any]:
 async def create_key(request: Request) -> dict[str, Any]:
     ledger = _ledger(request)
     body: NewKey = await _parse(request, NewKey)
-    amount = _amount(body.credits)
+    amount = _amount("credits", body.credits)
     try:
         record, key = await to_thread.run_sync(lambda: ledger.create_key(name=body.name, credits=amount))
     except KeyNameTaken:
@@ -102,26 +109,26 @@ async def _set_enabled(request: Request, name: str, enabled: bool) -> dict[str, 
     return {"name": name, "enabled": enabled}
 
 
-@router.post("/keys/{name}/disable")
+@router.post("/keys/{name:path}/disable")
 async def disable_key(request: Request, name: str) -> dict[str, Any]:
     return await _set_enabled(request, name, False)
 
 
-@router.post("/keys/{name}/enable")
+@router.post("/keys/{name:path}/enable")
 async def enable_key(request: Request, name: str) -> dict[str, Any]:
     return await _set_enabled(request, name, True)
 
 
-@router.post("/keys/{name}/credits")
+@router.post("/keys/{name:path}/credits")
 async def add_credits(request: Request, name: str) -> dict[str, Any]:
     ledger = _ledger(request)
     body: Grant = await _parse(request, Grant)
-    amount = _amount(body.amount)
+    amount = _amount("amount", body.amount)
     try:
         balance = await to_thread.run_sync(lambda: ledger.add_credits(name, amount, note="admin api"))
     except UnknownKey:
         raise NotFound(f"No key named {name!r}") from None
-    except ValueError as exc:
+    except (BalanceLimitExceeded, ValueError) as exc:
         raise InvalidRequest(f"amount: {exc}") from None
     return {"name": name, "credits": format_credits(balance)}
 

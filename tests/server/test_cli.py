@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from server.cli import app
@@ -132,3 +134,83 @@ def test_the_default_data_folder_does_not_depend_on_the_current_directory(
         monkeypatch.chdir(cwd)
         folders.add(Settings().data_dir)
     assert folders == {tmp_path / "xdg" / "sd3-server"}
+
+
+def test_credits_add_refuses_a_huge_exponent_at_once(tmp_path: Path) -> None:
+    opts = ["--data-dir", str(tmp_path)]
+    assert runner.invoke(app, ["keys", "create", "--name", "dora", *opts]).exit_code == 0
+    started = time.perf_counter()
+    for command in (
+        ["credits", "add", "dora", "1e999999999"],
+        ["keys", "create", "--name", "eve", "--credits", "1e-999999999"],
+    ):
+        result = runner.invoke(app, [*command, *opts])
+        assert result.exit_code == 2 and "Invalid amount" in result.output
+    assert time.perf_counter() - started < 30  # minutes of CPU before the exponent was bounded
+    assert [key.name for key in Ledger(Settings(data_dir=tmp_path).resolved_database_url).list_keys()] == [
+        "dora"
+    ]
+
+
+def test_credits_add_past_the_maximum_balance_is_refused_and_the_audit_stays_ok(tmp_path: Path) -> None:
+    # The report: 2 x 9e12 overflowed 2^63 micro-credits, was stored as a REAL and crashed the audit.
+    opts = ["--data-dir", str(tmp_path)]
+    assert runner.invoke(app, ["keys", "create", "--name", "rich", *opts]).exit_code == 0
+    assert runner.invoke(app, ["credits", "add", "rich", "600000000", *opts]).exit_code == 0
+    refused = runner.invoke(app, ["credits", "add", "rich", "600000000", *opts])
+    assert refused.exit_code == 2 and "maximum of 1000000000" in refused.output
+    assert runner.invoke(app, ["credits", "add", "rich", "9000000000000", *opts]).exit_code == 2
+    audit = runner.invoke(app, ["credits", "audit", *opts])
+    assert audit.exit_code == 0 and "600000000" in audit.stdout
+
+
+@pytest.mark.parametrize("name", ["[/]", "acme[prod]", "[bold]boss", "team/a"])
+def test_key_names_that_look_like_markup_are_printed_as_they_are(tmp_path: Path, name: str) -> None:
+    opts = ["--data-dir", str(tmp_path)]
+    created = runner.invoke(app, ["keys", "create", "--name", name, "--credits", "1", *opts])
+    assert created.exit_code == 0, created.output
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("sd3_")  # the plaintext, shown once, is not lost
+    assert f"Created key {name!r}" in created.output
+    for command in (["keys", "list"], ["credits", "audit"]):
+        result = runner.invoke(app, [*command, *opts])
+        assert result.exit_code == 0, result.output
+        assert name in result.stdout
+    for command in (["keys", "disable", name], ["credits", "add", name, "1"]):
+        assert runner.invoke(app, [*command, *opts]).exit_code == 0
+    taken = runner.invoke(app, ["keys", "create", "--name", name, *opts])
+    assert taken.exit_code == 1 and f"A key named {name!r} already exists" in taken.output
+
+
+def test_key_names_with_control_characters_are_refused(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["keys", "create", "--name", "evil\nkey=admin", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "control characters" in result.output
+
+
+def test_serve_refuses_a_negative_price_in_one_sentence(tmp_path: Path) -> None:
+    # A model that does not exist: had the price been accepted, the command would stop there instead.
+    result = runner.invoke(
+        app,
+        ["serve", "--model", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path)],
+        env={"SD3_PRICING__PRICE_PER_IMAGE": "-0.01"},
+    )
+    assert result.exit_code == 2
+    assert "Invalid settings: pricing.price_per_image (SD3_PRICING__PRICE_PER_IMAGE)" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SD3_PRICING__PRICE_PER_IMAGE": "1e-999999999"},
+        {"SD3_PRICING__PRICE_PER_IMAGE": "NaN"},
+        {"SD3_PRICING__REFERENCE_STEPS": "0"},
+    ],
+)
+def test_prices_that_would_fail_every_request_are_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -252,3 +253,67 @@ def test_an_accepted_job_survives_a_kill_9(tmp_path: Path, data_dir: Path, tiny_
         assert all(row.ok and row.open_reservations == 0 for row in ledger.audit())
     finally:
         server.stop()
+
+
+# Long enough on a CPU (seconds) that the job is still unfinished when the server is killed right
+# after accepting it; the test checks that it was.
+UNFINISHED = {"prompt": "moved", "img_width": 512, "img_height": 512, "num_inference_steps": 40, "seed": 9}
+UNFINISHED_COST = Decimal("0.0156")
+
+
+def accept_then_kill_9(server: ServerProcess, key: str, jobs: JobStore) -> str:
+    server.start()
+    try:
+        accepted = httpx.post(f"{server.base_url}/v2/{SLUG}", json=UNFINISHED, headers={"x-api-key": key})
+        assert accepted.status_code == 200, accepted.text
+    finally:
+        server.kill_9()
+    request_id: str = accepted.json()["request_id"]
+    job = jobs.get(request_id)
+    assert job is not None and job.status in ("QUEUED", "PROCESSING")
+    return request_id
+
+
+def completes_after_restart(server: ServerProcess, key: str, request_id: str, ledger: Ledger) -> None:
+    server.start()
+    try:
+        url = f"{server.base_url}/v2/requests/{request_id}/status"
+        assert wait_for(
+            lambda: httpx.get(url, headers={"x-api-key": key}).json()["status"] == "COMPLETED", timeout=240
+        )
+        # Run once after the restart and charged once.
+        assert ledger.list_keys()[0].balance == Decimal(1) - UNFINISHED_COST
+        assert all(row.ok and row.open_reservations == 0 for row in ledger.audit())
+    finally:
+        server.stop()
+
+
+def test_an_accepted_job_survives_a_kill_9_and_a_restart_on_another_port(
+    tmp_path: Path, data_dir: Path, tiny_dir: Path
+) -> None:
+    database = tmp_path / "ledger.sqlite3"
+    first = ServerProcess(data_dir=data_dir, database=database)
+    ledger = Ledger(first.database_url)
+    jobs = JobStore(ledger.engine)
+    _, key = ledger.create_key(name="moved", credits=Decimal(1))
+    request_id = accept_then_kill_9(first, key, jobs)
+    second = ServerProcess(data_dir=data_dir, database=database)
+    assert second.port != first.port
+    completes_after_restart(second, key, request_id, ledger)
+
+
+def test_a_job_left_under_the_old_host_and_port_identity_is_adopted(tmp_path: Path, tiny_dir: Path) -> None:
+    # A data folder whose SQLite ledger an older release served, under its default id <host>:<port>.
+    folder = tmp_path / "data"
+    (folder / "models").mkdir(parents=True)
+    (folder / "models" / "tiny-sd3").symlink_to(tiny_dir, target_is_directory=True)
+    database = folder / "ledger.sqlite3"
+    old_default = f"{socket.gethostname()}:8000"  # what it called itself on its default port
+    old = ServerProcess(data_dir=folder, database=database, env={"SD3_INSTANCE_ID": old_default})
+    ledger = Ledger(old.database_url)
+    jobs = JobStore(ledger.engine)
+    _, key = ledger.create_key(name="legacy", credits=Decimal(1))
+    request_id = accept_then_kill_9(old, key, jobs)
+    assert jobs.get(request_id).owner == old_default  # type: ignore[union-attr]
+    completes_after_restart(ServerProcess(data_dir=folder, database=database), key, request_id, ledger)
+    assert (folder / "instance-id").read_text().strip() == jobs.get(request_id).owner  # type: ignore[union-attr]

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -203,3 +204,59 @@ def test_alembic_does_not_narrate_the_schema_check(
     configure_logging(level="info", fmt="json")
     upgrade_to_head(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
     assert "alembic" not in capsys.readouterr().err
+
+
+def test_admin_api_refuses_a_huge_exponent_at_once_and_stays_responsive(admin_live: LiveServer) -> None:
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    base = f"{admin_live.base_url}/admin"
+    # Before the bound, this request held the GIL for minutes: timeout=10 is "not frozen", generously.
+    huge = httpx.post(
+        f"{base}/keys", json={"name": "huge", "credits": "1e999999999"}, headers=headers, timeout=10
+    )
+    assert huge.status_code == 422 and huge.json()["error"].startswith("credits: a credit amount is at most")
+    assert httpx.get(f"{admin_live.base_url}/health", timeout=10).status_code == 200
+    tiny = httpx.post(
+        f"{base}/keys", json={"name": "tiny", "credits": "1e-999999999"}, headers=headers, timeout=10
+    )
+    assert tiny.status_code == 422 and "decimals" in tiny.json()["error"]
+    listed = httpx.get(f"{base}/keys", headers=headers).json()["keys"]
+    assert not {"huge", "tiny"} & {row["name"] for row in listed}
+
+
+def test_admin_grants_past_the_maximum_balance_are_422(admin_live: LiveServer) -> None:
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    base = f"{admin_live.base_url}/admin"
+    created = httpx.post(f"{base}/keys", json={"name": "whale", "credits": "600000000"}, headers=headers)
+    assert created.status_code == 200
+    refused = httpx.post(f"{base}/keys/whale/credits", json={"amount": "600000000"}, headers=headers)
+    assert refused.status_code == 422 and "maximum of 1000000000" in refused.json()["error"]
+    assert (
+        httpx.post(f"{base}/keys/whale/credits", json={"amount": "9e12"}, headers=headers).status_code == 422
+    )
+    audit = httpx.get(f"{base}/audit", headers=headers).json()
+    assert audit["ok"] is True
+    assert [row["credits"] for row in audit["keys"] if row["name"] == "whale"] == ["600000000"]
+
+
+@pytest.mark.parametrize("name", ["team/a", "team/a/disable", "acme[prod]", "50% off", "ünï cödé"])
+def test_admin_api_manages_keys_whatever_their_name(admin_live: LiveServer, name: str) -> None:
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    base = f"{admin_live.base_url}/admin"
+    created = httpx.post(f"{base}/keys", json={"name": name, "credits": "1"}, headers=headers)
+    assert created.status_code == 200 and created.json()["name"] == name
+    key = created.json()["key"]
+    # A client percent-encodes the name (what a URL cannot carry as is); a "/" may also stay as is.
+    encoded = quote(name, safe="")
+    disabled = httpx.post(f"{base}/keys/{encoded}/disable", headers=headers)
+    assert disabled.status_code == 200 and disabled.json() == {"name": name, "enabled": False}
+    assert admin_live.post({"prompt": "x", **SMALL}, key=key).status_code == 401
+    assert httpx.post(f"{base}/keys/{quote(name)}/enable", headers=headers).status_code == 200
+    added = httpx.post(f"{base}/keys/{encoded}/credits", json={"amount": "2"}, headers=headers)
+    assert added.status_code == 200 and added.json() == {"name": name, "credits": "3"}
+    assert admin_live.balance_of(key) == Decimal(3)
+
+
+def test_admin_api_refuses_control_characters_in_a_new_name(admin_live: LiveServer) -> None:
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    response = httpx.post(f"{admin_live.base_url}/admin/keys", json={"name": "a\nb"}, headers=headers)
+    assert response.status_code == 422 and "control characters" in response.json()["error"]

@@ -7,6 +7,9 @@ import io
 import json
 import re
 import sqlite3
+import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -192,6 +195,44 @@ def test_not_enough_credits_is_406_and_nothing_is_charged(live: LiveServer) -> N
     assert_error(response, 406, "Not enough credits")
     assert response.headers["x-remaining-credits"] == "0.01"
     assert live.balance_of(key) == Decimal("0.01")
+
+
+def test_a_406_reports_the_balance_the_ledger_saw_not_the_one_read_at_authentication(
+    live: LiveServer,
+) -> None:
+    # The report: 0.0078 in x-remaining-credits while the body said 0.000000, because the header
+    # came from the balance read when the key was authenticated. The route authenticates before it
+    # reads the body, so holding back the body leaves a window for another request to spend.
+    key = live.key("0.0039")  # exactly one SMALL image
+    record = live.ledger.find_by_hash(hash_key(key))
+    assert record is not None
+    body = json.dumps({"prompt": "late", **SMALL}).encode()
+    rest_of_body = threading.Event()
+    answers: list[httpx.Response] = []
+
+    def held_back_body() -> Iterator[bytes]:
+        yield body[:1]
+        rest_of_body.wait(60)
+        yield body[1:]
+
+    def send() -> None:
+        headers = {"x-api-key": key, "content-type": "application/json"}
+        answers.append(
+            httpx.post(f"{live.base_url}/v1/{SLUG}", content=held_back_body(), headers=headers, timeout=60)
+        )
+
+    client = threading.Thread(target=send)
+    client.start()
+    # Authentication takes milliseconds; were it slower than this pause, the header would read 0
+    # either way and the test would pass without testing, never fail wrongly.
+    time.sleep(0.5)
+    live.ledger.reserve(key_id=record.id, amount=Decimal("0.0039"), request_id=f"elsewhere-{record.id}")
+    live.ledger.settle(f"elsewhere-{record.id}")
+    rest_of_body.set()
+    client.join(60)
+    (response,) = answers
+    assert_error(response, 406, "the balance is 0.000000")
+    assert response.headers["x-remaining-credits"] == "0"
 
 
 def test_non_json_content_type_is_406(live: LiveServer) -> None:
