@@ -18,10 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from server.app import Runtime
+from server.auth import hash_key
 from server.config import Settings
 from server.logs import configure_logging
 from server.migrations import upgrade_to_head
-from tests.live import SLUG, SMALL, LiveServer, live_server
+from tests.live import SLUG, SMALL, LiveServer, live_server, wait_for
 
 ADMIN = "s3cret-admin-token"
 
@@ -260,3 +261,30 @@ def test_admin_api_refuses_control_characters_in_a_new_name(admin_live: LiveServ
     headers = {"authorization": f"Bearer {ADMIN}"}
     response = httpx.post(f"{admin_live.base_url}/admin/keys", json={"name": "a\nb"}, headers=headers)
     assert response.status_code == 422 and "control characters" in response.json()["error"]
+
+
+def test_a_client_that_goes_away_is_one_info_line_with_its_own_request_id(
+    live: LiveServer, restored_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = live.key("1")
+    record = live.ledger.find_by_hash(hash_key(key))
+    assert record is not None
+    configure_logging(level="info", fmt="json")
+    slow = {"prompt": "gone", "img_width": 1024, "img_height": 1024, "num_inference_steps": 100}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live.base_url}/v1/{SLUG}", json=slow, headers={"x-api-key": key}, timeout=1.0)
+    assert wait_for(lambda: live.balance_of(key) == Decimal("1"))  # cancelled and refunded
+    [job] = live.app.state.serving.jobs.history(record.id, limit=5)  # type: ignore[attr-defined]
+    captured: list[str] = []
+
+    def logged_its_end() -> bool:
+        captured.append(capsys.readouterr().err)
+        return '"status": 499' in "".join(captured)
+
+    assert wait_for(logged_its_end, timeout=30)
+    captured.append(capsys.readouterr().err)
+    lines = [json.loads(line) for line in "".join(captured).splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == job.request_id]
+    assert [line.get("status") for line in mine if line.get("logger") == "sd3.access"] == [499]
+    assert not [line for line in lines if line.get("level") in ("error", "critical")], lines
+    assert not [line for line in lines if "never retrieved" in json.dumps(line)]
