@@ -10,6 +10,8 @@ where `denoiser(x, sigma) -> D` works in the flow convention D = x − σ·v (sa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from schedulers import sigmas as _sigmas
@@ -63,4 +65,31 @@ def sample(
     return run(sampler, denoiser, x, sigmas, noise=noise, shift=shift, callback=callback)
 
 
-__all__ = ["SAMPLERS", "sample", "sigmas_for"]
+# Samplers whose number of denoiser calls depends on the model's output (step-size control), so no
+# count is known before a run.
+ADAPTIVE = frozenset({"dpm_adaptive"})
+
+
+@functools.lru_cache(maxsize=4096)
+def denoiser_calls(sampler: str, sigmas: tuple[float, ...]) -> int | None:
+    """How many times `sampler` calls its denoiser down `sigmas`; None for an adaptive sampler.
+
+    Counted by running the sampler itself on a one-element latent and a linear denoiser, so the
+    count can never fall out of step with the code (a multistep method reuses evaluations, a Heun
+    step makes two, and the last step's second stage is skipped where σ reaches 0).
+    """
+    if sampler in ADAPTIVE:
+        return None
+    calls = 0
+
+    def count(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return 0.9 * x
+
+    schedule = torch.tensor(sigmas, dtype=torch.float32)
+    sample(sampler, count, schedule[0] * torch.ones(1, 1, 1, 1), schedule, seed=0)
+    return calls
+
+
+__all__ = ["ADAPTIVE", "SAMPLERS", "denoiser_calls", "sample", "sigmas_for"]

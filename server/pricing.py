@@ -15,17 +15,16 @@ import math
 from decimal import Decimal
 from fractions import Fraction
 
-from schedulers import sigmas_for
+from schedulers import denoiser_calls, sigmas_for
 from schedulers.names import resolve
 from server.config import PricingSettings
 
 PRICE_DECIMALS = 6
 
-# Samplers that evaluate the model twice per step, except on the last step (whose second stage
-# would land on σ = 0): 2·steps − 1 evaluations. Every other sampler evaluates once per step
-# (multistep methods reuse earlier evaluations). tests/server/test_pricing.py counts the calls of
-# every sampler to keep this table true.
-TWO_STAGE_SAMPLERS = frozenset({"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"})
+# An adaptive sampler's count depends on the image; it is priced as a third-order solver over the
+# requested steps (three evaluations a step), an estimate documented in docs/reliability.md.
+ADAPTIVE_CALLS_PER_STEP = 3
+
 # Forwards per evaluation with classifier-free guidance: the prompt and a negative. At guidance 1 the
 # negative is skipped (schedulers/guidance.py), so one.
 GUIDED_FORWARDS = 2
@@ -38,8 +37,9 @@ def model_evaluations(
     spec = resolve(scheduler)
     # The schedule itself says how many steps run: ddim_uniform runs a few more than asked for some
     # steps, shifts and denoise values, as ComfyUI's does.
-    ran = len(sigmas_for(spec.schedule, steps, shift=shift, denoise=denoise, sampler=spec.sampler)) - 1
-    calls = 2 * ran - 1 if spec.sampler in TWO_STAGE_SAMPLERS else ran
+    sigmas = sigmas_for(spec.schedule, steps, shift=shift, denoise=denoise, sampler=spec.sampler)
+    counted = denoiser_calls(spec.sampler, tuple(float(sigma) for sigma in sigmas))
+    calls = ADAPTIVE_CALLS_PER_STEP * (len(sigmas) - 1) if counted is None else counted
     # The same test as the guided denoiser's, so the price follows what runs.
     return calls * (1 if math.isclose(guidance_scale, 1.0) else GUIDED_FORWARDS)
 
