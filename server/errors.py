@@ -163,9 +163,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SQLAlchemyError)
     async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
-        # The driver's message only: SQLAlchemy's own text carries the statement's bound parameters.
-        reason = getattr(exc, "orig", None) or type(exc).__name__
-        log.error("database failure on %s %s: %s", request.method, request.url.path, reason)
+        # SQLAlchemy's text names the statement, which helps an operator; its bound parameters (a key's
+        # hash) are not in it: every engine the server builds hides them (hide_parameters).
+        log.error("database failure on %s %s: %s", request.method, request.url.path, exc)
         return respond(request, 503, DatabaseUnavailable.default_message, {"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)

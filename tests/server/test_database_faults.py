@@ -66,7 +66,8 @@ def broken(
 def test_ready_is_503_naming_a_corrupted_database(broken: Broken, live: LiveServer) -> None:
     assert httpx.get(f"{live.base_url}/ready").json()["database"] == "ok"  # a healthy one, for contrast
     # What the probe must stand for: every request with a key fails.
-    assert broken.live.post({"prompt": "x", **SMALL}, key=broken.key).status_code == 500
+    # DatabaseUnavailable: a JSON 503, retry later.
+    assert broken.live.post({"prompt": "x", **SMALL}, key=broken.key).status_code == 503
     response = httpx.get(f"{broken.live.base_url}/ready", timeout=30)
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/json"
@@ -88,7 +89,7 @@ def test_database_errors_are_logged_without_their_parameters(
         root.handlers[:], level = saved
         root.setLevel(level)
         logging.getLogger("uvicorn.access").disabled = False
-    assert response.status_code == 500
+    assert response.status_code == 503 and response.headers["content-type"] == "application/json"
     logged = capsys.readouterr().err
     lines = [json.loads(line) for line in logged.splitlines() if line.startswith("{")]
     # The failed key lookup was logged, statement and all ...
