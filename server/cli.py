@@ -164,6 +164,9 @@ def _load_runtime(settings: Settings):  # type: ignore[no-untyped-def]
     from pipelines.loading import ModelLoadError
     from server.app import load_runtime
 
+    # A plain line too: the spinner shows only on a terminal, and a load takes seconds to minutes.
+    if not err.is_terminal:
+        err.print(Text(f"Loading the model {settings.model.id} …"))
     with err.status(f"Loading {settings.model.id} …"):
         try:
             return load_runtime(settings)
@@ -540,6 +543,8 @@ def keys_create(
         _fail(str(exc))
         raise typer.Exit(2) from None
     balance = format_credits(record.balance)
+    # Where it went: a key made in another data folder than the server's is refused with 401 there.
+    err.print(Text(f"Ledger: {_ledger_location(settings)}"))
     err.print(Text(f"Created key {record.name!r} with {balance} credits. It is shown only once:"))
     print(key)
 

@@ -36,6 +36,8 @@ def test_keys_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> No
     )
     key = done.stdout.strip().splitlines()[-1]
     assert key.startswith("sd3_") and " " not in key
+    # It says which ledger the key went into, so a key made for another data folder is easy to spot.
+    assert f"Ledger: {tmp_path / 'ledger.sqlite3'}" in " ".join(done.stderr.split())
     ledger = Ledger(Settings(data_dir=tmp_path).resolved_database_url)
     (record,) = ledger.list_keys()
     assert (record.name, record.balance) == ("alice", Decimal("12.5"))
