@@ -7,6 +7,7 @@ clients are httpx and the official `segmind` SDK.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,3 +45,17 @@ def live(
 ) -> Iterator[LiveServer]:
     db = tmp_path_factory.mktemp("ledger") / "ledger.sqlite3"
     yield from live_server(settings.model_copy(update={"database_url": f"sqlite:///{db}"}), runtime)
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """For a test that calls `configure_logging`: the root logger's handlers and levels come back."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        yield
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        logging.getLogger("uvicorn.access").disabled = False
+        logging.getLogger("alembic").setLevel(logging.NOTSET)

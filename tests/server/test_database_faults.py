@@ -9,7 +9,6 @@ where a readiness probe that only looked at the queue said "ready".
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,17 +77,10 @@ def test_ready_is_503_naming_a_corrupted_database(broken: Broken, live: LiveServ
 
 
 def test_database_errors_are_logged_without_their_parameters(
-    broken: Broken, capsys: pytest.CaptureFixture[str]
+    broken: Broken, restored_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
     configure_logging(level="info", fmt="json")
-    try:
-        response = broken.live.post({"prompt": "x", **SMALL}, key=broken.key, path=f"/v1/{SLUG}")
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-        logging.getLogger("uvicorn.access").disabled = False
+    response = broken.live.post({"prompt": "x", **SMALL}, key=broken.key, path=f"/v1/{SLUG}")
     assert response.status_code == 503 and response.headers["content-type"] == "application/json"
     logged = capsys.readouterr().err
     lines = [json.loads(line) for line in logged.splitlines() if line.startswith("{")]

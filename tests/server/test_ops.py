@@ -91,18 +91,11 @@ def test_every_response_carries_a_request_id_that_names_the_charge(live: LiveSer
 
 
 def test_logs_are_json_lines_with_the_request_id_and_never_the_key(
-    live: LiveServer, capsys: pytest.CaptureFixture[str]
+    live: LiveServer, restored_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
     configure_logging(level="info", fmt="json")
-    try:
-        key = live.key()
-        response = live.post({"prompt": "logged", **SMALL}, key=key)
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-        logging.getLogger("uvicorn.access").disabled = False
+    key = live.key()
+    response = live.post({"prompt": "logged", **SMALL}, key=key)
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     access = [line for line in lines if line.get("logger") == "sd3.access" and line.get("status") == 200]
     assert access, lines
@@ -164,19 +157,6 @@ def test_the_schema_lists_the_admin_routes_only_when_the_admin_api_exists(
 
     assert admin_paths(live) == []
     assert "/admin/keys" in admin_paths(admin_live)
-
-
-@pytest.fixture
-def restored_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    try:
-        yield
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-        logging.getLogger("uvicorn.access").disabled = False
-        logging.getLogger("alembic").setLevel(logging.NOTSET)
 
 
 def test_auto_log_format_is_text_on_a_terminal_and_json_elsewhere(
