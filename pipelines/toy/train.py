@@ -147,7 +147,7 @@ def build_vae(cfg: TrainConfig) -> Any:
 
     torch.manual_seed(cfg.seed + 100)
     channels = cfg.vae_channels
-    vae = AutoencoderKL(
+    vae: Any = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
@@ -162,7 +162,7 @@ def build_vae(cfg: TrainConfig) -> Any:
         use_quant_conv=False,
         use_post_quant_conv=False,
         # No attention in the middle block: a purely convolutional VAE treats every image size alike,
-        # so one trained on 64 px crops of a scale-free world decodes 1024 px the same way.
+        # so one trained on small crops of a scale-free world decodes 1024 px the same way.
         mid_block_add_attention=False,
     )
     # Start the posterior narrow (std e^-3 ≈ 0.05 of a latent unit, log-variance −6): from the default
