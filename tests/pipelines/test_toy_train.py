@@ -97,3 +97,13 @@ def test_the_command_writes_a_diffusers_folder_with_a_manifest(tmp_path: Path) -
     vae = json.loads((out / "vae" / "config.json").read_text())
     assert vae["latent_channels"] == 16 and len(vae["block_out_channels"]) == 4  # 8x
     assert (vae["scaling_factor"], vae["shift_factor"]) == (1.5305, 0.0609)
+
+
+def test_vae_only_reports_the_gate_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "toy"
+    status = train.main([str(out), "--vae-only", "--vae-steps", "1", "--vae-size", "16", "--vae-batch", "2"])
+    assert status == 2  # one step cannot pass the gate
+    assert json.loads(capsys.readouterr().out)["vae_gate"]["passed"] is False
+    assert not out.exists()
