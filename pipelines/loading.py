@@ -3,6 +3,8 @@
 A model source is one of:
 
 - `tiny`: the tiny random-weight SD3, built offline by `pipelines.tiny` and cached as a folder;
+- `toy`: the toy SD3 trained on a world of coloured shapes (`pipelines.toy`), a diffusers folder in
+  the package, loaded like any other folder;
 - `random:sd3-medium` / `random:small`: the real SD3 Medium architecture (or the same structure
   at CPU size) with random weights, built in memory on the target device by
   `pipelines.architectures`, for benchmarking latency and peak memory without any download;
@@ -354,6 +356,9 @@ def _load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[An
     if source == "tiny":
         folder = ensure_tiny_model(spec.tiny_dir)
         return _from_pretrained(str(folder), spec, dtype), f"tiny random-weight SD3 ({folder})"
+    if source == "toy":
+        folder = _toy_folder()
+        return _from_pretrained(str(folder), spec, dtype), f"toy SD3 trained on coloured shapes ({folder})"
     if source.startswith(_RANDOM_PREFIX):
         name = source.removeprefix(_RANDOM_PREFIX)
         # Built where it will live: on the device, or on the CPU for a plan that offloads (an 8 GB
@@ -382,6 +387,18 @@ def _load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[An
             "'stabilityai/stable-diffusion-3-medium-diffusers'."
         )
     return _from_pretrained(source, spec, dtype), f"Hugging Face model {source}"
+
+
+def _toy_folder() -> Path:
+    import pipelines.toy
+
+    folder = pipelines.toy.MODEL_DIR
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"The toy model's weights are not in '{folder}': train them with `python -m "
+            f"pipelines.toy.train {folder}` (about an hour on two CPU cores), or use --model tiny."
+        )
+    return folder
 
 
 def quiet_libraries() -> None:

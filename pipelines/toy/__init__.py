@@ -1,0 +1,12 @@
+"""The toy SD3: a procedural world of coloured shapes, its judge, and the script that trains on it.
+
+See issue 13: a small SD3 built from the real diffusers classes and trained on CPU, so that image
+quality and prompt adherence can be measured in numbers.
+"""
+
+from pathlib import Path
+
+# Where the trained toy lives in a checkout (and in the installed package): `--model toy` loads it
+# from here, through the same code as any downloaded diffusers folder. It is written by
+# `python -m pipelines.toy.train pipelines/toy/model` and committed with its manifest.
+MODEL_DIR = Path(__file__).resolve().parent / "model"

@@ -1,0 +1,619 @@
+"""Train the toy SD3 on the toy world, on the CPU, reproducibly: `python -m pipelines.toy.train OUT`.
+
+Two phases, each a fixed number of steps (never wall time), from fixed seeds, with a fixed thread
+count, so that a rerun on the same machine type writes bit-identical weights:
+
+A. the VAE (diffusers `AutoencoderKL`: 8x down-sampling, 16 latent channels, SD3's scaling 1.5305 and
+   shift 0.0609), then a **quality gate**: PSNR ≥ 28 dB on held-out renders, and every named colour
+   read back as itself (background and shape) by the judge after a round trip. A failed gate stops
+   the script (exit status 2) before any transformer step is spent.
+B. the transformer (`SD3Transformer2DModel` at SD3's width rule: hidden = 64 × blocks, heads of 64,
+   patch 2, 16 channels) with SD3's rectified-flow objective: x_t = (1 − σ)·x0 + σ·ε, target
+   v = ε − x0, σ logit-normal then time-shifted as the serving schedules are (shift 3), timestep
+   1000·σ as `pipelines.sd3` feeds it, x0 = (VAE mean − shift) · scaling. Captions are dropped to
+   the empty prompt and to all-zero conditioning (our CFG uses both), and their conditioning is
+   computed once, for the whole finite caption set, by the serving code's own encoder
+   (`pipelines.text.encode_prompt`) on the tiny model's random, frozen text encoders.
+   Phases run at growing image sizes: most steps small, the last at 512 px.
+
+The output is an ordinary diffusers folder (safetensors; transformer and VAE in fp16 when that
+changes their output by less than a stated bound, text encoders always fp32 so that serving
+encodes exactly what training saw) plus `toy-manifest.json`: script version, configuration, seeds,
+steps, gate figures, and the sha256 of every file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.toy import judge, world
+
+SCRIPT_VERSION = "1"
+MANIFEST = "toy-manifest.json"
+SCALING_FACTOR = 1.5305  # SD3's: ComfyUI hard-codes these for every SD3 model
+SHIFT_FACTOR = 0.0609
+FLOW_SHIFT = 3.0  # the API's default `shift`: training sees the σ the sampler spends its steps on
+EMPTY = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Phase:
+    size: int  # image side in pixels
+    steps: int
+    batch: int
+
+    @classmethod
+    def parse(cls, text: str) -> Phase:
+        """ "SIZE:STEPS:BATCH", e.g. "128:4000:16"."""
+        size, steps, batch = (int(part) for part in text.split(":"))
+        if size % 16:
+            raise ValueError(f"phase size {size} is not a multiple of 16 (8x VAE, 2x2 patches)")
+        return cls(size=size, steps=steps, batch=batch)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    seed: int = 0
+    threads: int = 2
+    # Phase A: the VAE.
+    vae_steps: int = 3000
+    vae_size: int = 32  # crops of renders at 1x, 2x, 4x this size
+    vae_batch: int = 8
+    vae_lr: float = 3e-4  # 1e-3 stalled (loss 0.3–0.5 at 600 steps); 3e-4 gave 20.6 dB at 400, 1e-4 16.7 dB
+    vae_channels: tuple[int, ...] = (16, 32, 64, 64)  # four blocks = three 2x steps = 8x
+    vae_kl_weight: float = 1e-6
+    # One normalization group: GroupNorm removes each group's mean and scale per image, and on a flat
+    # image a group of k constant channels keeps only k − 2 numbers. With tiny's 8 groups over the
+    # decoder's last 16 channels that is nothing but a sign per group, so flat colours can only come out
+    # as a few discrete ones (black turns navy); one group keeps 14 of 16 (likewise in the encoder).
+    vae_norm_groups: int = 1
+    psnr_gate: float = 28.0
+    enforce_gate: bool = True  # False only for smoke tests of the script: the manifest says so
+    # Phase B: the transformer.
+    depth: int = 3  # blocks; hidden size 64·depth, depth heads of 64 (SD3's width rule)
+    phases: tuple[Phase, ...] = field(
+        default_factory=lambda: (
+            Phase(size=128, steps=4000, batch=16),
+            Phase(size=256, steps=800, batch=8),
+            Phase(size=512, steps=300, batch=4),
+        )
+    )
+    lr: float = 5e-4
+    warmup: int = 200
+    ema: float = 0.999
+    drop_empty: float = 0.1  # share of captions replaced by the empty prompt's conditioning
+    drop_zero: float = 0.1  # ... and by all-zero conditioning (ComfyUI's ConditioningZeroOut)
+    # fp16 storage is kept only when it moves outputs by less than this (relative RMS).
+    fp16_tolerance: float = 1e-3
+
+
+class GateFailed(Exception):
+    """The VAE missed its quality gate: the transformer must not be trained on its latents."""
+
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def scene_batch(rng: np.random.Generator, *, size: int, batch: int) -> tuple[list[world.Scene], torch.Tensor]:
+    """`batch` random scenes and their renders as a [B, 3, size, size] tensor in [−1, 1]."""
+    scenes = [world.random_scene(rng) for _ in range(batch)]
+    return scenes, to_tensor([world.render(s, size) for s in scenes])
+
+
+def crop_batch(rng: np.random.Generator, *, size: int, batch: int) -> torch.Tensor:
+    """Random `size`-px crops of scenes rendered at 1x, 2x or 4x `size`: the VAE is convolutional and
+    sees only local patches, so crops of larger renders teach it the long straight edges and wide
+    flat areas of large images at the cost of small ones."""
+    images = []
+    for _ in range(batch):
+        side = size * int(rng.choice([1, 2, 4]))
+        image = world.render(world.random_scene(rng), side)
+        top, left = (int(v) for v in rng.integers(0, side - size + 1, size=2))
+        images.append(image[top : top + size, left : left + size])
+    return to_tensor(images)
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    array = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [−1, 1] → [B, H, W, 3] uint8, as the serving decode rounds (`pipelines.sd3`)."""
+    scaled = (255.0 * ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0)).to(torch.uint8)
+    return scaled.permute(0, 2, 3, 1).numpy()
+
+
+# -- models ----------------------------------------------------------------------------------------
+def build_vae(cfg: TrainConfig) -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(cfg.seed + 100)
+    channels = cfg.vae_channels
+    vae: Any = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=cfg.vae_norm_groups,
+        sample_size=1024,
+        scaling_factor=SCALING_FACTOR,
+        shift_factor=SHIFT_FACTOR,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        # No attention in the middle block: a purely convolutional VAE treats every image size alike,
+        # so one trained on small crops of a scale-free world decodes 1024 px the same way.
+        mid_block_add_attention=False,
+    )
+    # Start the posterior narrow (std e^-3 ≈ 0.05 of a latent unit, log-variance −6): from the default
+    # std of 1 the sampled latent hides the mean until the log-variance has been learned down, which
+    # costs hundreds of CPU steps for nothing (the KL weight is tiny, so it would end near here anyway).
+    with torch.no_grad():
+        vae.encoder.conv_out.bias[16:].fill_(-6.0)
+    return vae
+
+
+def build_transformer(cfg: TrainConfig, *, joint_attention_dim: int, pooled_dim: int) -> Any:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(cfg.seed + 200)
+    hidden = 64 * cfg.depth  # SD3's rule, which ComfyUI's model detection reads the depth from
+    return SD3Transformer2DModel(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=cfg.depth,
+        attention_head_dim=64,
+        num_attention_heads=cfg.depth,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=hidden,
+        pooled_projection_dim=pooled_dim,
+        out_channels=16,
+        pos_embed_max_size=192,  # SD3 Medium's table, as in pipelines.tiny
+    )
+
+
+def _lr_factor(step: int, *, total: int, warmup: int) -> float:
+    """Linear warm-up, then a cosine decay to a tenth: a pure function of the step number."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _Clock:
+    """Wall and CPU (all threads) seconds since creation: on a shared machine the wall clock says how
+    busy the neighbours were, the CPU time what the work costs."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def per_step(self, name: str, steps: int) -> dict[str, float]:
+        n = max(1, steps)
+        return {
+            f"{name}_wall_seconds_per_step": round((time.perf_counter() - self.wall) / n, 4),
+            f"{name}_cpu_seconds_per_step": round((time.process_time() - self.cpu) / n, 4),
+        }
+
+
+# -- phase A: the VAE ------------------------------------------------------------------------------
+def train_vae(cfg: TrainConfig, vae: Any, log: Log) -> dict[str, float]:
+    """Train the VAE for `cfg.vae_steps` steps; return the seconds per step."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    noise = torch.Generator().manual_seed(cfg.seed + 1)
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    clock = _Clock()
+    for step in range(cfg.vae_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.vae_lr * _lr_factor(step, total=cfg.vae_steps, warmup=min(100, cfg.vae_steps))
+        images = crop_batch(rng, size=cfg.vae_size, batch=cfg.vae_batch)
+        posterior = vae.encode(images).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=noise)
+        recon = vae.decode(z).sample
+        # Latents kept where SD3's fixed scaling/shift expect them: (z − shift)·scaling ~ N(0, 1).
+        scaled = (posterior.mean - SHIFT_FACTOR) * SCALING_FACTOR
+        moments = scaled.mean() ** 2 + (scaled.std() - 1.0) ** 2
+        loss = (
+            F.mse_loss(recon, images)
+            + 0.1 * F.l1_loss(recon, images)
+            + cfg.vae_kl_weight * posterior.kl().mean()
+            + 1e-2 * moments
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step}: loss {loss.item():.5f}")
+    vae.eval()
+    return clock.per_step("vae", cfg.vae_steps)
+
+
+@torch.no_grad()
+def vae_gate(cfg: TrainConfig, vae: Any) -> dict[str, Any]:
+    """PSNR over held-out scenes (at the crop size and at 4x it) and each colour pair read as itself."""
+    rng = np.random.default_rng([cfg.seed, 2])
+    squared, count = 0.0, 0
+    for size in (cfg.vae_size, 4 * cfg.vae_size):
+        for _ in range(4):
+            _, images = scene_batch(rng, size=size, batch=4)
+            recon = round_trip(vae, images)
+            target = to_uint8(images).astype(np.float64)
+            squared += float(((recon.astype(np.float64) - target) ** 2).sum())
+            count += target.size
+    psnr = 10.0 * math.log10(255.0**2 / max(squared / count, 1e-12))
+
+    wrong = []
+    # Colours are checked at 4x the crop size (128 px by default), where a shape spans a few latent
+    # cells: at 32 px it is 6 px wide, under one 8x latent cell, and no 8x VAE keeps it whole.
+    for caption in world.all_captions():
+        if caption.shape == "square" and caption.position == "center":
+            image = world.render(world.scene_for(caption, rng), 4 * cfg.vae_size)
+            reading = judge.read(round_trip(vae, to_tensor([image]))[0])
+            if (reading.background, reading.colour) != (caption.background, caption.colour):
+                wrong.append(f"{caption.text} → {reading.colour} on {reading.background}")
+    scaled = []
+    for _ in range(4):
+        _, images = scene_batch(rng, size=cfg.vae_size, batch=8)
+        scaled.append((vae.encode(images).latent_dist.mean - SHIFT_FACTOR) * SCALING_FACTOR)
+    latents = torch.cat(scaled)
+    return {
+        "psnr_db": round(psnr, 3),
+        "colour_errors": wrong,
+        "scaled_latent_mean": round(float(latents.mean()), 4),
+        "scaled_latent_std": round(float(latents.std()), 4),
+        "passed": psnr >= cfg.psnr_gate and not wrong,
+    }
+
+
+def round_trip(vae: Any, images: torch.Tensor) -> np.ndarray:
+    """Encode (the posterior mean) and decode as serving does: uint8 [B, H, W, 3]."""
+    latent = (vae.encode(images).latent_dist.mean - SHIFT_FACTOR) * SCALING_FACTOR
+    return to_uint8(vae.decode(latent / SCALING_FACTOR + SHIFT_FACTOR).sample)
+
+
+# -- phase B: the transformer ----------------------------------------------------------------------
+class CaptionBank:
+    """The conditioning of the captions (by their index in `world.all_captions()`) and of the empty prompt.
+
+    Each text is encoded once, on first use, by the serving code's own encoder, exactly as
+    `SD3Generator.encode` calls it; encoding is per prompt, so the result does not depend on the order
+    in which captions are first drawn. (Encoding all 1680 up front costs minutes on a busy CPU; a full
+    training run draws every caption within its first few hundred steps anyway.)
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        from pipelines.sd3 import SamplingOptions
+
+        self._pipe = pipe
+        self._length = SamplingOptions().max_sequence_length
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.empty_context, self.empty_pooled = (t[0] for t in self._encode(EMPTY))
+
+    @torch.no_grad()
+    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from pipelines.text import encode_prompt
+
+        if text not in self._cache:
+            cpu = torch.device("cpu")
+            self._cache[text] = encode_prompt(
+                self._pipe, text, device=cpu, dtype=torch.float32, t5_min_length=self._length
+            )
+        return self._cache[text]
+
+    def get(self, captions: list[world.Caption]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [B, L, D], pooled [B, P]) of these captions."""
+        pairs = [self._encode(c.text) for c in captions]
+        return torch.cat([c for c, _ in pairs]), torch.cat([p for _, p in pairs])
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(joint attention width D, pooled width P)."""
+        return int(self.empty_context.shape[-1]), int(self.empty_pooled.shape[-1])
+
+
+def sample_sigmas(gen: torch.Generator, batch: int) -> torch.Tensor:
+    """SD3's logit-normal t (m = 0, s = 1), time-shifted as the serving schedules are."""
+    from schedulers.sigmas import time_shift
+
+    t = torch.sigmoid(torch.randn(batch, generator=gen))
+    return time_shift(t, FLOW_SHIFT)
+
+
+def condition_batch(
+    bank: CaptionBank, captions: list[world.Caption], gen: torch.Generator, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's conditioning with caption dropout: some become the empty prompt, some all zeros."""
+    context, pooled = bank.get(captions)
+    draw = torch.rand(len(captions), generator=gen)
+    empty = draw < cfg.drop_empty
+    zero = (draw >= cfg.drop_empty) & (draw < cfg.drop_empty + cfg.drop_zero)
+    context[empty], pooled[empty] = bank.empty_context, bank.empty_pooled
+    context[zero], pooled[zero] = 0.0, 0.0
+    return context, pooled
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """x0 as the sampler's latents are: (VAE posterior mean − shift) · scaling."""
+    return (vae.encode(images).latent_dist.mean - SHIFT_FACTOR) * SCALING_FACTOR
+
+
+def train_transformer(
+    cfg: TrainConfig, transformer: Any, vae: Any, bank: CaptionBank, log: Log
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train for every phase's steps; return the EMA weights and the seconds per step of each phase."""
+    rng = np.random.default_rng([cfg.seed, 3])
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    transformer.train()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    total = sum(p.steps for p in cfg.phases)
+    timings: dict[str, float] = {}
+    step = 0
+    for phase in cfg.phases:
+        clock = _Clock()
+        for _ in range(phase.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(step, total=total, warmup=min(cfg.warmup, total))
+            scenes, images = scene_batch(rng, size=phase.size, batch=phase.batch)
+            x0 = encode_latents(vae, images)
+            context, pooled = condition_batch(bank, [s.caption for s in scenes], gen, cfg)
+            sigma = sample_sigmas(gen, phase.batch)
+            eps = torch.randn(x0.shape, generator=gen)
+            s = sigma.view(-1, 1, 1, 1)
+            x_t = (1.0 - s) * x0 + s * eps
+            v = transformer(
+                hidden_states=x_t,
+                timestep=1000.0 * sigma,
+                encoder_hidden_states=context,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+            loss = F.mse_loss(v, eps - x0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            decay = min(cfg.ema, (1.0 + step) / (10.0 + step))
+            with torch.no_grad():
+                for name, value in transformer.state_dict().items():
+                    ema[name].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+            if step % 100 == 0 or step == total - 1:
+                log(f"transformer step {step} ({phase.size} px): loss {loss.item():.5f}")
+            step += 1
+        timings.update(clock.per_step(f"transformer_{phase.size}px", phase.steps))
+    transformer.eval()
+    return ema, timings
+
+
+# -- output ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def fp16_is_free(module: Any, probe: Callable[[Any], torch.Tensor], tolerance: float) -> bool:
+    """Whether rounding `module`'s weights to fp16 moves `probe`'s output by < tolerance (relative RMS).
+
+    The probe runs in fp32 both times (the weights are rounded, not the arithmetic), as serving on a
+    CPU does after loading fp16 files.
+    """
+    reference = probe(module)
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    module.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in saved.items()})
+    rounded = probe(module)
+    module.load_state_dict(saved)
+    error = (rounded - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt().clamp_min(1e-12)
+    return float(error) < tolerance
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            out[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def config_record(cfg: TrainConfig) -> dict[str, Any]:
+    record = dataclasses.asdict(cfg)
+    record["phases"] = [dataclasses.asdict(p) for p in cfg.phases]
+    return record
+
+
+def train_and_gate_vae(
+    cfg: TrainConfig, *, log: Log = _stderr
+) -> tuple[Any, dict[str, Any], dict[str, float]]:
+    """Phase A and its gate: (the VAE, the gate's figures, timings); raises `GateFailed` if enforced."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg)
+    timings = train_vae(cfg, vae, log)
+    gate = vae_gate(cfg, vae)
+    log(f"vae gate: {json.dumps(gate)}")
+    if not gate["passed"] and cfg.enforce_gate:
+        raise GateFailed(
+            f"The VAE missed its gate (PSNR {gate['psnr_db']} dB, needs {cfg.psnr_gate}; colour errors: "
+            f"{gate['colour_errors'][:4]}): train it for more steps before any transformer step."
+        )
+    return vae, gate, timings
+
+
+def train(cfg: TrainConfig, out: Path, *, log: Log = _stderr) -> dict[str, Any]:
+    """Run both phases and write the diffusers folder `out`; return the manifest (plus timings)."""
+    from pipelines.tiny import build_tiny_pipeline
+
+    out = Path(out)
+    vae, gate, timings = train_and_gate_vae(cfg, log=log)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+
+    # The tiny model's tokenizers and random, frozen text encoders: the toy replaces only what learns.
+    pipe = build_tiny_pipeline()
+    bank = CaptionBank(pipe)
+    joint_attention_dim, pooled_dim = bank.widths
+    transformer = build_transformer(cfg, joint_attention_dim=joint_attention_dim, pooled_dim=pooled_dim)
+    ema, phase_timings = train_transformer(cfg, transformer, vae, bank, log)
+    timings.update(phase_timings)
+    transformer.load_state_dict(ema)
+
+    storage = _choose_storage(cfg, transformer, vae, bank)
+    for name, module in (("transformer", transformer), ("vae", vae)):
+        if storage[name] == "fp16":
+            module.to(torch.float16)
+    pipe.register_modules(transformer=transformer, vae=vae)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".toy-sd3-", dir=out.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        manifest = {
+            "script": "pipelines.toy.train",
+            "script_version": SCRIPT_VERSION,
+            "config": config_record(cfg),
+            "torch": torch.__version__,
+            "vae_gate": gate,
+            "storage": storage,
+            "files": file_hashes(staging),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {**manifest, "timings": timings}
+
+
+def _choose_storage(cfg: TrainConfig, transformer: Any, vae: Any, bank: CaptionBank) -> dict[str, str]:
+    rng = np.random.default_rng([cfg.seed, 4])
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    scenes, images = scene_batch(rng, size=64, batch=2)
+    context, pooled = bank.get([s.caption for s in scenes])
+    x0 = encode_latents(vae, images)
+    sigma = sample_sigmas(gen, 2)
+    s = sigma.view(-1, 1, 1, 1)
+    x_t = (1.0 - s) * x0 + s * torch.randn(x0.shape, generator=gen)
+
+    def transformer_probe(m: Any) -> torch.Tensor:
+        return m(
+            hidden_states=x_t,
+            timestep=1000.0 * sigma,
+            encoder_hidden_states=context,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+
+    def vae_probe(m: Any) -> torch.Tensor:
+        return m.decode(m.encode(images).latent_dist.mean).sample
+
+    return {
+        "transformer": "fp16" if fp16_is_free(transformer, transformer_probe, cfg.fp16_tolerance) else "fp32",
+        "vae": "fp16" if fp16_is_free(vae, vae_probe, cfg.fp16_tolerance) else "fp32",
+        "text_encoders": "fp32",  # the conditioning was computed with fp32 encoders: keep them exact
+    }
+
+
+# -- command line ----------------------------------------------------------------------------------
+def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.toy.train",
+        description="Train the toy SD3 (VAE, gate, transformer) into a diffusers folder. Deterministic: "
+        "fixed seeds, steps and threads.",
+    )
+    parser.add_argument("out", type=Path, help="the diffusers folder to write (replaced if it exists)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch.set_num_threads")
+    parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
+    parser.add_argument("--vae-size", type=int, default=defaults.vae_size)
+    parser.add_argument("--vae-batch", type=int, default=defaults.vae_batch)
+    parser.add_argument("--vae-lr", type=float, default=defaults.vae_lr)
+    parser.add_argument(
+        "--depth", type=int, default=defaults.depth, help="transformer blocks (hidden 64·depth)"
+    )
+    parser.add_argument(
+        "--phase",
+        action="append",
+        type=Phase.parse,
+        help="SIZE:STEPS:BATCH of a transformer phase, repeatable, in order (default: "
+        + " ".join(f"{p.size}:{p.steps}:{p.batch}" for p in defaults.phases)
+        + ")",
+    )
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--psnr-gate", type=float, default=defaults.psnr_gate)
+    parser.add_argument(
+        "--vae-only",
+        action="store_true",
+        help="train the VAE and report its gate, then stop (writes nothing): to size --vae-steps",
+    )
+    parser.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="go on to the transformer even if the VAE misses its gate (smoke tests of the script only)",
+    )
+    args = parser.parse_args(argv)
+    cfg = dataclasses.replace(
+        defaults,
+        seed=args.seed,
+        threads=args.threads,
+        vae_steps=args.vae_steps,
+        vae_size=args.vae_size,
+        vae_batch=args.vae_batch,
+        vae_lr=args.vae_lr,
+        depth=args.depth,
+        phases=tuple(args.phase) if args.phase else defaults.phases,
+        lr=args.lr,
+        psnr_gate=args.psnr_gate,
+        enforce_gate=not args.no_gate,
+    )
+    return cfg, args.out, args.vae_only
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, out, vae_only = _arguments(argv)
+    from pipelines.loading import quiet_libraries
+
+    quiet_libraries()
+    try:
+        if vae_only:
+            # Report the gate whatever its outcome: the exit status says whether it passed.
+            _, gate, timings = train_and_gate_vae(dataclasses.replace(cfg, enforce_gate=False))
+            print(json.dumps({"vae_gate": gate, "timings": timings}, indent=2))
+            return 0 if gate["passed"] else 2
+        result = train(cfg, out)
+    except GateFailed as exc:
+        _stderr(str(exc))
+        return 2
+    print(
+        json.dumps({"out": str(out), "vae_gate": result["vae_gate"], "timings": result["timings"]}, indent=2)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""The toy training script: SD3's objective pieces, the VAE gate, and bit-identical reruns.
+
+Runs are tiny (16 px VAE crops, one 32 px transformer phase of a one-block model, a few steps):
+they pin the script's mechanics and reproducibility, not the quality of a trained model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.toy import train, world
+from schedulers.sigmas import time_shift
+
+TINY = train.TrainConfig(
+    vae_steps=3,
+    vae_size=16,
+    vae_batch=2,
+    depth=1,
+    phases=(train.Phase(size=32, steps=3, batch=2),),
+    warmup=2,
+    enforce_gate=False,
+)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def test_sigmas_are_sd3_logit_normal_shifted_as_the_serving_schedule() -> None:
+    sigmas = train.sample_sigmas(torch.Generator().manual_seed(0), 20000)
+    assert float(sigmas.min()) > 0.0 and float(sigmas.max()) < 1.0
+    # The median of logit-normal(0, 1) is t = ½, which shift 3 moves to σ = 0.75.
+    assert abs(float(sigmas.median()) - time_shift(0.5, 3.0)) < 0.01
+
+
+def test_caption_dropout_gives_the_empty_prompt_or_zeros(tmp_path: Path) -> None:
+    from pipelines.tiny import build_tiny_pipeline
+
+    bank = train.CaptionBank(build_tiny_pipeline())
+    captions = list(world.all_captions()[:3])
+    gen = torch.Generator().manual_seed(0)
+    kept, _ = train.condition_batch(bank, captions, gen, dataclasses.replace(TINY, drop_empty=0, drop_zero=0))
+    assert torch.equal(kept, bank.get(captions)[0])
+    empty, pooled = train.condition_batch(bank, captions, gen, dataclasses.replace(TINY, drop_empty=1))
+    assert torch.equal(empty, bank.empty_context.expand_as(empty))
+    assert torch.equal(pooled, bank.empty_pooled.expand_as(pooled))
+    zero, pooled = train.condition_batch(
+        bank, captions, gen, dataclasses.replace(TINY, drop_empty=0, drop_zero=1)
+    )
+    assert not zero.any() and not pooled.any()
+    # The context is the serving length: 77 CLIP tokens + 77 T5 tokens (max_sequence_length).
+    assert kept.shape[1] == 154
+
+
+def test_a_vae_that_misses_its_gate_stops_the_script_before_the_transformer(tmp_path: Path) -> None:
+    config = dataclasses.replace(TINY, vae_steps=1, enforce_gate=True)
+    with pytest.raises(train.GateFailed, match="PSNR"):
+        train.train(config, tmp_path / "toy", log=_quiet)
+    assert not (tmp_path / "toy").exists()
+
+
+def test_two_identical_short_runs_write_bit_identical_weights(tmp_path: Path) -> None:
+    first = train.train(TINY, tmp_path / "a", log=_quiet)
+    second = train.train(TINY, tmp_path / "b", log=_quiet)
+    assert first["files"] == second["files"]
+    weights = [name for name in first["files"] if name.endswith(".safetensors")]
+    assert {name.split("/")[0] for name in weights} >= {"transformer", "vae", "text_encoder_3"}
+
+
+def test_the_command_writes_a_diffusers_folder_with_a_manifest(tmp_path: Path) -> None:
+    out = tmp_path / "toy"
+    status = train.main(
+        [str(out), "--vae-steps", "2", "--vae-size", "16", "--vae-batch", "2", "--depth", "2"]
+        + ["--phase", "32:2:2", "--phase", "48:1:1", "--no-gate"]
+    )
+    assert status == 0
+    manifest = json.loads((out / train.MANIFEST).read_text())
+    assert manifest["script_version"] == train.SCRIPT_VERSION
+    assert manifest["config"]["phases"] == [
+        {"size": 32, "steps": 2, "batch": 2},
+        {"size": 48, "steps": 1, "batch": 1},
+    ]
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    # SD3's width rule, which ComfyUI's detection reads the depth from: hidden 64·depth, heads of 64.
+    transformer = json.loads((out / "transformer" / "config.json").read_text())
+    assert transformer["num_layers"] == 2 == transformer["num_attention_heads"]
+    assert transformer["attention_head_dim"] == 64 and transformer["caption_projection_dim"] == 128
+    assert (transformer["patch_size"], transformer["in_channels"], transformer["out_channels"]) == (2, 16, 16)
+    vae = json.loads((out / "vae" / "config.json").read_text())
+    assert vae["latent_channels"] == 16 and len(vae["block_out_channels"]) == 4  # 8x
+    assert (vae["scaling_factor"], vae["shift_factor"]) == (1.5305, 0.0609)
+
+
+def test_vae_only_reports_the_gate_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "toy"
+    status = train.main([str(out), "--vae-only", "--vae-steps", "1", "--vae-size", "16", "--vae-batch", "2"])
+    assert status == 2  # one step cannot pass the gate
+    assert json.loads(capsys.readouterr().out)["vae_gate"]["passed"] is False
+    assert not out.exists()

@@ -1,0 +1,58 @@
+"""The toy world: a finite caption set, and scale-free, deterministic renders of its scenes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.toy import world
+
+
+def test_caption_set_is_finite_unique_and_parses_back() -> None:
+    captions = world.all_captions()
+    # 3 shapes × 8 colours × 7 other background colours × (no position + 9 positions).
+    assert len(captions) == 3 * 8 * 7 * 10
+    texts = [c.text for c in captions]
+    assert len(set(texts)) == len(texts)
+    assert all(world.parse_caption(c.text) == c for c in captions)
+    assert world.Caption("circle", "red", "blue", "top left").text == (
+        "a red circle on a blue background at the top left"
+    )
+    assert world.Caption("square", "orange", "white").text == "an orange square on a white background"
+    with pytest.raises(ValueError):
+        world.parse_caption("a red circle on a red background")
+
+
+def test_a_seed_fixes_the_scene_and_the_pixels() -> None:
+    first = [world.random_scene(np.random.default_rng(7)) for _ in range(2)]
+    assert first[0] == first[1]
+    assert np.array_equal(world.render(first[0], 96), world.render(first[1], 96))
+
+
+def test_renders_are_flat_colours_blended_only_along_the_edge() -> None:
+    scene = world.scene_for(world.Caption("triangle", "yellow", "purple", "center"), np.random.default_rng(0))
+    image = world.render(scene, 128).reshape(-1, 3).astype(int)
+    fg, bg = np.array(world.COLOURS["yellow"]), np.array(world.COLOURS["purple"])
+    pure = (image == fg).all(axis=1) | (image == bg).all(axis=1)
+    assert pure.mean() > 0.97  # only the one-pixel anti-aliased rim is a blend
+    assert 0.02 < (image == fg).all(axis=1).mean() < 0.1
+
+
+def test_the_world_is_scale_free() -> None:
+    # The same scene at 64 px and at 256 px (box-filtered down to 64) differs only along the rim.
+    scene = world.scene_for(world.Caption("circle", "red", "green", "top right"), np.random.default_rng(3))
+    small = world.render(scene, 64).astype(float)
+    large = world.render(scene, 256).astype(float).reshape(64, 4, 64, 4, 3).mean(axis=(1, 3))
+    assert np.abs(small - large).mean() < 1.5
+
+
+@pytest.mark.parametrize("position", list(world.POSITIONS))
+def test_a_positioned_shape_stays_inside_its_third_of_the_image(position: str) -> None:
+    rng = np.random.default_rng(11)
+    col, row = (int(3 * v) for v in world.POSITIONS[position])
+    for _ in range(20):
+        scene = world.scene_for(world.Caption("square", "black", "white", position), rng)
+        assert (int(3 * scene.x), int(3 * scene.y)) == (col, row)
+        image = world.render(scene, 60, 90)  # not square: positions are fractions of each side
+        ys, xs = np.nonzero((image != world.COLOURS["white"]).any(axis=-1))
+        assert ys.min() > 0 and xs.min() > 0 and ys.max() < 89 and xs.max() < 59  # never touches the edge
