@@ -20,6 +20,8 @@ from server.config import Settings
 from server.ledger import Ledger
 
 runner = CliRunner()
+# `serve` configures logging onto CliRunner's stream, which is closed after each invoke.
+pytestmark = pytest.mark.usefixtures("restored_logging")
 
 
 def test_keys_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> None:

@@ -12,11 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from server.cli import app
 
 runner = CliRunner()
+# `serve` configures logging onto CliRunner's stream, which is closed after each invoke.
+pytestmark = pytest.mark.usefixtures("restored_logging")
 # The real command, as an operator runs it (and as the kill -9 tests start it).
 SD3_SERVER = str(Path(sys.executable).with_name("sd3-server"))
 
