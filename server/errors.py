@@ -13,11 +13,12 @@ happens; a failure of the database itself, wherever it surfaces, is a JSON 503
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+import time
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from server.headers import REMAINING_CREDITS, format_credits
+from server.rate_limit import reset_at_utc
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -84,10 +85,9 @@ class Overloaded(ApiError):
 
     def __init__(self, message: str | None = None, *, retry_after_s: int) -> None:
         # Both headers, as on the per-key rate limit's 429: clients of either read one or the other.
-        reset = datetime.now(timezone.utc) + timedelta(seconds=retry_after_s)
         headers = {
             "Retry-After": str(retry_after_s),
-            "x-rate-limit-reset-at-utc": reset.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "x-rate-limit-reset-at-utc": reset_at_utc(time.time() + retry_after_s),
         }
         super().__init__(message, headers=headers)
 

@@ -22,11 +22,18 @@ class RateDecision:
     reset_at: float  # epoch seconds when the oldest counted request leaves the window
 
     def headers(self) -> dict[str, str]:
-        reset = datetime.fromtimestamp(self.reset_at, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        headers = {"x-rate-limit-remaining": str(self.remaining), "x-rate-limit-reset-at-utc": reset}
+        headers = {
+            "x-rate-limit-remaining": str(self.remaining),
+            "x-rate-limit-reset-at-utc": reset_at_utc(self.reset_at),
+        }
         if not self.allowed:
             headers["Retry-After"] = str(max(1, int(self.reset_at - time.time() + 0.999)))
         return headers
+
+
+def reset_at_utc(epoch_s: float) -> str:
+    """The `x-rate-limit-reset-at-utc` value of every 429 (rate limit or full queue)."""
+    return datetime.fromtimestamp(epoch_s, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class RateLimiter:
