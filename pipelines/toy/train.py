@@ -25,6 +25,7 @@ steps, gate figures, and the sha256 of every file.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 from pipelines.toy import judge, world
 
-SCRIPT_VERSION = "1"
+SCRIPT_VERSION = "2"
 MANIFEST = "toy-manifest.json"
 SCALING_FACTOR = 1.5305  # SD3's: ComfyUI hard-codes these for every SD3 model
 SHIFT_FACTOR = 0.0609
@@ -58,14 +59,23 @@ class Phase:
     size: int  # image side in pixels
     steps: int
     batch: int
+    # Scenes rendered and VAE-encoded once at the phase's start, then drawn at random: encoding is as
+    # costly as a training step at 128 px and several times one at 512 px, and a pool of a few
+    # thousand layouts per size covers a world of 1680 captions.
+    pool: int
 
     @classmethod
     def parse(cls, text: str) -> Phase:
-        """ "SIZE:STEPS:BATCH", e.g. "128:4000:16"."""
-        size, steps, batch = (int(part) for part in text.split(":"))
+        """ "SIZE:STEPS:BATCH[:POOL]", e.g. "128:4000:16:8192"; the pool defaults to a quarter of the
+        samples the phase draws (each scene seen about four times)."""
+        parts = [int(part) for part in text.split(":")]
+        if len(parts) not in (3, 4):
+            raise ValueError(f"phase {text!r} is not SIZE:STEPS:BATCH[:POOL]")
+        size, steps, batch = parts[:3]
         if size % 16:
             raise ValueError(f"phase size {size} is not a multiple of 16 (8x VAE, 2x2 patches)")
-        return cls(size=size, steps=steps, batch=batch)
+        pool = parts[3] if len(parts) == 4 else max(batch, steps * batch // 4)
+        return cls(size=size, steps=steps, batch=batch, pool=pool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +83,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     # Phase A: the VAE.
-    vae_steps: int = 3000
+    vae_steps: int = 6000  # 6000 at 3e-4: 31.7 dB, every colour pair right (2000: 27.0 dB, 7 wrong)
     vae_size: int = 32  # crops of renders at 1x, 2x, 4x this size
     vae_batch: int = 8
     vae_lr: float = 3e-4  # 1e-3 stalled (loss 0.3–0.5 at 600 steps); 3e-4 gave 20.6 dB at 400, 1e-4 16.7 dB
@@ -90,9 +100,9 @@ class TrainConfig:
     depth: int = 3  # blocks; hidden size 64·depth, depth heads of 64 (SD3's width rule)
     phases: tuple[Phase, ...] = field(
         default_factory=lambda: (
-            Phase(size=128, steps=4000, batch=16),
-            Phase(size=256, steps=800, batch=8),
-            Phase(size=512, steps=300, batch=4),
+            Phase(size=128, steps=6000, batch=16, pool=16384),
+            Phase(size=256, steps=1500, batch=8, pool=4096),
+            Phase(size=512, steps=600, batch=4, pool=1024),
         )
     )
     lr: float = 5e-4
@@ -100,6 +110,11 @@ class TrainConfig:
     ema: float = 0.999
     drop_empty: float = 0.1  # share of captions replaced by the empty prompt's conditioning
     drop_zero: float = 0.1  # ... and by all-zero conditioning (ComfyUI's ConditioningZeroOut)
+    # Progress is measured every `eval_every` steps (and at each phase's end) by generating
+    # `eval_prompts` captions at the phase's size through the serving generator with the EMA weights
+    # and reading them with the judge; it draws from its own seeds, so it never changes the weights.
+    eval_every: int = 1000
+    eval_prompts: int = 24
     # fp16 storage is kept only when it moves outputs by less than this (relative RMS).
     fp16_tolerance: float = 1e-3
 
@@ -365,10 +380,58 @@ def encode_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
     return (vae.encode(images).latent_dist.mean - SHIFT_FACTOR) * SCALING_FACTOR
 
 
+class LatentPool:
+    """`count` random scenes of one size, rendered and encoded once: (captions, x0 latents)."""
+
+    def __init__(self, vae: Any, rng: np.random.Generator, *, size: int, count: int, chunk: int = 16) -> None:
+        captions: list[world.Caption] = []
+        latents = []
+        for start in range(0, count, chunk):
+            scenes, images = scene_batch(rng, size=size, batch=min(chunk, count - start))
+            captions += [s.caption for s in scenes]
+            latents.append(encode_latents(vae, images))
+        self.captions = captions
+        self.latents = torch.cat(latents)
+
+    def draw(self, rng: np.random.Generator, batch: int) -> tuple[list[world.Caption], torch.Tensor]:
+        index = rng.integers(0, len(self.captions), size=batch)
+        return [self.captions[i] for i in index], self.latents[torch.from_numpy(index)]
+
+
+def eval_captions(cfg: TrainConfig) -> list[world.Caption]:
+    """A fixed sample of the caption set (with and without position words) for progress reports."""
+    captions = world.all_captions()
+    rng = np.random.default_rng([cfg.seed, 5])
+    return [captions[i] for i in rng.choice(len(captions), size=cfg.eval_prompts, replace=False)]
+
+
+@torch.no_grad()
+def adherence(
+    pipe: Any, captions: list[world.Caption], *, size: int, steps: int = 20, seed: int = 0
+) -> dict[str, float]:
+    """Share of images (generated by the serving code at the API's other defaults) whose background,
+    shape colour, kind and position (where the caption names one) the judge reads as captioned."""
+    from pipelines.loading import LoadedModel
+    from pipelines.request import GenerationRequest
+    from pipelines.sd3 import SD3Generator
+
+    generator = SD3Generator(
+        LoadedModel(pipe=pipe, device=torch.device("cpu"), dtype=torch.float32, description="toy")
+    )
+    hits: dict[str, list[bool]] = {}
+    for i, caption in enumerate(captions):
+        request = GenerationRequest(prompt=caption.text, width=size, height=size, steps=steps, seed=seed + i)
+        image = generator.generate(request).images[0]
+        for name, ok in judge.read(image).agrees_with(caption).items():
+            hits.setdefault(name, []).append(ok)
+    return {name: round(sum(v) / len(v), 3) for name, v in hits.items()}
+
+
 def train_transformer(
-    cfg: TrainConfig, transformer: Any, vae: Any, bank: CaptionBank, log: Log
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train for every phase's steps; return the EMA weights and the seconds per step of each phase."""
+    cfg: TrainConfig, transformer: Any, vae: Any, bank: CaptionBank, log: Log, *, pipe: Any = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train for every phase's steps; return the EMA weights and the seconds per step of each phase
+    (and, with `pipe`, the progress reports: adherence of the EMA weights along the way)."""
     rng = np.random.default_rng([cfg.seed, 3])
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     transformer.train()
@@ -376,16 +439,32 @@ def train_transformer(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
     total = sum(p.steps for p in cfg.phases)
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {}
+    progress: list[dict[str, Any]] = []
+    probe = copy.deepcopy(transformer) if pipe is not None else None
+    captions = eval_captions(cfg)
+
+    def report(step: int, size: int) -> None:
+        if pipe is None or probe is None:
+            return
+        probe.load_state_dict(ema)
+        probe.eval()
+        pipe.register_modules(transformer=probe, vae=vae)
+        scores = {"step": step, "size": size, **adherence(pipe, captions, size=size)}
+        progress.append(scores)
+        log(f"adherence: {json.dumps(scores)}")
+
     step = 0
     for phase in cfg.phases:
+        pool_clock = _Clock()
+        pool = LatentPool(vae, rng, size=phase.size, count=phase.pool)
+        timings.update(pool_clock.per_step(f"pool_{phase.size}px", phase.pool))
         clock = _Clock()
-        for _ in range(phase.steps):
+        for phase_step in range(phase.steps):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, total=total, warmup=min(cfg.warmup, total))
-            scenes, images = scene_batch(rng, size=phase.size, batch=phase.batch)
-            x0 = encode_latents(vae, images)
-            context, pooled = condition_batch(bank, [s.caption for s in scenes], gen, cfg)
+            batch_captions, x0 = pool.draw(rng, phase.batch)
+            context, pooled = condition_batch(bank, batch_captions, gen, cfg)
             sigma = sample_sigmas(gen, phase.batch)
             eps = torch.randn(x0.shape, generator=gen)
             s = sigma.view(-1, 1, 1, 1)
@@ -409,8 +488,13 @@ def train_transformer(
             if step % 100 == 0 or step == total - 1:
                 log(f"transformer step {step} ({phase.size} px): loss {loss.item():.5f}")
             step += 1
+            if cfg.eval_every and step % cfg.eval_every == 0 and phase_step < phase.steps - 1:
+                report(step, phase.size)
         timings.update(clock.per_step(f"transformer_{phase.size}px", phase.steps))
+        report(step, phase.size)
     transformer.eval()
+    if progress:
+        timings["progress"] = progress
     return ema, timings
 
 
@@ -445,14 +529,38 @@ def config_record(cfg: TrainConfig) -> dict[str, Any]:
     return record
 
 
+def _vae_key(cfg: TrainConfig) -> str:
+    """What phase A's result depends on: its settings, the script version and the torch build."""
+    fields = {k: v for k, v in config_record(cfg).items() if k.startswith("vae_") or k in ("seed", "threads")}
+    fields.update(script=SCRIPT_VERSION, torch=torch.__version__)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def train_and_gate_vae(
-    cfg: TrainConfig, *, log: Log = _stderr
+    cfg: TrainConfig, *, log: Log = _stderr, cache: Path | None = None
 ) -> tuple[Any, dict[str, Any], dict[str, float]]:
-    """Phase A and its gate: (the VAE, the gate's figures, timings); raises `GateFailed` if enforced."""
+    """Phase A and its gate: (the VAE, the gate's figures, timings); raises `GateFailed` if enforced.
+
+    With `cache`, a VAE trained before with the same settings (same key) is loaded from there instead
+    of trained again: the same bits a rerun would give, so iterating on phase B costs no VAE time.
+    """
+    from safetensors.torch import load_file, save_file
+
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg)
-    timings = train_vae(cfg, vae, log)
+    stored = cache / f"vae-{_vae_key(cfg)}.safetensors" if cache is not None else None
+    if stored is not None and stored.exists():
+        vae.load_state_dict(load_file(stored))
+        vae.eval()
+        timings = json.loads(stored.with_suffix(".json").read_text())
+        log(f"vae: loaded from {stored}")
+    else:
+        timings = train_vae(cfg, vae, log)
+        if stored is not None:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(stored))
+            stored.with_suffix(".json").write_text(json.dumps(timings))
     gate = vae_gate(cfg, vae)
     log(f"vae gate: {json.dumps(gate)}")
     if not gate["passed"] and cfg.enforce_gate:
@@ -463,12 +571,14 @@ def train_and_gate_vae(
     return vae, gate, timings
 
 
-def train(cfg: TrainConfig, out: Path, *, log: Log = _stderr) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, out: Path, *, log: Log = _stderr, vae_cache: Path | None = None
+) -> dict[str, Any]:
     """Run both phases and write the diffusers folder `out`; return the manifest (plus timings)."""
     from pipelines.tiny import build_tiny_pipeline
 
     out = Path(out)
-    vae, gate, timings = train_and_gate_vae(cfg, log=log)
+    vae, gate, timings = train_and_gate_vae(cfg, log=log, cache=vae_cache)
     for p in vae.parameters():
         p.requires_grad_(False)
 
@@ -477,7 +587,9 @@ def train(cfg: TrainConfig, out: Path, *, log: Log = _stderr) -> dict[str, Any]:
     bank = CaptionBank(pipe)
     joint_attention_dim, pooled_dim = bank.widths
     transformer = build_transformer(cfg, joint_attention_dim=joint_attention_dim, pooled_dim=pooled_dim)
-    ema, phase_timings = train_transformer(cfg, transformer, vae, bank, log)
+    ema, phase_timings = train_transformer(
+        cfg, transformer, vae, bank, log, pipe=pipe if cfg.eval_every else None
+    )
     timings.update(phase_timings)
     transformer.load_state_dict(ema)
 
@@ -491,12 +603,13 @@ def train(cfg: TrainConfig, out: Path, *, log: Log = _stderr) -> dict[str, Any]:
     staging = Path(tempfile.mkdtemp(prefix=".toy-sd3-", dir=out.parent))
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
-        manifest = {
+        manifest: dict[str, Any] = {
             "script": "pipelines.toy.train",
             "script_version": SCRIPT_VERSION,
             "config": config_record(cfg),
             "torch": torch.__version__,
             "vae_gate": gate,
+            "progress": timings.get("progress", []),
             "storage": storage,
             "files": file_hashes(staging),
         }
@@ -539,7 +652,7 @@ def _choose_storage(cfg: TrainConfig, transformer: Any, vae: Any, bank: CaptionB
 
 
 # -- command line ----------------------------------------------------------------------------------
-def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
+def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | None]:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.toy.train",
@@ -567,6 +680,17 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--psnr-gate", type=float, default=defaults.psnr_gate)
     parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=defaults.eval_every,
+        help="steps between adherence reports (0: none)",
+    )
+    parser.add_argument(
+        "--vae-cache",
+        type=Path,
+        help="a folder where phase A's VAE is kept by its settings, and reused by a rerun with the same ones",
+    )
+    parser.add_argument(
         "--vae-only",
         action="store_true",
         help="train the VAE and report its gate, then stop (writes nothing): to size --vae-steps",
@@ -590,22 +714,25 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
         lr=args.lr,
         psnr_gate=args.psnr_gate,
         enforce_gate=not args.no_gate,
+        eval_every=args.eval_every,
     )
-    return cfg, args.out, args.vae_only
+    return cfg, args.out, args.vae_only, args.vae_cache
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, out, vae_only = _arguments(argv)
+    cfg, out, vae_only, vae_cache = _arguments(argv)
     from pipelines.loading import quiet_libraries
 
     quiet_libraries()
     try:
         if vae_only:
             # Report the gate whatever its outcome: the exit status says whether it passed.
-            _, gate, timings = train_and_gate_vae(dataclasses.replace(cfg, enforce_gate=False))
+            _, gate, timings = train_and_gate_vae(
+                dataclasses.replace(cfg, enforce_gate=False), cache=vae_cache
+            )
             print(json.dumps({"vae_gate": gate, "timings": timings}, indent=2))
             return 0 if gate["passed"] else 2
-        result = train(cfg, out)
+        result = train(cfg, out, vae_cache=vae_cache)
     except GateFailed as exc:
         _stderr(str(exc))
         return 2

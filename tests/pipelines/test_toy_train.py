@@ -22,8 +22,9 @@ TINY = train.TrainConfig(
     vae_size=16,
     vae_batch=2,
     depth=1,
-    phases=(train.Phase(size=32, steps=3, batch=2),),
+    phases=(train.Phase(size=32, steps=3, batch=2, pool=4),),
     warmup=2,
+    eval_every=0,
     enforce_gate=False,
 )
 
@@ -77,14 +78,14 @@ def test_the_command_writes_a_diffusers_folder_with_a_manifest(tmp_path: Path) -
     out = tmp_path / "toy"
     status = train.main(
         [str(out), "--vae-steps", "2", "--vae-size", "16", "--vae-batch", "2", "--depth", "2"]
-        + ["--phase", "32:2:2", "--phase", "48:1:1", "--no-gate"]
+        + ["--phase", "32:2:2", "--phase", "48:1:1:3", "--no-gate", "--eval-every", "0"]
     )
     assert status == 0
     manifest = json.loads((out / train.MANIFEST).read_text())
     assert manifest["script_version"] == train.SCRIPT_VERSION
     assert manifest["config"]["phases"] == [
-        {"size": 32, "steps": 2, "batch": 2},
-        {"size": 48, "steps": 1, "batch": 1},
+        {"size": 32, "steps": 2, "batch": 2, "pool": 2},  # the pool defaults to a quarter of the draws
+        {"size": 48, "steps": 1, "batch": 1, "pool": 3},
     ]
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
@@ -107,3 +108,32 @@ def test_vae_only_reports_the_gate_and_writes_nothing(
     assert status == 2  # one step cannot pass the gate
     assert json.loads(capsys.readouterr().out)["vae_gate"]["passed"] is False
     assert not out.exists()
+
+
+def test_progress_reports_judge_the_ema_weights_through_the_serving_generator(tmp_path: Path) -> None:
+    config = dataclasses.replace(TINY, eval_every=2, eval_prompts=2)
+    manifest = train.train(config, tmp_path / "toy", log=_quiet)
+    # One report after step 2 and one at the phase's end (step 3), each over the two fixed captions.
+    assert [(p["step"], p["size"]) for p in manifest["progress"]] == [(2, 32), (3, 32)]
+    for report in manifest["progress"]:
+        assert set(report) >= {"background", "colour", "shape"}
+        assert all(0.0 <= report[k] <= 1.0 for k in ("background", "colour", "shape"))
+
+
+def test_a_cached_vae_is_reused_bit_for_bit(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = train.train(TINY, tmp_path / "a", log=_quiet, vae_cache=cache)
+    assert len(list(cache.glob("vae-*.safetensors"))) == 1
+    lines: list[str] = []
+    second = train.train(TINY, tmp_path / "b", log=lines.append, vae_cache=cache)
+    assert any(line.startswith("vae: loaded from") for line in lines)
+    assert first["files"] == second["files"]
+
+
+def test_a_phase_is_size_steps_batch_and_an_optional_pool() -> None:
+    assert train.Phase.parse("128:100:16") == train.Phase(size=128, steps=100, batch=16, pool=400)
+    assert train.Phase.parse("128:100:16:50").pool == 50
+    with pytest.raises(ValueError, match="multiple of 16"):
+        train.Phase.parse("100:1:1")
+    with pytest.raises(ValueError, match="SIZE:STEPS:BATCH"):
+        train.Phase.parse("128:1")
