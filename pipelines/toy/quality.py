@@ -1,0 +1,111 @@
+"""Quality of generated images in numbers: prompt adherence read by the judge, colour shares, and
+how far one image is from another (PSNR, SSIM).
+
+Shared by `benchmarks/quality.py` (the report over hundreds of prompt×seed pairs) and the tests that
+pin what the trained toy must do (tests/pipelines/test_toy_quality.py). Every function takes
+finished images or a generator and requests, never the model's internals: what is measured is what
+a client receives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.request import GenerationRequest, GenerationResult
+from pipelines.toy import judge, world
+
+ATTRIBUTES = ("background", "colour", "shape", "position")
+
+
+class Generates(Protocol):
+    def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+
+@dataclass(frozen=True)
+class Adherence:
+    """Share of images whose attribute the judge reads as captioned (position: among captions naming one)."""
+
+    background: float
+    colour: float
+    shape: float
+    position: float
+    count: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: round(getattr(self, name), 3) for name in ATTRIBUTES} | {"count": self.count}
+
+
+def prompt_seed_pairs(
+    count: int, *, seed: int = 0, positioned: float = 0.5
+) -> list[tuple[world.Caption, int]]:
+    """`count` (caption, seed) pairs: distinct captions drawn from the whole set, about `positioned` of
+    them naming a position, each with its own image seed."""
+    captions = world.all_captions()
+    with_position = [c for c in captions if c.position is not None]
+    without = [c for c in captions if c.position is None]
+    rng = np.random.default_rng([seed, 7])
+    n_pos = round(count * positioned)
+    chosen = [with_position[i] for i in rng.choice(len(with_position), size=n_pos, replace=False)]
+    chosen += [
+        without[i] for i in rng.choice(len(without), size=count - n_pos, replace=count - n_pos > len(without))
+    ]
+    order = rng.permutation(len(chosen))
+    return [(chosen[i], 1000 * seed + k) for k, i in enumerate(order)]
+
+
+def adherence(
+    generator: Generates, pairs: Iterable[tuple[world.Caption, int]], base: GenerationRequest
+) -> Adherence:
+    """Generate each (caption, seed) with `base`'s other settings and read it with the judge."""
+    hits: dict[str, list[bool]] = {name: [] for name in ATTRIBUTES}
+    count = 0
+    for caption, seed in pairs:
+        image = generator.generate(replace(base, prompt=caption.text, seed=seed)).images[0]
+        for name, ok in judge.read(image).agrees_with(caption).items():
+            hits[name].append(ok)
+        count += 1
+    shares = {name: (sum(v) / len(v) if v else math.nan) for name, v in hits.items()}
+    return Adherence(count=count, **shares)
+
+
+def colour_share(image: np.ndarray, colour: str) -> float:
+    """Share of the pixels whose nearest named colour is `colour`."""
+    index = tuple(world.COLOURS).index(colour)
+    return float((judge.nearest_colours(image) == index).mean())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images, in dB (inf when equal)."""
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Structural similarity (Wang et al. 2004: 11-px Gaussian window, σ 1.5, K1 0.01, K2 0.03) of
+    two uint8 RGB images, averaged over channels and positions."""
+    x, y = (torch.from_numpy(im.astype(np.float64)).permute(2, 0, 1)[:, None] for im in (a, b))
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    index = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(index.mean())
+
+
+def mean_psnr(images: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> float:
+    """PSNR of the pooled error over several image pairs (one mean squared error, then dB)."""
+    pairs = zip(images, references, strict=True)
+    mse = float(np.mean([((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean() for a, b in pairs]))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
