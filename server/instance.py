@@ -42,7 +42,7 @@ def adopts_legacy_rows(settings: Settings) -> bool:
     if settings.instance_id is not None:
         return False
     path = sqlite_path(settings.resolved_database_url)
-    # A URL with options (`?mode=ro`, say) is not the plain file a previous server of this folder wrote.
+    # Only a plain file URL, as the default ledger's is; one with options was set up by hand.
     if path is None or make_url(settings.resolved_database_url).query:
         return False
     return path.resolve().is_relative_to(settings.data_dir.resolve())
