@@ -32,6 +32,7 @@ endif
 lint: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	bash .ci/lint-docker.sh
 
 $(BIN)/python:

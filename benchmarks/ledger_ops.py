@@ -18,8 +18,9 @@ import uuid
 from collections.abc import Callable
 from decimal import Decimal
 
-from server.auth import hash_key
+from server.db.migrations import upgrade_to_head
 from server.job_store import JobStore
+from server.keys import hash_key
 from server.ledger import Ledger
 
 
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
     url = args.database_url or f"sqlite:///{tempfile.mkdtemp(prefix='sd3-ledger-')}/ledger.sqlite3"
+    upgrade_to_head(url)  # as a server's start-up does
     ledger = Ledger(url)
     jobs = JobStore(ledger.engine)
     record, key = ledger.create_key(name=f"bench-{uuid.uuid4().hex[:8]}", credits=Decimal(10**6))

@@ -24,6 +24,7 @@ from baseline_server import serve_in_thread, stop_server
 
 from server.app import create_app, load_runtime
 from server.config import Settings
+from server.db.migrations import upgrade_to_head
 from server.ledger import Ledger
 
 BODY = {"prompt": "a lighthouse", "img_width": 512, "img_height": 512, "num_inference_steps": 10}
@@ -67,6 +68,7 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="sd3-ray-bench-"))
     database = f"sqlite:///{data_dir / 'ledger.sqlite3'}"
     settings = Settings(data_dir=data_dir, model={"id": "tiny"}, database_url=database)
+    upgrade_to_head(database)  # as a server's start-up does, before the key it needs
     _, key = Ledger(database).create_key(name="bench", credits=Decimal(100))
 
     import torch

@@ -26,6 +26,7 @@ from server.api import openai as openai_api
 from server.api import outputs as outputs_api
 from server.body_limit import BodySizeLimit
 from server.config import Settings
+from server.db.migrations import upgrade_to_head
 from server.errors import install_error_handlers
 from server.instance import adopt_legacy_rows
 from server.job_store import JobStore
@@ -114,6 +115,9 @@ def load_runtime(settings: Settings) -> Runtime:
 def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The process's start-up, before any repository is built (server/db/migrations): a no-op read
+        # when `serve` or a Ray replica has upgraded already, as for its starter key or its dead peers.
+        upgrade_to_head(settings.resolved_database_url)
         ledger = Ledger(settings.resolved_database_url)
         queue = WorkQueue(
             runtime.generator,

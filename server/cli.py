@@ -153,10 +153,24 @@ def _fail(message: str) -> None:
     err.print(Text(message, style="red"), soft_wrap=True)
 
 
+def _upgrade(settings: Settings) -> str:
+    """Bring the database to the latest schema (this process's start-up); the revision it is at."""
+    from server.db.migrations import upgrade_to_head
+
+    _check_storage(settings, data_dir=False)
+    try:
+        status = upgrade_to_head(settings.resolved_database_url)
+    except RuntimeError as exc:  # a database migrated by a newer release
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    assert status.current is not None  # at the head revision now
+    return status.current
+
+
 def _ledger(settings: Settings):  # type: ignore[no-untyped-def]
     from server.ledger import Ledger
 
-    _check_storage(settings, data_dir=False)
+    _upgrade(settings)
     return Ledger(settings.resolved_database_url)
 
 
@@ -391,10 +405,12 @@ STARTER_CREDITS = Decimal(100)
 def _ledger_location(settings: Settings) -> str:
     from sqlalchemy.engine import make_url
 
-    url = make_url(settings.resolved_database_url)
-    if url.get_backend_name() == "sqlite" and url.database:
-        return url.database
-    return url.render_as_string(hide_password=True)
+    from server.db.engine import sqlite_path
+
+    path = sqlite_path(settings.resolved_database_url)
+    if path is not None:
+        return str(path)
+    return make_url(settings.resolved_database_url).render_as_string(hide_password=True)
 
 
 def _print_starter_key(settings: Settings) -> None:
@@ -650,22 +666,15 @@ def credits_audit(data_dir: DataDir = None, database_url: DatabaseUrl = None) ->
 @db_app.command("upgrade")
 def db_upgrade(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """Upgrade the database to the latest schema (the server also does this when it starts)."""
-    from server.migrations import upgrade_to_head
-
     settings = build_settings(data_dir=data_dir, database_url=database_url)
-    _check_storage(settings, data_dir=False)
-    try:
-        status = upgrade_to_head(settings.resolved_database_url)
-    except RuntimeError as exc:  # a database migrated by a newer release
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
-    err.print(f"Database schema at revision {status.current} (the latest).")
+    revision = _upgrade(settings)
+    err.print(f"Database schema at revision {revision} (the latest).")
 
 
 @db_app.command("current")
 def db_current(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """Print the schema revision ("none" before the first upgrade); exit 1 if it is not the latest."""
-    from server.migrations import schema_status
+    from server.db.migrations import schema_status
 
     settings = build_settings(data_dir=data_dir, database_url=database_url)
     _check_storage(settings, data_dir=False)

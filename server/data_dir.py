@@ -14,9 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-
 from server.config import Settings
+from server.db.engine import sqlite_path
 
 
 class StorageUnusable(Exception):
@@ -30,14 +29,10 @@ def check_data_dir(settings: Settings) -> None:
 
 def check_database_path(settings: Settings) -> None:
     """A SQLite ledger's folder is writable (SQLite writes its -wal and -shm there) and the file a file."""
-    url = make_url(settings.resolved_database_url)
-    database = url.database
-    if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
-        return  # a database server, or a form the ledger refuses with its own message
-    if database.startswith("file:"):
-        return  # a SQLite URI: its options decide what is opened, not a plain path
+    path = sqlite_path(settings.resolved_database_url)
+    if path is None:
+        return  # a database server, a SQLite URI, or a form the ledger refuses with its own message
     change = "--database-url (SD3_DATABASE_URL)" if settings.database_url else "--data-dir (SD3_DATA_DIR)"
-    path = Path(database).expanduser()
     _check_folder(path.parent, what="the ledger's folder", change=change)
     if path.exists() and not path.is_file():
         raise StorageUnusable(f"The ledger database {path} is not a file: point {change} at a SQLite file.")

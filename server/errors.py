@@ -132,6 +132,20 @@ class BalanceLimitExceeded(Exception):
     """A grant that would take a key's balance past the maximum (server/credits.py `MAX_CREDITS`)."""
 
 
+# A charge's states, as the ledger refuses them. Each also keeps the built-in base it replaced, so
+# that a caller written against LookupError/ValueError still catches it.
+class ChargeNotFound(LookupError):
+    """Settling or refunding a request id that no charge was reserved for."""
+
+
+class ChargeAlreadyFinal(ValueError):
+    """Settling a charge that was refunded: its credits went back, and a settle cannot take them again."""
+
+
+class RequestAlreadyCharged(ValueError):
+    """Reserving for a request id that already has a charge: one request is charged once."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     # Imported here so that the domain errors above stay importable without the web stack.
     from fastapi import Request

@@ -24,15 +24,15 @@ import logging
 import re
 import socket
 from contextlib import ExitStack
-from pathlib import Path
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import make_url
 
 from server.config import Settings
+from server.db.engine import sqlite_path
+from server.db.tables import charges, jobs
 from server.instance_lock import InstanceBusy, instance_lock
-from server.job_store import PENDING, jobs
-from server.ledger import charges
+from server.job_store import PENDING
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,11 @@ def adopts_legacy_rows(settings: Settings) -> bool:
     """Whether this server may take over rows left under the old `<host>:<port>` default (see above)."""
     if settings.instance_id is not None:
         return False
-    url = make_url(settings.resolved_database_url)
-    database = url.database
-    if url.get_backend_name() != "sqlite" or not database or database.startswith("file:") or url.query:
+    path = sqlite_path(settings.resolved_database_url)
+    # Only a plain file URL, as the default ledger's is; one with options was set up by hand.
+    if path is None or make_url(settings.resolved_database_url).query:
         return False
-    return Path(database).expanduser().resolve().is_relative_to(settings.data_dir.resolve())
+    return path.resolve().is_relative_to(settings.data_dir.resolve())
 
 
 def legacy_owners(owners: set[str]) -> list[str]:

@@ -17,24 +17,10 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Literal, cast
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    DateTime,
-    Engine,
-    Float,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import Engine, insert, select, update
 
-from server.ledger import from_micro, to_micro
-from server.migrations import upgrade_to_head
+from server.credits import from_micro, to_micro
+from server.db.tables import as_utc, jobs, utc_now
 
 JobStatus = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
 Surface = Literal["v1", "v2", "openai"]
@@ -42,41 +28,6 @@ PENDING: tuple[JobStatus, ...] = ("QUEUED", "PROCESSING")
 FINAL: tuple[JobStatus, ...] = ("COMPLETED", "FAILED")
 # Progress is written at most this often per job: a step takes milliseconds on a big GPU.
 PROGRESS_WRITE_INTERVAL_S = 0.5
-
-metadata = MetaData()
-
-jobs = Table(
-    "jobs",
-    metadata,
-    Column("request_id", String(64), primary_key=True),
-    Column("key_id", Integer, nullable=False, index=True),
-    Column("surface", String(8), nullable=False),
-    Column("model", String(128), nullable=False),
-    Column("status", String(16), nullable=False, index=True),
-    Column("params", Text, nullable=False),  # the validated request body, as JSON
-    Column("seed", BigInteger, nullable=True),
-    Column("cost_micro", BigInteger, nullable=False),
-    Column("outputs", Text, nullable=False, default="[]"),  # JSON list of output ids
-    Column("error", Text, nullable=True),
-    Column("owner", String(128), nullable=False, index=True),
-    Column("progress_step", Integer, nullable=False, default=0),
-    Column("progress_total", Integer, nullable=False, default=0),
-    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
-    Column("started_at", DateTime(timezone=True), nullable=True),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
-    Column("inference_s", Float, nullable=True),
-)
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite returns naive datetimes; everything we stored is UTC.
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -135,18 +86,17 @@ def _record(row: Any) -> JobRecord:
         owner=row.owner,
         progress_step=row.progress_step,
         progress_total=row.progress_total,
-        created_at=cast(datetime, _utc(row.created_at)),
-        started_at=_utc(row.started_at),
-        finished_at=_utc(row.finished_at),
+        created_at=as_utc(row.created_at),
+        started_at=as_utc(row.started_at),
+        finished_at=as_utc(row.finished_at),
         inference_s=row.inference_s,
     )
 
 
 class JobStore:
     def __init__(self, engine: Engine) -> None:
+        # The ledger's engine: one database, one pool; the Ledger opening it checked the schema.
         self._engine = engine
-        # Usually a no-op read: the Ledger sharing this engine has already upgraded the database.
-        upgrade_to_head(engine)
         self._last_progress_write: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -175,7 +125,7 @@ class JobStore:
                     owner=owner,
                     progress_step=0,
                     progress_total=0,
-                    created_at=_now(),
+                    created_at=utc_now(),
                 )
             )
         record = self.get(request_id)
@@ -207,7 +157,7 @@ class JobStore:
             when=PENDING,
             status="PROCESSING",
             seed=seed,
-            started_at=_now(),
+            started_at=utc_now(),
             progress_step=1 if total else 0,
             progress_total=total,
         )
@@ -230,13 +180,13 @@ class JobStore:
             status="COMPLETED",
             outputs=json.dumps(outputs),
             inference_s=inference_s,
-            finished_at=_now(),
+            finished_at=utc_now(),
         )
 
     def failed(self, request_id: str, *, error: str) -> None:
         """QUEUED or PROCESSING → FAILED; a job that already finished keeps its outcome."""
         self._forget_progress(request_id)
-        self._update(request_id, when=PENDING, status="FAILED", error=error, finished_at=_now())
+        self._update(request_id, when=PENDING, status="FAILED", error=error, finished_at=utc_now())
 
     def requeue(self, request_ids: list[str]) -> None:
         """PROCESSING → QUEUED for jobs a stopping server hands to its next start (seed kept)."""
@@ -283,9 +233,7 @@ class JobStore:
         """
         query = select(jobs).where(jobs.c.key_id == key_id)
         if before is not None:
-            before = (before if before.tzinfo else before.replace(tzinfo=timezone.utc)).astimezone(
-                timezone.utc
-            )
+            before = as_utc(before).astimezone(timezone.utc)
             earlier = jobs.c.created_at < before
             if before_id is not None:
                 earlier = earlier | ((jobs.c.created_at == before) & (jobs.c.request_id < before_id))

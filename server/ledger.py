@@ -7,7 +7,8 @@ UPDATE (`balance >= price`), so the database itself refuses an overspend, whatev
 threads or processes: SQLite serialises writers (WAL + a busy timeout so they wait instead of
 failing), PostgreSQL re-checks the WHERE clause on the row it locks.
 
-Works on a SQLite file (the default) and on PostgreSQL; only portable SQL is used.
+The tables are server/db/tables.py's and the engine (SQLite WAL, PostgreSQL) server/db/engine.py's.
+The schema must be current already: start-up upgrades it once (server/db/migrations), not this class.
 
 Every transaction that writes starts with its write. On SQLite the Python driver opens the
 transaction at the first INSERT/UPDATE, so a read placed before it would run outside the transaction
@@ -17,102 +18,49 @@ and could act on a stale balance; writing first also takes the write lock at onc
 from __future__ import annotations
 
 import hmac
-import time
 import unicodedata
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, Literal, cast
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    CheckConstraint,
-    Column,
-    DateTime,
-    Engine,
-    ForeignKey,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    column,
-    create_engine,
-    event,
-    func,
-    insert,
-    select,
-    table,
-    update,
-)
-from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DatabaseError, IntegrityError
+from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
-from server.auth import generate_key, hash_key, key_prefix
 from server.credits import MAX_CREDITS, MAX_MICRO, format_credits, from_micro, to_micro
-from server.errors import BalanceLimitExceeded, InsufficientCredits, KeyNameTaken, Unauthorized, UnknownKey
-from server.migrations import upgrade_to_head
+from server.db.engine import create_database_engine
+from server.db.migrations import require_current_schema
+from server.db.tables import (
+    NAME_MAX,
+    NOTE_MAX,
+    OWNER_MAX,
+    REQUEST_ID_MAX,
+    api_keys,
+    as_utc,
+    charges,
+    credit_grants,
+    jobs,
+    utc_now,
+)
+from server.errors import (
+    BalanceLimitExceeded,
+    ChargeAlreadyFinal,
+    ChargeNotFound,
+    InsufficientCredits,
+    KeyNameTaken,
+    RequestAlreadyCharged,
+    Unauthorized,
+    UnknownKey,
+)
+from server.keys import generate_key, hash_key, key_prefix
 
-NAME_MAX = 128
-REQUEST_ID_MAX = 64
-NOTE_MAX = 500
-OWNER_MAX = 128
-# How long a SQLite writer waits for another one before giving up ("database is locked").
-SQLITE_BUSY_TIMEOUT_S = 30.0
 # How long a reservation may stay open after its job finished (or, with no job row, after it was
 # made) before the audit calls it stale: the refund that follows a failure is a separate write,
 # retried while the database refuses it (docs/reliability.md, "Admission, cancellation and refunds").
 STALE_RESERVATION_GRACE_S = 60.0
 
 ChargeStatus = Literal["reserved", "settled", "refunded"]
-
-metadata = MetaData()
-
-api_keys = Table(
-    "api_keys",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("name", String(NAME_MAX), nullable=False, unique=True),
-    Column("key_hash", String(64), nullable=False, unique=True),
-    Column("prefix", String(16), nullable=False),
-    Column("enabled", Boolean, nullable=False, default=True),
-    Column("balance_micro", BigInteger, nullable=False, default=0),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    # A second line of defence: the conditional UPDATE is what prevents overspending.
-    CheckConstraint("balance_micro >= 0", name="ck_api_keys_balance_non_negative"),
-)
-
-charges = Table(
-    "charges",
-    metadata,
-    Column("request_id", String(REQUEST_ID_MAX), primary_key=True),
-    Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=False, index=True),
-    Column("amount_micro", BigInteger, nullable=False),
-    Column("status", String(16), nullable=False),
-    # Which server instance reserved it: after a crash, that instance refunds what it left open
-    # without touching reservations that other replicas sharing the database are working on.
-    Column("owner", String(OWNER_MAX), nullable=False, default="", index=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    # A string with a CHECK rather than an ENUM type: portable, and no type to migrate on PostgreSQL.
-    CheckConstraint("status IN ('reserved', 'settled', 'refunded')", name="ck_charges_status"),
-    CheckConstraint("amount_micro >= 0", name="ck_charges_amount_non_negative"),
-)
-
-# The job store's table, as far as the audit reads it. Declared here as a lightweight table rather
-# than imported: the job store builds on the ledger (server/job_store.py), not the other way round.
-_jobs = table("jobs", column("request_id"), column("status"), column("finished_at", DateTime(timezone=True)))
-
-credit_grants = Table(
-    "credit_grants",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=False, index=True),
-    Column("amount_micro", BigInteger, nullable=False),
-    Column("note", String(NOTE_MAX), nullable=False, default=""),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
 
 
 @dataclass(frozen=True)
@@ -139,15 +87,6 @@ class AuditRow:
     ok: bool  # balanced, and no stale reservation
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _utc(value: datetime) -> datetime:
-    # SQLite keeps no time zone; every timestamp we write is UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
-
-
 def _record(row: Any) -> KeyRecord:
     return KeyRecord(
         id=row.id,
@@ -155,7 +94,7 @@ def _record(row: Any) -> KeyRecord:
         prefix=row.prefix,
         enabled=bool(row.enabled),
         balance=from_micro(row.balance_micro),
-        created_at=_utc(row.created_at),
+        created_at=as_utc(row.created_at),
     )
 
 
@@ -169,53 +108,16 @@ _KEY_COLUMNS = (
 )
 
 
-def _sqlite_engine(url: str) -> Engine:
-    parsed = make_url(url)
-    database = parsed.database
-    if not database or database == ":memory:" or parsed.query.get("mode") == "memory":
-        # Each pooled connection would see its own empty database, and nothing would outlive the process.
-        raise ValueError(f"the ledger needs a SQLite file, not an in-memory database: {url}")
-    if not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True)
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            # WAL: readers never block the writer, and the writer never blocks readers. It is a property
-            # of the file; setting it again on every connection is a no-op once it is on.
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-        finally:
-            cursor.close()
-
-    return engine
-
-
 class Ledger:
-    # Every engine is built with `hide_parameters=True`: a database error's message otherwise
-    # carries the statement's bound values (a key's hash, a request id) into the logs.
     def __init__(self, database_url: str) -> None:
-        backend = make_url(database_url).get_backend_name()
-        if backend == "sqlite":
-            self._engine = _sqlite_engine(database_url)
-        else:
-            self._engine = create_engine(database_url, pool_pre_ping=True, hide_parameters=True)
-        self._create_tables()
-
-    def _create_tables(self) -> None:
-        # The upgrade locks the database against other workers starting at once (server/migrations);
-        # the retry stays as a second line of defence for a lock that timed out under heavy load.
-        for attempt in range(3):
-            try:
-                upgrade_to_head(self._engine)
-                return
-            except DatabaseError:
-                if attempt == 2:
-                    raise
-                time.sleep(0.1 * (attempt + 1))
+        """Open the ledger; raises `SchemaNotCurrent` (server/db/migrations) on a database that
+        start-up has not upgraded, rather than failing later on a missing table or column."""
+        self._engine = create_database_engine(database_url)
+        try:
+            require_current_schema(self._engine)
+        except BaseException:
+            self._engine.dispose()
+            raise
 
     @property
     def engine(self) -> Engine:
@@ -248,7 +150,7 @@ class Ledger:
             raise ValueError(f"a key name cannot contain control characters, got {name!r}")
         micro = to_micro(credits)
         key = generate_key()
-        now = _now()
+        now = utc_now()
         try:
             with self._engine.begin() as conn:
                 conn.execute(
@@ -309,7 +211,9 @@ class Ledger:
                 select(api_keys.c.id, api_keys.c.balance_micro).where(api_keys.c.name == name)
             ).one()
             conn.execute(
-                insert(credit_grants).values(key_id=key_id, amount_micro=micro, note=note, created_at=_now())
+                insert(credit_grants).values(
+                    key_id=key_id, amount_micro=micro, note=note, created_at=utc_now()
+                )
             )
         return from_micro(balance_micro)
 
@@ -352,7 +256,7 @@ class Ledger:
         micro = to_micro(amount)
         if not request_id or len(request_id) > REQUEST_ID_MAX:
             raise ValueError(f"a request id has 1 to {REQUEST_ID_MAX} characters, got {request_id!r}")
-        now = _now()
+        now = utc_now()
         with self._engine.begin() as conn:
             # One conditional UPDATE: the check and the debit are one atomic step in the database,
             # so two requests can never both spend the same credits.
@@ -397,7 +301,7 @@ class Ledger:
                 )
             )
         except IntegrityError as exc:
-            raise ValueError(f"request id {request_id!r} has already been charged") from exc
+            raise RequestAlreadyCharged(f"request id {request_id!r} has already been charged") from exc
 
     def settle(self, request_id: str) -> None:
         """reserved → settled. Settling twice is a no-op; settling a refunded charge is an error."""
@@ -405,15 +309,17 @@ class Ledger:
             matched = conn.execute(
                 update(charges)
                 .where(charges.c.request_id == request_id, charges.c.status == "reserved")
-                .values(status="settled", updated_at=_now())
+                .values(status="settled", updated_at=utc_now())
             ).rowcount
             if matched:
                 return
             status = self._status(conn, request_id)
         if status is None:
-            raise LookupError(f"no charge for request id {request_id!r}")
+            raise ChargeNotFound(f"no charge for request id {request_id!r}")
         if status != "settled":
-            raise ValueError(f"the charge for request id {request_id!r} is {status}, it cannot be settled")
+            raise ChargeAlreadyFinal(
+                f"the charge for request id {request_id!r} is {status}, it cannot be settled"
+            )
 
     def refund(self, request_id: str) -> Decimal:
         """reserved → refunded, and the amount goes back to the key; returns the balance after.
@@ -425,13 +331,13 @@ class Ledger:
             matched = conn.execute(
                 update(charges)
                 .where(charges.c.request_id == request_id, charges.c.status == "reserved")
-                .values(status="refunded", updated_at=_now())
+                .values(status="refunded", updated_at=utc_now())
             ).rowcount
             charge = conn.execute(
                 select(charges.c.key_id, charges.c.amount_micro).where(charges.c.request_id == request_id)
             ).one_or_none()
             if charge is None:
-                raise LookupError(f"no charge for request id {request_id!r}")
+                raise ChargeNotFound(f"no charge for request id {request_id!r}")
             if matched:
                 conn.execute(
                     update(api_keys)
@@ -470,19 +376,19 @@ class Ledger:
         FAILED) or absent, for longer than `grace_s`: then no running request will ever settle or
         refund it, and the key is short of credits it should have. Either makes the row not ok.
         """
-        now = _now()
+        now = utc_now()
         with self._engine.connect() as conn:
             stale: dict[int, int] = {}
             for charge in conn.execute(
-                select(charges.c.key_id, charges.c.created_at, _jobs.c.status, _jobs.c.finished_at)
-                .select_from(charges.outerjoin(_jobs, _jobs.c.request_id == charges.c.request_id))
+                select(charges.c.key_id, charges.c.created_at, jobs.c.status, jobs.c.finished_at)
+                .select_from(charges.outerjoin(jobs, jobs.c.request_id == charges.c.request_id))
                 .where(charges.c.status == "reserved")
             ).all():
                 if charge.status is not None and charge.status not in ("COMPLETED", "FAILED"):
                     continue  # queued or running: its request will settle or refund it
                 since = charge.finished_at if charge.status is not None else charge.created_at
                 # A final job always has finished_at; a missing one counts from the reservation.
-                since = _utc(since if since is not None else charge.created_at)
+                since = as_utc(since if since is not None else charge.created_at)
                 if (now - since).total_seconds() > grace_s:
                     stale[charge.key_id] = stale.get(charge.key_id, 0) + 1
             granted: dict[int, int] = dict(

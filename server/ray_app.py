@@ -38,6 +38,7 @@ from sqlalchemy import select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
+from server.db.migrations import upgrade_to_head
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,9 @@ def settle_dead_replicas(settings: Settings, identity: ReplicaIdentity, *, base:
     replicas starting together may both try: refunds are idempotent (only the transaction that flips
     a charge from reserved gives the credits back).
     """
+    from server.db.tables import charges
     from server.job_store import JobStore
-    from server.ledger import Ledger, charges
+    from server.ledger import Ledger
 
     prefix = identity.owner_prefix(base)
     ledger = Ledger(settings.resolved_database_url)
@@ -164,6 +166,9 @@ class SD3Replica:
         base = settings.instance_id or DEFAULT_OWNER_BASE
         self.settings = settings.model_copy(update={"instance_id": identity.owner(base)})
         self.replica = identity.replica
+        # Before the first repository: the dead replicas' reservations are read next, and the
+        # replicas of a new deployment race here on a new database (the upgrade locks it).
+        upgrade_to_head(self.settings.resolved_database_url)
         settle_dead_replicas(self.settings, identity, base=base)
         from server.app import load_runtime
 

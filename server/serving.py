@@ -26,7 +26,15 @@ from anyio import to_thread
 from pipelines.request import GenerationRequest, GenerationResult
 from server.config import Settings
 from server.encoding import to_jpeg
-from server.errors import ApiError, GenerationFailed, InvalidRequest, Overloaded, RateLimited
+from server.errors import (
+    ApiError,
+    ChargeAlreadyFinal,
+    ChargeNotFound,
+    GenerationFailed,
+    InvalidRequest,
+    Overloaded,
+    RateLimited,
+)
 from server.headers import REMAINING_CREDITS, format_credits
 from server.job_store import JobRecord, JobStore, Surface
 from server.ledger import KeyRecord, Ledger
@@ -374,7 +382,7 @@ class Serving:
     def _settle_now(self, request_id: str, *, outputs: list[str], seconds: float) -> None:
         try:
             self.ledger.settle(request_id)  # a second time (a retry) is a no-op
-        except (LookupError, ValueError):
+        except (ChargeNotFound, ChargeAlreadyFinal):
             # Refunded or gone behind our back: retrying cannot change that, so say it and go on.
             log.error("the charge of %s could not be settled: it is no longer reserved", request_id)
         self.jobs.completed(request_id, outputs=outputs, inference_s=seconds)

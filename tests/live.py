@@ -41,7 +41,7 @@ class LiveServer:
         return key
 
     def balance_of(self, key: str) -> Decimal:
-        from server.auth import hash_key
+        from server.keys import hash_key
 
         record = self.ledger.find_by_hash(hash_key(key))
         assert record is not None

@@ -36,6 +36,7 @@ from server.config import Settings
 from server.job_store import JobRecord, JobStore
 from server.ledger import Ledger
 from server.queue import WorkQueue
+from tests.databases import migrated
 from tests.live import SLUG, SMALL, LiveServer, ServerProcess, live_server, wait_for
 
 SLOW = {"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_steps": 100}
@@ -243,7 +244,7 @@ def new_job(store: JobStore, ledger: Ledger, request_id: str, *, key_id: int) ->
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger = Ledger(migrated(f"sqlite:///{tmp_path / 'ledger.sqlite3'}"))
     yield ledger
     ledger.close()
 
@@ -313,7 +314,7 @@ def test_sigterm_keeps_accepted_v2_jobs_for_the_next_start(
     tmp_path: Path, data_dir: Path, tiny_dir: Path
 ) -> None:
     server = ServerProcess(data_dir=data_dir, database=tmp_path / "ledger.sqlite3")
-    ledger = Ledger(server.database_url)
+    ledger = Ledger(migrated(server.database_url))
     _, key = ledger.create_key(name="patient", credits=Decimal(1))
     headers = {"x-api-key": key}
     store = JobStore(ledger.engine)

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from server.auth import authenticate, generate_key, hash_key, key_prefix
+from server.auth import authenticate
 from server.errors import MissingApiKey, Unauthorized
+from server.keys import generate_key, hash_key, key_prefix
 from server.ledger import Ledger
+from tests.databases import migrated
 
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger = Ledger(migrated(f"sqlite:///{tmp_path / 'ledger.sqlite3'}"))
     yield ledger
     ledger.close()
 

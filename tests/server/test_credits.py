@@ -14,6 +14,7 @@ import pytest
 from server.credits import MAX_CREDITS, MAX_MICRO, InvalidAmount, parse_credits, to_micro
 from server.errors import BalanceLimitExceeded
 from server.ledger import Ledger
+from tests.databases import migrated
 from tests.postgres import postgres_url_or_skip
 
 # Each of these took minutes of CPU under the GIL when the amount became a Fraction first; a refusal
@@ -23,7 +24,7 @@ NOT_FROZEN_S = 5.0
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger = Ledger(migrated(f"sqlite:///{tmp_path / 'ledger.sqlite3'}"))
     yield ledger
     ledger.close()
 
@@ -31,7 +32,7 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
     url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}" if request.param == "sqlite" else postgres_url_or_skip()
-    ledger = Ledger(url)
+    ledger = Ledger(migrated(url))
     yield ledger
     ledger.close()
 

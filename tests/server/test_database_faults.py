@@ -19,10 +19,11 @@ import httpx
 import pytest
 
 from server.app import Runtime
-from server.auth import hash_key
 from server.config import Settings
+from server.keys import hash_key
 from server.ledger import Ledger
 from server.logs import configure_logging
+from tests.databases import migrated
 from tests.live import SLUG, SMALL, LiveServer, live_server
 
 
@@ -54,7 +55,7 @@ def broken(
 ) -> Iterator[Broken]:
     database = tmp_path_factory.mktemp("broken") / "ledger.sqlite3"
     url = f"sqlite:///{database}"
-    ledger = Ledger(url)
+    ledger = Ledger(migrated(url))
     _, key = ledger.create_key(name="before", credits=Decimal("1"))
     ledger.close()
     corrupt_the_key_table(database)

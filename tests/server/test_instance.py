@@ -18,6 +18,7 @@ from server.config import INSTANCE_ID_FILE, Settings, stored_instance_id
 from server.instance import adopt_legacy_rows
 from server.job_store import JobStore
 from server.ledger import Ledger
+from tests.databases import migrated
 
 HOST = socket.gethostname()
 
@@ -53,7 +54,7 @@ def test_processes_making_the_id_at_once_agree_on_one(tmp_path: Path) -> None:
 
 @pytest.fixture
 def stores(tmp_path: Path) -> Iterator[tuple[Ledger, JobStore]]:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite3'}")
+    ledger = Ledger(migrated(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite3'}"))
     yield ledger, JobStore(ledger.engine)
     ledger.close()
 

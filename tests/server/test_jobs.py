@@ -16,9 +16,10 @@ from PIL import Image
 from segmind import SegmindClient
 from segmind.v2 import InferenceFailed
 
-from server.auth import hash_key
 from server.job_store import JobStore
+from server.keys import hash_key
 from server.ledger import Ledger
+from tests.databases import migrated
 from tests.live import SLUG, SMALL, LiveServer, ServerProcess, wait_for
 
 
@@ -222,7 +223,7 @@ def test_history_limit_must_be_plain_digits(live: LiveServer) -> None:
 
 def test_an_accepted_job_survives_a_kill_9(tmp_path: Path, data_dir: Path, tiny_dir: Path) -> None:
     server = ServerProcess(data_dir=data_dir, database=tmp_path / "ledger.sqlite3")
-    ledger = Ledger(server.database_url)
+    ledger = Ledger(migrated(server.database_url))
     _, key = ledger.create_key(name="patient", credits=Decimal(1))
     headers = {"x-api-key": key}
     server.start()
@@ -293,7 +294,7 @@ def test_an_accepted_job_survives_a_kill_9_and_a_restart_on_another_port(
 ) -> None:
     database = tmp_path / "ledger.sqlite3"
     first = ServerProcess(data_dir=data_dir, database=database)
-    ledger = Ledger(first.database_url)
+    ledger = Ledger(migrated(first.database_url))
     jobs = JobStore(ledger.engine)
     _, key = ledger.create_key(name="moved", credits=Decimal(1))
     request_id = accept_then_kill_9(first, key, jobs)
@@ -310,7 +311,7 @@ def test_a_job_left_under_the_old_host_and_port_identity_is_adopted(tmp_path: Pa
     database = folder / "ledger.sqlite3"
     old_default = f"{socket.gethostname()}:8000"  # what it called itself on its default port
     old = ServerProcess(data_dir=folder, database=database, env={"SD3_INSTANCE_ID": old_default})
-    ledger = Ledger(old.database_url)
+    ledger = Ledger(migrated(old.database_url))
     jobs = JobStore(ledger.engine)
     _, key = ledger.create_key(name="legacy", credits=Decimal(1))
     request_id = accept_then_kill_9(old, key, jobs)

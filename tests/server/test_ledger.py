@@ -10,9 +10,19 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, select
 
-from server.auth import hash_key
-from server.errors import InsufficientCredits, KeyNameTaken, Unauthorized, UnknownKey
-from server.ledger import Ledger, credit_grants
+from server.db.tables import credit_grants
+from server.errors import (
+    ChargeAlreadyFinal,
+    ChargeNotFound,
+    InsufficientCredits,
+    KeyNameTaken,
+    RequestAlreadyCharged,
+    Unauthorized,
+    UnknownKey,
+)
+from server.keys import hash_key
+from server.ledger import Ledger
+from tests.databases import migrated
 from tests.ledger_race import reserve_and_report
 from tests.postgres import postgres_url_or_skip
 
@@ -25,7 +35,7 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = Ledger(sqlite_url(tmp_path))
+    ledger = Ledger(migrated(sqlite_url(tmp_path)))
     yield ledger
     ledger.close()
 
@@ -37,7 +47,7 @@ def postgres_url() -> str:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
     url = sqlite_url(tmp_path) if request.param == "sqlite" else postgres_url()
-    ledger = Ledger(url)
+    ledger = Ledger(migrated(url))
     yield ledger
     ledger.close()
 
@@ -63,7 +73,7 @@ def test_create_key_returns_the_plaintext_once_and_the_record(ledger: Ledger) ->
 
 
 def test_keys_are_stored_only_as_a_hash(tmp_path: Path) -> None:
-    ledger = Ledger(sqlite_url(tmp_path))
+    ledger = Ledger(migrated(sqlite_url(tmp_path)))
     _, key = ledger.create_key(name="alice", credits=Decimal(1))
     ledger.close()
     stored = b"".join(path.read_bytes() for path in tmp_path.iterdir() if path.is_file())
@@ -147,14 +157,14 @@ def test_set_enabled_toggles_the_key_and_refuses_unknown_names(ledger: Ledger) -
 
 
 def test_the_folder_of_the_sqlite_file_is_created(tmp_path: Path) -> None:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'a' / 'b' / 'ledger.sqlite3'}")
+    ledger = Ledger(migrated(f"sqlite:///{tmp_path / 'a' / 'b' / 'ledger.sqlite3'}"))
     ledger.create_key(name="alice", credits=Decimal(1))
     ledger.close()
     assert (tmp_path / "a" / "b" / "ledger.sqlite3").is_file()
 
 
 def test_balances_survive_a_restart(tmp_path: Path) -> None:
-    ledger = Ledger(sqlite_url(tmp_path))
+    ledger = Ledger(migrated(sqlite_url(tmp_path)))
     record, _ = ledger.create_key(name="alice", credits=Decimal(1))
     ledger.reserve(key_id=record.id, amount=PRICE, request_id="r1")
     ledger.close()
@@ -258,6 +268,20 @@ def test_refunding_an_unknown_charge_is_an_error(ledger: Ledger) -> None:
         ledger.refund("nope")
 
 
+def test_refused_charge_transitions_raise_the_ledgers_domain_errors(ledger: Ledger) -> None:
+    record, _ = ledger.create_key(name="alice", credits=Decimal(1))
+    with pytest.raises(ChargeNotFound):
+        ledger.settle("nope")
+    with pytest.raises(ChargeNotFound):
+        ledger.refund("nope")
+    ledger.reserve(key_id=record.id, amount=PRICE, request_id="r1")
+    with pytest.raises(RequestAlreadyCharged):
+        ledger.reserve(key_id=record.id, amount=PRICE, request_id="r1")
+    ledger.refund("r1")
+    with pytest.raises(ChargeAlreadyFinal):
+        ledger.settle("r1")
+
+
 def test_refund_only_touches_its_own_key(ledger: Ledger) -> None:
     alice, _ = ledger.create_key(name="alice", credits=Decimal(1))
     bob, _ = ledger.create_key(name="bob", credits=Decimal(1))
@@ -333,7 +357,7 @@ def reserve_in_process(url: str, key_id: int, attempts: int, tag: str, barrier: 
 
 def test_concurrent_reserves_from_processes_never_overspend(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
-    ledger = Ledger(url)
+    ledger = Ledger(migrated(url))
     record, _ = ledger.create_key(name="alice", credits=PRICE * 5)
     # spawn: every process starts clean, as separate server workers would.
     context = multiprocessing.get_context("spawn")

@@ -39,16 +39,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 
-from server.job_store import JobStore
-from server.ledger import Ledger, api_keys, charges, credit_grants
-from server.migrations import (
+from server.db.migrations import (
+    SchemaNotCurrent,
     alembic_config,
     head_revision,
     lock_for_migrations,
     schema_status,
-    target_metadata,
     upgrade_to_head,
 )
+from server.db.tables import api_keys, charges, credit_grants, metadata
+from server.job_store import JobStore
+from server.ledger import Ledger
 from tests.postgres import postgres_url_or_skip
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -83,7 +84,7 @@ def schema_differences(url: str) -> list[Any]:
             context = MigrationContext.configure(
                 conn, opts={"compare_type": True, "compare_server_default": True}
             )
-            return list(compare_metadata(context, target_metadata()))
+            return list(compare_metadata(context, metadata))
     finally:
         engine.dispose()
 
@@ -154,12 +155,16 @@ def test_downgrading_to_nothing_and_upgrading_again_gives_the_same_schema(empty_
     assert schema_snapshot(empty_database) == before
 
 
-def test_a_ledger_and_a_job_store_upgrade_their_database_on_start(empty_database: str) -> None:
+def test_a_ledger_on_a_database_start_up_has_not_upgraded_says_what_to_run(empty_database: str) -> None:
+    # Start-up upgrades once (server/db/migrations); a repository only checks, and migrates nothing.
     assert schema_status(empty_database).current is None
+    with pytest.raises(SchemaNotCurrent, match="revision none, .* run `sd3-server db upgrade`"):
+        Ledger(empty_database)
+    assert schema_status(empty_database).current is None
+    upgrade_to_head(empty_database)
     ledger = Ledger(empty_database)
     JobStore(ledger.engine)
     ledger.close()
-    assert schema_status(empty_database).up_to_date
     assert schema_differences(empty_database) == []
 
 
@@ -223,7 +228,7 @@ def assert_the_key_and_its_history_survived(url: str, *, owner: str) -> None:
 def test_a_database_made_by_create_all_is_adopted_without_losing_data(empty_database: str) -> None:
     engine = create_engine(empty_database)
     # Exactly what Ledger and JobStore did before migrations: create_all of their table definitions.
-    target_metadata().create_all(engine)
+    metadata.create_all(engine)
     engine.dispose()
     put_a_key_with_history(empty_database, charges_table=charges)
 
@@ -299,6 +304,8 @@ def test_a_ledger_from_before_charge_owners_gains_the_column_and_the_jobs_table(
 def start_a_server_process(url: str, barrier: Any, results: Any) -> None:
     barrier.wait()
     try:
+        # What every process's start-up does before it builds a repository (server/db/migrations).
+        upgrade_to_head(url)
         ledger = Ledger(url)
         JobStore(ledger.engine)
         ledger.close()
@@ -327,7 +334,7 @@ def test_servers_starting_together_on_a_new_database_upgrade_it_once(empty_datab
 
 
 def test_an_upgrade_waits_for_the_one_holding_the_migration_lock(empty_database: str) -> None:
-    # The start-up test above passes even without a lock (the Ledger retries); this one pins the lock.
+    # The start-up test above passes even without a lock (the upgrade retries); this one pins the lock.
     holder = create_engine(empty_database)
     conn = holder.connect()
     transaction = conn.begin()

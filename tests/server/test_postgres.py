@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     # torch and diffusers along, seconds per process.
     from server.app import Runtime
     from server.config import Settings
+from tests.databases import migrated
 from tests.ledger_race import reserve_and_report
 from tests.live import LiveServer
 from tests.postgres import postgres_url_or_skip
@@ -45,7 +46,7 @@ def postgres_url() -> str:
 
 @pytest.fixture(scope="module")
 def ledger(postgres_url: str) -> Iterator[Ledger]:
-    ledger = Ledger(postgres_url)
+    ledger = Ledger(migrated(postgres_url))
     yield ledger
     ledger.close()
 

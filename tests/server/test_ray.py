@@ -18,11 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
-from server.auth import hash_key
 from server.config import Settings
 from server.job_store import JobStore
+from server.keys import hash_key
 from server.ledger import Ledger
 from server.pricing import price_of
+from tests.databases import migrated
 from tests.live import SLUG, SMALL, free_port
 
 # Owners of the rows written by the replicas of app "sd3", deployment "sd3" (server.ray_app).
@@ -57,7 +58,7 @@ def ray_deployment(
     db = tmp_path_factory.mktemp("ray-ledger") / "ledger.sqlite3"
     # The session's data dir holds the tiny model already built; both replicas load it from there.
     shared = settings.model_copy(update={"database_url": f"sqlite:///{db}"})
-    ledger = Ledger(shared.resolved_database_url)  # creates the tables before the replicas race to
+    ledger = Ledger(migrated(shared.resolved_database_url))  # creates the tables before the replicas race to
     # A reservation left open by a replica of an earlier run that died (kill -9, lost node): the
     # replicas about to start must refund it, since no replica with that id will ever settle it.
     _open_request(ledger, owner=f"{OWNER_PREFIX}deadbeef", request_id="left-by-a-dead-replica")

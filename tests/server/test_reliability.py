@@ -16,6 +16,7 @@ from server.app import Runtime
 from server.cli import app as cli
 from server.config import Settings
 from server.ledger import Ledger
+from tests.databases import migrated
 from tests.live import SLUG, SMALL, LiveServer, ServerProcess, live_server, wait_for
 
 SLOW = {"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_steps": 100}
@@ -150,7 +151,7 @@ def test_credits_audit_finds_every_balance_equal_to_grants_minus_charges(live: L
 
 def test_kill_9_during_generation_loses_no_credits(tmp_path: Path, data_dir: Path, tiny_dir: Path) -> None:
     server = ServerProcess(data_dir=data_dir, database=tmp_path / "ledger.sqlite3")
-    ledger = Ledger(server.database_url)
+    ledger = Ledger(migrated(server.database_url))
     _, key = ledger.create_key(name="victim", credits=Decimal(1))
 
     def balance() -> Decimal:

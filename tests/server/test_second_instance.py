@@ -17,9 +17,10 @@ from pathlib import Path
 
 import httpx
 
-from server.auth import hash_key
 from server.job_store import JobStore
+from server.keys import hash_key
 from server.ledger import Ledger
+from tests.databases import migrated
 from tests.live import SLUG, ServerProcess, wait_for
 
 SD3_SERVER = str(Path(sys.executable).with_name("sd3-server"))
@@ -29,7 +30,7 @@ def test_a_second_server_on_the_same_folder_exits_at_once_and_the_first_finishes
     tmp_path: Path, data_dir: Path, tiny_dir: Path
 ) -> None:
     first = ServerProcess(data_dir=data_dir, database=tmp_path / "ledger.sqlite3")
-    ledger = Ledger(first.database_url)
+    ledger = Ledger(migrated(first.database_url))
     _, key = ledger.create_key(name="busy", credits=Decimal(1))
     headers = {"x-api-key": key}
     store = JobStore(ledger.engine)

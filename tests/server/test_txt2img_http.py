@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from server.app import Runtime
-from server.auth import hash_key
 from server.config import Settings
+from server.keys import hash_key
 from tests.live import SLUG, SMALL, LiveServer, live_server
 
 # The example request of the hosted model page, copied verbatim from the page's JavaScript snippet.

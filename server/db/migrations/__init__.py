@@ -1,12 +1,14 @@
 """Schema migrations (Alembic), run from code so that an installed package needs no repo checkout.
 
-The table definitions in `server/ledger.py` and `server/job_store.py` are the source of truth; the
-revisions in `versions/` are frozen copies that reach the same schema step by step, and
-`tests/server/test_migrations.py` checks that they agree (Alembic's autogenerate finds no difference).
+The tables in `server/db/tables.py` are the source of truth; the revisions in `versions/` are frozen
+copies that reach the same schema step by step, and `tests/server/test_migrations.py` checks that
+they agree (Alembic's autogenerate finds no difference). Nothing here imports a repository.
 
-Every server process upgrades its database to the latest revision at start-up (`Ledger`,
-`JobStore`), and `sd3-server db upgrade` does it by hand. Several processes may start at once on a
-new database, so the upgrade runs in one transaction that first takes a database-wide lock: a
+Each process's start-up upgrades the database to the latest revision once, before it builds a
+repository: the app's lifespan (`serve`, and each Ray replica's app), a Ray replica before it settles
+what dead replicas left, and the CLI's commands that touch the database; `sd3-server db upgrade`
+does it by hand. The repositories only check that it was done. Several processes may start at once
+on a new database, so the upgrade runs in one transaction that first takes a database-wide lock: a
 PostgreSQL advisory lock, or SQLite's write lock (`BEGIN IMMEDIATE`). The others wait for it, then
 find the database at the head revision and do nothing. DDL is transactional on both, so a failed
 upgrade leaves the database as it was.
@@ -14,24 +16,30 @@ upgrade leaves the database as it was.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, MetaData, create_engine, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DatabaseError
+
+from server.db.engine import create_database_engine, sqlite_path
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent
 # Any constant 64-bit number unique among the advisory locks of applications sharing the database;
 # these are the bytes of "sd3-migr".
 ADVISORY_LOCK_KEY = 0x7364_332D_6D69_6772
-# Matches the ledger's busy timeout: a second process waits this long for the first one's upgrade.
-SQLITE_BUSY_TIMEOUT_S = 30.0
+# The lock makes concurrent start-ups safe; these retries are a second line of defence for a SQLite
+# lock wait that ran past its busy timeout under heavy load.
+UPGRADE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -55,31 +63,40 @@ def alembic_config() -> Config:
     return config
 
 
-def target_metadata() -> MetaData:
-    """Every table the server defines, in one MetaData, as autogenerate compares against it."""
-    # Imported here: server.ledger imports this module, and the import must not go round in a circle.
-    from server.job_store import metadata as jobs_metadata
-    from server.ledger import metadata as ledger_metadata
+class SchemaNotCurrent(RuntimeError):
+    """A repository was opened on a database that start-up has not upgraded to this release's schema."""
 
-    combined = MetaData()
-    for source in (ledger_metadata, jobs_metadata):
-        for table in source.tables.values():
-            table.to_metadata(combined)
-    return combined
+
+@cache
+def _scripts() -> ScriptDirectory:
+    # Read once per process: the revisions are files of the installed package, fixed while it runs.
+    return ScriptDirectory.from_config(alembic_config())
 
 
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    assert head is not None, "server/migrations/versions holds no revision"
+    head = _scripts().get_current_head()
+    assert head is not None, "server/db/migrations/versions holds no revision"
     return head
 
 
 def schema_status(engine_or_url: Engine | str) -> SchemaStatus:
     """Where the database stands; reads only (a SQLite file that does not exist is not created)."""
-    if isinstance(engine_or_url, str) and _missing_sqlite_file(engine_or_url):
-        return SchemaStatus(current=None, head=head_revision())
+    if isinstance(engine_or_url, str):
+        path = sqlite_path(engine_or_url)
+        if path is not None and not path.exists():
+            return SchemaStatus(current=None, head=head_revision())
     with _engine(engine_or_url) as engine, engine.connect() as conn:
         return SchemaStatus(current=_current_revision(conn), head=head_revision())
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Raise `SchemaNotCurrent`, saying what to run, unless the database is at the head revision."""
+    status = schema_status(engine)
+    if not status.up_to_date:
+        raise SchemaNotCurrent(
+            f"the database is at schema revision {status.current or 'none'}, and this sd3-server needs "
+            f"{status.head}: run `sd3-server db upgrade`, or start the server, which upgrades it"
+        )
 
 
 def upgrade_to_head(engine_or_url: Engine | str) -> SchemaStatus:
@@ -88,6 +105,17 @@ def upgrade_to_head(engine_or_url: Engine | str) -> SchemaStatus:
     A database made by the code before migrations existed (`metadata.create_all`) has our tables but
     no `alembic_version`: revision 0001 adopts it, creating only what is missing, and nothing is lost.
     """
+    for attempt in range(UPGRADE_ATTEMPTS):
+        try:
+            return _upgrade(engine_or_url)
+        except DatabaseError:
+            if attempt == UPGRADE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _upgrade(engine_or_url: Engine | str) -> SchemaStatus:
     head = head_revision()
     with _engine(engine_or_url) as engine:
         with engine.connect() as conn:
@@ -144,19 +172,11 @@ def lock_for_migrations(conn: Connection) -> None:
 
 
 def _known_revisions() -> set[str]:
-    return {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    return {script.revision for script in _scripts().walk_revisions()}
 
 
 def _current_revision(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
-
-
-def _missing_sqlite_file(url: str) -> bool:
-    parsed = make_url(url)
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database.startswith("file:"):
-        return False
-    return database != ":memory:" and not Path(database).expanduser().exists()
 
 
 @contextmanager
@@ -164,14 +184,7 @@ def _engine(engine_or_url: Engine | str) -> Iterator[Engine]:
     if isinstance(engine_or_url, Engine):
         yield engine_or_url
         return
-    url = make_url(engine_or_url)
-    if url.get_backend_name() == "sqlite":
-        if url.database and not url.database.startswith("file:") and url.database != ":memory:":
-            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True)
-    else:
-        # Bound values (hashes, ids) never go into an error message, hence the logs (server/ledger.py).
-        engine = create_engine(url, hide_parameters=True)
+    engine = create_database_engine(engine_or_url, wal_and_foreign_keys=False)
     try:
         yield engine
     finally:
