@@ -24,10 +24,10 @@ from server.api import admin, ops, playground, segmind
 from server.api import jobs as jobs_api
 from server.api import openai as openai_api
 from server.api import outputs as outputs_api
+from server.api.renderers import install_error_handlers
 from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.db.migrations import upgrade_to_head
-from server.errors import install_error_handlers
 from server.instance import adopt_legacy_rows
 from server.job_store import JobStore
 from server.ledger import Ledger

@@ -1,29 +1,20 @@
-"""The error taxonomy of sd3-server, and the one place that maps it to HTTP.
+"""The error taxonomy of sd3-server: types only, no HTTP.
 
-Everything below `server/api/` raises one of these domain errors; `install_error_handlers` turns
-them (and Starlette's own 404/405 and FastAPI's request-validation errors) into
-`{"error": "..."}` bodies with the contract's status codes. Every expected failure has its class:
-the catch-all `Exception` handler is a last resort for bugs only, since Starlette runs it outside
-our middleware and the headers of the contract are lost there. Unexpected failures during
-generation are wrapped in `GenerationFailed` by the serving layer, which is where the refund
-happens; a failure of the database itself, wherever it surfaces, is a JSON 503
-(`DatabaseUnavailable`), never Starlette's plain-text 500.
+Everything below `server/api/` raises one of these domain errors, each with the status code the
+contract gives it; the renderers of `server/api/renderers.py` turn them into a wire format
+(Segmind's `{"error": "..."}` or OpenAI's error object), one renderer per router. Every expected
+failure has its class. Unexpected failures during generation are wrapped in `GenerationFailed` by
+the serving layer, which is where the refund happens; a failure of the database itself, wherever
+it surfaces, is rendered as `DatabaseUnavailable` (503), and a bug as `InternalError` (500).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from decimal import Decimal
-from typing import TYPE_CHECKING
 
 from server.headers import REMAINING_CREDITS, format_credits
 from server.rate_limit import reset_at_utc
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
-
-log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -78,6 +69,11 @@ class InvalidContentType(ApiError):
 class InvalidRequest(ApiError):
     status_code = 422
 
+    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
+        # The field the problem is about, where one is: OpenAI's error object names it.
+        self.param = param
+        super().__init__(message)
+
 
 class Overloaded(ApiError):
     status_code = 429
@@ -106,6 +102,11 @@ class ClientDisconnected(ApiError):
     # nginx's "client closed request": nobody reads it, but the access log says what happened.
     status_code = 499
     default_message = "Client closed the request; the job was cancelled and refunded"
+
+
+class InternalError(ApiError):
+    # A bug or a failure no class above covers: the body says where the log has the details.
+    status_code = 500
 
 
 class GenerationFailed(ApiError):
@@ -144,56 +145,3 @@ class ChargeAlreadyFinal(ValueError):
 
 class RequestAlreadyCharged(ValueError):
     """Reserving for a request id that already has a charge: one request is charged once."""
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    # Imported here so that the domain errors above stay importable without the web stack.
-    from fastapi import Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from sqlalchemy.exc import SQLAlchemyError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from server.headers import credit_headers
-
-    def respond(request: Request, status: int, message: str, headers: dict[str, str]) -> JSONResponse:
-        return JSONResponse(
-            {"error": message}, status_code=status, headers={**credit_headers(request), **headers}
-        )
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return respond(request, exc.status_code, exc.message, exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 404:
-            return respond(request, 404, NotFound.default_message, {})
-        if exc.status_code == 405:
-            allow = dict(exc.headers or {})
-            method = request.method
-            return respond(request, 405, f"Method Not Allowed: {method} is not allowed here", allow)
-        return respond(request, exc.status_code, str(exc.detail), dict(exc.headers or {}))
-
-    @app.exception_handler(SQLAlchemyError)
-    async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
-        # SQLAlchemy's text names the statement, which helps an operator; its bound parameters (a key's
-        # hash) are not in it: every engine the server builds hides them (hide_parameters).
-        log.error("database failure on %s %s: %s", request.method, request.url.path, exc)
-        return respond(request, 503, DatabaseUnavailable.default_message, {"Retry-After": "5"})
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        from server.schemas import describe_validation_errors
-
-        return respond(request, 422, describe_validation_errors(exc.errors()), {})
-
-    # Last resort for a bug or an unexpected failure (a broken database, say): Starlette calls this
-    # outermost, outside our middleware, so the answer carries no credit headers, but it is still
-    # the contract's JSON and not Starlette's text/plain "Internal Server Error". Starlette logs
-    # the traceback after the response is sent.
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", None)
-        where = f" (request {request_id}: the server's log has the details)" if request_id else ""
-        return JSONResponse({"error": f"Internal server error{where}"}, status_code=500)

@@ -28,6 +28,8 @@ from pydantic import (
 from pipelines.text import MAX_WEIGHT, parse_weights, weight_out_of_bounds
 from schedulers.names import public_names, resolve
 
+# The model's name in the hosted service's paths (`/v1/<slug>`, `/v2/<slug>`) and in the history.
+SLUG = "stable-diffusion-3-medium-txt2img"
 MAX_SEED = 999_999_999_999_999
 # Prompts are not truncated (T5 sees every token, as in ComfyUI), and attention grows with the
 # square of the length: a bound keeps one request from claiming the device's memory.
@@ -172,9 +174,4 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
     return "; ".join(lines) or "invalid request"
 
 
-def parse_txt2img(body: bytes) -> Txt2ImgRequest:
-    """Parse and validate a JSON body, raising `ValidationError` (mapped to 422 by the caller)."""
-    return Txt2ImgRequest.model_validate_json(body or b"null")
-
-
-__all__ = ["MAX_SEED", "Txt2ImgRequest", "ValidationError", "describe_validation_errors", "parse_txt2img"]
+__all__ = ["MAX_SEED", "SLUG", "Txt2ImgRequest", "ValidationError", "describe_validation_errors"]

@@ -1,10 +1,13 @@
-"""The one sequence every public surface shares: price → reserve → queue → settle or refund → encode.
+"""The one sequence every public surface shares: rate limit → price → reserve → queue → settle or
+refund → encode.
 
 Routes call `Serving.txt2img` (wait for the images: v1, OpenAI) or `Serving.submit` (answer at
-once, run in the background: v2) and only shape the answer. Credits are reserved (debited)
-before any device work, with one atomic conditional update, and given back if anything after
-that fails, so a request is charged exactly when it produces images. Every request is recorded
-in the job store, which is both the v2 queue's state and the history API.
+once, run in the background: v2), or one of the reads (`authenticate`, `own_job`, `job_result`,
+`history`, `readiness`), and only shape the answer: rate limits, balances and job ownership are
+decided here. Credits are reserved (debited) before any device work, with one atomic conditional
+update, and given back if anything after that fails, so a request is charged exactly when it
+produces images. Every request is recorded in the job store, which is both the v2 queue's state and
+the history API.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 from anyio import to_thread
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from pipelines.request import GenerationRequest, GenerationResult
+from server.auth import authenticate
 from server.config import Settings
 from server.encoding import to_jpeg
 from server.errors import (
@@ -32,6 +38,7 @@ from server.errors import (
     ChargeNotFound,
     GenerationFailed,
     InvalidRequest,
+    NotFound,
     Overloaded,
     RateLimited,
 )
@@ -42,14 +49,14 @@ from server.metrics import Metrics
 from server.pricing import price_of
 from server.queue import WorkQueue
 from server.rate_limit import RateLimiter
-from server.schemas import MAX_SEED, Txt2ImgRequest
+from server.schemas import MAX_SEED, SLUG, Txt2ImgRequest
 
 if TYPE_CHECKING:
     from server.outputs import OutputStore
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "stable-diffusion-3-medium-txt2img"
+MODEL_NAME = SLUG
 FAILED_MESSAGE = GenerationFailed.default_message
 CANCELLED_MESSAGE = "Cancelled: the client went away or the server stopped; refunded"
 # A write the database refused (locked past its busy timeout, disk full) is tried again after this
@@ -61,6 +68,9 @@ RETRY_MAX_S = 30.0
 SHUTDOWN_DRAIN_S = 10.0
 # How often an accepted v2 job looks for room in a full device queue.
 QUEUE_ROOM_POLL_S = 0.2
+# How long a readiness check waits for the database: a load balancer's probe must get an answer, not
+# hang on a stuck file or server, and a healthy database answers these reads in milliseconds.
+DATABASE_CHECK_TIMEOUT_S = 2.0
 T = TypeVar("T")
 
 
@@ -133,6 +143,34 @@ class Txt2ImgOutcome:
     balance: Decimal
     seconds: float
     outputs: list[str] = field(default_factory=list)  # saved output ids, when asked to keep them
+    rate_headers: dict[str, str] = field(default_factory=dict)  # the key's rate limit, where one is on
+
+
+@dataclass(frozen=True)
+class Submission:
+    """An accepted v2 job, as its submitter is told about it."""
+
+    job: JobRecord
+    balance: Decimal  # after the reservation
+    rate_headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Readiness:
+    database_problem: str | None  # what is wrong with the database, in its own words; None if nothing
+    pending: int
+    max_pending: int
+    has_room: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.has_room and self.database_problem is None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job: JobRecord
+    balance: Decimal | None  # the owner's balance, read only for a completed job's metrics
 
 
 def to_generation_request(body: Txt2ImgRequest, *, seed: int, key_id: int | None = None) -> GenerationRequest:
@@ -184,8 +222,9 @@ class Serving:
         self._background: dict[asyncio.Task[None], str] = {}  # running v2 jobs, by request id
         self._admitting = 0  # v2 submissions between the accepted-jobs check and their task
         self._stopping = False
+        self._database_check: asyncio.Future[None] | None = None  # the readiness probe in flight
 
-    # -- start-up and admission ------------------------------------------------------------------
+    # -- start-up and undo -----------------------------------------------------------------------
     async def recover(self) -> None:
         """Resume what this instance left behind when it last stopped (crash, kill -9, restart).
 
@@ -218,6 +257,69 @@ class Serving:
     def _undo(self, request_id: str, error: str) -> asyncio.Future[Decimal | None]:
         return self.writes.run(f"refund {request_id}", partial(self._undo_now, request_id, error))
 
+    # -- reads -----------------------------------------------------------------------------------
+    async def authenticate(self, api_key: str | None) -> KeyRecord:
+        """The key record of `api_key`; `MissingApiKey` or `Unauthorized` (401) otherwise."""
+        return await to_thread.run_sync(authenticate, self.ledger, api_key)
+
+    async def own_job(self, key: KeyRecord, request_id: str) -> JobRecord:
+        """A v2 job of this key still within its retention; to any other key it does not exist (404)."""
+        job = await to_thread.run_sync(self.jobs.get, request_id)
+        retention = timedelta(seconds=self.settings.jobs.result_retention_s)
+        if (
+            job is None
+            or job.key_id != key.id
+            or job.surface != "v2"
+            or datetime.now(timezone.utc) - job.created_at > retention
+        ):
+            raise NotFound(f"No request {request_id} for this API key (results are kept {retention})")
+        return job
+
+    async def job_result(self, key: KeyRecord, request_id: str) -> JobResult:
+        """`own_job`, with the owner's balance once the job has completed."""
+        job = await self.own_job(key, request_id)
+        if job.status != "COMPLETED":
+            return JobResult(job, None)
+        return JobResult(job, await to_thread.run_sync(self.ledger.balance, job.key_id))
+
+    async def history(
+        self, key: KeyRecord, *, limit: int, before: datetime | None, before_id: str | None
+    ) -> list[JobRecord]:
+        """The key's requests, newest first, whatever surface they came through."""
+        return await to_thread.run_sync(
+            lambda: self.jobs.history(key.id, limit=limit, before=before, before_id=before_id)
+        )
+
+    async def readiness(self) -> Readiness:
+        """Whether the database answers the reads every request makes and the queue takes new jobs."""
+        queue = self.queue
+        problem = await self._database_problem()
+        return Readiness(problem, queue.pending, queue.max_pending, queue.has_room)
+
+    async def _database_problem(self) -> str | None:
+        """None when the ledger's probe passes; else what is wrong, in the database's own words.
+
+        Off the event loop, and one probe at a time: probes sent while one is stuck wait for that one
+        instead of each taking a worker thread.
+        """
+        check = self._database_check
+        if check is None or check.done():
+            check = asyncio.ensure_future(to_thread.run_sync(self.ledger.probe))
+            # Retrieved here, so that a probe finishing after its waiters gave up is not logged as lost.
+            check.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._database_check = check
+        try:
+            await asyncio.wait_for(asyncio.shield(check), DATABASE_CHECK_TIMEOUT_S)
+        except TimeoutError:
+            return f"the database did not answer within {DATABASE_CHECK_TIMEOUT_S:g} s"
+        except DBAPIError as exc:
+            # The driver's message alone: no statement, no parameters.
+            return f"the database failed: {exc.orig}"
+        except SQLAlchemyError as exc:
+            return f"the database failed: {type(exc).__name__}"
+        return None
+
+    # -- admission -------------------------------------------------------------------------------
     def rate_check(self, key: KeyRecord) -> dict[str, str]:
         """Count this request against the key's rate limit; raise `RateLimited` past it."""
         if not self.rate_limiter.enabled:
@@ -420,22 +522,24 @@ class Serving:
         `request_id` (the HTTP request's own id, when there is one) also names the charge and the
         history row, so one id ties the response header, the logs and the ledger together.
         """
+        rate_headers = self.rate_check(key)
         request_id, cost = await self._admit(key.id, body, surface, request_id)
         jpegs, outputs, seed, seconds = await self._run(
             request_id, key.id, body, None, surface=surface, keep_outputs=keep_outputs
         )
         balance = await to_thread.run_sync(lambda: self.ledger.balance(key.id))
-        return Txt2ImgOutcome(request_id, jpegs, seed, cost, balance, seconds, outputs)
+        return Txt2ImgOutcome(request_id, jpegs, seed, cost, balance, seconds, outputs, rate_headers)
 
     async def submit(
         self, key: KeyRecord, body: Txt2ImgRequest, *, request_id: str | None = None
-    ) -> JobRecord:
+    ) -> Submission:
         """Accept a v2 job: reserve, record it QUEUED, run it in the background.
 
         Refused at the door (429, nothing charged) when this server already holds
         `max_accepted_jobs` unfinished v2 jobs; once accepted, a job waits for room in the device
         queue instead of failing when it is full.
         """
+        rate_headers = self.rate_check(key)
         # Counted with the submissions still in admission: they await the database, and a burst
         # would otherwise all pass this check before the first one is accepted.
         if len(self._background) + self._admitting >= self.settings.queue.max_accepted_jobs:
@@ -451,7 +555,8 @@ class Serving:
         self._spawn(request_id, key.id, body, None)
         job = await to_thread.run_sync(lambda: self.jobs.get(request_id))
         assert job is not None
-        return job
+        balance = await to_thread.run_sync(lambda: self.ledger.balance(key.id))
+        return Submission(job, balance, rate_headers)
 
     def _spawn(self, request_id: str, key_id: int, body: Txt2ImgRequest, seed: int | None) -> None:
         async def run() -> None:

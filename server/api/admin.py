@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hmac
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
 from anyio import to_thread
-from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field, ValidationError
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
 
+from server.api.deps import ServingDep, validated_json
+from server.api.renderers import SegmindRoute
 from server.credits import InvalidAmount, format_credits, parse_credits
 from server.errors import (
     BalanceLimitExceeded,
@@ -29,7 +31,7 @@ from server.errors import (
 )
 from server.ledger import KeyRecord, Ledger
 
-router = APIRouter(prefix="/admin", include_in_schema=True, tags=["admin"])
+router = APIRouter(prefix="/admin", include_in_schema=True, tags=["admin"], route_class=SegmindRoute)
 
 
 class NewKey(BaseModel):
@@ -41,8 +43,9 @@ class Grant(BaseModel):
     amount: str
 
 
-def _ledger(request: Request) -> Ledger:
-    token = request.app.state.serving.settings.admin_token
+async def admin_ledger(request: Request, serving: ServingDep) -> Ledger:
+    """The ledger, to a caller with the admin token; without a configured token, no such route."""
+    token = serving.settings.admin_token
     if token is None:
         raise NotFound()
     sent = request.headers.get("x-admin-token") or request.headers.get("authorization", "").removeprefix(
@@ -50,16 +53,19 @@ def _ledger(request: Request) -> Ledger:
     )
     if not sent or not hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
         raise Unauthorized("Unauthorized: this needs the admin token")
-    return request.app.state.serving.ledger  # type: ignore[no-any-return]
+    return serving.ledger
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    try:
-        return model.model_validate_json(await request.body() or b"{}")
-    except ValidationError as exc:
-        from server.schemas import describe_validation_errors
+AdminLedger = Annotated[Ledger, Depends(admin_ledger)]
 
-        raise InvalidRequest(describe_validation_errors(exc.errors())) from None
+
+# The bodies are read after the token is checked: 404/401 win over 422. An empty body is `{}`.
+async def new_key_body(request: Request, _ledger: AdminLedger) -> NewKey:
+    return await validated_json(request, NewKey, when_empty=b"{}")
+
+
+async def grant_body(request: Request, _ledger: AdminLedger) -> Grant:
+    return await validated_json(request, Grant, when_empty=b"{}")
 
 
 def _amount(field: str, text: str) -> Decimal:
@@ -80,9 +86,7 @@ def _key_json(record: KeyRecord) -> dict[str, Any]:
 
 
 @router.post("/keys")
-async def create_key(request: Request) -> dict[str, Any]:
-    ledger = _ledger(request)
-    body: NewKey = await _parse(request, NewKey)
+async def create_key(ledger: AdminLedger, body: Annotated[NewKey, Depends(new_key_body)]) -> dict[str, Any]:
     amount = _amount("credits", body.credits)
     try:
         record, key = await to_thread.run_sync(lambda: ledger.create_key(name=body.name, credits=amount))
@@ -94,14 +98,12 @@ async def create_key(request: Request) -> dict[str, Any]:
 
 
 @router.get("/keys")
-async def list_keys(request: Request) -> dict[str, Any]:
-    ledger = _ledger(request)
+async def list_keys(ledger: AdminLedger) -> dict[str, Any]:
     records = await to_thread.run_sync(ledger.list_keys)
     return {"keys": [_key_json(record) for record in records]}
 
 
-async def _set_enabled(request: Request, name: str, enabled: bool) -> dict[str, Any]:
-    ledger = _ledger(request)
+async def _set_enabled(ledger: Ledger, name: str, enabled: bool) -> dict[str, Any]:
     try:
         await to_thread.run_sync(lambda: ledger.set_enabled(name, enabled))
     except UnknownKey:
@@ -110,19 +112,19 @@ async def _set_enabled(request: Request, name: str, enabled: bool) -> dict[str, 
 
 
 @router.post("/keys/{name:path}/disable")
-async def disable_key(request: Request, name: str) -> dict[str, Any]:
-    return await _set_enabled(request, name, False)
+async def disable_key(ledger: AdminLedger, name: str) -> dict[str, Any]:
+    return await _set_enabled(ledger, name, False)
 
 
 @router.post("/keys/{name:path}/enable")
-async def enable_key(request: Request, name: str) -> dict[str, Any]:
-    return await _set_enabled(request, name, True)
+async def enable_key(ledger: AdminLedger, name: str) -> dict[str, Any]:
+    return await _set_enabled(ledger, name, True)
 
 
 @router.post("/keys/{name:path}/credits")
-async def add_credits(request: Request, name: str) -> dict[str, Any]:
-    ledger = _ledger(request)
-    body: Grant = await _parse(request, Grant)
+async def add_credits(
+    ledger: AdminLedger, name: str, body: Annotated[Grant, Depends(grant_body)]
+) -> dict[str, Any]:
     amount = _amount("amount", body.amount)
     try:
         balance = await to_thread.run_sync(lambda: ledger.add_credits(name, amount, note="admin api"))
@@ -134,8 +136,7 @@ async def add_credits(request: Request, name: str) -> dict[str, Any]:
 
 
 @router.get("/audit")
-async def audit(request: Request) -> dict[str, Any]:
-    ledger = _ledger(request)
+async def audit(ledger: AdminLedger) -> dict[str, Any]:
     rows = await to_thread.run_sync(ledger.audit)
     return {
         "ok": all(row.ok for row in rows),

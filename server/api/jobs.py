@@ -10,26 +10,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from anyio import to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from server.api.segmind import SLUG, authenticated, read_body
-from server.errors import InvalidRequest, NotFound
+from server.api.deps import CurrentKey, ServingDep, Txt2ImgBody
+from server.api.renderers import SegmindRoute
+from server.errors import InvalidRequest
 from server.headers import credit_headers, format_credits
 from server.job_store import JobRecord
-from server.schemas import PlainInt
-from server.serving import Serving
+from server.schemas import SLUG, PlainInt
 from server.urls import public_base_url
 
-router = APIRouter()
-
-
-def _serving(request: Request) -> Serving:
-    return request.app.state.serving  # type: ignore[no-any-return]
+router = APIRouter(route_class=SegmindRoute)
 
 
 def _urls(request: Request, request_id: str) -> dict[str, str]:
@@ -43,30 +38,12 @@ def _urls(request: Request, request_id: str) -> dict[str, str]:
 
 @router.post(f"/v2/{SLUG}")
 @router.post(f"/v2/{SLUG}/", include_in_schema=False)
-async def submit(request: Request) -> JSONResponse:
-    key = await authenticated(request)
-    body = await read_body(request)
-    serving = _serving(request)
-    rate_headers = serving.rate_check(key)
-    job = await serving.submit(key, body, request_id=request.state.request_id)
-    balance = await to_thread.run_sync(lambda: serving.ledger.balance(key.id))
+async def submit(request: Request, serving: ServingDep, key: CurrentKey, body: Txt2ImgBody) -> JSONResponse:
+    accepted = await serving.submit(key, body, request_id=request.state.request_id)
+    job = accepted.job
     payload = {"request_id": job.request_id, "status": job.status, **_urls(request, job.request_id)}
-    return JSONResponse(payload, headers=rate_headers | {"x-remaining-credits": format_credits(balance)})
-
-
-async def _own_job(request: Request, request_id: str) -> JobRecord:
-    key = await authenticated(request)
-    serving = _serving(request)
-    job = await to_thread.run_sync(lambda: serving.jobs.get(request_id))
-    retention = timedelta(seconds=serving.settings.jobs.result_retention_s)
-    if (
-        job is None
-        or job.key_id != key.id
-        or job.surface != "v2"
-        or datetime.now(timezone.utc) - job.created_at > retention
-    ):
-        raise NotFound(f"No request {request_id} for this API key (results are kept {retention})")
-    return job
+    headers = accepted.rate_headers | {"x-remaining-credits": format_credits(accepted.balance)}
+    return JSONResponse(payload, headers=headers)
 
 
 def _status_body(request: Request, job: JobRecord) -> dict[str, Any]:
@@ -90,20 +67,20 @@ def _answer(request: Request, job: JobRecord, body: dict[str, Any]) -> JSONRespo
 
 
 @router.get("/v2/requests/{request_id}/status")
-async def status(request: Request, request_id: str) -> JSONResponse:
-    job = await _own_job(request, request_id)
+async def status(request: Request, serving: ServingDep, key: CurrentKey, request_id: str) -> JSONResponse:
+    job = await serving.own_job(key, request_id)
     return _answer(request, job, _status_body(request, job))
 
 
 @router.get("/v2/requests/{request_id}")
 @router.get("/v1/requests/{request_id}")
-async def response(request: Request, request_id: str) -> JSONResponse:
-    job = await _own_job(request, request_id)
-    if job.status != "COMPLETED":
+async def response(request: Request, serving: ServingDep, key: CurrentKey, request_id: str) -> JSONResponse:
+    result = await serving.job_result(key, request_id)
+    job = result.job
+    if job.status != "COMPLETED" or result.balance is None:
         return _answer(request, job, _status_body(request, job))
     base = public_base_url(request)
     urls = [f"{base}/v1/outputs/{output}.jpg" for output in job.outputs]
-    balance = await to_thread.run_sync(lambda: _serving(request).ledger.balance(job.key_id))
     body = {
         "status": "COMPLETED",
         "request_id": job.request_id,
@@ -116,7 +93,7 @@ async def response(request: Request, request_id: str) -> JSONResponse:
             "queue_time": job.queue_s,
             "total_time": job.total_s,
             "cost": float(job.cost),
-            "remaining_credits": float(balance),
+            "remaining_credits": float(result.balance),
         },
     }
     return _answer(request, job, body)
@@ -149,18 +126,16 @@ def _position(before: str) -> tuple[datetime, str | None]:
 @router.get("/v1/history")
 async def history(
     request: Request,
+    serving: ServingDep,
+    key: CurrentKey,
     limit: Annotated[PlainInt, Query(ge=1, le=100)] = 20,
     before: Annotated[
         str | None, Query(description="The `next` cursor of the previous page, or an ISO 8601 time")
     ] = None,
 ) -> JSONResponse:
     """The calling key's requests, newest first, whatever surface they came through."""
-    key = await authenticated(request)
     moment, request_id = (None, None) if before is None else _position(before)
-    serving = _serving(request)
-    rows = await to_thread.run_sync(
-        lambda: serving.jobs.history(key.id, limit=limit, before=moment, before_id=request_id)
-    )
+    rows = await serving.history(key, limit=limit, before=moment, before_id=request_id)
     items = [
         {
             "request_id": job.request_id,

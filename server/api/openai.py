@@ -17,11 +17,8 @@ Translation:
   (server/outputs.py), absolute and built from the incoming request, proxies included.
 
 Errors carry OpenAI's body, `{"error": {"message", "type", "param", "code"}}`, because the SDK
-reads the message from there, and keep our status codes except one: invalid input is 400, not
-422, since OpenAI answers 400 and its SDK raises `BadRequestError` for it. Not enough credits stays
-406: OpenAI's own choice for an empty quota, 429, would make the SDK retry a request that cannot
-succeed. The shared handlers (server/errors.py) speak Segmind's shape, so this route maps the
-domain errors itself.
+reads the message from there: the router's route class picks that renderer
+(server/api/renderers.py, which also says why invalid input is 400 and not enough credits 406).
 """
 
 from __future__ import annotations
@@ -29,21 +26,22 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError, field_validator
 
-from server.api.segmind import authenticated, cancel_on_disconnect
+from server.api.cancellation import cancel_on_disconnect
+from server.api.deps import CurrentKey, ServingDep
+from server.api.renderers import OpenAIRoute
 from server.encoding import to_base64
-from server.errors import ApiError, InvalidRequest
-from server.headers import credit_headers, generation_headers
+from server.errors import InvalidRequest
+from server.headers import generation_headers
 from server.schemas import MAX_PROMPT_CHARS, LaxBody, Txt2ImgRequest, describe_validation_errors
-from server.serving import Serving
 from server.urls import public_base_url
 
-router = APIRouter()
+router = APIRouter(route_class=OpenAIRoute)
 
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 512, 2048, 8
 DEFAULT_SIZE = (1024, 1024)
@@ -56,17 +54,6 @@ SIZE_RULE = (
 PASSED_THROUGH = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler")
 # Segmind field → the OpenAI field the client actually sent, so that error messages name the latter.
 _OPENAI_NAME = {"samples": "n", "img_width": "size", "img_height": "size"}
-
-# OpenAI's error `type` (and `code`) for each of our status codes.
-_ERROR_KINDS: dict[int, tuple[str, str | None]] = {
-    400: ("invalid_request_error", "invalid_value"),
-    401: ("invalid_request_error", "invalid_api_key"),
-    404: ("invalid_request_error", "not_found"),
-    406: ("insufficient_quota", "insufficient_quota"),
-    413: ("invalid_request_error", "request_too_large"),
-    429: ("rate_limit_error", "rate_limit_exceeded"),
-    499: ("client_closed_request", None),
-}
 
 
 class ImageGenerationRequest(LaxBody):
@@ -96,6 +83,8 @@ class ImageGenerationRequest(LaxBody):
         return value
 
     def to_txt2img(self) -> Txt2ImgRequest:
+        """The equivalent Segmind body; `InvalidRequest` when a passed-through extension is out of
+        the Segmind range."""
         width, height = parse_size(self.size)
         fields: dict[str, Any] = {
             "prompt": self.prompt,
@@ -108,7 +97,11 @@ class ImageGenerationRequest(LaxBody):
         fields.update(
             {name: getattr(self, name) for name in PASSED_THROUGH if getattr(self, name) is not None}
         )
-        return Txt2ImgRequest.model_validate(fields)
+        try:
+            return Txt2ImgRequest.model_validate(fields)
+        except ValidationError as exc:
+            errors = _openai_names(list(exc.errors()))
+            raise InvalidRequest(describe_validation_errors(errors), param=_first_param(errors)) from None
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -142,82 +135,42 @@ def _first_param(errors: list[Any]) -> str | None:
     return None
 
 
-class OpenAIInvalidRequest(InvalidRequest):
-    """Invalid input, with the OpenAI field it concerns (OpenAI's error body has a `param`)."""
-
-    status_code = 400
-
-    def __init__(self, message: str, *, param: str | None) -> None:
-        self.param = param
-        super().__init__(message)
-
-
-async def _read_body(request: Request) -> ImageGenerationRequest:
+async def image_generation_body(request: Request, _key: CurrentKey) -> ImageGenerationRequest:
+    # OpenAI bodies are always JSON; the content type is not checked (the SDK always sets it).
     raw = await request.body()
     try:
         payload = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise OpenAIInvalidRequest(f"The body is not valid JSON ({exc})", param=None) from None
+        raise InvalidRequest(f"The body is not valid JSON ({exc})") from None
     if not isinstance(payload, dict):
-        raise OpenAIInvalidRequest("The body must be a JSON object with at least a 'prompt'", param=None)
+        raise InvalidRequest("The body must be a JSON object with at least a 'prompt'")
     try:
         return ImageGenerationRequest.model_validate(payload)
     except ValidationError as exc:
         errors = list(exc.errors())
-        raise OpenAIInvalidRequest(describe_validation_errors(errors), param=_first_param(errors)) from None
+        raise InvalidRequest(describe_validation_errors(errors), param=_first_param(errors)) from None
 
 
-def _to_txt2img(body: ImageGenerationRequest) -> Txt2ImgRequest:
-    try:
-        return body.to_txt2img()
-    except ValidationError as exc:  # a passed-through extension out of the Segmind range
-        errors = _openai_names(list(exc.errors()))
-        raise OpenAIInvalidRequest(describe_validation_errors(errors), param=_first_param(errors)) from None
-
-
-def _error_response(request: Request, exc: ApiError) -> JSONResponse:
-    kind, code = _ERROR_KINDS.get(exc.status_code, ("server_error", None))
-    error: dict[str, Any] = {
-        "message": exc.message,
-        "type": kind,
-        "param": getattr(exc, "param", None),
-        "code": code,
-    }
-    # credit_headers: `x-remaining-credits` on every answer to an authenticated request, errors too;
-    # the error's own headers (Retry-After, the refunded balance) win.
-    headers = {**credit_headers(request), **exc.headers}
-    return JSONResponse({"error": error}, status_code=exc.status_code, headers=headers)
+ImageGenerationBody = Annotated[ImageGenerationRequest, Depends(image_generation_body)]
 
 
 @router.post("/v1/images/generations", response_model=None)
-async def generate_images(request: Request) -> JSONResponse:
-    serving: Serving = request.app.state.serving
-    try:
-        key = await authenticated(request)
-        # OpenAI bodies are always JSON; the content type is not checked (the SDK always sets it).
-        body = await _read_body(request)
-        txt2img = _to_txt2img(body)
-        rate_headers = serving.rate_check(key)
-        # URLs are saved inside the serving call, so a failed save is refunded like any failure.
-        as_urls = body.response_format == "url"
-        outcome = await cancel_on_disconnect(
-            request,
-            serving.txt2img(
-                key, txt2img, surface="openai", keep_outputs=as_urls, request_id=request.state.request_id
-            ),
-        )
-        if as_urls:
-            base = public_base_url(request)
-            data = [{"url": f"{base}/v1/outputs/{output_id}.jpg"} for output_id in outcome.outputs]
-        else:
-            data = [{"b64_json": to_base64(jpeg)} for jpeg in outcome.jpegs]
-    except OpenAIInvalidRequest as exc:
-        return _error_response(request, exc)
-    except InvalidRequest as exc:  # any other validation failure below: still OpenAI's 400
-        return _error_response(request, OpenAIInvalidRequest(exc.message, param=None))
-    except ApiError as exc:
-        return _error_response(request, exc)
-    headers = rate_headers | generation_headers(
+@cancel_on_disconnect
+async def generate_images(
+    request: Request, serving: ServingDep, key: CurrentKey, body: ImageGenerationBody
+) -> JSONResponse:
+    txt2img = body.to_txt2img()
+    # URLs are saved inside the serving call, so a failed save is refunded like any failure.
+    as_urls = body.response_format == "url"
+    outcome = await serving.txt2img(
+        key, txt2img, surface="openai", keep_outputs=as_urls, request_id=request.state.request_id
+    )
+    if as_urls:
+        base = public_base_url(request)
+        data = [{"url": f"{base}/v1/outputs/{output_id}.jpg"} for output_id in outcome.outputs]
+    else:
+        data = [{"b64_json": to_base64(jpeg)} for jpeg in outcome.jpegs]
+    headers = outcome.rate_headers | generation_headers(
         request,
         balance=outcome.balance,
         cost=outcome.cost,

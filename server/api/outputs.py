@@ -10,10 +10,11 @@ from __future__ import annotations
 from anyio import to_thread
 from fastapi import APIRouter, Request, Response
 
+from server.api.renderers import SegmindRoute
 from server.errors import NotFound
 from server.outputs import OutputStore
 
-router = APIRouter()
+router = APIRouter(route_class=SegmindRoute)
 
 
 def _read(store: OutputStore, output_id: str) -> bytes | None:

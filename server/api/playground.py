@@ -15,9 +15,10 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from server.api.renderers import SegmindRoute
 from server.errors import NotFound
 
-router = APIRouter()
+router = APIRouter(route_class=SegmindRoute)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # The only files served, by name: nothing is looked up from the URL in the file system.
