@@ -1,8 +1,8 @@
-"""The generator: prompt encoding, the ComfyUI-math denoising loop of sampling.md §8, VAE decode.
+"""The generator: prompt encoding, the ComfyUI-math denoising loop of docs/sampling.md §9, VAE decode.
 
 diffusers provides the components (text encoders, `SD3Transformer2DModel`, VAE); the loop is our
 own, because the hosted API's parameters are ComfyUI's and stock diffusers schedulers reproduce
-only a few of them (sampling.md, Decisions 1). The sampler state stays float32 whatever the
+only a few of them (docs/sampling.md §10). The sampler state stays float32 whatever the
 model dtype; only the transformer's input is cast.
 
 The generator knows nothing of HTTP, keys or credits: one call, `generate(request)`, and it may
@@ -62,7 +62,7 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...] | None:
 
     Everything that shapes the sigma schedule, the negative window or the latent size must agree.
     Stochastic samplers are excluded: their per-step noise is drawn for the whole batch at once
-    (sampling.md §6), so a neighbour in the batch would change a request's image.
+    (docs/sampling.md §7), so a neighbour in the batch would change a request's image.
     """
     spec = resolve(request.scheduler)
     if spec.sampler in STOCHASTIC:
@@ -124,7 +124,7 @@ class SD3Generator:
             return count_tokens(self._counting_tokenizer, text)
 
     def _encode_uncached(self, text: str) -> Conditioning:
-        # ComfyUI's text conditioning (chunked CLIP, untruncated T5, "(word:1.2)" weights; §7).
+        # ComfyUI's text conditioning (chunked CLIP, untruncated T5, "(word:1.2)" weights; docs/sampling.md §8).
         # The tokenizers are not thread-safe (diffusers #3672), hence the lock.
         with self._tokenizer_lock:
             context, pooled = encode_prompt(
@@ -143,7 +143,7 @@ class SD3Generator:
         transformer = self.pipe.transformer
         h, w = x.shape[-2:]
         # SD3 patches 2x2, the API allows multiples of 8 px: pad an odd latent side circularly and
-        # crop the output back, as ComfyUI does (sampling.md §7).
+        # crop the output back, as ComfyUI does (docs/sampling.md §8).
         pad_h, pad_w = h % 2, w % 2
         x_in = F.pad(x, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else x
         timestep = torch.full((x.shape[0],), 1000.0 * sigma, dtype=torch.float32, device=x.device)
@@ -207,7 +207,7 @@ class SD3Generator:
         conds = {
             "positive": _cat(positives),
             "negative": negative,
-            # ConditioningZeroOut: a real model call with all-zero context and pooled vector (§4.1).
+            # ConditioningZeroOut: a real model call with all-zero context and pooled vector (docs/sampling.md §5.1).
             "zero": Conditioning(torch.zeros_like(negative.context), torch.zeros_like(negative.pooled)),
         }
         t1 = time.perf_counter()
@@ -216,11 +216,11 @@ class SD3Generator:
             spec.schedule, first.steps, shift=first.shift, denoise=first.denoise, sampler=spec.sampler
         ).to(self.device)
         h, w = first.height // VAE_SCALE, first.width // VAE_SCALE
-        # One randn per request over its own samples, exactly as a lone request draws it (§6).
+        # One randn per request over its own samples, exactly as a lone request draws it (docs/sampling.md §7).
         noise = torch.cat(
             [initial_noise(r.seed, (r.samples, self.latent_channels, h, w)) for r in requests]
         ).to(self.device)
-        # The empty latent is zero and is not shifted (§5), so x_start = σ0·noise.
+        # The empty latent is zero and is not shifted (docs/sampling.md §6), so x_start = σ0·noise.
         x = float(sigmas[0]) * noise
         denoiser = guided_denoiser(
             self._predictor(conds),
@@ -235,7 +235,7 @@ class SD3Generator:
             ),
         )
         x = sample(spec.sampler, denoiser, x, sigmas, seed=first.seed, shift=first.shift, callback=callback)
-        # inverse_noise_scaling: identity for the usual last σ = 0 (§1).
+        # inverse_noise_scaling: identity for the usual last σ = 0 (docs/sampling.md §1).
         last = float(sigmas[-1])
         if last > 0:
             x = x / (1.0 - last)
@@ -260,11 +260,11 @@ class SD3Generator:
         vae = self.pipe.vae
         scaling, shift = vae.config.scaling_factor, vae.config.shift_factor
         images = []
-        # One image at a time: the VAE decode is the memory peak of a batch (performance.md §4.1).
+        # One image at a time: the VAE decode is the memory peak of a batch (docs/performance.md §5).
         for latent in latents.split(1):
             z = (latent / scaling + shift).to(vae.dtype)
             pixels = vae.decode(z, return_dict=False)[0].float()
-            # ComfyUI: clamp((img + 1) / 2) then truncate (not round) to uint8 (Decisions 7).
+            # ComfyUI: clamp((img + 1) / 2) then truncate (not round) to uint8 (docs/sampling.md §9).
             pixels = ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)
             array = (255.0 * pixels[0].permute(1, 2, 0)).to(torch.uint8).cpu().numpy()
             images.append(array)

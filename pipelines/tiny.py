@@ -112,7 +112,7 @@ def build_tiny_pipeline():  # type: ignore[no-untyped-def]
 
     text_encoder = clip(CLIP_L_WIDTH, CLIP_L_WIDTH, _SEED)
     with torch.no_grad():
-        # As in SD3 (sampling.md §7): the pooled CLIP-L output is the un-projected hidden state.
+        # As in SD3 (docs/sampling.md §8): the pooled CLIP-L output is the un-projected hidden state.
         text_encoder.text_projection.weight.copy_(torch.eye(CLIP_L_WIDTH))
     text_encoder_2 = clip(CLIP_G_WIDTH, CLIP_G_WIDTH, _SEED + 1)
 

@@ -83,7 +83,7 @@ def test_several_samples_come_back_as_a_json_list_in_batch_order(live: LiveServe
     assert len(set(images)) == 3  # one noise draw for the batch: the samples differ
     # Three images at 512x512, 10 steps: 0.039 * 3 * 0.4 * 0.25
     assert response.headers["x-cost"] == "0.0117"
-    # Item 0 of a batch is the single image of the same seed (sampling.md §6): equal up to the
+    # Item 0 of a batch is the single image of the same seed (docs/sampling.md §7): equal up to the
     # float rounding of a different batch size, far from the other items of the batch.
     single = pixels(live.post({"prompt": "a red fox", "seed": 5, **SMALL}, key=key).content)
     assert np.abs(single - pixels(images[0])).mean() < 1.0
