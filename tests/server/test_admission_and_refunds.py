@@ -91,7 +91,7 @@ def send_and_leave(live: LiveServer, body: dict, *, key: str) -> socket.socket:
 
 def answered(live: LiveServer, status: int) -> float:
     """How many v1 generation requests the server has answered with `status` (its own metrics)."""
-    registry = live.app.state.metrics.registry  # type: ignore[attr-defined]
+    registry = live.app.state.metrics.registry
     labels = {"route": ROUTE, "method": "POST", "status": str(status)}
     return registry.get_sample_value("sd3_http_requests_total", labels) or 0.0
 
@@ -106,7 +106,7 @@ def open_reservations(live: LiveServer) -> int:
 
 def jobs_of(live: LiveServer) -> list[JobRecord]:
     """The history of the server's first key (each test here has a database of its own)."""
-    store = live.app.state.serving.jobs  # type: ignore[attr-defined]
+    store = live.app.state.serving.jobs
     return store.history(live.ledger.list_keys()[0].id, limit=100)  # type: ignore[no-any-return]
 
 
@@ -191,7 +191,7 @@ def test_a_database_that_refuses_writes_mid_request_gives_json_and_the_refund_la
     server: LiveServer,
 ) -> None:
     key = server.key("1")
-    transformer = server.app.state.serving.queue.generator.pipe.transformer  # type: ignore[attr-defined]
+    transformer = server.app.state.serving.queue.generator.pipe.transformer
 
     def out_of_memory(*_):  # type: ignore[no-untyped-def]
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

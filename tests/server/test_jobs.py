@@ -104,7 +104,7 @@ def test_v2_validation_and_credit_errors_are_immediate(live: LiveServer) -> None
 
 def test_a_failed_job_is_422_failed_with_its_error_and_refunded(live: LiveServer) -> None:
     key = live.key("1")
-    transformer = live.app.state.serving.queue.generator.pipe.transformer  # type: ignore[attr-defined]
+    transformer = live.app.state.serving.queue.generator.pipe.transformer
 
     def broken(*_):  # type: ignore[no-untyped-def]
         raise RuntimeError("device lost")

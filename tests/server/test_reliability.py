@@ -38,7 +38,7 @@ def limited(
 
 def test_a_client_that_disconnects_has_its_job_cancelled_and_refunded(live: LiveServer) -> None:
     key = live.key("1")
-    queue = live.app.state.serving.queue  # type: ignore[attr-defined]
+    queue = live.app.state.serving.queue
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live.base_url}/v1/{SLUG}", json=SLOW, headers={"x-api-key": key}, timeout=1.0)
     # The 100-step job stops early instead of running to the end, and the credits come back.
@@ -49,7 +49,7 @@ def test_a_client_that_disconnects_has_its_job_cancelled_and_refunded(live: Live
 
 def test_a_simulated_cuda_oom_is_500_refunded_and_the_next_request_works(live: LiveServer) -> None:
     key = live.key("1")
-    transformer = live.app.state.serving.queue.generator.pipe.transformer  # type: ignore[attr-defined]
+    transformer = live.app.state.serving.queue.generator.pipe.transformer
 
     def out_of_memory(*_):  # type: ignore[no-untyped-def]
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
