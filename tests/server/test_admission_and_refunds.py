@@ -23,13 +23,15 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
+from typing import NoReturn
+
 import httpx
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipelines.request import GenerationRequest
-from pipelines.sd3 import SD3Generator, batch_key
+from pipelines.request import GenerationRequest, GenerationResult
+from pipelines.sd3 import SD3Generator, StepCallback, batch_key
 from server.app import Runtime
 from server.cli import app as cli
 from server.config import Settings
@@ -193,7 +195,7 @@ def test_a_database_that_refuses_writes_mid_request_gives_json_and_the_refund_la
     key = server.key("1")
     transformer = server.app.state.serving.queue.generator.pipe.transformer
 
-    def out_of_memory(*_):  # type: ignore[no-untyped-def]
+    def out_of_memory(*_: object) -> NoReturn:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     # The generation fails, and so does every write of its failure path: the job's status and the refund.
@@ -363,7 +365,9 @@ class Blocker:
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def generate_batch(self, requests, *, callback=None):  # type: ignore[no-untyped-def]
+    def generate_batch(
+        self, requests: list[GenerationRequest], *, callback: StepCallback | None = None
+    ) -> list[GenerationResult]:
         if requests[0].prompt == "block":
             self.started.set()
             self.release.wait(30)
@@ -392,8 +396,7 @@ def test_jobs_whose_waiters_left_log_no_unretrieved_future_errors(
         blocker.release.set()
         await first
         # The device skips the cancelled jobs and resolves their futures, which nobody awaits now.
-        while queue.pending:
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(queue.join, 30)
         await asyncio.sleep(0)  # the deliveries scheduled before `pending` dropped
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):

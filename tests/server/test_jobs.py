@@ -10,6 +10,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
+from typing import NoReturn
+
 import httpx
 import pytest
 from PIL import Image
@@ -106,7 +108,7 @@ def test_a_failed_job_is_422_failed_with_its_error_and_refunded(live: LiveServer
     key = live.key("1")
     transformer = live.app.state.serving.queue.generator.pipe.transformer
 
-    def broken(*_):  # type: ignore[no-untyped-def]
+    def broken(*_: object) -> NoReturn:
         raise RuntimeError("device lost")
 
     handle = transformer.register_forward_pre_hook(broken)

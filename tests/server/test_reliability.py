@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
+from typing import NoReturn
+
 import httpx
 import pytest
 import torch
@@ -51,7 +53,7 @@ def test_a_simulated_cuda_oom_is_500_refunded_and_the_next_request_works(live: L
     key = live.key("1")
     transformer = live.app.state.serving.queue.generator.pipe.transformer
 
-    def out_of_memory(*_):  # type: ignore[no-untyped-def]
+    def out_of_memory(*_: object) -> NoReturn:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     handle = transformer.register_forward_pre_hook(out_of_memory)
