@@ -124,7 +124,8 @@ class SD3Generator:
             return count_tokens(self._counting_tokenizer, text)
 
     def _encode_uncached(self, text: str) -> Conditioning:
-        # ComfyUI's text conditioning (chunked CLIP, untruncated T5, "(word:1.2)" weights; docs/sampling.md §8).
+        # ComfyUI's text conditioning (chunked CLIP, untruncated T5, "(word:1.2)" weights;
+        # docs/sampling.md §8).
         # The tokenizers are not thread-safe (diffusers #3672), hence the lock.
         with self._tokenizer_lock:
             context, pooled = encode_prompt(
@@ -276,7 +277,9 @@ class SD3Generator:
                 rule=self.options.percent_rule,
             ),
         )
-        x = sample(spec.sampler, denoiser, x, sigmas, seed=request.seed, shift=request.shift, callback=callback)
+        x = sample(
+            spec.sampler, denoiser, x, sigmas, seed=request.seed, shift=request.shift, callback=callback
+        )
         # inverse_noise_scaling: identity for the usual last σ = 0 (docs/sampling.md §1).
         last = float(sigmas[-1])
         if last > 0:
@@ -312,7 +315,8 @@ def _results(
     """Hand each request its own samples, in the order the batch stacked them."""
     results, offset = [], 0
     for r in requests:
-        results.append(GenerationResult(images=images[offset : offset + r.samples], seed=r.seed, timings=timings))
+        images_of_r = images[offset : offset + r.samples]
+        results.append(GenerationResult(images=images_of_r, seed=r.seed, timings=timings))
         offset += r.samples
     return results
 

@@ -75,9 +75,10 @@ _TABLE: tuple[SchedulerSpec, ...] = (
             *("er_sde", "seeds_2", "seeds_3", "dpm_fast", "dpm_adaptive", "sa_solver", "sa_solver_pece"),
         )
     ),
-    # Spellings of the hosted pages (docs/contract.md §6, docs/sampling.md §10): the `_pp` samplers ComfyUI had for a few
-    # days in 2024-06 step with d = (x − 2D + D_u)/σ, which is exactly euler / euler_ancestral at twice
-    # the guidance, as ComfyUI migrated them; and two typos of a page's sampler list.
+    # Spellings of the hosted pages (docs/contract.md §6, docs/sampling.md §10): the `_pp` samplers
+    # ComfyUI had for a few days in 2024-06 step with d = (x − 2D + D_u)/σ, which is exactly euler /
+    # euler_ancestral at twice the guidance, as ComfyUI migrated them; and two typos of a page's
+    # sampler list.
     SchedulerSpec("euler_pp", "euler", "sgm_uniform", guidance_factor=2.0),
     SchedulerSpec("euler_ancestral_pp", "euler_ancestral", "sgm_uniform", guidance_factor=2.0),
     SchedulerSpec("euler_ancestra", "euler_ancestral", "sgm_uniform"),

@@ -19,7 +19,9 @@ CUDA = torch.device("cuda")
     # needs ~12 GiB; below that T5 runs on the CPU, and below ~6 GiB everything is streamed.
     [(80, "device"), (24, "device"), (16, "model_offload"), (12, "model_offload"), (4, "sequential_offload")],
 )
-def test_auto_follows_free_memory_on_cuda(free_gib: float, placement: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_follows_free_memory_on_cuda(
+    free_gib: float, placement: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: False)
     plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB))
     assert plan.placement == placement
@@ -77,7 +79,9 @@ def test_t5_goes_to_the_cpu_only_where_no_gpu_plan_fits_it(
         ("full", 13, "model_offload"),
     ],
 )
-def test_auto_places_for_the_t5_the_user_chose(t5: str, free_gib: float, placement: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_places_for_the_t5_the_user_chose(
+    t5: str, free_gib: float, placement: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: True)
     plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB), t5=t5)
     assert (plan.placement, plan.t5) == (placement, t5)

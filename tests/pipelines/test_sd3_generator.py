@@ -84,7 +84,8 @@ def test_default_negative_window_uses_the_real_negative_on_the_first_three_steps
         )
     finally:
         log.close()
-    # DPM++ 2M: one evaluation per step, cond + one uncond each; current rule, shift 3 → 3 real (docs/sampling.md §5.2).
+    # DPM++ 2M: one evaluation per step, cond + one uncond each; current rule, shift 3 → 3 real
+    # (docs/sampling.md §5.2).
     assert [batch for _, batch, _ in log.calls] == [2] * 25
     uses_zero_negative = [zero_rows[1] for _, _, zero_rows in log.calls]
     assert uses_zero_negative == [False] * 3 + [True] * 22

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-
 from typing import NoReturn
 
 import httpx

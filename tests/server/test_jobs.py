@@ -9,7 +9,6 @@ import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-
 from typing import NoReturn
 
 import httpx

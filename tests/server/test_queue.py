@@ -176,7 +176,8 @@ def test_a_running_job_stops_at_the_next_step_when_cancelled(generator: SD3Gener
     async def scenario() -> None:
         job = asyncio.create_task(
             queue.submit(
-                GenerationRequest(prompt="long", seed=0, width=1024, height=1024, steps=100), progress=progress
+                GenerationRequest(prompt="long", seed=0, width=1024, height=1024, steps=100),
+                progress=progress,
             )
         )
         assert await asyncio.to_thread(stepped.wait, 30)

@@ -6,7 +6,6 @@ import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-
 from typing import NoReturn
 
 import httpx
