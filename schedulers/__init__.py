@@ -15,15 +15,8 @@ import functools
 import torch
 
 from schedulers import sigmas as _sigmas
-from schedulers.samplers import (
-    DISCARD_PENULTIMATE,
-    SAMPLERS,
-    STOCHASTIC,
-    Denoiser,
-    StepCallback,
-    noise_for,
-    run,
-)
+from schedulers.samplers import DISCARD_PENULTIMATE, SAMPLERS, STOCHASTIC, noise_for, run
+from schedulers.stepping import Denoiser, StepCallback
 
 
 def sigmas_for(
