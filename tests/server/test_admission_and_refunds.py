@@ -310,6 +310,7 @@ def test_the_audit_fails_on_a_reservation_nothing_will_settle_or_refund(ledger: 
 # -- shutdown -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a child sd3-server process: start-up and model load
 def test_sigterm_keeps_accepted_v2_jobs_for_the_next_start(
     tmp_path: Path, data_dir: Path, tiny_dir: Path
 ) -> None:

@@ -149,6 +149,7 @@ def test_credits_audit_finds_every_balance_equal_to_grants_minus_charges(live: L
         conn.exec_driver_sql("UPDATE api_keys SET balance_micro = balance_micro - 5 WHERE name = 'tampered'")
 
 
+@pytest.mark.slow  # a child sd3-server process: start-up and model load
 def test_kill_9_during_generation_loses_no_credits(tmp_path: Path, data_dir: Path, tiny_dir: Path) -> None:
     server = ServerProcess(data_dir=data_dir, database=tmp_path / "ledger.sqlite3")
     ledger = Ledger(server.database_url)
