@@ -29,6 +29,11 @@ else
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 endif
 
+# The fast tier: what needs no PostgreSQL, Chromium or Ray and is not marked slow (README.md, Tests).
+.PHONY: test-fast
+test-fast: $(VENV)/.installed-test
+	$(BIN)/pytest -q -m "not slow and not postgres and not browser and not ray" $(PYTEST_ARGS)
+
 lint: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(BIN)/ruff check .
 	$(BIN)/mypy

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 TOKENS, D_MODEL, D_FF = 154, 4096, 10240
-T5_XXL_TFLOP_PER_PROMPT = 0.715  # performance.md §3.3: T5-XXL at 77 tokens
+T5_XXL_TFLOP_PER_PROMPT = 0.715  # docs/performance.md §2: T5-XXL at 77 tokens
 
 
 def rate(run: Callable[[], object], repeats: int) -> float:

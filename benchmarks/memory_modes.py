@@ -4,8 +4,8 @@
     python benchmarks/memory_modes.py --model random:sd3-medium --sizes 1024 2048   # on a GPU
 
 Every mode runs in its own subprocess so that one mode's allocations cannot hide another's
-peak. On a GPU the figure is `torch.cuda.max_memory_allocated` (what the blogs in
-performance.md report); on a CPU it is the process's peak resident set (ru_maxrss), which
+peak. On a GPU the figure is `torch.cuda.max_memory_allocated` (what the blogs cited in
+docs/performance.md §3 report); on a CPU it is the process's peak resident set (ru_maxrss), which
 includes the Python runtime and the weights, so read the differences between rows. Offload
 modes mean nothing on a CPU device (there is nowhere to offload to) and are skipped there; T5 in
 8-bit runs on both (bitsandbytes ≥ 0.48 has CPU kernels).

@@ -11,7 +11,7 @@ call and the encode phase alone (`result.timings["encode"]`: both prompts) each 
 
 On the tiny model the three text encoders are a few small layers, so the absolute saving is small.
 The saving that matters comes with real SD3, where T5-XXL (4.7 B parameters) costs ~5-15 s per
-prompt on a CPU, or the 9.5 GB trip to the GPU under model offload (performance.md §4.2).
+prompt on a CPU, or the 9.5 GB trip to the GPU under model offload (docs/performance.md §4).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main() -> None:
     print(
         "note: the tiny model's encoders are a few small layers, so the saving here is small in absolute"
         " terms; with real SD3 a hit skips T5-XXL, ~5-15 s on a CPU or a 9.5 GB transfer under offload"
-        " (performance.md §4.2)."
+        " (docs/performance.md §4)."
     )
 
 

@@ -8,7 +8,7 @@ interleaved so that the machine's noise hits all of them alike:
   2. our generator alone (encode + ComfyUI-math loop + VAE decode);
   3. the stock diffusers StableDiffusion3Pipeline, same size/steps/CFG (its own Euler scheduler).
 It prints the median of each and the ratios. The tiny model's timings say nothing about real SD3
-speed (see performance.md); they show that the whole path runs in seconds on a small CPU. On the
+speed (see docs/performance.md §9); they show that the whole path runs in seconds on a small CPU. On the
 tiny model's near character-level tokenizers the page's prompt is 235 context tokens, which does
 not stack with the 154-token negative, so "our generator / stock" compares 50 forwards of 1 row
 with 25 of 2: server_overhead.py --prompts real-length compares equal work.

@@ -11,7 +11,7 @@ directly on the target device and in the target dtype:
 
 The server reaches them as `--model random:sd3-medium` and `--model random:small`
 (`pipelines.loading`). Parameter counts of the full configs, counted on the meta device, are those
-of performance.md §3.1: transformer 2.028 B, T5-XXL encoder 4.762 B, CLIP-G 0.695 B, CLIP-L 0.124 B,
+of docs/performance.md §1: transformer 2.028 B, T5-XXL encoder 4.762 B, CLIP-G 0.695 B, CLIP-L 0.124 B,
 VAE 0.084 B (tests/pipelines/test_architectures.py holds them to that).
 
 The tokenizers are the tiny model's offline ones (`pipelines.tiny`): their ids are all below the
@@ -257,7 +257,7 @@ def build_components(
     projection = clip_l.text_projection.weight
     if not projection.is_meta:
         with torch.no_grad():
-            # SD3 pools CLIP-L un-projected (sampling.md §7); a random matrix would be a different model.
+            # SD3 pools CLIP-L un-projected (docs/sampling.md §8); a random matrix would be a different model.
             projection.copy_(torch.eye(projection.shape[0], dtype=projection.dtype, device=projection.device))
     return models
 

@@ -1,6 +1,6 @@
 """Optional speed-ups that change no result: fused QKV projections and `torch.compile`.
 
-Both act on the transformer only, which is ~97 % of an image's FLOPs (performance.md §3.3).
+Both act on the transformer only, which does nearly all of an image's arithmetic (docs/performance.md §2).
 SD3's transformer has no `_repeated_blocks` in diffusers 0.42.1, so it is compiled whole.
 Compilation happens lazily at the first forward of each shape; `warm_up` runs one generation at
 start-up so that a user's first request does not pay it.

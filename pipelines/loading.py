@@ -66,7 +66,7 @@ class ModelSpec:
     dtype: str = "auto"
     token: str | None = None  # None: huggingface_hub uses HF_TOKEN or the saved login
     load_t5: bool = True
-    # T5-XXL in 8-bit (bitsandbytes, CUDA or CPU): ~3.6 GB less in fp16, ~4 % latency (performance.md §4.8).
+    # T5-XXL in 8-bit (bitsandbytes, CUDA or CPU): less memory for a little latency (docs/performance.md §3).
     t5_8bit: bool = False
     # False: leave the weights on the CPU, for a memory plan that offloads them (pipelines.memory).
     place_on_device: bool = True
@@ -173,7 +173,7 @@ def _t5_in_8bit(path_or_id: str, spec: ModelSpec, dtype: torch.dtype) -> Any:
 
     bitsandbytes because it is maintained with transformers, quantizes at load time from the
     ordinary fp16 weights (no separate checkpoint), and LLM.int8 keeps T5's outlier features in
-    fp16 — which is why its quality loss on SD3 prompts is negligible (performance.md §4.8).
+    fp16 — which is why its quality loss on SD3 prompts is negligible (docs/performance.md §7).
     """
     from transformers import BitsAndBytesConfig, T5EncoderModel
 
@@ -443,7 +443,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
 
 def _check_clip_l_projection(pipe: Any) -> None:
-    """SD3 pools CLIP-L *un-projected* (sampling.md §7); diffusers reads the projected output.
+    """SD3 pools CLIP-L *un-projected* (docs/sampling.md §8); diffusers reads the projected output.
 
     The two agree when the checkpoint's CLIP-L projection is the identity, as SD3's is. If a
     checkpoint carries another matrix, use the identity so the pooled vector is the one SD3 and

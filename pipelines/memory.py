@@ -1,20 +1,11 @@
 """The memory plan: where the weights live and which memory savers are on.
 
-SD3 Medium is ~17.4 GB of weights in an fp16 load with T5-XXL (15.4 GB if all were fp16,
-performance.md §3.5, but transformers keeps T5's `wo` layers in fp32) and ~5.9 GB without, so an
-H100 holds everything, a 24 GB card holds everything at 1024², and an 8 GB card needs offloading.
-`plan_memory` turns the user's choice — or, with `auto`, the device's free memory — into one
-`MemoryPlan`; `apply_plan` carries it out on a loaded pipeline. Each saver trades speed for memory,
-so `auto` turns on only what the free memory calls for:
-
-| saver | saves | costs |
-| --- | --- | --- |
-| model CPU offload | all but the running component (T5: 11.5 GB, 7.9 GB in 8-bit) | ~2-7x slower |
-| sequential CPU offload | nearly all weights (layer by layer) | much slower again (~7x on SD1.5) |
-| T5 in 8-bit (bitsandbytes: CUDA, CPU) | ~3.6 GB in fp16, ~11 GB in fp32 (`wo` stays) | ~4 % on a GPU |
-| no T5 | ~11.5 GB | a different image (the context loses T5's tokens) |
-| VAE tiling | the 2048² decode peak (10 GB → ~4.4 GB) | ~35 % more decode FLOPs |
-| attention slicing | the attention matrix at 2048² where SDPA materialises it (MPS) | a little speed |
+SD3 Medium's weights in an fp16 load are about three times as large with T5-XXL as without
+(docs/performance.md §1), so an H100 holds everything, a 24 GB card holds everything at 1024², and
+an 8 GB card needs offloading. `plan_memory` turns the user's choice — or, with `auto`, the
+device's free memory — into one `MemoryPlan`; `apply_plan` carries it out on a loaded pipeline.
+Each saver trades speed (or, without T5, the image) for memory, so `auto` turns on only what the
+free memory calls for; docs/performance.md §3 says what each one saves and costs.
 """
 
 from __future__ import annotations
@@ -203,7 +194,7 @@ def apply_plan(pipe: Any, plan: MemoryPlan, device: torch.device) -> None:
     if plan.vae_tiling:
         pipe.vae.enable_tiling()
         # SD3's VAE tiles only above its sample_size (1024 px): on small cards tile from 512 px
-        # so that 1024² decodes fit too (performance.md §4.11).
+        # so that 1024² decodes fit too (docs/performance.md §5).
         pipe.vae.tile_sample_min_size = min(pipe.vae.tile_sample_min_size, 512)
         pipe.vae.tile_latent_min_size = min(pipe.vae.tile_latent_min_size, 64)
     if plan.attention_slicing:

@@ -3,7 +3,7 @@
 The three text encoders run once per distinct prompt: on a GPU that is cheap, but under CPU
 offload T5-XXL (9.5 GB) must travel to the GPU for every request, on MPS and CPU it costs
 seconds, and the empty negative prompt is the same for almost every request
-(performance.md §4.2). Entries are keyed by the exact text and the encoder set-up.
+(docs/performance.md §4). Entries are keyed by the exact text and the encoder set-up.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import numpy as np
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationRequest:
-    """One txt2img job, in the units of the public API (sampling.md gives each its meaning)."""
+    """One txt2img job, in the units of the public API (docs/contract.md §1.1, docs/sampling.md)."""
 
     prompt: str
     negative_prompt: str = ""

@@ -1,8 +1,8 @@
-"""The generator: prompt encoding, the ComfyUI-math denoising loop of sampling.md §8, VAE decode.
+"""The generator: prompt encoding, the ComfyUI-math denoising loop of docs/sampling.md §9, VAE decode.
 
 diffusers provides the components (text encoders, `SD3Transformer2DModel`, VAE); the loop is our
 own, because the hosted API's parameters are ComfyUI's and stock diffusers schedulers reproduce
-only a few of them (sampling.md, Decisions 1). The sampler state stays float32 whatever the
+only a few of them (docs/sampling.md §10). The sampler state stays float32 whatever the
 model dtype; only the transformer's input is cast.
 
 The generator knows nothing of HTTP, keys or credits: one call, `generate(request)`, and it may
@@ -62,7 +62,7 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...] | None:
 
     Everything that shapes the sigma schedule, the negative window or the latent size must agree.
     Stochastic samplers are excluded: their per-step noise is drawn for the whole batch at once
-    (sampling.md §6), so a neighbour in the batch would change a request's image.
+    (docs/sampling.md §7), so a neighbour in the batch would change a request's image.
     """
     spec = resolve(request.scheduler)
     if spec.sampler in STOCHASTIC:
@@ -124,7 +124,8 @@ class SD3Generator:
             return count_tokens(self._counting_tokenizer, text)
 
     def _encode_uncached(self, text: str) -> Conditioning:
-        # ComfyUI's text conditioning (chunked CLIP, untruncated T5, "(word:1.2)" weights; §7).
+        # ComfyUI's text conditioning (chunked CLIP, untruncated T5, "(word:1.2)" weights;
+        # docs/sampling.md §8).
         # The tokenizers are not thread-safe (diffusers #3672), hence the lock.
         with self._tokenizer_lock:
             context, pooled = encode_prompt(
@@ -143,7 +144,7 @@ class SD3Generator:
         transformer = self.pipe.transformer
         h, w = x.shape[-2:]
         # SD3 patches 2x2, the API allows multiples of 8 px: pad an odd latent side circularly and
-        # crop the output back, as ComfyUI does (sampling.md §7).
+        # crop the output back, as ComfyUI does (docs/sampling.md §8).
         pad_h, pad_w = h % 2, w % 2
         x_in = F.pad(x, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else x
         timestep = torch.full((x.shape[0],), 1000.0 * sigma, dtype=torch.float32, device=x.device)
@@ -184,15 +185,40 @@ class SD3Generator:
 
         Each request keeps its own prompt, negative prompt, seed and sample count: its noise is
         drawn from its own seed for its own samples, so it gets the images it would get alone (up to
-        the float rounding of a larger batch).
+        the float rounding of a larger batch). The phases are those of docs/sampling.md §9.
         """
         first = requests[0]
         if len(requests) > 1 and any(
             batch_key(r) != batch_key(first) or batch_key(r) is None for r in requests
         ):
             raise ValueError("requests with different batch keys cannot share a batch")
-        spec = resolve(first.scheduler)
         t0 = time.perf_counter()
+
+        # 1. Conditionings: positive, negative and the zeroed-out negative, one row per sample.
+        conds = self._conditionings(requests)
+        if conds is None:
+            # Prompts of different token lengths cannot be stacked: run them one after the other.
+            return [result for r in requests for result in self.generate_batch([r], callback=callback)]
+        t1 = time.perf_counter()
+
+        # 2. Sigmas and initial latents.
+        sigmas = self._sigmas(first)
+        x = self._initial_latents(requests, sigmas)
+
+        # 3. Sampling: the guided denoiser driven down the sigmas by the stateless sampler.
+        x = self._sample(first, conds, x, sigmas, callback=callback)
+        t2 = time.perf_counter()
+
+        # 4. Decode.
+        images = self.decode(_finite(x))
+        t3 = time.perf_counter()
+
+        # 5. Results: each request's own images, in order.
+        timings = {"encode": t1 - t0, "sample": t2 - t1, "decode": t3 - t2, "batch": float(len(requests))}
+        return _results(requests, images, timings)
+
+    def _conditionings(self, requests: list[GenerationRequest]) -> dict[str, Conditioning] | None:
+        """The named conditionings of a batch, stacked over its samples; None if they cannot stack."""
         positives = [_repeat(self.encode(r.prompt, scope=r.cache_scope), r.samples) for r in requests]
         negatives = [
             _repeat(self.encode(r.negative_prompt, scope=r.cache_scope), r.samples) for r in requests
@@ -201,74 +227,98 @@ class SD3Generator:
             len({c.context.shape[1] for c in positives}) > 1
             or len({c.context.shape[1] for c in negatives}) > 1
         ):
-            # Prompts of different token lengths cannot be stacked: run them one after the other.
-            return [result for r in requests for result in self.generate_batch([r], callback=callback)]
+            return None
         negative = _cat(negatives)
-        conds = {
+        return {
             "positive": _cat(positives),
             "negative": negative,
-            # ConditioningZeroOut: a real model call with all-zero context and pooled vector (§4.1).
+            # ConditioningZeroOut: a real model call with all-zero context and pooled vector
+            # (docs/sampling.md §5.1).
             "zero": Conditioning(torch.zeros_like(negative.context), torch.zeros_like(negative.pooled)),
         }
-        t1 = time.perf_counter()
 
-        sigmas = sigmas_for(
-            spec.schedule, first.steps, shift=first.shift, denoise=first.denoise, sampler=spec.sampler
+    def _sigmas(self, request: GenerationRequest) -> torch.Tensor:
+        spec = resolve(request.scheduler)
+        return sigmas_for(
+            spec.schedule, request.steps, shift=request.shift, denoise=request.denoise, sampler=spec.sampler
         ).to(self.device)
+
+    def _initial_latents(self, requests: list[GenerationRequest], sigmas: torch.Tensor) -> torch.Tensor:
+        first = requests[0]
         h, w = first.height // VAE_SCALE, first.width // VAE_SCALE
-        # One randn per request over its own samples, exactly as a lone request draws it (§6).
+        # One randn per request over its own samples, exactly as a lone request draws it
+        # (docs/sampling.md §7).
         noise = torch.cat(
             [initial_noise(r.seed, (r.samples, self.latent_channels, h, w)) for r in requests]
         ).to(self.device)
-        # The empty latent is zero and is not shifted (§5), so x_start = σ0·noise.
-        x = float(sigmas[0]) * noise
+        # The empty latent is zero and is not shifted (docs/sampling.md §6), so x_start = σ0·noise.
+        return float(sigmas[0]) * noise
+
+    def _sample(
+        self,
+        request: GenerationRequest,
+        conds: dict[str, Conditioning],
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        *,
+        callback: StepCallback | None,
+    ) -> torch.Tensor:
+        """Run the request's sampler from `x` at sigmas[0]; `request` carries the batch's shared settings."""
+        spec = resolve(request.scheduler)
         denoiser = guided_denoiser(
             self._predictor(conds),
             # The `_pp` spellings run their plain sampler at twice the guidance (schedulers/names.py).
-            cfg=first.guidance_scale * spec.guidance_factor,
+            cfg=request.guidance_scale * spec.guidance_factor,
             ranges=negative_ranges(
-                start=first.cond_start,
-                stop=first.cond_stop,
-                shift=first.shift,
+                start=request.cond_start,
+                stop=request.cond_stop,
+                shift=request.shift,
                 wiring=self.options.negative_window_wiring,
                 rule=self.options.percent_rule,
             ),
         )
-        x = sample(spec.sampler, denoiser, x, sigmas, seed=first.seed, shift=first.shift, callback=callback)
-        # inverse_noise_scaling: identity for the usual last σ = 0 (§1).
+        x = sample(
+            spec.sampler, denoiser, x, sigmas, seed=request.seed, shift=request.shift, callback=callback
+        )
+        # inverse_noise_scaling: identity for the usual last σ = 0 (docs/sampling.md §1).
         last = float(sigmas[-1])
         if last > 0:
             x = x / (1.0 - last)
-        t2 = time.perf_counter()
-
-        if not torch.isfinite(x).all():
-            raise GenerationError(
-                "The model produced NaN/inf latents (an fp16 overflow?): try --dtype bf16 or fp32."
-            )
-        images = self.decode(x)
-        t3 = time.perf_counter()
-        timings = {"encode": t1 - t0, "sample": t2 - t1, "decode": t3 - t2, "batch": float(len(requests))}
-        results, offset = [], 0
-        for r in requests:
-            results.append(
-                GenerationResult(images=images[offset : offset + r.samples], seed=r.seed, timings=timings)
-            )
-            offset += r.samples
-        return results
+        return x
 
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         vae = self.pipe.vae
         scaling, shift = vae.config.scaling_factor, vae.config.shift_factor
         images = []
-        # One image at a time: the VAE decode is the memory peak of a batch (performance.md §4.1).
+        # One image at a time: the VAE decode is the memory peak of a batch (docs/performance.md §5).
         for latent in latents.split(1):
             z = (latent / scaling + shift).to(vae.dtype)
             pixels = vae.decode(z, return_dict=False)[0].float()
-            # ComfyUI: clamp((img + 1) / 2) then truncate (not round) to uint8 (Decisions 7).
+            # ComfyUI: clamp((img + 1) / 2) then truncate (not round) to uint8 (docs/sampling.md §9).
             pixels = ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)
             array = (255.0 * pixels[0].permute(1, 2, 0)).to(torch.uint8).cpu().numpy()
             images.append(array)
         return images
+
+
+def _finite(latents: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(latents).all():
+        raise GenerationError(
+            "The model produced NaN/inf latents (an fp16 overflow?): try --dtype bf16 or fp32."
+        )
+    return latents
+
+
+def _results(
+    requests: list[GenerationRequest], images: list[np.ndarray], timings: dict[str, float]
+) -> list[GenerationResult]:
+    """Hand each request its own samples, in the order the batch stacked them."""
+    results, offset = [], 0
+    for r in requests:
+        images_of_r = images[offset : offset + r.samples]
+        results.append(GenerationResult(images=images_of_r, seed=r.seed, timings=timings))
+        offset += r.samples
+    return results
 
 
 def _repeat(cond: Conditioning, batch: int) -> Conditioning:

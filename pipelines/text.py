@@ -1,4 +1,4 @@
-"""SD3 text conditioning as ComfyUI computes it, on diffusers/transformers components (sampling.md §7).
+"""SD3 text conditioning as ComfyUI computes it, on diffusers/transformers components (docs/sampling.md §8).
 
 Why this exists: diffusers' `encode_prompt` truncates CLIP at 77 tokens and T5 at `max_sequence_length`
 (256 by default), appends zero T5 tokens when T5 is absent, and reads "(word:1.2)" as literal text.
@@ -200,7 +200,7 @@ def _encode_clip(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP penultimate hidden states of all chunks, concatenated [1, 77·n, d], and the pooled [1, p]."""
     contents = _clip_chunks(_tokenize(tokenizer, segments))
-    # Each tokenizer's own pad id: SD3's CLIP-L pads with EOS, CLIP-G with "!" = 0 (sampling.md §7).
+    # Each tokenizer's own pad id: SD3's CLIP-L pads with EOS, CLIP-G with "!" = 0 (docs/sampling.md §8).
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     ids, weights = _rows(contents, length=CLIP_CHUNK, bos=bos, eos=eos, pad=pad)
     outputs = [encoder(row.to(device), output_hidden_states=True) for row in _one_by_one(ids)]

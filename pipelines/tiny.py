@@ -112,7 +112,7 @@ def build_tiny_pipeline():  # type: ignore[no-untyped-def]
 
     text_encoder = clip(CLIP_L_WIDTH, CLIP_L_WIDTH, _SEED)
     with torch.no_grad():
-        # As in SD3 (sampling.md §7): the pooled CLIP-L output is the un-projected hidden state.
+        # As in SD3 (docs/sampling.md §8): the pooled CLIP-L output is the un-projected hidden state.
         text_encoder.text_projection.weight.copy_(torch.eye(CLIP_L_WIDTH))
     text_encoder_2 = clip(CLIP_G_WIDTH, CLIP_G_WIDTH, _SEED + 1)
 
@@ -130,7 +130,8 @@ def build_tiny_pipeline():  # type: ignore[no-untyped-def]
             feed_forward_proj="gated-gelu",
             pad_token_id=0,
             eos_token_id=1,
-            decoder_start_token_id=0,
+            # A PretrainedConfig field T5Config's typed signature leaves out; accepted at run time.
+            decoder_start_token_id=0,  # type: ignore[call-arg]
         )
     ).eval()
 
@@ -147,7 +148,7 @@ def build_tiny_pipeline():  # type: ignore[no-untyped-def]
         pooled_projection_dim=CLIP_L_WIDTH + CLIP_G_WIDTH,
         out_channels=16,
         pos_embed_max_size=192,  # SD3 Medium's table: up to 192 patches a side = 3072 px
-    ).eval()
+    ).eval()  # type: ignore[attr-defined]  # diffusers' typed models lack nn.Module's methods
 
     torch.manual_seed(_SEED + 4)
     vae = AutoencoderKL(
@@ -164,7 +165,7 @@ def build_tiny_pipeline():  # type: ignore[no-untyped-def]
         shift_factor=0.0609,
         use_quant_conv=False,
         use_post_quant_conv=False,
-    ).eval()
+    ).eval()  # type: ignore[attr-defined]  # as above
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     return StableDiffusion3Pipeline(

@@ -5,7 +5,7 @@ The two calls most programs need:
     sigmas = schedulers.sigmas_for("sgm_uniform", 25, shift=3.0, sampler="dpmpp_2m")
     x0 = schedulers.sample("dpmpp_2m", denoiser, sigmas[0] * noise, sigmas, seed=seed)
 
-where `denoiser(x, sigma) -> D` works in the flow convention D = x − σ·v (sampling.md §1).
+where `denoiser(x, sigma) -> D` works in the flow convention D = x − σ·v (docs/sampling.md §1).
 """
 
 from __future__ import annotations
@@ -15,15 +15,8 @@ import functools
 import torch
 
 from schedulers import sigmas as _sigmas
-from schedulers.samplers import (
-    DISCARD_PENULTIMATE,
-    SAMPLERS,
-    STOCHASTIC,
-    Denoiser,
-    StepCallback,
-    noise_for,
-    run,
-)
+from schedulers.samplers import DISCARD_PENULTIMATE, SAMPLERS, STOCHASTIC, noise_for, run
+from schedulers.stepping import Denoiser, StepCallback
 
 
 def sigmas_for(
@@ -31,7 +24,7 @@ def sigmas_for(
 ) -> torch.Tensor:
     """The float32 sigmas (ending in 0) that `sampler` runs for `steps` steps of `schedule`.
 
-    Naming the sampler applies KSampler's discard-penultimate rule for dpm_2 / uni_pc (§2).
+    Naming the sampler applies KSampler's discard-penultimate rule for dpm_2 / uni_pc (docs/sampling.md §2).
     """
     return _sigmas.sigmas_for(
         schedule,
@@ -54,7 +47,7 @@ def sample(
 ) -> torch.Tensor:
     """Run `sampler` from `x` (already at sigmas[0]) down the schedule; returns the final latent.
 
-    Stochastic samplers draw their per-step noise from `seed` exactly as §3.6/§3.7 say, so they
+    Stochastic samplers draw their per-step noise from `seed` exactly as docs/sampling.md §7 says, so they
     need one; deterministic samplers ignore it.
     """
     if sampler not in SAMPLERS:

@@ -18,7 +18,7 @@ class SchedulerSpec:
     schedule: str
     guidance_factor: float = 1.0
     """The request's guidance is multiplied by this: 2 for the short-lived `_pp` spellings, which ComfyUI
-    migrated to the plain sampler at twice the cfg (family-contract.md §2)."""
+    migrated to the plain sampler at twice the cfg (docs/sampling.md §10)."""
 
 
 class UnknownScheduler(ValueError):
@@ -45,7 +45,7 @@ _TABLE: tuple[SchedulerSpec, ...] = (
     SchedulerSpec("DPM++ 3M SDE", "dpmpp_3m_sde", "sgm_uniform"),
     SchedulerSpec("UniPC", "uni_pc", "sgm_uniform"),
     SchedulerSpec("DEIS", "deis", "sgm_uniform"),
-    # ComfyUI sampler tokens, each on the workflow's sgm_uniform schedule (api-contract.md §5). They are
+    # ComfyUI sampler tokens, each on the workflow's sgm_uniform schedule (docs/contract.md §6). They are
     # matched exactly before the labels above are matched case-insensitively, so the token "ddim" is
     # euler on sgm_uniform while "DDIM" (or "Ddim") is the label on ddim_uniform.
     SchedulerSpec("euler", "euler", "sgm_uniform"),
@@ -75,9 +75,10 @@ _TABLE: tuple[SchedulerSpec, ...] = (
             *("er_sde", "seeds_2", "seeds_3", "dpm_fast", "dpm_adaptive", "sa_solver", "sa_solver_pece"),
         )
     ),
-    # Spellings of the hosted pages (family-contract.md §2, §3): the `_pp` samplers ComfyUI had for a few
-    # days in 2024-06 step with d = (x − 2D + D_u)/σ, which is exactly euler / euler_ancestral at twice
-    # the guidance, as ComfyUI migrated them; and two typos of a page's sampler list.
+    # Spellings of the hosted pages (docs/contract.md §6, docs/sampling.md §10): the `_pp` samplers
+    # ComfyUI had for a few days in 2024-06 step with d = (x − 2D + D_u)/σ, which is exactly euler /
+    # euler_ancestral at twice the guidance, as ComfyUI migrated them; and two typos of a page's
+    # sampler list.
     SchedulerSpec("euler_pp", "euler", "sgm_uniform", guidance_factor=2.0),
     SchedulerSpec("euler_ancestral_pp", "euler_ancestral", "sgm_uniform", guidance_factor=2.0),
     SchedulerSpec("euler_ancestra", "euler_ancestral", "sgm_uniform"),

@@ -156,5 +156,5 @@ def _adams_weights(
     signs = torch.where(depth % 2 == 0, 1.0, -1.0).to(dtype)
     moments = (log_coefficient.exp() * signs).tril() @ boundary
     # Σ_k b_k λ_k^p = J_p for every p < count: the weights of the interpolating polynomial.
-    lagrange = torch.linalg.solve(torch.vander(nodes, count, increasing=True).T, moments)
+    lagrange: torch.Tensor = torch.linalg.solve(torch.vander(nodes, count, increasing=True).T, moments)
     return sigma_next * lam_t.exp() * lagrange

@@ -394,7 +394,7 @@ def sample_uni_pc(
     *,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """UniPC, B(h) = h variant ("bh1"), multistep data prediction: ComfyUI's `uni_pc` (sampling.md §3.8).
+    """UniPC, B(h) = h variant ("bh1"), multistep data prediction: ComfyUI's `uni_pc` (docs/sampling.md §4).
 
     ComfyUI runs its UniPC on a VP view of the k-diffusion sigma even for flow models: α = 1/√(1+σ²),
     σ_vp = σ·α, λ = log(α/σ_vp); the state is x/√(1+σ²) and the data prediction is D at the unscaled
@@ -436,7 +436,7 @@ def sample_deis(
     *,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """DEIS, tab mode, order up to 3: ComfyUI's `deis` (sampling.md §3.8).
+    """DEIS, tab mode, order up to 3: ComfyUI's `deis` (docs/sampling.md §4).
 
     A multistep method on the slope d = (x − D)/σ: each σ is mapped to the time t of a VP-SDE whose
     β-schedule is fixed by EDM's σ ∈ [0.002, 80] (ε = 1e-3), d is extrapolated by the Lagrange polynomial

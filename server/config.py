@@ -68,7 +68,7 @@ class ModelSettings(BaseModel):
 
 
 class SamplingSettings(BaseModel):
-    # Which ComfyUI conventions the hosted service follows is not known (sampling.md, Decisions 3):
+    # Which ComfyUI conventions the hosted service follows is not known (docs/sampling.md §5.3, §10):
     # both choices are kept as settings.
     negative_window_wiring: Literal["a", "b"] = "a"
     percent_rule: Literal["current", "legacy"] = "current"
@@ -88,12 +88,12 @@ class MemorySettings(BaseModel):
     t5_on_cpu: Literal["auto", "on", "off"] = "auto"
     vae_tiling: Literal["auto", "on", "off"] = "auto"
     attention_slicing: Literal["auto", "on", "off"] = "auto"
-    # Encoded prompts kept for reuse (performance.md §4.2: ~1.3 MB per prompt at 154 tokens in fp16).
+    # Encoded prompts kept for reuse, in MB (docs/performance.md §4 sizes an entry).
     prompt_cache_mb: int = Field(256, ge=0)
 
 
 class PerformanceSettings(BaseModel):
-    # torch.compile of the transformer: 1.4-2x faster on big GPUs (performance.md §4.4) after a
+    # torch.compile of the transformer: faster on big GPUs (docs/performance.md §6) after a
     # compile of minutes (cached by inductor across restarts); the warm-up pays it at start-up.
     compile: bool = False
     compile_mode: str = "max-autotune-no-cudagraphs"
@@ -152,7 +152,7 @@ class ConnectionSettings(BaseModel):
 
 
 class PricingSettings(BaseModel):
-    # Price of one 1024x1024 image at 25 steps; scaled by samples, steps and pixels (api-contract.md §4).
+    # Price of one 1024x1024 image at 25 steps; scaled by samples, steps and pixels (docs/contract.md §4).
     # Checked here so that a bad price stops the start with one sentence rather than failing every
     # request: finite, not negative, at most a balance's maximum, and few enough decimals that the
     # exact arithmetic of server/pricing.py stays small (each request's price is rounded to 6 anyway).

@@ -67,7 +67,8 @@ def to_micro(amount: Decimal | int) -> int:
     if exponent < -DECIMALS:
         raise InvalidAmount(f"a credit amount has at most {DECIMALS} decimals, got {_echo(str(amount))}")
     # At most 16 digits are left (10 before the point, 6 after), so this is small integer arithmetic.
-    micro = int("".join(map(str, digits[:significant]))) * 10 ** (exponent + DECIMALS)
+    # int(): typeshed types int ** int as Any (a negative power is a float); this one is never negative.
+    micro = int("".join(map(str, digits[:significant]))) * int(10 ** (exponent + DECIMALS))
     if micro > MAX_MICRO:
         raise InvalidAmount(f"a credit amount is at most {MAX_CREDITS} credits, got {amount}")
     return micro

@@ -1,4 +1,4 @@
-"""The response-header contract (api-contract.md §1), in one place.
+"""The response-header contract (docs/contract.md §2), in one place.
 
 Any response to an authenticated request carries `x-remaining-credits`, errors included: the
 route stores the balance on `request.state` once the key is known, and both the success path and

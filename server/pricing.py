@@ -1,4 +1,4 @@
-"""The price of a generation request, in credits (api-contract.md §4).
+"""The price of a generation request, in credits (docs/contract.md §4).
 
 price = price_per_image × samples × (steps / reference_steps) × (width × height / reference_pixels),
 rounded half-up to 6 decimals — the resolution of the ledger (1 credit = 1 000 000 micro-credits).

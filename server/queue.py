@@ -121,6 +121,11 @@ class WorkQueue:
             job.cancelled.set()  # skipped if still waiting; a running batch stops at its next step
             raise
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no job is waiting or running, as `queue.Queue.join`; False if `timeout` ran out."""
+        with self._condition:
+            return self._condition.wait_for(lambda: self._pending == 0, timeout)
+
     def _image_cap(self, request: GenerationRequest) -> int:
         """How many images of this request's size one batch may hold.
 
@@ -169,6 +174,7 @@ class WorkQueue:
             finally:
                 with self._condition:
                     self._pending -= len(batch)
+                    self._condition.notify_all()  # for `join`
 
     def _run(self, batch: list[_Job]) -> None:
         def on_step(step: int, total: int) -> None:

@@ -1,4 +1,4 @@
-"""Wire models: the request body of the txt2img endpoint exactly as api-contract.md §1 gives it.
+"""Wire models: the request body of the txt2img endpoint exactly as docs/contract.md §1 gives it.
 
 Validation happens here, at the edge, before anything is priced, reserved or queued, and every
 message names the field and the rule. Real clients send numbers and booleans as strings, so the

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from server.app import Runtime, create_app
 from server.config import Settings
@@ -33,7 +34,7 @@ class LiveServer:
     base_url: str
     settings: Settings
     ledger: Ledger
-    app: object
+    app: FastAPI
     _names = itertools.count()
 
     def key(self, credits: str | Decimal = "10") -> str:
@@ -53,7 +54,9 @@ class LiveServer:
         return httpx.post(self.base_url + path, json=body, headers=headers, timeout=120, **kwargs)
 
 
-def start_server(settings: Settings, runtime: Runtime) -> tuple[uvicorn.Server, threading.Thread, str]:
+def start_server(
+    settings: Settings, runtime: Runtime
+) -> tuple[uvicorn.Server, threading.Thread, str, FastAPI]:
     app = create_app(settings, runtime)
     # The same uvicorn set-up as `serve` (connection limits included), on a free loopback port.
     edge = settings.model_copy(update={"host": "127.0.0.1", "port": 0, "log_level": "warning"})
@@ -66,14 +69,14 @@ def start_server(settings: Settings, runtime: Runtime) -> tuple[uvicorn.Server, 
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    return server, thread, f"http://127.0.0.1:{port}"
+    return server, thread, f"http://127.0.0.1:{port}", app
 
 
 def live_server(settings: Settings, runtime: Runtime) -> Iterator[LiveServer]:
-    server, thread, base_url = start_server(settings, runtime)
+    server, thread, base_url, app = start_server(settings, runtime)
     ledger = Ledger(settings.resolved_database_url)
     try:
-        yield LiveServer(base_url, settings, ledger, server.config.app)
+        yield LiveServer(base_url, settings, ledger, app)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

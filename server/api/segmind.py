@@ -45,7 +45,7 @@ async def txt2img(request: Request, serving: ServingDep, key: CurrentKey, body: 
     )
     if len(outcome.jpegs) == 1 and not body.base64:
         return Response(outcome.jpegs[0], media_type="image/jpeg", headers=headers)
-    # base64, or several images that one raw body cannot carry (api-contract.md §1, decided).
+    # base64, or several images that one raw body cannot carry (docs/contract.md §1.3).
     encoded = [to_base64(jpeg) for jpeg in outcome.jpegs]
     payload: dict[str, object] = {"image": encoded[0]}
     if len(encoded) > 1:

@@ -22,7 +22,7 @@ from pipelines.loading import ModelLoadError, ModelSpec, load_model
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 
-# performance.md §3.1 and its fp16 footprint table, in parameters.
+# docs/performance.md §1 and its fp16 footprint table, in parameters.
 PUBLISHED = {
     "transformer": 2.028e9,
     "text_encoder_3": 4.762e9,  # T5-XXL encoder

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pipelines.request import GenerationRequest
@@ -33,6 +34,7 @@ def test_fused_qkv_and_compiled_transformer_give_the_same_image(data_dir: Path, 
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # inductor compiles C++ code for the CPU
 def test_inductor_compiles_at_start_up_and_serves_without_recompiling(data_dir: Path, tiny_dir: Path) -> None:
     """The real backend (inductor's C++ code generation on the CPU, ~20 s here for the tiny model)."""
     from torch._dynamo.utils import counters

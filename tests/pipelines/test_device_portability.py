@@ -1,6 +1,6 @@
 """What Apple's MPS backend refuses, checked on the CPU: no float64 tensor anywhere in a generation.
 
-MPS has no float64 (performance.md §5): a single double tensor moved to the device fails there.
+MPS has no float64 (docs/performance.md §8): a single double tensor moved to the device fails there.
 ComfyUI's sampler math is float32 throughout and ours follows it; this test watches every op of
 a whole generation, for every scheduler name the API accepts, and fails on the first float64
 result, wherever it was made (CPU-side sigmas and noise are moved to the device too).

@@ -19,7 +19,9 @@ CUDA = torch.device("cuda")
     # needs ~12 GiB; below that T5 runs on the CPU, and below ~6 GiB everything is streamed.
     [(80, "device"), (24, "device"), (16, "model_offload"), (12, "model_offload"), (4, "sequential_offload")],
 )
-def test_auto_follows_free_memory_on_cuda(free_gib: float, placement: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_auto_follows_free_memory_on_cuda(
+    free_gib: float, placement: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: False)
     plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB))
     assert plan.placement == placement
@@ -38,8 +40,8 @@ def test_auto_follows_free_memory_on_cuda(free_gib: float, placement: str, monke
         (5, "sequential_offload", "full"),  # not even the rest fits whole: stream everything
     ],
 )
-def test_auto_takes_t5_in_8bit_only_where_it_buys_a_faster_plan(  # type: ignore[no-untyped-def]
-    free_gib: float, placement: str, t5: str, monkeypatch
+def test_auto_takes_t5_in_8bit_only_where_it_buys_a_faster_plan(
+    free_gib: float, placement: str, t5: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: True)
     plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB))
@@ -57,8 +59,8 @@ def test_auto_takes_t5_in_8bit_only_where_it_buys_a_faster_plan(  # type: ignore
         (24, "on", "device", True),  # asked for: T5 on the CPU, the rest resident
     ],
 )
-def test_t5_goes_to_the_cpu_only_where_no_gpu_plan_fits_it(  # type: ignore[no-untyped-def]
-    free_gib: float, t5_on_cpu: str, placement: str, on_cpu: bool, monkeypatch
+def test_t5_goes_to_the_cpu_only_where_no_gpu_plan_fits_it(
+    free_gib: float, t5_on_cpu: str, placement: str, on_cpu: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: False)
     plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB), t5_on_cpu=t5_on_cpu)
@@ -77,13 +79,15 @@ def test_t5_goes_to_the_cpu_only_where_no_gpu_plan_fits_it(  # type: ignore[no-u
         ("full", 13, "model_offload"),
     ],
 )
-def test_auto_places_for_the_t5_the_user_chose(t5: str, free_gib: float, placement: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_auto_places_for_the_t5_the_user_chose(
+    t5: str, free_gib: float, placement: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: True)
     plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB), t5=t5)
     assert (plan.placement, plan.t5) == (placement, t5)
 
 
-def test_explicit_choices_win_and_impossible_ones_are_refused(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_explicit_choices_win_and_impossible_ones_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: False)
     plan = plan_memory(
         mode="sequential_offload",

@@ -39,7 +39,7 @@ class CallLog:
 
 
 def test_euler_at_cfg_1_matches_the_stock_diffusers_pipeline(generator: SD3Generator) -> None:
-    """Our loop (sampling.md §8) against StableDiffusion3Pipeline + FlowMatchEuler on the same sigmas."""
+    """Our loop (docs/sampling.md §9) against StableDiffusion3Pipeline + FlowMatchEuler on the same sigmas."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     request = GenerationRequest(
@@ -84,7 +84,8 @@ def test_default_negative_window_uses_the_real_negative_on_the_first_three_steps
         )
     finally:
         log.close()
-    # DPM++ 2M: one evaluation per step, cond + one uncond each; current rule, shift 3 → 3 real (§4.2).
+    # DPM++ 2M: one evaluation per step, cond + one uncond each; current rule, shift 3 → 3 real
+    # (docs/sampling.md §5.2).
     assert [batch for _, batch, _ in log.calls] == [2] * 25
     uses_zero_negative = [zero_rows[1] for _, _, zero_rows in log.calls]
     assert uses_zero_negative == [False] * 3 + [True] * 22

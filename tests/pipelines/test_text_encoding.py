@@ -1,4 +1,4 @@
-"""ComfyUI-exact text conditioning (sampling.md §7) on the tiny SD3: the prompt syntax, parity with
+"""ComfyUI-exact text conditioning (docs/sampling.md §8) on the tiny SD3: the prompt syntax, parity with
 diffusers where both agree, CLIP chunking, untruncated T5, token weights and the no-T5 checkpoint.
 
 The tiny CLIP tokenizers are character-level, so a 200-character prompt is well over 75 tokens.

@@ -36,7 +36,8 @@ def test_tiny_model_has_sd3_shapes_and_conventions(runtime: Runtime) -> None:
     assert transformer.pos_embed_max_size == 192
     assert vae.latent_channels == 16 and 2 ** (len(vae.block_out_channels) - 1) == 8
     assert (vae.scaling_factor, vae.shift_factor) == (1.5305, 0.0609)
-    # The context is CLIP-L | CLIP-G padded to T5's width, and the pooled vector is L + G (§7).
+    # The context is CLIP-L | CLIP-G padded to T5's width, and the pooled vector is L + G
+    # (docs/sampling.md §8).
     clip_width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
     assert clip_width <= pipe.text_encoder_3.config.d_model == transformer.joint_attention_dim
     assert transformer.pooled_projection_dim == (

@@ -1,5 +1,5 @@
-"""Independent float64 numpy re-derivation of the sampling spec (schedules, samplers, negative window, CFG)
-plus the Gaussian toy denoiser. Written from the spec's formulas, not from `schedulers/`."""
+"""Independent float64 numpy re-derivation of docs/sampling.md (schedules, samplers, negative window, CFG)
+plus the Gaussian toy denoiser. Written from those formulas, not from `schedulers/`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ Array = np.ndarray
 RefDenoiser = Callable[[Array, float], Array]
 
 
-# --- §1 / §2: schedules ----------------------------------------------------------------------------
+# --- docs/sampling.md §1–§3: schedules ----------------------------------------------------------------------
 
 
 def shifted(t: Array, a: float) -> Array:
@@ -86,7 +86,7 @@ def sigmas(name: str, steps: int, a: float, denoise: float = 1.0, discard: bool 
     return full(int(steps / denoise))[-(steps + 1) :]
 
 
-# --- §3: samplers (float64) ------------------------------------------------------------------------
+# --- docs/sampling.md §4: samplers (float64) ----------------------------------------------------------------
 
 
 def euler(model: RefDenoiser, x: Array, s: Sequence[float]) -> Array:
@@ -481,7 +481,7 @@ def deis(
     return x
 
 
-# --- §4: negative window and CFG -------------------------------------------------------------------
+# --- docs/sampling.md §5: negative window and CFG -----------------------------------------------------------
 
 
 def windows(start: float, stop: float, a: float, wiring: str, rule: str) -> dict[str, tuple[float, float]]:

@@ -1,4 +1,4 @@
-"""Pins where stock diffusers schedulers equal our ComfyUI math and where they do not (sampling.md §10.7)."""
+"""Pins where stock diffusers schedulers equal our ComfyUI math and where not (docs/sampling.md §11)."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def evaluations(
     return log
 
 
-# sampling.md §4.2: how many evaluations see the real negative (shift 3, defaults 0.1 / 1.0).
+# docs/sampling.md §5.2: how many evaluations see the real negative (shift 3, defaults 0.1 / 1.0).
 @pytest.mark.parametrize(
     ("schedule", "steps", "current", "legacy"),
     [

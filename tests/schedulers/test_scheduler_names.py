@@ -22,7 +22,7 @@ def test_public_names_are_unique() -> None:
 
 
 def test_comfyui_tokens_run_on_sgm_uniform_and_win_over_case_folded_labels() -> None:
-    # api-contract.md §5: a ComfyUI sampler token runs on sgm_uniform; the DDIM label on ddim_uniform.
+    # docs/contract.md §6: a ComfyUI sampler token runs on sgm_uniform; the DDIM label on ddim_uniform.
     assert resolve("ddim") == SchedulerSpec("ddim", "ddim", "sgm_uniform")
     assert resolve("Ddim") == resolve("DDIM") == SchedulerSpec("DDIM", "ddim", "ddim_uniform")
     for token in ("euler", "heun", "lms", "dpmpp_2m", "dpm_2"):

@@ -9,7 +9,7 @@ import torch
 
 from schedulers.sigmas import SCHEDULES, percent_to_sigma, sigma_table, sigmas_for, time_shift
 
-# sampling.md §2, N=25, shift 3: first three values … last non-zero value.
+# docs/sampling.md §2, N=25, shift 3: first three values … last non-zero value.
 GOLDEN = {
     "simple": ([1.0000000, 0.9863013, 0.9718309], 0.1111111),
     "normal": ([1.0, 0.9857583, 0.9706814], 0.0089286),

@@ -22,14 +22,15 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipelines.request import GenerationRequest
-from pipelines.sd3 import SD3Generator, batch_key
+from pipelines.request import GenerationRequest, GenerationResult
+from pipelines.sd3 import SD3Generator, StepCallback, batch_key
 from server.app import Runtime
 from server.cli import app as cli
 from server.config import Settings
@@ -92,7 +93,7 @@ def send_and_leave(live: LiveServer, body: dict, *, key: str) -> socket.socket:
 
 def answered(live: LiveServer, status: int) -> float:
     """How many v1 generation requests the server has answered with `status` (its own metrics)."""
-    registry = live.app.state.metrics.registry  # type: ignore[attr-defined]
+    registry = live.app.state.metrics.registry
     labels = {"route": ROUTE, "method": "POST", "status": str(status)}
     return registry.get_sample_value("sd3_http_requests_total", labels) or 0.0
 
@@ -107,7 +108,7 @@ def open_reservations(live: LiveServer) -> int:
 
 def jobs_of(live: LiveServer) -> list[JobRecord]:
     """The history of the server's first key (each test here has a database of its own)."""
-    store = live.app.state.serving.jobs  # type: ignore[attr-defined]
+    store = live.app.state.serving.jobs
     return store.history(live.ledger.list_keys()[0].id, limit=100)  # type: ignore[no-any-return]
 
 
@@ -192,9 +193,9 @@ def test_a_database_that_refuses_writes_mid_request_gives_json_and_the_refund_la
     server: LiveServer,
 ) -> None:
     key = server.key("1")
-    transformer = server.app.state.serving.queue.generator.pipe.transformer  # type: ignore[attr-defined]
+    transformer = server.app.state.serving.queue.generator.pipe.transformer
 
-    def out_of_memory(*_):  # type: ignore[no-untyped-def]
+    def out_of_memory(*_: object) -> NoReturn:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     # The generation fails, and so does every write of its failure path: the job's status and the refund.
@@ -310,6 +311,7 @@ def test_the_audit_fails_on_a_reservation_nothing_will_settle_or_refund(ledger: 
 # -- shutdown -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a child sd3-server process: start-up and model load
 def test_sigterm_keeps_accepted_v2_jobs_for_the_next_start(
     tmp_path: Path, data_dir: Path, tiny_dir: Path
 ) -> None:
@@ -364,7 +366,9 @@ class Blocker:
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def generate_batch(self, requests, *, callback=None):  # type: ignore[no-untyped-def]
+    def generate_batch(
+        self, requests: list[GenerationRequest], *, callback: StepCallback | None = None
+    ) -> list[GenerationResult]:
         if requests[0].prompt == "block":
             self.started.set()
             self.release.wait(30)
@@ -393,8 +397,7 @@ def test_jobs_whose_waiters_left_log_no_unretrieved_future_errors(
         blocker.release.set()
         await first
         # The device skips the cancelled jobs and resolves their futures, which nobody awaits now.
-        while queue.pending:
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(queue.join, 30)
         await asyncio.sleep(0)  # the deliveries scheduled before `pending` dropped
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):

@@ -59,7 +59,7 @@ def test_a_full_queue_is_429_with_retry_after_and_refunded(narrow: LiveServer) -
     first: dict[str, int] = {}
     worker = threading.Thread(target=lambda: first.update(code=narrow.post(slow, key=key).status_code))
     worker.start()
-    queue = narrow.app.state.serving.queue  # type: ignore[attr-defined]
+    queue = narrow.app.state.serving.queue
     deadline = time.monotonic() + 30
     while queue.pending == 0 and time.monotonic() < deadline:
         time.sleep(0.01)

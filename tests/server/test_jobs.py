@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -105,9 +106,9 @@ def test_v2_validation_and_credit_errors_are_immediate(live: LiveServer) -> None
 
 def test_a_failed_job_is_422_failed_with_its_error_and_refunded(live: LiveServer) -> None:
     key = live.key("1")
-    transformer = live.app.state.serving.queue.generator.pipe.transformer  # type: ignore[attr-defined]
+    transformer = live.app.state.serving.queue.generator.pipe.transformer
 
-    def broken(*_):  # type: ignore[no-untyped-def]
+    def broken(*_: object) -> NoReturn:
         raise RuntimeError("device lost")
 
     handle = transformer.register_forward_pre_hook(broken)
@@ -221,6 +222,7 @@ def test_history_limit_must_be_plain_digits(live: LiveServer) -> None:
     assert response.status_code == 422 and "limit" in response.json()["error"]
 
 
+@pytest.mark.slow  # a child sd3-server process: start-up and model load
 def test_an_accepted_job_survives_a_kill_9(tmp_path: Path, data_dir: Path, tiny_dir: Path) -> None:
     server = ServerProcess(data_dir=data_dir, database=tmp_path / "ledger.sqlite3")
     ledger = Ledger(migrated(server.database_url))
@@ -289,6 +291,7 @@ def completes_after_restart(server: ServerProcess, key: str, request_id: str, le
         server.stop()
 
 
+@pytest.mark.slow  # a child sd3-server process: start-up and model load
 def test_an_accepted_job_survives_a_kill_9_and_a_restart_on_another_port(
     tmp_path: Path, data_dir: Path, tiny_dir: Path
 ) -> None:
@@ -303,6 +306,7 @@ def test_an_accepted_job_survives_a_kill_9_and_a_restart_on_another_port(
     completes_after_restart(second, key, request_id, ledger)
 
 
+@pytest.mark.slow  # a child sd3-server process: start-up and model load
 def test_a_job_left_under_the_old_host_and_port_identity_is_adopted(tmp_path: Path, tiny_dir: Path) -> None:
     # A data folder whose SQLite ledger an older release served, under its default id <host>:<port>.
     folder = tmp_path / "data"

@@ -44,7 +44,7 @@ def postgres_url() -> str:
     return postgres_url_or_skip()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def any_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
     url = sqlite_url(tmp_path) if request.param == "sqlite" else postgres_url()
     ledger = Ledger(migrated(url))

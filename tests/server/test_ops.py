@@ -254,7 +254,7 @@ def test_a_client_that_goes_away_is_one_info_line_with_its_own_request_id(
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live.base_url}/v1/{SLUG}", json=slow, headers={"x-api-key": key}, timeout=1.0)
     assert wait_for(lambda: live.balance_of(key) == Decimal("1"))  # cancelled and refunded
-    [job] = live.app.state.serving.jobs.history(record.id, limit=5)  # type: ignore[attr-defined]
+    [job] = live.app.state.serving.jobs.history(record.id, limit=5)
     captured: list[str] = []
 
     def logged_its_end() -> bool:

@@ -99,7 +99,7 @@ def test_a_retention_below_one_second_is_refused(tmp_path: Path) -> None:
 
 
 def live_store(live: LiveServer) -> OutputStore:
-    store = live.app.state.outputs  # type: ignore[attr-defined]
+    store = live.app.state.outputs
     assert isinstance(store, OutputStore)
     return store
 

@@ -106,6 +106,7 @@ def _text(driver: Any, element_id: str) -> str:
     return str(driver.find_element("id", element_id).text).strip()
 
 
+@pytest.mark.browser
 def test_generate_shows_the_image_seed_cost_and_remaining_credits(
     browser: Any, live: LiveServer, tmp_path: Path
 ) -> None:
@@ -159,6 +160,7 @@ def test_generate_shows_the_image_seed_cost_and_remaining_credits(
     assert len(data) > 20_000
 
 
+@pytest.mark.browser
 def test_the_key_is_remembered_and_errors_are_shown(browser: Any, live: LiveServer) -> None:
     from selenium.webdriver.common.by import By
 

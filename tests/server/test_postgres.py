@@ -72,6 +72,7 @@ def reserve_in_process(
     ledger.close()
 
 
+@pytest.mark.postgres
 def test_threads_and_processes_racing_spend_exactly_the_balance(ledger: Ledger, postgres_url: str) -> None:
     images, threads_count, processes_count, attempts_per_process = 5, 8, 3, 4
     name = unique("race")
@@ -131,6 +132,7 @@ def refund_in_process(url: str, request_id: str, ready: Any, go: Any, results: A
     ledger.close()
 
 
+@pytest.mark.postgres
 def test_refunds_racing_from_threads_and_processes_give_the_credits_back_once(
     ledger: Ledger, postgres_url: str
 ) -> None:
@@ -177,6 +179,7 @@ def test_refunds_racing_from_threads_and_processes_give_the_credits_back_once(
     assert row.ok and row.open_reservations == 0 and row.charged == 0
 
 
+@pytest.mark.postgres
 def test_audit_agrees_after_grants_settles_refunds_and_abandoned_reservations(ledger: Ledger) -> None:
     name, owner = unique("audit"), unique("instance")
     record, _ = ledger.create_key(name=name, credits=Decimal("0.1"))
@@ -198,6 +201,7 @@ def test_audit_agrees_after_grants_settles_refunds_and_abandoned_reservations(le
 # --- job store --------------------------------------------------------------------------------------
 
 
+@pytest.mark.postgres
 def test_job_store_round_trip(ledger: Ledger) -> None:
     jobs = JobStore(ledger.engine)
     record, _ = ledger.create_key(name=unique("jobs"), credits=Decimal(1))
@@ -261,6 +265,7 @@ def live_on_postgres(settings: Settings, runtime: Runtime, url: str) -> Iterator
         server.close()
 
 
+@pytest.mark.postgres
 def test_a_live_server_on_postgresql_serves_a_v1_request_and_a_v2_job(
     settings: Settings, runtime: Runtime, postgres_url: str
 ) -> None:

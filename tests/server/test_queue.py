@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
-from pipelines.request import GenerationCancelled, GenerationRequest
-from pipelines.sd3 import SD3Generator, batch_key
+from pipelines.request import GenerationCancelled, GenerationRequest, GenerationResult
+from pipelines.sd3 import SD3Generator, StepCallback, batch_key
 from server.app import Runtime
 from server.errors import Overloaded
 from server.queue import WorkQueue
@@ -29,32 +31,54 @@ class Blocker:
         self.release = threading.Event()
         self.batches: list[int] = []
 
-    def generate_batch(self, requests, *, callback=None):  # type: ignore[no-untyped-def]
+    def generate_batch(
+        self, requests: list[GenerationRequest], *, callback: StepCallback | None = None
+    ) -> list[GenerationResult]:
         self.batches.append(len(requests))
         if requests[0].prompt == "block":
             self.started.set()
             self.release.wait(30)
         return self.generator.generate_batch(requests, callback=callback)
 
-
-def make_queue(generator, **kwargs) -> WorkQueue:  # type: ignore[no-untyped-def]
-    return WorkQueue(
-        generator, batch_key=batch_key, max_pending=kwargs.pop("max_pending", 16), retry_after_s=1, **kwargs
-    )
+    def count_tokens(self, text: str) -> int:
+        return self.generator.count_tokens(text)
 
 
-def queued_behind_a_blocker(blocker: Blocker, requests: list[GenerationRequest], **queue_options):  # type: ignore[no-untyped-def]
+def make_queue(generator: SD3Generator | Blocker, *, max_pending: int = 16, **kwargs: Any) -> WorkQueue:
+    return WorkQueue(generator, batch_key=batch_key, max_pending=max_pending, retry_after_s=1, **kwargs)
+
+
+async def submitted(queue: WorkQueue, *requests: GenerationRequest) -> list[asyncio.Task[GenerationResult]]:
+    """Submit `requests` and return once every one of them is in the queue.
+
+    `submit` admits a job before its first await, and the event loop starts tasks in the order they
+    were created: one pass of the loop (`sleep(0)`, no timed wait) has admitted them all.
+    """
+    before = queue.pending
+    tasks = [asyncio.create_task(queue.submit(r)) for r in requests]
+    await asyncio.sleep(0)
+    assert queue.pending == before + len(requests)
+    return tasks
+
+
+async def settled(task: Awaitable[object]) -> None:
+    """Wait for a cancelled (or failed) task to finish, whatever it raised."""
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def queued_behind_a_blocker(
+    blocker: Blocker, requests: list[GenerationRequest], **queue_options: Any
+) -> list[GenerationResult]:
     """Run `requests` queued while the worker is held on a first job; their results, in order.
 
     They all wait together, so the worker's next batches show what the queue groups.
     """
     queue = make_queue(blocker, **queue_options)
 
-    async def scenario():  # type: ignore[no-untyped-def]
+    async def scenario() -> list[GenerationResult]:
         first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
         await asyncio.to_thread(blocker.started.wait, 30)
-        waiting = [asyncio.create_task(queue.submit(r)) for r in requests]
-        await asyncio.sleep(0.05)
+        waiting = await submitted(queue, *requests)
         blocker.release.set()
         await first
         return await asyncio.gather(*waiting)
@@ -119,20 +143,17 @@ def test_a_full_queue_refuses_at_once_and_a_cancelled_waiting_job_never_runs(gen
     blocker = Blocker(generator)
     queue = make_queue(blocker, max_pending=2)
 
-    async def scenario():  # type: ignore[no-untyped-def]
+    async def scenario() -> None:
         first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
         await asyncio.to_thread(blocker.started.wait, 30)
-        second = asyncio.create_task(queue.submit(GenerationRequest(prompt="second", seed=0, **SMALL)))
-        await asyncio.sleep(0.05)
+        (second,) = await submitted(queue, GenerationRequest(prompt="second", seed=0, **SMALL))
         with pytest.raises(Overloaded):
             await queue.submit(GenerationRequest(prompt="third", seed=0, **SMALL))
         second.cancel()
-        await asyncio.sleep(0.05)
+        await settled(second)  # its job is flagged cancelled once the task has finished
         blocker.release.set()
         await first
-        deadline = time.monotonic() + 30
-        while queue.pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(queue.join, 30)
 
     try:
         asyncio.run(scenario())
@@ -146,19 +167,23 @@ def test_a_running_job_stops_at_the_next_step_when_cancelled(generator: SD3Gener
     queue = make_queue(generator)
     steps: list[int] = []
 
-    async def scenario():  # type: ignore[no-untyped-def]
+    stepped = threading.Event()
+
+    def progress(step: int, total: int) -> None:
+        steps.append(step)
+        stepped.set()
+
+    async def scenario() -> None:
         job = asyncio.create_task(
             queue.submit(
                 GenerationRequest(prompt="long", seed=0, width=1024, height=1024, steps=100),
-                progress=lambda i, n: steps.append(i),
+                progress=progress,
             )
         )
-        while not steps:
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(stepped.wait, 30)
         job.cancel()
-        deadline = time.monotonic() + 30
-        while queue.pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await settled(job)
+        assert await asyncio.to_thread(queue.join, 30)
 
     try:
         asyncio.run(scenario())
@@ -172,7 +197,7 @@ def test_health_answers_while_the_device_is_busy(live: LiveServer) -> None:
     slow = {"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_steps": 60}
     worker = threading.Thread(target=lambda: live.post(slow, key=key))
     worker.start()
-    queue = live.app.state.serving.queue  # type: ignore[attr-defined]
+    queue = live.app.state.serving.queue
     while queue.pending == 0:
         time.sleep(0.01)
     started = time.perf_counter()
@@ -187,18 +212,17 @@ def test_shutdown_fails_waiting_jobs_instead_of_leaving_them(generator: SD3Gener
     blocker = Blocker(generator)
     queue = make_queue(blocker)
 
-    async def scenario():  # type: ignore[no-untyped-def]
+    async def scenario() -> None:
         first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **SMALL)))
         await asyncio.to_thread(blocker.started.wait, 30)
-        waiting = asyncio.create_task(queue.submit(GenerationRequest(prompt="w", seed=0, **SMALL)))
-        await asyncio.sleep(0.05)
+        (waiting,) = await submitted(queue, GenerationRequest(prompt="w", seed=0, **SMALL))
         stopper = asyncio.create_task(asyncio.to_thread(queue.shutdown))
-        await asyncio.sleep(0.05)
+        # Shutdown fails the waiting job at once, while the running one still holds the worker.
+        with pytest.raises(GenerationCancelled):
+            await waiting
         blocker.release.set()
         await stopper
         await first
-        with pytest.raises(GenerationCancelled):
-            await waiting
 
     asyncio.run(scenario())
 
@@ -207,9 +231,9 @@ def test_a_short_batch_wait_lets_a_burst_of_arrivals_share_one_batch(generator: 
     blocker = Blocker(generator)
     queue = make_queue(blocker, max_batch_images=3, batch_wait_s=0.5)
 
-    async def scenario():  # type: ignore[no-untyped-def]
+    async def scenario() -> None:
         jobs = []
-        for i in range(3):  # arrivals 50 ms apart, on an idle device
+        for i in range(3):  # arrivals 50 ms apart, on an idle device: the timing is the scenario
             jobs.append(asyncio.create_task(queue.submit(GenerationRequest(prompt=f"p{i}", seed=i, **SMALL))))
             await asyncio.sleep(0.05)
         await asyncio.gather(*jobs)

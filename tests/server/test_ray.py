@@ -26,6 +26,8 @@ from server.pricing import price_of
 from tests.databases import migrated
 from tests.live import SLUG, SMALL, free_port
 
+pytestmark = pytest.mark.ray
+
 # Owners of the rows written by the replicas of app "sd3", deployment "sd3" (server.ray_app).
 OWNER_PREFIX = "sd3/sd3#sd3#"
 

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -39,7 +40,7 @@ def limited(
 
 def test_a_client_that_disconnects_has_its_job_cancelled_and_refunded(live: LiveServer) -> None:
     key = live.key("1")
-    queue = live.app.state.serving.queue  # type: ignore[attr-defined]
+    queue = live.app.state.serving.queue
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live.base_url}/v1/{SLUG}", json=SLOW, headers={"x-api-key": key}, timeout=1.0)
     # The 100-step job stops early instead of running to the end, and the credits come back.
@@ -50,9 +51,9 @@ def test_a_client_that_disconnects_has_its_job_cancelled_and_refunded(live: Live
 
 def test_a_simulated_cuda_oom_is_500_refunded_and_the_next_request_works(live: LiveServer) -> None:
     key = live.key("1")
-    transformer = live.app.state.serving.queue.generator.pipe.transformer  # type: ignore[attr-defined]
+    transformer = live.app.state.serving.queue.generator.pipe.transformer
 
-    def out_of_memory(*_):  # type: ignore[no-untyped-def]
+    def out_of_memory(*_: object) -> NoReturn:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     handle = transformer.register_forward_pre_hook(out_of_memory)
@@ -149,6 +150,7 @@ def test_credits_audit_finds_every_balance_equal_to_grants_minus_charges(live: L
         conn.exec_driver_sql("UPDATE api_keys SET balance_micro = balance_micro - 5 WHERE name = 'tampered'")
 
 
+@pytest.mark.slow  # a child sd3-server process: start-up and model load
 def test_kill_9_during_generation_loses_no_credits(tmp_path: Path, data_dir: Path, tiny_dir: Path) -> None:
     server = ServerProcess(data_dir=data_dir, database=tmp_path / "ledger.sqlite3")
     ledger = Ledger(migrated(server.database_url))

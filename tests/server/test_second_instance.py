@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import pytest
 
 from server.job_store import JobStore
 from server.keys import hash_key
@@ -26,6 +27,7 @@ from tests.live import SLUG, ServerProcess, wait_for
 SD3_SERVER = str(Path(sys.executable).with_name("sd3-server"))
 
 
+@pytest.mark.slow  # a child sd3-server process: start-up and model load
 def test_a_second_server_on_the_same_folder_exits_at_once_and_the_first_finishes_its_work(
     tmp_path: Path, data_dir: Path, tiny_dir: Path
 ) -> None:
@@ -77,6 +79,7 @@ def test_a_second_server_on_the_same_folder_exits_at_once_and_the_first_finishes
         ledger.close()
 
 
+@pytest.mark.slow  # a child sd3-server process: start-up and model load
 def test_the_starter_key_is_printed_on_the_first_start_only(tmp_path: Path, tiny_dir: Path) -> None:
     env = {**os.environ, "SD3_DATA_DIR": str(tmp_path), "SD3_MODEL__ID": "tiny"}
     # The tiny model is built once per data folder: point this one at the session's copy.
