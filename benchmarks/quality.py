@@ -1,0 +1,267 @@
+"""Image quality of the trained toy SD3 in numbers: prompt adherence, what each control does, how
+every sampler converges, and how far batching, bf16 and the memory modes move an image.
+
+    python benchmarks/quality.py                       # everything, ~1 h on 2 CPU cores
+    python benchmarks/quality.py --only adherence --pairs 120 --size 512
+    python benchmarks/quality.py --only convergence --size 128
+
+Sections (`--only`, repeatable):
+- adherence: over `--pairs` prompt×seed pairs (distinct captions, half naming a position), the share
+  of images whose background colour, shape colour, shape kind and position the judge
+  (`pipelines/toy/judge.py`) reads as captioned, at the API's defaults (DPM++ 2M, 25 steps, CFG 5,
+  shift 3) and at CFG 1 (no guidance) for comparison.
+- controls: a negative prompt naming the shape's colour, `(colour:1.5)` against `(colour:0.5)`, and the
+  negative-prompt window (`conditioningsettimesteprange_start/stop`, docs/sampling: the real negative
+  acts only in the first ~10 % of the schedule; a zero-out negative covers [start, stop]; outside both,
+  D = cfg·D_cond, which over-saturates): mean share of the named colour's pixels, and the image's
+  distance from the default setting.
+- convergence: every sampler at 4/8/16/32 steps, PSNR against the exact reference (DPM++ 2M at
+  `--reference-steps`, fp32) and against the same sampler at the reference step count. Samplers that
+  draw fresh noise every step (ancestral, SDE) converge in distribution, not image by image, so only
+  their second column is expected to rise.
+- settings: PSNR / SSIM of an image against the exact fp32 one when the server batches requests, in
+  bf16, and under each memory mode that runs on this device.
+
+The model is `--model` (default `toy`, the committed weights) loaded through the serving code
+(`server.app.load_runtime`), so what is measured is what a client would receive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.request import GenerationRequest  # noqa: E402
+from pipelines.toy import quality, world  # noqa: E402
+
+SECTIONS = ("adherence", "controls", "convergence", "settings")
+DEFAULTS = GenerationRequest(prompt="")  # the API's defaults: DPM++ 2M, 25 steps, CFG 5, shift 3
+CONVERGENCE_STEPS = (4, 8, 16, 32)
+
+
+def load(model: str, *, dtype: str = "fp32", memory: dict[str, str] | None = None, **sampling: str) -> object:
+    from server.app import load_runtime
+    from server.config import Settings
+
+    settings = Settings(
+        data_dir=Path(tempfile.mkdtemp(prefix="sd3-quality-")),
+        model={"id": model, "device": "cpu", "dtype": dtype},
+        memory=memory or {"mode": "device", "vae_tiling": "off", "attention_slicing": "off"},
+        sampling=sampling,
+    )
+    return load_runtime(settings).generator
+
+
+def table(header: list[str], rows: list[list[object]]) -> None:
+    cells = [header, *[[_fmt(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for k, row in enumerate(cells):
+        print(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    print(flush=True)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return "∞" if math.isinf(value) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def adherence(generator: object, args: argparse.Namespace) -> None:
+    pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed)
+    rows = []
+    for label, base in (
+        ("API defaults (CFG 5)", replace(DEFAULTS, width=args.size, height=args.size)),
+        ("CFG 1", replace(DEFAULTS, width=args.size, height=args.size, guidance_scale=1.0)),
+    ):
+        started = time.perf_counter()
+        score = quality.adherence(generator, pairs, base)  # type: ignore[arg-type]
+        rows.append(
+            [
+                label,
+                score.background,
+                score.colour,
+                score.shape,
+                score.position,
+                score.count,
+                time.perf_counter() - started,
+            ]
+        )
+    print(f"## Adherence at {args.size} px over {args.pairs} prompt×seed pairs")
+    table(["setting", "background", "shape colour", "shape", "position", "pairs", "seconds"], rows)
+
+
+def _colour_probe(args: argparse.Namespace) -> list[tuple[world.Caption, int]]:
+    return quality.prompt_seed_pairs(max(8, args.pairs // 8), seed=args.seed + 1, positioned=0.0)
+
+
+def controls(model: str, generator: object, args: argparse.Namespace) -> None:
+    pairs = _colour_probe(args)
+    base = replace(DEFAULTS, width=args.size, height=args.size)
+
+    def measure(
+        make: Callable[[world.Caption, int], GenerationRequest], gen: object = generator
+    ) -> tuple[float, list[np.ndarray]]:
+        shares, images = [], []
+        for caption, seed in pairs:
+            image = gen.generate(make(caption, seed)).images[0]  # type: ignore[attr-defined]
+            shares.append(quality.colour_share(image, caption.colour))
+            images.append(image)
+        return float(np.mean(shares)), images
+
+    plain, reference = measure(lambda c, s: replace(base, prompt=c.text, seed=s))
+    rows: list[list[object]] = [["prompt as captioned", plain, math.inf]]
+
+    def row(
+        label: str, make: Callable[[world.Caption, int], GenerationRequest], gen: object = generator
+    ) -> None:
+        share, images = measure(make, gen)
+        rows.append([label, share, quality.mean_psnr(images, reference)])
+
+    row(
+        "negative prompt = the shape's colour",
+        lambda c, s: replace(base, prompt=c.text, seed=s, negative_prompt=c.colour),
+    )
+    row(
+        "(colour:1.5) in the prompt",
+        lambda c, s: replace(base, prompt=c.text.replace(c.colour, f"({c.colour}:1.5)", 1), seed=s),
+    )
+    row(
+        "(colour:0.5) in the prompt",
+        lambda c, s: replace(base, prompt=c.text.replace(c.colour, f"({c.colour}:0.5)", 1), seed=s),
+    )
+    row(
+        "window stop 0.5 (zero negative ends half-way)",
+        lambda c, s: replace(base, prompt=c.text, seed=s, cond_stop=0.5),
+    )
+    row(
+        "window start 0.5 (gap after the real negative)",
+        lambda c, s: replace(base, prompt=c.text, seed=s, cond_start=0.5),
+    )
+    wiring_b = load(model, negative_window_wiring="b")
+    row(
+        "wiring b, start 1.0, negative = colour (real negative throughout)",
+        lambda c, s: replace(base, prompt=c.text, seed=s, negative_prompt=c.colour, cond_start=1.0),
+        wiring_b,
+    )
+    print(f"## Controls at {args.size} px over {len(pairs)} prompts (share of the shape colour's pixels)")
+    table(["setting", "colour share", "PSNR vs captioned (dB)"], rows)
+
+
+def convergence(generator: object, args: argparse.Namespace) -> None:
+    from schedulers.names import public_names, resolve
+
+    samplers: dict[str, str] = {}
+    for name in public_names():
+        spec = resolve(name)
+        if spec.schedule == "sgm_uniform" and spec.guidance_factor == 1.0:
+            samplers.setdefault(spec.sampler, name)
+    pairs = quality.prompt_seed_pairs(args.convergence_prompts, seed=args.seed + 2)
+    base = replace(DEFAULTS, width=args.size, height=args.size)
+
+    def images(scheduler: str, steps: int) -> list[np.ndarray]:
+        return [
+            generator.generate(replace(base, prompt=c.text, seed=s, scheduler=scheduler, steps=steps)).images[
+                0
+            ]  # type: ignore[attr-defined]
+            for c, s in pairs
+        ]
+
+    exact = images("dpmpp_2m", args.reference_steps)
+    rows = []
+    for sampler, name in samplers.items():
+        own = images(name, args.reference_steps)
+        at = {n: images(name, n) for n in CONVERGENCE_STEPS}
+        rows.append(
+            [
+                sampler,
+                *(quality.mean_psnr(at[n], exact) for n in CONVERGENCE_STEPS),
+                *(quality.mean_psnr(at[n], own) for n in CONVERGENCE_STEPS),
+            ]
+        )
+    print(
+        f"## Convergence at {args.size} px, {len(pairs)} prompts: PSNR (dB) against DPM++ 2M at "
+        f"{args.reference_steps} steps | against the same sampler at {args.reference_steps} steps"
+    )
+    table(
+        ["sampler", *(f"{n} exact" for n in CONVERGENCE_STEPS), *(f"{n} own" for n in CONVERGENCE_STEPS)],
+        rows,
+    )
+
+
+def settings(model: str, generator: object, args: argparse.Namespace) -> None:
+    pairs = quality.prompt_seed_pairs(8, seed=args.seed + 3)
+    requests = [replace(DEFAULTS, prompt=c.text, seed=s, width=args.size, height=args.size) for c, s in pairs]
+    exact = [generator.generate(r).images[0] for r in requests]  # type: ignore[attr-defined]
+    rows: list[list[object]] = []
+
+    def row(label: str, images: list[np.ndarray]) -> None:
+        rows.append(
+            [
+                label,
+                quality.mean_psnr(images, exact),
+                float(np.mean([quality.ssim(a, b) for a, b in zip(images, exact, strict=True)])),
+            ]
+        )
+
+    batched = [r.images[0] for r in generator.generate_batch(requests)]  # type: ignore[attr-defined]
+    row("8 requests in one batch", batched)
+    bf16 = load(model, dtype="bf16")
+    row("bf16 weights and activations", [bf16.generate(r).images[0] for r in requests])  # type: ignore[attr-defined]
+    for label, memory in (
+        ("VAE tiling", {"mode": "device", "vae_tiling": "on", "attention_slicing": "off"}),
+        ("attention slicing", {"mode": "device", "vae_tiling": "off", "attention_slicing": "on"}),
+        ("T5 in 8-bit", {"mode": "device", "t5": "8bit", "vae_tiling": "off", "attention_slicing": "off"}),
+        ("no T5", {"mode": "device", "t5": "off", "vae_tiling": "off", "attention_slicing": "off"}),
+    ):
+        try:
+            other = load(model, memory=memory)
+        except Exception as exc:  # a mode this machine cannot run (e.g. bitsandbytes missing) is reported
+            rows.append([label, f"skipped: {exc}", ""])
+            continue
+        row(label, [other.generate(r).images[0] for r in requests])  # type: ignore[attr-defined]
+    print(f"## Settings against the exact fp32 image at {args.size} px, {len(requests)} prompts")
+    table(["setting", "PSNR (dB)", "SSIM"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="toy")
+    parser.add_argument("--only", action="append", choices=SECTIONS)
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--pairs", type=int, default=120, help="prompt×seed pairs for adherence")
+    parser.add_argument("--convergence-prompts", type=int, default=4)
+    parser.add_argument("--reference-steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    generator = load(args.model)
+    for section in args.only or SECTIONS:
+        started = time.perf_counter()
+        if section == "adherence":
+            adherence(generator, args)
+        elif section == "controls":
+            controls(args.model, generator, args)
+        elif section == "convergence":
+            convergence(generator, args)
+        else:
+            settings(args.model, generator, args)
+        print(f"({section}: {time.perf_counter() - started:.0f} s)\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
