@@ -11,7 +11,7 @@ Sections (`--only`, repeatable):
   (`pipelines/toy/judge.py`) reads as captioned, at the API's defaults (DPM++ 2M, 25 steps, CFG 5,
   shift 3) and at CFG 1 (no guidance) for comparison.
 - controls: a negative prompt naming the shape's colour, `(colour:1.5)` against `(colour:0.5)`, and the
-  negative-prompt window (`conditioningsettimesteprange_start/stop`, docs/sampling: the real negative
+  negative-prompt window (`conditioningsettimesteprange_start/stop`, docs/sampling.md §5: the real negative
   acts only in the first ~10 % of the schedule; a zero-out negative covers [start, stop]; outside both,
   D = cfg·D_cond, which over-saturates): mean share of the named colour's pixels, and the image's
   distance from the default setting.

@@ -34,6 +34,7 @@ import torch
 
 from pipelines.architectures import Scale, build_random_pipeline
 from pipelines.checkpoints import SingleFileContents, inspect_single_file
+from pipelines.options import Device, Dtype
 from pipelines.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,8 @@ class ModelSpec:
     tiny_dir: Path  # where `tiny` is written once and cached
     revision: str | None = None
     config: str | None = None  # diffusers folder/id describing a single-file checkpoint
-    device: str = "auto"
-    dtype: str = "auto"
+    device: Device = "auto"
+    dtype: Dtype = "auto"
     token: str | None = None  # None: huggingface_hub uses HF_TOKEN or the saved login
     load_t5: bool = True
     # T5-XXL in 8-bit (bitsandbytes, CUDA or CPU): less memory for a little latency (docs/performance.md §3).
@@ -82,7 +83,7 @@ class LoadedModel:
     description: str
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: Device) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -101,7 +102,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: Dtype, device: torch.device) -> torch.dtype:
     if name == "auto":
         # Half precision is what SD3 is served in on GPUs; CPUs are slow and often wrong in fp16.
         return torch.float32 if device.type == "cpu" else torch.float16

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from pipelines.options import MemoryMode, Placement, Switch, T5Choice, T5Mode
 from pipelines.quantization import MIN_BITSANDBYTES, bitsandbytes_problem
 
 log = logging.getLogger(__name__)
 
 GiB = 2**30
-Placement = Literal["device", "model_offload", "sequential_offload"]
-T5Mode = Literal["full", "8bit", "off"]
 
 
 @dataclass(frozen=True)
@@ -82,23 +81,23 @@ def bitsandbytes_available(device: torch.device) -> bool:
 
 def plan_memory(
     *,
-    mode: str,
+    mode: MemoryMode,
     device: torch.device,
     free_bytes: int | None,
-    t5: str = "auto",
-    t5_on_cpu: str = "auto",
-    vae_tiling: str = "auto",
-    attention_slicing: str = "auto",
+    t5: T5Choice = "auto",
+    t5_on_cpu: Switch = "auto",
+    vae_tiling: Switch = "auto",
+    attention_slicing: Switch = "auto",
 ) -> MemoryPlan:
     """Choose the plan. Explicit settings win; `auto` takes the fastest plan whose need fits."""
     can_8bit = bitsandbytes_available(device)
     if mode == "auto":
         placement, auto_t5, auto_cpu, reason = _auto_placement(device, free_bytes, can_8bit, t5, t5_on_cpu)
     else:
-        placement, auto_t5, auto_cpu, reason = mode, "full", False, f"--memory-mode {mode}"  # type: ignore[assignment]
+        placement, auto_t5, auto_cpu, reason = mode, "full", False, f"--memory-mode {mode}"
     if placement != "device" and device.type == "cpu":
         placement, reason = "device", "on a CPU there is nothing to offload to"
-    chosen_t5: T5Mode = auto_t5 if t5 == "auto" else t5  # type: ignore[assignment]
+    chosen_t5: T5Mode = auto_t5 if t5 == "auto" else t5
     if chosen_t5 == "8bit" and not can_8bit:
         raise ValueError(
             "T5 in 8-bit needs a CUDA GPU or the CPU, and bitsandbytes "
@@ -116,7 +115,7 @@ def plan_memory(
     return MemoryPlan(placement, chosen_t5, tiling, slicing, reason, t5_on_cpu=on_cpu)
 
 
-def _choice(value: str, *, default: bool) -> bool:
+def _choice(value: Switch, *, default: bool) -> bool:
     return default if value == "auto" else value == "on"
 
 
@@ -146,7 +145,7 @@ _NEEDS_GIB: dict[T5Mode, list[tuple[Placement, bool, float]]] = {
 
 
 def _auto_placement(
-    device: torch.device, free: int | None, can_8bit: bool, t5: str = "auto", t5_on_cpu: str = "auto"
+    device: torch.device, free: int | None, can_8bit: bool, t5: T5Choice = "auto", t5_on_cpu: Switch = "auto"
 ) -> tuple[Placement, T5Mode, bool, str]:
     """The fastest placement that fits, for the T5 asked for (`auto` never drops T5: it would change
     the image, but takes 8-bit when bitsandbytes is there and it lets a faster placement fit).
@@ -162,7 +161,7 @@ def _auto_placement(
     if t5 == "auto":
         modes: list[T5Mode] = ["full", "8bit"] if can_8bit else ["full"]
     else:
-        modes = [t5]  # type: ignore[list-item]
+        modes = [t5]
     options = sorted(
         ((placement, mode, cpu, need) for mode in modes for placement, cpu, need in _NEEDS_GIB[mode]),
         key=lambda option: (option[2], option[0] != "device", option[1] != "full"),
@@ -175,7 +174,7 @@ def _auto_placement(
             return placement, mode, cpu, f"{gib:.1f} GiB free; this plan with {what} needs ~{need:g} GiB"
     # Sequential offload streams weights layer by layer and fits nearly anything, with the T5 asked
     # for (`auto`: the whole T5, which keeps the image exact).
-    streamed: T5Mode = "full" if t5 == "auto" else t5  # type: ignore[assignment]
+    streamed: T5Mode = "full" if t5 == "auto" else t5
     return "sequential_offload", streamed, False, f"{gib:.1f} GiB free: too little for any faster plan"
 
 

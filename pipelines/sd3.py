@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.loading import LoadedModel
+from pipelines.options import NegativeWindowWiring, PercentRule
 from pipelines.prompt_cache import PromptCache
 from pipelines.request import GenerationRequest, GenerationResult
 from pipelines.text import count_tokens, encode_prompt
@@ -51,8 +52,8 @@ class Conditioning:
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingOptions:
-    negative_window_wiring: str = "a"
-    percent_rule: str = "current"
+    negative_window_wiring: NegativeWindowWiring = "a"
+    percent_rule: PercentRule = "current"
     max_sequence_length: int = 77
     prompt_cache_bytes: int = 256 * 2**20
 

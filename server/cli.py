@@ -14,7 +14,7 @@ import socket
 import time
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,6 +24,7 @@ from rich.text import Text
 
 from server.config import Settings
 from server.credits import InvalidAmount, format_credits, parse_credits
+from server.flags import SettingsFlags, build_settings, setting_option
 from server.logs import configure_logging
 
 app = typer.Typer(
@@ -41,98 +42,16 @@ app.add_typer(db_app, name="db")
 err = Console(stderr=True)
 out = Console()
 
-# Options shared by every command that touches the data dir or the model.
-DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Ledger and model cache [SD3_DATA_DIR]")]
-DatabaseUrl = Annotated[
-    str | None, typer.Option("--database-url", help="SQLAlchemy URL of the ledger [SD3_DATABASE_URL]")
-]
-Model = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        help="tiny | random:sd3-medium | random:small | Hugging Face id | diffusers folder | .safetensors "
-        "[SD3_MODEL__ID]",
-    ),
-]
-Device = Annotated[str | None, typer.Option(help="auto | cuda | mps | cpu [SD3_MODEL__DEVICE]")]
-Dtype = Annotated[str | None, typer.Option(help="auto | fp16 | bf16 | fp32 [SD3_MODEL__DTYPE]")]
-Revision = Annotated[
-    str | None, typer.Option(help="Hub revision (branch, tag, commit) [SD3_MODEL__REVISION]")
-]
-ModelConfig = Annotated[
-    str | None,
-    typer.Option(
-        "--model-config",
-        help="Diffusers folder/id with the configs of a single-file checkpoint [SD3_MODEL__CONFIG]",
-    ),
-]
-T5 = Annotated[
-    str | None, typer.Option("--t5", help="auto | full | 8bit | off: the T5-XXL encoder [SD3_MEMORY__T5]")
-]
-NoT5 = Annotated[bool, typer.Option("--no-t5", help="Same as --t5 off: ~9.5 GB less, a CLIP-only context")]
-MemoryMode = Annotated[
-    str | None,
-    typer.Option(
-        "--memory-mode",
-        help="auto | device | model_offload | sequential_offload [SD3_MEMORY__MODE]",
-    ),
-]
-T5OnCpu = Annotated[
-    str | None,
-    typer.Option(
-        "--t5-on-cpu",
-        help="auto | on | off: run T5 on the CPU, out of the GPU's plan [SD3_MEMORY__T5_ON_CPU]",
-    ),
-]
-VaeTiling = Annotated[str | None, typer.Option(help="auto | on | off [SD3_MEMORY__VAE_TILING]")]
-AttentionSlicing = Annotated[str | None, typer.Option(help="auto | on | off [SD3_MEMORY__ATTENTION_SLICING]")]
-
-
-def memory_overrides(
-    *,
-    t5: str | None,
-    no_t5: bool,
-    memory_mode: str | None,
-    vae_tiling: str | None,
-    attention_slicing: str | None,
-    t5_on_cpu: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "memory__t5": "off" if no_t5 else t5,
-        "memory__t5_on_cpu": t5_on_cpu,
-        "memory__mode": memory_mode,
-        "memory__vae_tiling": vae_tiling,
-        "memory__attention_slicing": attention_slicing,
-    }
-
-
-def build_settings(**overrides: Any) -> Settings:
-    """Settings from the environment, with the flags that were given on top (nested as `group__field`)."""
-    nested: dict[str, Any] = {}
-    for name, value in overrides.items():
-        if value is None:
-            continue
-        group, _, field = name.partition("__")
-        if field:
-            nested.setdefault(group, {})[field] = value
-        else:
-            nested[name] = value
-    from pydantic import ValidationError
-
-    try:
-        return Settings(**nested)
-    except ValidationError as exc:  # one line naming each setting and its SD3_ twin, not a traceback
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))} (SD3_{'__'.join(map(str, e['loc'])).upper()}): "
-            f"{e['msg']} (got {str(e.get('input'))[:40]!r})"
-            for e in exc.errors()
-        )
-        _fail(f"Invalid settings: {problems}.")
-        raise typer.Exit(2) from None
-    except Exception as exc:  # pydantic-settings' SettingsError, e.g. a list variable that is not JSON
-        _fail(f"Invalid settings: {exc}")
-        raise typer.Exit(2) from None
+# The ledger's location, for the commands that take only it; `serve` and `generate` take every
+# setting they use through `SettingsFlags`.
+DataDir = Annotated[Path | None, setting_option("data_dir")]
+DatabaseUrl = Annotated[str | None, setting_option("database_url")]
+# serve: every setting. generate: what loading and sampling read (it writes its JPEGs at the default
+# quality, as it always has).
+SERVE_FLAGS = SettingsFlags()
+GENERATE_FLAGS = SettingsFlags(
+    only=("data_dir", "model", "sampling", "memory", "performance"), leave_out=("performance.jpeg_quality",)
+)
 
 
 def _check_storage(settings: Settings, *, data_dir: bool) -> None:
@@ -189,96 +108,10 @@ def _load_runtime(settings: Settings):  # type: ignore[no-untyped-def]
             raise typer.Exit(2) from None
 
 
-@app.command()
+@app.command(cls=SERVE_FLAGS.command)
+@SERVE_FLAGS
 def serve(
-    model: Model = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind [SD3_HOST]")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [SD3_PORT]")] = None,
-    device: Device = None,
-    dtype: Dtype = None,
-    t5: T5 = None,
-    no_t5: NoT5 = False,
-    t5_on_cpu: T5OnCpu = None,
-    memory_mode: MemoryMode = None,
-    vae_tiling: VaeTiling = None,
-    attention_slicing: AttentionSlicing = None,
-    revision: Revision = None,
-    model_config: ModelConfig = None,
-    max_pending: Annotated[
-        int | None, typer.Option(help="Jobs waiting or running before 429 [SD3_QUEUE__MAX_PENDING]")
-    ] = None,
-    max_batch_images: Annotated[
-        int | None,
-        typer.Option(
-            help="Images per batch of compatible queued jobs; 1 = off [SD3_QUEUE__MAX_BATCH_IMAGES]"
-        ),
-    ] = None,
-    max_batch_pixels: Annotated[
-        int | None,
-        typer.Option(help="Pixels per batch (images x width x height) [SD3_QUEUE__MAX_BATCH_PIXELS]"),
-    ] = None,
-    compile: Annotated[
-        bool | None,
-        typer.Option(
-            "--compile/--no-compile", help="torch.compile the transformer [SD3_PERFORMANCE__COMPILE]"
-        ),
-    ] = None,
-    fuse_qkv: Annotated[
-        bool | None,
-        typer.Option("--fuse-qkv/--no-fuse-qkv", help="Fused QKV projections [SD3_PERFORMANCE__FUSE_QKV]"),
-    ] = None,
-    warmup: Annotated[
-        bool | None,
-        typer.Option("--warmup/--no-warmup", help="One generation at start-up [SD3_PERFORMANCE__WARMUP]"),
-    ] = None,
-    jpeg_quality: Annotated[int | None, typer.Option(help="1-100 [SD3_PERFORMANCE__JPEG_QUALITY]")] = None,
-    prompt_cache_mb: Annotated[
-        int | None, typer.Option(help="Encoded-prompt cache size [SD3_MEMORY__PROMPT_CACHE_MB]")
-    ] = None,
-    requests_per_minute: Annotated[
-        int | None, typer.Option(help="Per-key rate limit, 0 = none [SD3_LIMITS__REQUESTS_PER_MINUTE]")
-    ] = None,
-    header_timeout: Annotated[
-        float | None,
-        typer.Option(help="Seconds for a request's line and headers [SD3_CONNECTIONS__HEADER_TIMEOUT_S]"),
-    ] = None,
-    body_timeout: Annotated[
-        float | None,
-        typer.Option(help="Seconds for a request's body after its headers [SD3_CONNECTIONS__BODY_TIMEOUT_S]"),
-    ] = None,
-    keep_alive: Annotated[
-        int | None, typer.Option(help="Seconds an idle connection stays open [SD3_CONNECTIONS__KEEP_ALIVE_S]")
-    ] = None,
-    max_header_bytes: Annotated[
-        int | None,
-        typer.Option(help="Largest request line + headers, else 431 [SD3_CONNECTIONS__MAX_HEADER_BYTES]"),
-    ] = None,
-    max_connections: Annotated[
-        int | None,
-        typer.Option(
-            help="Open connections, all clients; keep it under `ulimit -n` [SD3_CONNECTIONS__MAX_CONNECTIONS]"
-        ),
-    ] = None,
-    max_connections_per_client: Annotated[
-        int | None,
-        typer.Option(
-            help="Open connections per client address, 0 = no cap; behind a local proxy raise it to "
-            "--max-connections [SD3_CONNECTIONS__MAX_CONNECTIONS_PER_CLIENT]"
-        ),
-    ] = None,
-    data_dir: DataDir = None,
-    database_url: DatabaseUrl = None,
-    log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error [SD3_LOG_LEVEL]")] = None,
-    log_format: Annotated[
-        str | None, typer.Option(help="auto | json | text (auto: text on a terminal) [SD3_LOG_FORMAT]")
-    ] = None,
-    starter_key: Annotated[
-        bool | None,
-        typer.Option(
-            "--starter-key/--no-starter-key",
-            help="On a ledger with no key, create one and print it once [SD3_STARTER_KEY]",
-        ),
-    ] = None,
+    settings: Settings,
     ray: Annotated[
         bool, typer.Option("--ray", help="Serve with Ray Serve: one replica per GPU (the `ray` extra)")
     ] = False,
@@ -296,43 +129,6 @@ def serve(
     from server.connections import TooFewDescriptors, ensure_descriptors, uvicorn_config
     from server.instance_lock import InstanceBusy, instance_lock
 
-    settings = build_settings(
-        model__id=model,
-        host=host,
-        port=port,
-        model__device=device,
-        model__dtype=dtype,
-        model__revision=revision,
-        model__config=model_config,
-        queue__max_pending=max_pending,
-        queue__max_batch_images=max_batch_images,
-        queue__max_batch_pixels=max_batch_pixels,
-        performance__compile=compile,
-        performance__fuse_qkv=fuse_qkv,
-        performance__warmup=warmup,
-        performance__jpeg_quality=jpeg_quality,
-        memory__prompt_cache_mb=prompt_cache_mb,
-        limits__requests_per_minute=requests_per_minute,
-        connections__header_timeout_s=header_timeout,
-        connections__body_timeout_s=body_timeout,
-        connections__keep_alive_s=keep_alive,
-        connections__max_header_bytes=max_header_bytes,
-        connections__max_connections=max_connections,
-        connections__max_connections_per_client=max_connections_per_client,
-        data_dir=data_dir,
-        database_url=database_url,
-        log_level=log_level,
-        log_format=log_format,
-        starter_key=starter_key,
-        **memory_overrides(
-            t5=t5,
-            no_t5=no_t5,
-            t5_on_cpu=t5_on_cpu,
-            memory_mode=memory_mode,
-            vae_tiling=vae_tiling,
-            attention_slicing=attention_slicing,
-        ),
-    )
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     # Before the model: the tiny model, outputs and the ledger are all written there.
     _check_storage(settings, data_dir=True)
@@ -433,8 +229,10 @@ def _print_starter_key(settings: Settings) -> None:
     out.print(Text(key), soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=GENERATE_FLAGS.command)
+@GENERATE_FLAGS
 def generate(
+    settings: Settings,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt to render")],
     out_path: Annotated[
         Path, typer.Option("--out", "-o", help="Output JPEG (several samples: name-1.jpg, …)")
@@ -455,18 +253,6 @@ def generate(
     modelsamplingsd3_shift: Annotated[float, typer.Option("--shift", "--modelsamplingsd3-shift")] = 3.0,
     cond_start: Annotated[float, typer.Option("--conditioningsettimesteprange-start")] = 0.1,
     cond_stop: Annotated[float, typer.Option("--conditioningsettimesteprange-stop")] = 1.0,
-    model: Model = None,
-    device: Device = None,
-    dtype: Dtype = None,
-    t5: T5 = None,
-    no_t5: NoT5 = False,
-    t5_on_cpu: T5OnCpu = None,
-    memory_mode: MemoryMode = None,
-    vae_tiling: VaeTiling = None,
-    attention_slicing: AttentionSlicing = None,
-    revision: Revision = None,
-    model_config: ModelConfig = None,
-    data_dir: DataDir = None,
 ) -> None:
     """Generate one request's images to a file, with no HTTP and no credits."""
     from pydantic import ValidationError
@@ -475,22 +261,6 @@ def generate(
     from server.schemas import Txt2ImgRequest, describe_validation_errors
     from server.serving import resolve_seed, to_generation_request
 
-    settings = build_settings(
-        model__id=model,
-        model__device=device,
-        model__dtype=dtype,
-        model__revision=revision,
-        model__config=model_config,
-        data_dir=data_dir,
-        **memory_overrides(
-            t5=t5,
-            no_t5=no_t5,
-            t5_on_cpu=t5_on_cpu,
-            memory_mode=memory_mode,
-            vae_tiling=vae_tiling,
-            attention_slicing=attention_slicing,
-        ),
-    )
     try:
         # The same validation as the HTTP API, so a flag means exactly what the JSON field means.
         body = Txt2ImgRequest(

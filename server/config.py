@@ -2,7 +2,9 @@
 
 Built once (by the CLI or by whoever embeds the app) and passed down; nothing else reads
 `os.environ`. Nested groups are set from the environment with a double underscore, e.g.
-`SD3_MODEL__DEVICE=cuda`, `SD3_PRICING__PRICE_PER_IMAGE=0.05`.
+`SD3_MODEL__DEVICE=cuda`, `SD3_PRICING__PRICE_PER_IMAGE=0.05`. Each field's description is its
+help on the command line, where server/flags.py makes it a flag: `--` and the field's own name,
+unless `Flags` names it otherwise.
 """
 
 from __future__ import annotations
@@ -10,19 +12,49 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import platformdirs
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipelines.options import (
+    Device,
+    Dtype,
+    MemoryMode,
+    NegativeWindowWiring,
+    PercentRule,
+    Switch,
+    T5Choice,
+)
 from server.credits import MAX_CREDITS
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 # In the data folder: the default instance id (see `Settings.instance_id`).
 INSTANCE_ID_FILE = "instance-id"
+
+
+@dataclass(frozen=True, init=False)
+class Flags:
+    """A setting's command-line names, where they are not `--` and its own name (kept from releases
+    that declared them by hand, or told apart from a namesake in another group)."""
+
+    names: tuple[str, ...]
+
+    def __init__(self, *names: str) -> None:
+        object.__setattr__(self, "names", names)
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """One more flag that sets the setting to one value (`--no-t5` is `--t5 off`)."""
+
+    flag: str
+    value: str
+    help: str
 
 
 def stored_instance_id(data_dir: Path) -> str:
@@ -55,73 +87,96 @@ class ModelSettings(BaseModel):
     # "tiny" (the offline random-weight model), a Hugging Face id, a local diffusers folder,
     # a single-file checkpoint (.safetensors / .ckpt), or "random:sd3-medium" / "random:small"
     # (the real architecture with random weights, for benchmarks without a download).
-    id: str = DEFAULT_MODEL
-    revision: str | None = None
+    id: Annotated[str, Flags("--model", "-m")] = Field(
+        DEFAULT_MODEL,
+        description="tiny | toy | random:sd3-medium | random:small | Hugging Face id | diffusers "
+        "folder | .safetensors",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag, commit)")
     # Only for single-file checkpoints: a local diffusers folder (or Hub id) whose configs describe it,
     # so that a checkpoint can be loaded with no network.
-    config: str | None = None
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    config: Annotated[str | None, Flags("--model-config")] = Field(
+        None, description="Diffusers folder/id with the configs of a single-file checkpoint"
+    )
+    device: Device = Field("auto", description="Where to run; auto: CUDA, else MPS, else the CPU")
+    dtype: Dtype = Field("auto", description="Weights' precision; auto: fp16 on a GPU, fp32 on a CPU")
     # The user's own token for gated repositories; when unset, huggingface_hub falls back to HF_TOKEN
     # or the token saved by `hf auth login`.
-    hf_token: SecretStr | None = None
+    hf_token: SecretStr | None = Field(
+        None, description="Token for gated Hub repositories; unset: HF_TOKEN or `hf auth login`'s"
+    )
 
 
 class SamplingSettings(BaseModel):
     # Which ComfyUI conventions the hosted service follows is not known (docs/sampling.md §5.3, §10):
     # both choices are kept as settings.
-    negative_window_wiring: Literal["a", "b"] = "a"
-    percent_rule: Literal["current", "legacy"] = "current"
+    negative_window_wiring: NegativeWindowWiring = Field(
+        "a", description="Timestep range of the real negative prompt: a (0-10 %) or b (0-start)"
+    )
+    percent_rule: PercentRule = Field(
+        "current", description="ComfyUI's percent-to-sigma rule: current (since 2024-12) or legacy"
+    )
     # ComfyUI pads T5 to 77 tokens; diffusers' default of 256 changes the image.
-    max_sequence_length: int = Field(77, ge=1, le=512)
+    max_sequence_length: int = Field(77, ge=1, le=512, description="T5 tokens per prompt")
 
 
 class MemorySettings(BaseModel):
     # Where the weights live: "auto" picks from the device's free memory (pipelines/memory.py).
-    mode: Literal["auto", "device", "model_offload", "sequential_offload"] = "auto"
+    mode: Annotated[MemoryMode, Flags("--memory-mode")] = Field(
+        "auto", description="Where the weights live; auto: from the device's free memory"
+    )
     # T5-XXL is 11.5 GB in an fp16 load (wo stays fp32): "8bit" (bitsandbytes) saves ~3.6 GB; "off" all but
     # changes the image (the context is then CLIP only). "auto" never drops it.
-    t5: Literal["auto", "full", "8bit", "off"] = "auto"
+    t5: Annotated[
+        T5Choice, Shortcut("--no-t5", "off", "Same as --t5 off: ~9.5 GB less, a CLIP-only context")
+    ] = Field("auto", description="The T5-XXL text encoder; auto never drops it")
     # Keep T5 on the CPU and run it there, out of the GPU plan: an 8 GB card can then keep T5 under
     # model offload; a new prompt is encoded on the CPU (seconds; repeats come from the cache).
     # "auto": only when no plan fits T5 on the GPU.
-    t5_on_cpu: Literal["auto", "on", "off"] = "auto"
-    vae_tiling: Literal["auto", "on", "off"] = "auto"
-    attention_slicing: Literal["auto", "on", "off"] = "auto"
-    # Encoded prompts kept for reuse, in MB (docs/performance.md §4 sizes an entry).
-    prompt_cache_mb: int = Field(256, ge=0)
+    t5_on_cpu: Switch = Field("auto", description="Run T5 on the CPU, out of the GPU's plan")
+    vae_tiling: Switch = Field("auto", description="Decode latents to images tile by tile")
+    attention_slicing: Switch = Field("auto", description="Compute attention a slice at a time")
+    # Encoded prompts kept for reuse in MB (docs/performance.md §4 sizes an entry).
+    prompt_cache_mb: int = Field(256, ge=0, description="Encoded-prompt cache size, in MB")
 
 
 class PerformanceSettings(BaseModel):
     # torch.compile of the transformer: faster on big GPUs (docs/performance.md §6) after a
     # compile of minutes (cached by inductor across restarts); the warm-up pays it at start-up.
-    compile: bool = False
-    compile_mode: str = "max-autotune-no-cudagraphs"
-    compile_backend: str = "inductor"
+    compile: bool = Field(False, description="torch.compile the transformer")
+    compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile's mode")
+    compile_backend: str = Field("inductor", description="torch.compile's backend")
     # Fused QKV projections (one matmul instead of three per attention): a few percent.
-    fuse_qkv: bool = False
+    fuse_qkv: bool = Field(False, description="Fused QKV projections")
     # One generation at start-up so the first user request is not the slow one. Default: on when
     # compiling (where it matters most), off otherwise.
-    warmup: bool | None = None
-    warmup_size: int = Field(1024, ge=512, le=2048, multiple_of=8)
-    jpeg_quality: int = Field(90, ge=1, le=100)
+    warmup: bool | None = Field(None, description="One generation at start-up; unset: when compiling")
+    warmup_size: int = Field(
+        1024, ge=512, le=2048, multiple_of=8, description="Width and height of the warm-up image"
+    )
+    jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of the JPEGs served, 1-100")
 
 
 class JobSettings(BaseModel):
     # The hosted service keeps v2 results 1 hour after submission and output files 7 days.
-    result_retention_s: int = Field(3600, ge=1)
-    outputs_retention_s: int = Field(7 * 24 * 3600, ge=1)
+    result_retention_s: int = Field(
+        3600, ge=1, description="Seconds a v2 job's result is kept after its submission"
+    )
+    outputs_retention_s: int = Field(7 * 24 * 3600, ge=1, description="Seconds an output file is kept")
 
 
 class LimitSettings(BaseModel):
     # Bodies above this are refused with 413 before they are read into memory.
-    max_body_bytes: int = Field(1 * 2**20, ge=1024)
-    # Per-key requests per minute on the generation endpoints; 0 = no limit.
-    requests_per_minute: int = Field(0, ge=0)
+    max_body_bytes: int = Field(1 * 2**20, ge=1024, description="Largest request body, else 413")
+    requests_per_minute: int = Field(
+        0, ge=0, description="Per-key requests per minute on the generation endpoints, 0 = no limit"
+    )
     # CLIP tokens per prompt (and per negative prompt), counted before anything is reserved: the
     # text work and the transformer's context grow with them, at the same price. 4,000 characters of
     # English are ~1,000 tokens; of emoji, ~16,000 (docs/reliability.md, Request bounds).
-    max_prompt_tokens: int = Field(1000, ge=1)
+    max_prompt_tokens: int = Field(
+        1000, ge=1, description="CLIP tokens per prompt and per negative prompt, else 422"
+    )
 
 
 class ConnectionSettings(BaseModel):
@@ -136,19 +191,30 @@ class ConnectionSettings(BaseModel):
 
     # The request line and headers must arrive within this long of the connection opening (or of
     # the previous response on a kept-alive connection); a slowloris client is cut off after it.
-    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="Seconds for a request's line and headers"
+    )
     # A request's body must arrive within this long of its head: 1 MiB in 30 s is 35 KB/s.
-    body_timeout_s: float = Field(30.0, gt=0, le=3600)
-    # An idle kept-alive connection is closed after this long (uvicorn's own timer).
-    keep_alive_s: int = Field(5, ge=1, le=3600)
-    # Request line and headers larger than this are refused with 431 (httptools sets no bound).
-    max_header_bytes: int = Field(64 * 1024, ge=1024, le=2**24)
-    # Open connections, all clients together; one more is closed at once, before it costs a file
-    # descriptor for long. Keep it under the process's open-file limit (`ulimit -n`, often 1024).
-    max_connections: int = Field(512, ge=1)
-    # Open connections from one client address; 0 = no per-address cap. Behind a reverse proxy on
-    # the same host every connection comes from the proxy's address: raise it to max_connections.
-    max_connections_per_client: int = Field(64, ge=0)
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Seconds for a request's body after its headers"
+    )
+    # uvicorn's own timer.
+    keep_alive_s: int = Field(5, ge=1, le=3600, description="Seconds an idle connection stays open")
+    # httptools sets no bound of its own.
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, le=2**24, description="Largest request line and headers, else 431"
+    )
+    # One more is closed at once, before it costs a file descriptor for long.
+    max_connections: int = Field(
+        512, ge=1, description="Open connections, all clients; keep it under `ulimit -n` (often 1024)"
+    )
+    # Behind a reverse proxy on the same host every connection comes from the proxy's address.
+    max_connections_per_client: int = Field(
+        64,
+        ge=0,
+        description="Open connections per client address, 0 = no cap; behind a local proxy, raise it "
+        "to max connections",
+    )
 
 
 class PricingSettings(BaseModel):
@@ -156,34 +222,47 @@ class PricingSettings(BaseModel):
     # Checked here so that a bad price stops the start with one sentence rather than failing every
     # request: finite, not negative, at most a balance's maximum, and few enough decimals that the
     # exact arithmetic of server/pricing.py stays small (each request's price is rounded to 6 anyway).
-    price_per_image: Decimal = Field(Decimal("0.039"), ge=0, le=MAX_CREDITS, decimal_places=12)
-    reference_steps: int = Field(25, ge=1)
-    reference_pixels: int = Field(1024 * 1024, ge=1)
+    price_per_image: Decimal = Field(
+        Decimal("0.039"),
+        ge=0,
+        le=MAX_CREDITS,
+        decimal_places=12,
+        description="Credits for one image of the reference pixels and steps",
+    )
+    reference_steps: int = Field(25, ge=1, description="Steps the price per image is for")
+    reference_pixels: int = Field(1024 * 1024, ge=1, description="Pixels the price per image is for")
     # "image": the hosted contract's price, whatever the sampler and guidance. "evaluations": scaled
     # by the transformer evaluations the request runs instead of its steps (two-stage samplers such
     # as Heun run ~2 per step; guidance 1 skips the negative), so that a reference request
     # (a one-evaluation sampler, guidance above 1, reference_steps steps) still costs price_per_image.
-    mode: Literal["image", "evaluations"] = "image"
+    mode: Annotated[Literal["image", "evaluations"], Flags("--pricing-mode")] = Field(
+        "image", description="image: the hosted price; evaluations: by transformer evaluations"
+    )
 
 
 class QueueSettings(BaseModel):
-    # Requests waiting for the device beyond this are refused with 429.
-    max_pending: int = Field(16, ge=1)
-    retry_after_s: int = Field(5, ge=1)
+    max_pending: int = Field(16, ge=1, description="Jobs waiting or running before 429")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429 for a full queue, in seconds")
     # Accepted v2 jobs not yet finished, per server. An accepted job is persisted and waits for room
     # in the device queue (it is never failed for a full queue); past this many, a new submission is
     # refused with 429 and Retry-After before anything is charged.
-    max_accepted_jobs: int = Field(1000, ge=1)
+    max_accepted_jobs: int = Field(1000, ge=1, description="Accepted v2 jobs not yet finished before 429")
     # Compatible waiting requests share one sampling batch up to this many images. 1 = no batching,
     # which keeps every image bit-identical for its seed whatever else is queued (a batch changes
     # float rounding); batching pays mostly below 1024x1024 and on under-used GPUs.
-    max_batch_images: int = Field(1, ge=1, le=16)
+    max_batch_images: int = Field(
+        1, ge=1, le=16, description="Images per batch of compatible queued jobs; 1 = off"
+    )
     # And up to this many pixels (images x width x height): the batch's activations and VAE decodes
     # grow with pixels, not images. The default, four 1024² images, allows sixteen 512² ones.
-    max_batch_pixels: int = Field(4 * 1024 * 1024, ge=512 * 512)
+    max_batch_pixels: int = Field(
+        4 * 1024 * 1024, ge=512 * 512, description="Pixels per batch (images x width x height)"
+    )
     # With batching on, how long the device waits for more compatible jobs before it starts a
     # batch that is not full. A few ms against generations of seconds.
-    batch_wait_ms: int = Field(20, ge=0, le=1000)
+    batch_wait_ms: int = Field(
+        20, ge=0, le=1000, description="Milliseconds to wait for compatible jobs to fill a batch"
+    )
 
 
 class Settings(BaseSettings):
@@ -194,28 +273,44 @@ class Settings(BaseSettings):
     # The ledger, outputs and built models. The platform's per-user data folder (on Linux
     # ~/.local/share/sd3-server), not the current directory: a relative default made `keys create`,
     # run from another folder, create a second, empty ledger whose keys the server then refused.
-    data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("sd3-server")))
-    # Default: a SQLite file in the data dir. PostgreSQL: postgresql+psycopg://user:pass@host/db
-    database_url: str | None = None
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    data_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_data_dir("sd3-server")),
+        description="Ledger, outputs and built models",
+    )
+    # PostgreSQL: postgresql+psycopg://user:pass@host/db
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the ledger; unset: a SQLite file in the data folder"
+    )
+    host: str = Field("127.0.0.1", description="Address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest severity logged"
+    )
     # One JSON object per line for log collectors, or readable text for a terminal; "auto": text when
     # standard error is a terminal, JSON otherwise (a service manager, a container, a pipe).
-    log_format: Literal["auto", "json", "text"] = "auto"
-    # Browser origins allowed to call the API (CORS). Empty: no cross-origin access.
-    cors_origins: list[str] = []
-    # Token of the operators' key-management API (/admin/...). Unset: that API does not exist.
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="Log lines as JSON or text; auto: text on a terminal"
+    )
+    cors_origins: list[str] = Field(
+        [], description="Browser origins allowed to call the API (CORS); none: no cross-origin access"
+    )
     # Never a user's API key: it can mint credits.
-    admin_token: SecretStr | None = None
+    admin_token: SecretStr | None = Field(
+        None, description="Token of the operators' /admin API; unset: that API does not exist"
+    )
     # Names this server instance in the ledger, so that after a crash it resumes or refunds what it
     # left open and no one else's. Default: an id made once and kept in the data folder's
     # `instance-id` file, so it survives restarts, a new port and a new host name (a container).
     # The ledger's owner columns hold 128 characters.
-    instance_id: str | None = Field(None, min_length=1, max_length=128)
-    # On a ledger with no key at all, `serve` creates one ("starter", STARTER_CREDITS credits) and
-    # prints it, once: the quick start's `make serve` turns it on, like Jupyter's start-up token.
-    starter_key: bool = False
+    instance_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="Names this instance's reservations and jobs; unset: an id kept in the data folder",
+    )
+    # The key is "starter", with STARTER_CREDITS credits; the quick start's `make serve` turns this
+    # on, like Jupyter's start-up token.
+    starter_key: bool = Field(False, description="On a ledger with no key, create one and print it once")
 
     model: ModelSettings = ModelSettings()
     sampling: SamplingSettings = SamplingSettings()

@@ -92,6 +92,7 @@ def _burst(server: LiveServer, key: str, count: int) -> list[httpx.Response]:
     assert wait_for(
         lambda: httpx.get(holder["status_url"], headers={"x-api-key": key}).json()["status"] == "PROCESSING"
     )
+
     def submit(i: int) -> httpx.Response:
         return server.post({"prompt": f"burst {i}", **SMALL}, key=key, path=f"/v2/{SLUG}")
 
@@ -102,8 +103,10 @@ def _burst(server: LiveServer, key: str, count: int) -> list[httpx.Response]:
 def _finished(server: LiveServer, key: str, job: dict) -> str:
     status: dict[str, object] = {}
     assert wait_for(
-        lambda: status.update(httpx.get(job["status_url"], headers={"x-api-key": key}).json())
-        or status["status"] in ("COMPLETED", "FAILED"),
+        lambda: (
+            status.update(httpx.get(job["status_url"], headers={"x-api-key": key}).json())
+            or status["status"] in ("COMPLETED", "FAILED")
+        ),
         timeout=240,
     )
     return str(status["status"])
