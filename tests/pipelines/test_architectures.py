@@ -79,6 +79,7 @@ def test_a_mismatched_architecture_is_refused() -> None:
         broken.check()
 
 
+@pytest.mark.slow  # builds the random-weight "small" SD3 and samples a 512 px image
 def test_random_small_loads_and_generates_a_512_image(tmp_path: Path) -> None:
     loaded = load_model(ModelSpec(source="random:small", tiny_dir=tmp_path / "tiny", device="cpu"))
     assert loaded.description.startswith("random-weight small")

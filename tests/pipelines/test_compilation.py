@@ -15,6 +15,7 @@ from server.config import Settings
 REQUEST = GenerationRequest(prompt="a windmill", seed=8, width=512, height=512, steps=10)
 
 
+@pytest.mark.slow  # two model loads and dynamo's capture of the transformer (100 s on a busy 2-core machine)
 def test_fused_qkv_and_compiled_transformer_give_the_same_image(data_dir: Path, tiny_dir: Path) -> None:
     plain = load_runtime(Settings(data_dir=data_dir, model={"id": "tiny"}))
     # The eager backend: dynamo's capture alone (inductor's code generation is the next test).

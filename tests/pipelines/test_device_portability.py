@@ -32,6 +32,9 @@ class Float64Watch(TorchDispatchMode):
         return out
 
 
+# Every name, each under a dispatch mode that sees every tensor op: 10 to 25 s a name on a busy
+# 2-core machine. The fast tier runs every name without the watch (test_txt2img_http.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", public_names())
 def test_no_float64_tensor_in_a_generation(runtime: Runtime, scheduler: str) -> None:
     request = GenerationRequest(

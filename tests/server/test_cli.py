@@ -96,7 +96,8 @@ def test_generate_writes_the_images(tmp_path: Path, data_dir: Path, tiny_dir: Pa
     )
     assert result.exit_code == 0, result.output
     for path in (tmp_path / "out-1.jpg", tmp_path / "out-2.jpg"):
-        assert Image.open(path).size == (512, 520)
+        with Image.open(path) as image:
+            assert image.size == (512, 520)
 
 
 def test_generate_rejects_what_the_api_rejects(tmp_path: Path) -> None:

@@ -156,4 +156,4 @@ def test_old_rows_of_a_server_still_holding_its_lock_are_left_alone(
         assert owners(ledger, jobs, ["alive", "gone"]) == [f"{HOST}:8000", me]
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()  # waits, and closes the pipe (ResourceWarning otherwise)

@@ -42,12 +42,12 @@ def test_a_second_holder_is_refused_with_a_sentence_naming_the_first(tmp_path: P
             pass
     finally:
         first.kill()
-        first.wait()
+        first.communicate()  # waits, and closes the pipe (ResourceWarning otherwise)
 
 
 def test_a_killed_holder_leaves_nothing_that_blocks_its_successor(tmp_path: Path) -> None:
     first = _holder(tmp_path)
     first.send_signal(signal.SIGKILL)
-    first.wait()
+    first.communicate()  # waits, and closes the pipe (ResourceWarning otherwise)
     with instance_lock(tmp_path, "host:8000", listening="x"):
         pass

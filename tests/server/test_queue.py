@@ -95,6 +95,7 @@ def generator(runtime: Runtime) -> SD3Generator:
     return runtime.generator
 
 
+@pytest.mark.slow  # seven 512 px generations: the batch, each request again alone (49 s on a busy machine)
 def test_compatible_waiting_jobs_run_as_one_batch_and_keep_their_own_images(generator: SD3Generator) -> None:
     blocker = Blocker(generator)
     requests = [GenerationRequest(prompt=f"a house {i}", seed=i, **SMALL) for i in range(3)]

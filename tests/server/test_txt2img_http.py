@@ -395,19 +395,16 @@ def test_concurrent_requests_never_overspend_a_small_balance(live: LiveServer) -
 @pytest.mark.parametrize("name", public_names())
 def test_every_public_scheduler_name_is_accepted_and_generates(runtime: Runtime, name: str) -> None:
     # In-process: the body's validation and the pipeline call that a request makes; the HTTP path
-    # around them is the same for every name, and is covered by the test below.
+    # around them is the same for every name, and is covered by the test below. The body is
+    # validated at the API's sizes, but the sampler runs on the smallest image and step count the
+    # pipeline accepts: each name still calls its real sampler, 36 of them in seconds, not minutes.
     body = Txt2ImgRequest.model_validate({"prompt": "a bridge", "scheduler": name, "seed": 9, **SMALL})
     request = GenerationRequest(
-        prompt=body.prompt,
-        scheduler=body.scheduler,
-        seed=body.seed,
-        steps=body.num_inference_steps,
-        width=body.img_width,
-        height=body.img_height,
+        prompt=body.prompt, scheduler=body.scheduler, seed=body.seed, steps=3, width=16, height=16
     )
     [result] = runtime.generator.generate_batch([request])
     (image,) = result.images
-    assert image.shape == (512, 512, 3) and image.dtype == np.uint8
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
 
 
 @pytest.mark.parametrize("name", ["Euler a", "dpmpp_2m_sde_gpu"])
