@@ -1,0 +1,160 @@
+"""What the trained toy SD3 (`--model toy`, the committed weights) does, measured by the judge.
+
+Each test generates a handful of images through the serving code and checks a direction or a bound
+that `benchmarks/quality.py` measured over many more prompt×seed pairs (docs/toy.md §5 has those
+figures). They run once the trained weights are committed (docs/toy.md §5: run 1's were not); run 1's
+weights passed the guidance and negative-prompt tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipelines.toy
+from pipelines.request import GenerationRequest
+from pipelines.sd3 import SD3Generator
+from pipelines.toy import quality, world
+from server.app import load_runtime
+from server.config import Settings
+
+pytestmark = pytest.mark.skipif(
+    not (pipelines.toy.MODEL_DIR / "model_index.json").exists(),
+    reason="the toy's weights are not in this checkout (python -m pipelines.toy.train pipelines/toy/model)",
+)
+
+DEFAULTS = GenerationRequest(prompt="")  # the API's: DPM++ 2M, 25 steps, CFG 5, shift 3
+
+
+def _load(tmp: Path, **overrides: object) -> SD3Generator:
+    settings = Settings(
+        data_dir=tmp,
+        model={"id": "toy", "device": "cpu", **overrides.pop("model", {})},  # type: ignore[dict-item]
+        memory=overrides.pop("memory", {"mode": "device", "vae_tiling": "off", "attention_slicing": "off"}),
+        **overrides,  # type: ignore[arg-type]
+    )
+    generator = load_runtime(settings).generator
+    assert isinstance(generator, SD3Generator)
+    return generator
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> SD3Generator:
+    return _load(tmp_path_factory.mktemp("toy"))
+
+
+def _mean_share(
+    generator: SD3Generator,
+    pairs: list[tuple[world.Caption, int]],
+    make: Callable[[world.Caption, int], GenerationRequest],
+) -> float:
+    shares = []
+    for caption, seed in pairs:
+        image = generator.generate(make(caption, seed)).images[0]
+        shares.append(quality.colour_share(image, caption.colour))
+    return float(np.mean(shares))
+
+
+def test_images_follow_their_prompts_at_the_api_defaults_at_512_px(toy: SD3Generator) -> None:
+    pairs = quality.prompt_seed_pairs(16, seed=11)
+    score = quality.adherence(toy, pairs, replace(DEFAULTS, width=512, height=512))
+    assert score.background >= BOUNDS["background"], score
+    assert score.colour >= BOUNDS["colour"], score
+    assert score.shape >= BOUNDS["shape"], score
+
+
+def test_guidance_makes_images_follow_their_prompts_better_than_none(toy: SD3Generator) -> None:
+    pairs = quality.prompt_seed_pairs(16, seed=12)
+    base = replace(DEFAULTS, width=256, height=256)
+    guided = quality.adherence(toy, pairs, base)
+    unguided = quality.adherence(toy, pairs, replace(base, guidance_scale=1.0))
+    assert guided.background + guided.colour > unguided.background + unguided.colour, (guided, unguided)
+
+
+def test_a_negative_prompt_naming_the_shape_colour_lowers_its_share(toy: SD3Generator) -> None:
+    pairs = quality.prompt_seed_pairs(8, seed=13, positioned=0.0)
+    base = replace(DEFAULTS, width=256, height=256)
+    plain = _mean_share(toy, pairs, lambda c, s: replace(base, prompt=c.text, seed=s))
+    negative = _mean_share(
+        toy, pairs, lambda c, s: replace(base, prompt=c.text, seed=s, negative_prompt=c.colour)
+    )
+    assert negative < plain
+
+
+def test_a_heavier_weight_on_the_colour_word_raises_its_share(toy: SD3Generator) -> None:
+    pairs = quality.prompt_seed_pairs(8, seed=14, positioned=0.0)
+    base = replace(DEFAULTS, width=256, height=256)
+
+    def weighted(weight: float) -> Callable[[world.Caption, int], GenerationRequest]:
+        return lambda c, s: replace(
+            base, prompt=c.text.replace(c.colour, f"({c.colour}:{weight})", 1), seed=s
+        )
+
+    assert _mean_share(toy, pairs, weighted(1.5)) > _mean_share(toy, pairs, weighted(0.5))
+
+
+def _clipped(image: np.ndarray) -> float:
+    """Share of pixels with a channel at 0 or 255: what an over-guided image burns to."""
+    return float(((image == 0) | (image == 255)).any(axis=-1).mean())
+
+
+def test_the_negative_window_ending_early_leaves_unguided_cfg_steps_that_burn_the_image(
+    toy: SD3Generator,
+) -> None:
+    # docs/sampling.md §5: past `stop` no negative entry is active, the uncond prediction is 0 and the
+    # denoised image is cfg·D_cond, which over-saturates; at the default window nothing is left uncovered.
+    pairs = quality.prompt_seed_pairs(4, seed=15)
+    base = replace(DEFAULTS, width=256, height=256)
+    default = [toy.generate(replace(base, prompt=c.text, seed=s)).images[0] for c, s in pairs]
+    early = [toy.generate(replace(base, prompt=c.text, seed=s, cond_stop=0.5)).images[0] for c, s in pairs]
+    assert np.mean([_clipped(i) for i in early]) > np.mean([_clipped(i) for i in default]) + 0.05
+    assert quality.mean_psnr(early, default) < 20.0
+
+
+DETERMINISTIC = ("euler", "heun", "dpmpp_2m", "lms", "deis", "uni_pc", "ipndm", "res_multistep")
+
+
+@pytest.mark.parametrize("sampler", DETERMINISTIC)
+def test_more_steps_come_closer_to_the_many_step_reference(toy: SD3Generator, sampler: str) -> None:
+    caption, seed = quality.prompt_seed_pairs(1, seed=16)[0]
+    base = replace(DEFAULTS, prompt=caption.text, seed=seed, width=128, height=128)
+    reference = toy.generate(replace(base, scheduler="dpmpp_2m", steps=64)).images[0]
+    error = {
+        n: quality.psnr(toy.generate(replace(base, scheduler=sampler, steps=n)).images[0], reference)
+        for n in (4, 32)
+    }
+    assert error[32] > error[4] + 3.0, error
+
+
+def test_batching_bf16_and_the_memory_modes_stay_close_to_the_exact_image(
+    toy: SD3Generator, tmp_path: Path
+) -> None:
+    pairs = quality.prompt_seed_pairs(2, seed=17)
+    requests = [replace(DEFAULTS, prompt=c.text, seed=s, width=256, height=256) for c, s in pairs]
+    exact = [toy.generate(r).images[0] for r in requests]
+    batched = [r.images[0] for r in toy.generate_batch(requests)]
+    assert quality.mean_psnr(batched, exact) >= BOUNDS["batch_psnr"]
+    bf16 = _load(tmp_path / "bf16", model={"dtype": "bf16"})
+    assert quality.mean_psnr([bf16.generate(r).images[0] for r in requests], exact) >= BOUNDS["bf16_psnr"]
+    for memory in ({"mode": "device", "vae_tiling": "on"}, {"mode": "device", "attention_slicing": "on"}):
+        other = _load(tmp_path / "-".join(memory.values()), memory=memory)
+        assert (
+            quality.mean_psnr([other.generate(r).images[0] for r in requests], exact) >= BOUNDS["memory_psnr"]
+        ), memory
+
+
+# Lower bounds. Adherence: issue 13's targets, over 16 pairs (the benchmark's 100-pair figures go in
+# docs/toy.md). PSNR: first estimates, from the tiny model's run of benchmarks/quality.py at 64 px
+# (batch 92 dB, bf16 47 dB, tiling and slicing exact); to be set from the committed toy's figures.
+BOUNDS: dict[str, float] = {
+    "background": 0.9,
+    "colour": 0.8,
+    "shape": 0.6,
+    "batch_psnr": 40.0,
+    "bf16_psnr": 25.0,
+    "memory_psnr": 30.0,
+}
