@@ -374,6 +374,19 @@ def condition_batch(
     return context, pooled
 
 
+def velocity(
+    transformer: Any, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor
+) -> torch.Tensor:
+    """The transformer's prediction of ε − x0 at σ, with the timestep scaled as `pipelines.sd3` feeds it."""
+    return transformer(
+        hidden_states=x_t,
+        timestep=1000.0 * sigma,
+        encoder_hidden_states=context,
+        pooled_projections=pooled,
+        return_dict=False,
+    )[0]
+
+
 @torch.no_grad()
 def encode_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
     """x0 as the sampler's latents are: (VAE posterior mean − shift) · scaling."""
@@ -463,13 +476,7 @@ def train_transformer(
             eps = torch.randn(x0.shape, generator=gen)
             s = sigma.view(-1, 1, 1, 1)
             x_t = (1.0 - s) * x0 + s * eps
-            v = transformer(
-                hidden_states=x_t,
-                timestep=1000.0 * sigma,
-                encoder_hidden_states=context,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
+            v = velocity(transformer, x_t, sigma, context, pooled)
             loss = F.mse_loss(v, eps - x0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -627,13 +634,7 @@ def _choose_storage(cfg: TrainConfig, transformer: Any, vae: Any, bank: CaptionB
     x_t = (1.0 - s) * x0 + s * torch.randn(x0.shape, generator=gen)
 
     def transformer_probe(m: Any) -> torch.Tensor:
-        return m(
-            hidden_states=x_t,
-            timestep=1000.0 * sigma,
-            encoder_hidden_states=context,
-            pooled_projections=pooled,
-            return_dict=False,
-        )[0]
+        return velocity(m, x_t, sigma, context, pooled)
 
     def vae_probe(m: Any) -> torch.Tensor:
         return m.decode(m.encode(images).latent_dist.mean).sample
