@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from pipelines.toy import judge, world
 
-SCRIPT_VERSION = "2"
+SCRIPT_VERSION = "3"
 MANIFEST = "toy-manifest.json"
 SCALING_FACTOR = 1.5305  # SD3's: ComfyUI hard-codes these for every SD3 model
 SHIFT_FACTOR = 0.0609
@@ -107,6 +107,10 @@ class TrainConfig:
     )
     lr: float = 5e-4
     warmup: int = 200
+    # bf16 autocast of the transformer's forward (weights, optimizer, EMA and loss stay fp32): ~1.8x
+    # faster per step on a CPU with native bf16 (AVX512-BF16/AMX), and still deterministic there. Off
+    # where the CPU lacks it: emulated bf16 is slower than fp32.
+    autocast_bf16: bool = False
     ema: float = 0.999
     drop_empty: float = 0.1  # share of captions replaced by the empty prompt's conditioning
     drop_zero: float = 0.1  # ... and by all-zero conditioning (ComfyUI's ConditioningZeroOut)
@@ -476,8 +480,9 @@ def train_transformer(
             eps = torch.randn(x0.shape, generator=gen)
             s = sigma.view(-1, 1, 1, 1)
             x_t = (1.0 - s) * x0 + s * eps
-            v = velocity(transformer, x_t, sigma, context, pooled)
-            loss = F.mse_loss(v, eps - x0)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+                v = velocity(transformer, x_t, sigma, context, pooled)
+            loss = F.mse_loss(v.float(), eps - x0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -673,6 +678,11 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         + ")",
     )
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast of the transformer's forward (CPUs with native bf16 only)",
+    )
     parser.add_argument("--psnr-gate", type=float, default=defaults.psnr_gate)
     parser.add_argument(
         "--eval-every",
@@ -707,6 +717,7 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         depth=args.depth,
         phases=tuple(args.phase) if args.phase else defaults.phases,
         lr=args.lr,
+        autocast_bf16=args.bf16,
         psnr_gate=args.psnr_gate,
         enforce_gate=not args.no_gate,
         eval_every=args.eval_every,

@@ -137,3 +137,16 @@ def test_a_phase_is_size_steps_batch_and_an_optional_pool() -> None:
         train.Phase.parse("100:1:1")
     with pytest.raises(ValueError, match="SIZE:STEPS:BATCH"):
         train.Phase.parse("128:1")
+
+
+def test_bf16_autocast_is_a_recorded_switch_and_still_reproducible(tmp_path: Path) -> None:
+    config = dataclasses.replace(TINY, autocast_bf16=True)
+    first = train.train(config, tmp_path / "a", log=_quiet)
+    second = train.train(config, tmp_path / "b", log=_quiet)
+    assert first["files"] == second["files"]
+    assert first["config"]["autocast_bf16"] is True
+    plain = train.train(TINY, tmp_path / "c", log=_quiet)
+    assert plain["files"]["transformer/diffusion_pytorch_model.safetensors"] != (
+        first["files"]["transformer/diffusion_pytorch_model.safetensors"]
+    )
+    assert train._arguments(["out", "--bf16"])[0].autocast_bf16 is True
