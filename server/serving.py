@@ -44,6 +44,7 @@ from server.errors import (
 )
 from server.headers import REMAINING_CREDITS, format_credits
 from server.job_store import JobRecord, JobStore, Surface
+from server.key_admin import KeyAdmin
 from server.ledger import KeyRecord, Ledger
 from server.metrics import Metrics
 from server.pricing import price_of
@@ -215,6 +216,7 @@ class Serving:
         self.jobs = jobs
         self.outputs = outputs
         self.metrics = metrics
+        self.admin = KeyAdmin(ledger, settings.admin_token)
         metrics.track_queue(lambda: queue.pending)
         self.rate_limiter = RateLimiter(settings.limits.requests_per_minute)
         self.owner = settings.resolved_instance_id

@@ -10,26 +10,16 @@ accepts, `/` included, can be managed here too; percent-encode what a URL cannot
 
 from __future__ import annotations
 
-import hmac
-from decimal import Decimal
 from typing import Annotated, Any
 
-from anyio import to_thread
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from server.api.deps import ServingDep, validated_json
 from server.api.renderers import SegmindRoute
-from server.credits import InvalidAmount, format_credits, parse_credits
-from server.errors import (
-    BalanceLimitExceeded,
-    InvalidRequest,
-    KeyNameTaken,
-    NotFound,
-    Unauthorized,
-    UnknownKey,
-)
-from server.ledger import KeyRecord, Ledger
+from server.credits import format_credits
+from server.key_admin import KeyAdmin
+from server.ledger import KeyRecord
 
 router = APIRouter(prefix="/admin", include_in_schema=True, tags=["admin"], route_class=SegmindRoute)
 
@@ -43,36 +33,25 @@ class Grant(BaseModel):
     amount: str
 
 
-async def admin_ledger(request: Request, serving: ServingDep) -> Ledger:
-    """The ledger, to a caller with the admin token; without a configured token, no such route."""
-    token = serving.settings.admin_token
-    if token is None:
-        raise NotFound()
+async def key_admin(request: Request, serving: ServingDep) -> KeyAdmin:
+    """Key management, to a caller with the admin token (`x-admin-token` or a Bearer token)."""
     sent = request.headers.get("x-admin-token") or request.headers.get("authorization", "").removeprefix(
         "Bearer "
     )
-    if not sent or not hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
-        raise Unauthorized("Unauthorized: this needs the admin token")
-    return serving.ledger
+    serving.admin.authorize(sent)
+    return serving.admin
 
 
-AdminLedger = Annotated[Ledger, Depends(admin_ledger)]
+AdminDep = Annotated[KeyAdmin, Depends(key_admin)]
 
 
 # The bodies are read after the token is checked: 404/401 win over 422. An empty body is `{}`.
-async def new_key_body(request: Request, _ledger: AdminLedger) -> NewKey:
+async def new_key_body(request: Request, _admin: AdminDep) -> NewKey:
     return await validated_json(request, NewKey, when_empty=b"{}")
 
 
-async def grant_body(request: Request, _ledger: AdminLedger) -> Grant:
+async def grant_body(request: Request, _admin: AdminDep) -> Grant:
     return await validated_json(request, Grant, when_empty=b"{}")
-
-
-def _amount(field: str, text: str) -> Decimal:
-    try:
-        return parse_credits(text)
-    except InvalidAmount as exc:
-        raise InvalidRequest(f"{field}: {exc}") from None
 
 
 def _key_json(record: KeyRecord) -> dict[str, Any]:
@@ -86,58 +65,38 @@ def _key_json(record: KeyRecord) -> dict[str, Any]:
 
 
 @router.post("/keys")
-async def create_key(ledger: AdminLedger, body: Annotated[NewKey, Depends(new_key_body)]) -> dict[str, Any]:
-    amount = _amount("credits", body.credits)
-    try:
-        record, key = await to_thread.run_sync(lambda: ledger.create_key(name=body.name, credits=amount))
-    except KeyNameTaken:
-        raise InvalidRequest(f"name: a key named {body.name!r} already exists") from None
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+async def create_key(admin: AdminDep, body: Annotated[NewKey, Depends(new_key_body)]) -> dict[str, Any]:
+    record, key = await admin.create_key(body.name, body.credits)
     return {**_key_json(record), "key": key}  # the only time the key is shown
 
 
 @router.get("/keys")
-async def list_keys(ledger: AdminLedger) -> dict[str, Any]:
-    records = await to_thread.run_sync(ledger.list_keys)
-    return {"keys": [_key_json(record) for record in records]}
-
-
-async def _set_enabled(ledger: Ledger, name: str, enabled: bool) -> dict[str, Any]:
-    try:
-        await to_thread.run_sync(lambda: ledger.set_enabled(name, enabled))
-    except UnknownKey:
-        raise NotFound(f"No key named {name!r}") from None
-    return {"name": name, "enabled": enabled}
+async def list_keys(admin: AdminDep) -> dict[str, Any]:
+    return {"keys": [_key_json(record) for record in await admin.list_keys()]}
 
 
 @router.post("/keys/{name:path}/disable")
-async def disable_key(ledger: AdminLedger, name: str) -> dict[str, Any]:
-    return await _set_enabled(ledger, name, False)
+async def disable_key(admin: AdminDep, name: str) -> dict[str, Any]:
+    await admin.set_enabled(name, False)
+    return {"name": name, "enabled": False}
 
 
 @router.post("/keys/{name:path}/enable")
-async def enable_key(ledger: AdminLedger, name: str) -> dict[str, Any]:
-    return await _set_enabled(ledger, name, True)
+async def enable_key(admin: AdminDep, name: str) -> dict[str, Any]:
+    await admin.set_enabled(name, True)
+    return {"name": name, "enabled": True}
 
 
 @router.post("/keys/{name:path}/credits")
 async def add_credits(
-    ledger: AdminLedger, name: str, body: Annotated[Grant, Depends(grant_body)]
+    admin: AdminDep, name: str, body: Annotated[Grant, Depends(grant_body)]
 ) -> dict[str, Any]:
-    amount = _amount("amount", body.amount)
-    try:
-        balance = await to_thread.run_sync(lambda: ledger.add_credits(name, amount, note="admin api"))
-    except UnknownKey:
-        raise NotFound(f"No key named {name!r}") from None
-    except (BalanceLimitExceeded, ValueError) as exc:
-        raise InvalidRequest(f"amount: {exc}") from None
-    return {"name": name, "credits": format_credits(balance)}
+    return {"name": name, "credits": format_credits(await admin.add_credits(name, body.amount))}
 
 
 @router.get("/audit")
-async def audit(ledger: AdminLedger) -> dict[str, Any]:
-    rows = await to_thread.run_sync(ledger.audit)
+async def audit(admin: AdminDep) -> dict[str, Any]:
+    rows = await admin.audit()
     return {
         "ok": all(row.ok for row in rows),
         "keys": [
