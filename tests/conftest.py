@@ -8,10 +8,12 @@ clients are httpx and the official `segmind` SDK.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from segmind import SegmindClient
 
 from pipelines.tiny import ensure_tiny_model
 from server.app import Runtime, load_runtime
@@ -59,3 +61,22 @@ def restored_logging() -> Iterator[None]:
         root.setLevel(level)
         logging.getLogger("uvicorn.access").disabled = False
         logging.getLogger("alembic").setLevel(logging.NOTSET)
+
+
+SDK = Callable[..., SegmindClient]
+
+
+@pytest.fixture
+def sdk() -> Iterator[SDK]:
+    """Makes the official SDK's clients (`sdk(api_key=..., base_url=..., timeout=...)`) and closes them
+    after the test: each holds an httpx.Client open and the SDK has no close() of its own, so an
+    unclosed one leaks its sockets into whichever later test the garbage collector runs in."""
+    clients: list[SegmindClient] = []
+
+    def make(**kwargs: Any) -> SegmindClient:
+        clients.append(SegmindClient(**kwargs))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client._client.close()

@@ -14,12 +14,12 @@ from typing import NoReturn
 import httpx
 import pytest
 from PIL import Image
-from segmind import SegmindClient
 from segmind.v2 import InferenceFailed
 
 from server.job_store import JobStore
 from server.keys import hash_key
 from server.ledger import Ledger
+from tests.conftest import SDK
 from tests.databases import migrated
 from tests.live import SLUG, SMALL, LiveServer, ServerProcess, wait_for
 
@@ -30,9 +30,9 @@ def image_at(url: str) -> Image.Image:
     return Image.open(io.BytesIO(response.content))
 
 
-def test_sdk_run_goes_through_v2_and_returns_an_image_url(live: LiveServer) -> None:
+def test_sdk_run_goes_through_v2_and_returns_an_image_url(live: LiveServer, sdk: SDK) -> None:
     key = live.key("1")
-    client = SegmindClient(api_key=key, base_url=f"{live.base_url}/v1", timeout=60)
+    client = sdk(api_key=key, base_url=f"{live.base_url}/v1", timeout=60)
     result = client.run(SLUG, prompt="a red barn", seed=11, **SMALL)
     assert result["status"] == "COMPLETED" and result["error"] is None
     assert image_at(result["output"]).size == (512, 512)
@@ -45,9 +45,9 @@ def test_sdk_run_goes_through_v2_and_returns_an_image_url(live: LiveServer) -> N
     assert live.balance_of(key) == Decimal("0.9961")
 
 
-def test_v2_image_equals_the_v1_image_of_the_same_seed(live: LiveServer) -> None:
+def test_v2_image_equals_the_v1_image_of_the_same_seed(live: LiveServer, sdk: SDK) -> None:
     key = live.key()
-    client = SegmindClient(api_key=key, base_url=f"{live.base_url}/v1", timeout=60)
+    client = sdk(api_key=key, base_url=f"{live.base_url}/v1", timeout=60)
     job = client.submit_async(SLUG, prompt="a quiet harbour", seed=21, samples=2, **SMALL)
     result = job.wait(timeout=60, interval=0.1)
     assert isinstance(result["output"], list) and len(result["output"]) == 2
@@ -104,7 +104,7 @@ def test_v2_validation_and_credit_errors_are_immediate(live: LiveServer) -> None
     assert response.status_code == 422 and "samples" in response.json()["error"]
 
 
-def test_a_failed_job_is_422_failed_with_its_error_and_refunded(live: LiveServer) -> None:
+def test_a_failed_job_is_422_failed_with_its_error_and_refunded(live: LiveServer, sdk: SDK) -> None:
     key = live.key("1")
     transformer = live.app.state.serving.queue.generator.pipe.transformer
 
@@ -113,7 +113,7 @@ def test_a_failed_job_is_422_failed_with_its_error_and_refunded(live: LiveServer
 
     handle = transformer.register_forward_pre_hook(broken)
     try:
-        client = SegmindClient(api_key=key, base_url=f"{live.base_url}/v1", timeout=60)
+        client = sdk(api_key=key, base_url=f"{live.base_url}/v1", timeout=60)
         with pytest.raises(InferenceFailed) as caught:
             client.submit_async(SLUG, prompt="doomed", **SMALL).wait(timeout=60, interval=0.1)
     finally:
