@@ -22,13 +22,16 @@ differs from CLIP's and T5's, which changes neither shapes nor cost.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-Scale = Literal["full", "small"]
+# "full"/"small" are SD3 Medium and its CPU-sized twin (their names predate SD3.5); each SD3.5 model has
+# its full size and a "-small" twin of the same structure.
+Scale = Literal["full", "small", "sd3.5-large", "sd3.5-large-small", "sd3.5-medium", "sd3.5-medium-small"]
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,50 @@ SD3_SMALL = SD3Architecture(
     t5=_narrow(SD3_MEDIUM.t5, d_model=96, d_kv=16, d_ff=192, num_layers=2, num_heads=4),
 )
 
-ARCHITECTURES: dict[Scale, SD3Architecture] = {"full": SD3_MEDIUM, "small": SD3_SMALL}
+# SD3.5 keeps SD3 Medium's text encoders, VAE and scheduler and changes only the transformer
+# (stabilityai/stable-diffusion-3.5-large and -medium, transformer/config.json): RMS-normalised queries
+# and keys in every attention (`qk_norm`), Large 38 blocks of 38 heads, Medium 24 blocks whose first 13
+# add a second, image-only attention (MMDiT-X, `dual_attention_layers`) over a 384-patch position table.
+# Large Turbo is Large's architecture with distilled weights.
+SD35_LARGE = dataclasses.replace(
+    SD3_MEDIUM,
+    transformer=_narrow(
+        SD3_MEDIUM.transformer,
+        num_layers=38,
+        num_attention_heads=38,
+        caption_projection_dim=38 * 64,
+        qk_norm="rms_norm",
+    ),
+)
+SD35_MEDIUM = dataclasses.replace(
+    SD3_MEDIUM,
+    transformer=_narrow(
+        SD3_MEDIUM.transformer,
+        qk_norm="rms_norm",
+        dual_attention_layers=tuple(range(13)),
+        pos_embed_max_size=384,
+    ),
+)
+# Their CPU-sized twins: SD3_SMALL's widths with the SD3.5 structure (qk-norm; dual attention in the
+# first of the two blocks, as Medium has it in its first half).
+SD35_LARGE_SMALL = dataclasses.replace(
+    SD3_SMALL, transformer=_narrow(SD3_SMALL.transformer, qk_norm="rms_norm")
+)
+SD35_MEDIUM_SMALL = dataclasses.replace(
+    SD3_SMALL,
+    transformer=_narrow(
+        SD3_SMALL.transformer, qk_norm="rms_norm", dual_attention_layers=(0,), pos_embed_max_size=384
+    ),
+)
+
+ARCHITECTURES: dict[Scale, SD3Architecture] = {
+    "full": SD3_MEDIUM,
+    "small": SD3_SMALL,
+    "sd3.5-large": SD35_LARGE,
+    "sd3.5-large-small": SD35_LARGE_SMALL,
+    "sd3.5-medium": SD35_MEDIUM,
+    "sd3.5-medium-small": SD35_MEDIUM_SMALL,
+}
 
 
 @contextlib.contextmanager

@@ -8,6 +8,10 @@ A model source is one of:
 - `random:sd3-medium` / `random:small`: the real SD3 Medium architecture (or the same structure
   at CPU size) with random weights, built in memory on the target device by
   `pipelines.architectures`, for benchmarking latency and peak memory without any download;
+  likewise `random:sd3.5-large` and `random:sd3.5-medium` at full size;
+- `tiny:sd3.5-large`, `tiny:sd3.5-large-turbo`, `tiny:sd3.5-medium` (and `tiny:sd3-medium` = `tiny`):
+  CPU-sized random-weight twins of each family's structure, built in memory in seconds, so that
+  every family's path runs here;
 - a local diffusers folder (the output of `save_pretrained`);
 - a single-file checkpoint (`.safetensors`/`.ckpt`) in the original SD3 layout, as ComfyUI users
   keep it (`sd3_medium_incl_clips_t5xxlfp16.safetensors`, or `sd3_medium_incl_clips.safetensors`,
@@ -17,8 +21,9 @@ A model source is one of:
 - a Hugging Face Hub id.
 
 Every source ends in the same `StableDiffusion3Pipeline`, so the generator never knows where its
-weights came from. Any failure becomes one `ModelLoadError` whose message says what to change,
-because a user starting a server wants a sentence, not a traceback.
+weights came from; the model's family (`pipelines.families`) is read from the loaded transformer.
+Any failure becomes one `ModelLoadError` whose message says what to change, because a user starting
+a server wants a sentence, not a traceback.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import torch
 
 from pipelines.architectures import Scale, build_random_pipeline
 from pipelines.checkpoints import SingleFileContents, inspect_single_file
-from pipelines.options import Device, Dtype
+from pipelines.families import FamilyMismatch, resolve_family
+from pipelines.options import Device, Dtype, Family, FamilyChoice
 from pipelines.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -44,7 +50,19 @@ _SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".sft"}
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _RANDOM_PREFIX = "random:"
 # `random:<name>` sources and the architecture scale each builds (pipelines.architectures).
-RANDOM_SOURCES: dict[str, Scale] = {"sd3-medium": "full", "small": "small"}
+RANDOM_SOURCES: dict[str, Scale] = {
+    "sd3-medium": "full",
+    "small": "small",
+    "sd3.5-large": "sd3.5-large",
+    "sd3.5-medium": "sd3.5-medium",
+}
+_TINY_PREFIX = "tiny:"
+# The CPU-sized twin of each family; `tiny:sd3-medium` is the cached `tiny` model itself.
+TINY_TWINS: dict[str, Scale] = {
+    "sd3.5-large": "sd3.5-large-small",
+    "sd3.5-large-turbo": "sd3.5-large-small",
+    "sd3.5-medium": "sd3.5-medium-small",
+}
 # The configs diffusers itself fetches for a single file of each SD3 variant when none is given.
 _HUB_CONFIGS = {
     "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
@@ -73,6 +91,8 @@ class ModelSpec:
     place_on_device: bool = True
     # T5 kept on the CPU by the memory plan: an 8-bit T5 is then quantized there, never on the GPU.
     t5_on_cpu: bool = False
+    # The family to serve the weights as; `auto` reads it from them (pipelines.families).
+    family: FamilyChoice = "auto"
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     description: str
+    family: Family = "sd3-medium"
 
 
 def resolve_device(name: Device) -> torch.device:
@@ -354,6 +375,16 @@ def _from_random(name: str, spec: ModelSpec, device: torch.device, dtype: torch.
 
 def _load(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[Any, str]:
     source = spec.source
+    if source.startswith(_TINY_PREFIX):
+        family = source.removeprefix(_TINY_PREFIX)
+        if family == "sd3-medium":
+            source = "tiny"
+        elif family in TINY_TWINS:
+            pipe = build_random_pipeline(TINY_TWINS[family], device=torch.device("cpu"), dtype=dtype)
+            return pipe, f"tiny random-weight {family} twin (no weights loaded)"
+        else:
+            choices = ", ".join(f"{_TINY_PREFIX}{n}" for n in ("sd3-medium", *TINY_TWINS))
+            raise ModelLoadError(f"'{source}' is not a known tiny twin: use tiny or one of {choices}.")
     if source == "tiny":
         folder = ensure_tiny_model(spec.tiny_dir)
         return _from_pretrained(str(folder), spec, dtype), f"tiny random-weight SD3 ({folder})"
@@ -436,11 +467,15 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         if _unreachable(exc):
             raise _hub_error(spec.source, exc) from exc
         raise ModelLoadError(f"The model '{spec.source}' could not be loaded: {exc}") from exc
+    try:
+        family = resolve_family(pipe.transformer.config, spec.family, source=spec.source)
+    except FamilyMismatch as exc:
+        raise ModelLoadError(f"The model '{spec.source}' cannot be served: {exc}.") from exc
     _check_clip_l_projection(pipe)
     if spec.place_on_device:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe=pipe, device=device, dtype=dtype, description=description)
+    return LoadedModel(pipe=pipe, device=device, dtype=dtype, description=description, family=family)
 
 
 def _check_clip_l_projection(pipe: Any) -> None:

@@ -11,13 +11,14 @@ free memory calls for; docs/performance.md §3 says what each one saves and cost
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pipelines.options import MemoryMode, Placement, Switch, T5Choice, T5Mode
+from pipelines.options import Family, MemoryMode, Placement, Switch, T5Choice, T5Mode
 from pipelines.quantization import MIN_BITSANDBYTES, bitsandbytes_problem
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,14 @@ def plan_memory(
     t5_on_cpu: Switch = "auto",
     vae_tiling: Switch = "auto",
     attention_slicing: Switch = "auto",
+    family: Family = "sd3-medium",
 ) -> MemoryPlan:
     """Choose the plan. Explicit settings win; `auto` takes the fastest plan whose need fits."""
     can_8bit = bitsandbytes_available(device)
     if mode == "auto":
-        placement, auto_t5, auto_cpu, reason = _auto_placement(device, free_bytes, can_8bit, t5, t5_on_cpu)
+        placement, auto_t5, auto_cpu, reason = _auto_placement(
+            device, free_bytes, can_8bit, t5, t5_on_cpu, family
+        )
     else:
         placement, auto_t5, auto_cpu, reason = mode, "full", False, f"--memory-mode {mode}"
     if placement != "device" and device.type == "cpu":
@@ -143,9 +147,48 @@ _NEEDS_GIB: dict[T5Mode, list[tuple[Placement, bool, float]]] = {
     "off": [("device", False, 8.0), ("model_offload", False, 6.0)],
 }
 
+# The SD3.5 families share SD3 Medium's text encoders and VAE; only the transformer differs (fp16
+# GiB of its parameters, pipelines/architectures.py) and with its width its activations at 1024²:
+# Large 8.06 B parameters (15.0 GiB) 2432 wide, Medium 2.24 B (4.18 GiB) as wide as SD3 Medium.
+_TRANSFORMER_GIB: dict[Family, tuple[float, float]] = {  # (weights, activations + VAE decode)
+    "sd3-medium": (3.78, 2.0),
+    "sd3.5-medium": (4.18, 2.0),
+    "sd3.5-large": (15.01, 2.0 * 2432 / 1536),
+    "sd3.5-large-turbo": (15.01, 2.0 * 2432 / 1536),
+}
+_VAE_GIB = 0.16
+
+
+def needs_gib(family: Family = "sd3-medium") -> dict[T5Mode, list[tuple[Placement, bool, float]]]:
+    """The plans' needs for `family`: SD3 Medium's, with the transformer's difference added wherever
+    the transformer is part of the peak (every resident plan, and model offload once the transformer
+    and its activations outweigh T5), rounded up to half a GiB."""
+    weights, activations = _TRANSFORMER_GIB[family]
+    base_weights, base_activations = _TRANSFORMER_GIB["sd3-medium"]
+    extra = weights - base_weights + activations - base_activations
+    denoising_peak = weights + _VAE_GIB + activations
+
+    def need(placement: Placement, t5_on_gpu: bool, medium: float) -> float:
+        # Model offload with T5 on the GPU peaks at T5's load or the denoiser's, whichever is larger.
+        resident = placement == "device" or not t5_on_gpu
+        value = medium + extra if resident else max(medium, denoising_peak)
+        return math.ceil(value * 2) / 2
+
+    return {
+        mode: [
+            (placement, cpu, need(placement, mode != "off" and not cpu, gib)) for placement, cpu, gib in plans
+        ]
+        for mode, plans in _NEEDS_GIB.items()
+    }
+
 
 def _auto_placement(
-    device: torch.device, free: int | None, can_8bit: bool, t5: T5Choice = "auto", t5_on_cpu: Switch = "auto"
+    device: torch.device,
+    free: int | None,
+    can_8bit: bool,
+    t5: T5Choice = "auto",
+    t5_on_cpu: Switch = "auto",
+    family: Family = "sd3-medium",
 ) -> tuple[Placement, T5Mode, bool, str]:
     """The fastest placement that fits, for the T5 asked for (`auto` never drops T5: it would change
     the image, but takes 8-bit when bitsandbytes is there and it lets a faster placement fit).
@@ -163,7 +206,7 @@ def _auto_placement(
     else:
         modes = [t5]
     options = sorted(
-        ((placement, mode, cpu, need) for mode in modes for placement, cpu, need in _NEEDS_GIB[mode]),
+        ((placement, mode, cpu, need) for mode in modes for placement, cpu, need in needs_gib(family)[mode]),
         key=lambda option: (option[2], option[0] != "device", option[1] != "full"),
     )
     for placement, mode, cpu, need in options:

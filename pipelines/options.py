@@ -24,3 +24,8 @@ Switch = Literal["auto", "on", "off"]
 # (schedulers/guidance.py).
 NegativeWindowWiring = Literal["a", "b"]
 PercentRule = Literal["current", "legacy"]
+
+# The SD3 model families one server can serve (pipelines/families.py). Large Turbo has Large's
+# architecture with distilled weights, so only a setting (or its Hub id) tells them apart.
+Family = Literal["sd3-medium", "sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium"]
+FamilyChoice = Literal["auto", Family]

@@ -17,8 +17,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from pipelines.compilation import speed_up, warm_up
+from pipelines.families import expected_family
 from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device
 from pipelines.memory import MemoryPlan, apply_plan, free_memory, plan_memory
+from pipelines.options import Family
 from pipelines.sd3 import SamplingOptions, SD3Generator, batch_key
 from server.api import admin, ops, playground, segmind
 from server.api import jobs as jobs_api
@@ -43,6 +45,7 @@ class Runtime:
     generator: BatchGenerator
     description: str
     device: str
+    family: Family = "sd3-medium"  # which slugs it can serve (pipelines/families.py)
 
 
 def model_spec(settings: Settings, plan: MemoryPlan) -> ModelSpec:
@@ -59,6 +62,7 @@ def model_spec(settings: Settings, plan: MemoryPlan) -> ModelSpec:
         t5_8bit=plan.t5 == "8bit",
         place_on_device=plan.placement == "device" and not plan.t5_on_cpu,
         t5_on_cpu=plan.t5_on_cpu,
+        family=model.family,
     )
 
 
@@ -74,6 +78,7 @@ def memory_plan(settings: Settings) -> MemoryPlan:
             t5_on_cpu=memory.t5_on_cpu,
             vae_tiling=memory.vae_tiling,
             attention_slicing=memory.attention_slicing,
+            family=expected_family(settings.model.id, settings.model.family),
         )
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
@@ -109,6 +114,7 @@ def load_runtime(settings: Settings) -> Runtime:
         generator=generator,
         description=f"{loaded.description}; memory: {plan.describe()}",
         device=str(loaded.device),
+        family=loaded.family,
     )
 
 

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pipelines.options import (
     Device,
     Dtype,
+    FamilyChoice,
     MemoryMode,
     NegativeWindowWiring,
     PercentRule,
@@ -89,8 +90,13 @@ class ModelSettings(BaseModel):
     # (the real architecture with random weights, for benchmarks without a download).
     id: Annotated[str, Flags("--model", "-m")] = Field(
         DEFAULT_MODEL,
-        description="tiny | toy | random:sd3-medium | random:small | Hugging Face id | diffusers "
-        "folder | .safetensors",
+        description="tiny | toy | tiny:<family> | random:sd3-medium | random:small | "
+        "random:sd3.5-large | random:sd3.5-medium | Hugging Face id | diffusers folder | .safetensors",
+    )
+    # SD3.5 Large and Large Turbo share one architecture: only this (or a source naming "turbo")
+    # tells them apart (pipelines/families.py).
+    family: Annotated[FamilyChoice, Flags("--model-family")] = Field(
+        "auto", description="The SD3 family the weights are served as; auto: read from the weights"
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag, commit)")
     # Only for single-file checkpoints: a local diffusers folder (or Hub id) whose configs describe it,

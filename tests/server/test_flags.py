@@ -32,6 +32,7 @@ SAMPLES = {
     "model.config": "some/configs",
     "model.device": "cpu",
     "model.dtype": "bf16",
+    "model.family": "sd3.5-large-turbo",
     "sampling.negative_window_wiring": "b",
     "sampling.percent_rule": "legacy",
     "sampling.max_sequence_length": "256",
