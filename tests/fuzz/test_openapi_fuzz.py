@@ -47,6 +47,7 @@ def operations(base_url: str) -> list:  # type: ignore[type-arg]
     return [result.ok() for result in schema.get_all_operations()]
 
 
+@pytest.mark.slow
 def test_no_request_gets_a_5xx_or_a_non_json_error_or_a_charge(fuzzed: LiveServer, broke_key: str) -> None:
     # Hypothesis driven directly (not schemathesis' pytest plugin, which does not follow pytest 9):
     # one property per operation, EXAMPLES generated requests each.

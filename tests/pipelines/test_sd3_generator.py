@@ -170,7 +170,14 @@ def test_a_long_weighted_prompt_generates(generator: SD3Generator) -> None:
 
 
 @pytest.mark.parametrize(
-    ("width", "height"), [(2048, 512), (512, 2040), (1000, 512), (520, 1016), (2048, 2048)]
+    ("width", "height"),
+    [
+        (2048, 512),
+        (512, 2040),
+        (1000, 512),
+        (520, 1016),
+        pytest.param(2048, 2048, marks=pytest.mark.slow),  # the largest: ~25 s on 2 cores
+    ],
 )
 def test_every_size_of_the_contract_generates_at_its_size(
     generator: SD3Generator, width: int, height: int

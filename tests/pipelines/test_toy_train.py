@@ -139,6 +139,7 @@ def test_a_phase_is_size_steps_batch_and_an_optional_pool() -> None:
         train.Phase.parse("128:1")
 
 
+@pytest.mark.slow
 def test_bf16_autocast_is_a_recorded_switch_and_still_reproducible(tmp_path: Path) -> None:
     config = dataclasses.replace(TINY, autocast_bf16=True)
     first = train.train(config, tmp_path / "a", log=_quiet)
@@ -146,7 +147,8 @@ def test_bf16_autocast_is_a_recorded_switch_and_still_reproducible(tmp_path: Pat
     assert first["files"] == second["files"]
     assert first["config"]["autocast_bf16"] is True
     plain = train.train(TINY, tmp_path / "c", log=_quiet)
-    assert plain["files"]["transformer/diffusion_pytorch_model.safetensors"] != (
-        first["files"]["transformer/diffusion_pytorch_model.safetensors"]
+    assert (
+        plain["files"]["transformer/diffusion_pytorch_model.safetensors"]
+        != (first["files"]["transformer/diffusion_pytorch_model.safetensors"])
     )
     assert train._arguments(["out", "--bf16"])[0].autocast_bf16 is True

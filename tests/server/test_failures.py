@@ -53,6 +53,7 @@ def test_a_failed_generation_is_500_without_traceback_and_refunded(broken: LiveS
     assert broken.balance_of(key) == Decimal("1")
 
 
+@pytest.mark.slow
 def test_a_full_queue_is_429_with_retry_after_and_refunded(narrow: LiveServer) -> None:
     key = narrow.key("1")
     slow = {"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_steps": 40}
@@ -112,6 +113,7 @@ def _finished(server: LiveServer, key: str, job: dict) -> str:
     return str(status["status"])
 
 
+@pytest.mark.slow
 def test_accepted_v2_jobs_wait_for_room_in_a_full_queue_and_all_complete(narrow: LiveServer) -> None:
     # max_pending 1: every job of the burst finds the device queue full, and none may fail for it.
     key = narrow.key("1")
@@ -121,6 +123,7 @@ def test_accepted_v2_jobs_wait_for_room_in_a_full_queue_and_all_complete(narrow:
     assert all(row.ok and row.open_reservations == 0 for row in narrow.ledger.audit())
 
 
+@pytest.mark.slow
 def test_past_the_accepted_jobs_bound_a_submission_is_429_at_the_door_and_charged_nothing(
     door: LiveServer,
 ) -> None:

@@ -56,6 +56,7 @@ def test_v2_image_equals_the_v1_image_of_the_same_seed(live: LiveServer, sdk: SD
     assert httpx.get(result["output"][0]).content == first_v1
 
 
+@pytest.mark.slow
 def test_status_goes_from_queued_to_completed_with_progress(live: LiveServer) -> None:
     key = live.key()
     headers = {"x-api-key": key}

@@ -126,6 +126,7 @@ def test_the_batch_respects_the_image_budget(generator: SD3Generator) -> None:
     assert blocker.batches == [1, 1, 1, 1]  # 2 + 2 images would exceed 3
 
 
+@pytest.mark.slow
 def test_the_pixel_budget_caps_a_batch_by_its_size(generator: SD3Generator) -> None:
     blocker = Blocker(generator)
     # Two 512² images' worth of pixels: 512² jobs pair up, a 1024² job (4x the pixels) runs alone,
@@ -193,6 +194,7 @@ def test_a_running_job_stops_at_the_next_step_when_cancelled(generator: SD3Gener
     assert queue.pending == 0 and len(steps) < 100
 
 
+@pytest.mark.slow
 def test_health_answers_while_the_device_is_busy(live: LiveServer) -> None:
     key = live.key()
     slow = {"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_steps": 60}

@@ -50,6 +50,7 @@ def test_serve_with_a_data_folder_under_a_regular_file_exits_2_in_one_sentence(t
     assert "point --data-dir (SD3_DATA_DIR) at a folder this user can write." in message
 
 
+@pytest.mark.slow
 def test_serve_with_a_ledger_that_is_a_directory_exits_2_in_one_sentence(tmp_path: Path) -> None:
     (tmp_path / "ledger.sqlite3").mkdir()  # the default ledger's place in the data folder
     result = serve(env={"SD3_DATA_DIR": str(tmp_path)})

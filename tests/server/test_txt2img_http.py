@@ -46,6 +46,7 @@ def pixels(data: bytes) -> np.ndarray:
     return np.asarray(jpeg(data), dtype=np.float32)
 
 
+@pytest.mark.slow
 def test_original_request_returns_a_jpeg_of_the_asked_size_and_charges_its_price(live: LiveServer) -> None:
     key = live.key("1")
     body = original_request()
