@@ -35,7 +35,7 @@ def to_vae_input(image: np.ndarray) -> torch.Tensor:
     height, width = image.shape[:2]
     if min(height, width) < MIN_SIDE:
         raise ValueError(f"an init image needs sides of at least {MIN_SIDE} px, got {width}x{height}")
-    pixels = torch.from_numpy(np.ascontiguousarray(crop_to_grid(image))).to(torch.float32) / 255.0
+    pixels = torch.from_numpy(np.array(crop_to_grid(image))).to(torch.float32) / 255.0  # a writable copy
     return (pixels * 2.0 - 1.0).permute(2, 0, 1).unsqueeze(0)
 
 

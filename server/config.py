@@ -257,6 +257,17 @@ class PricingSettings(BaseModel):
     mode: Annotated[Literal["image", "evaluations"], Flags("--pricing-mode")] = Field(
         "image", description="image: the hosted price; evaluations: by transformer evaluations"
     )
+    # sd3-med-img2img's own price (the hosted page: ~$0.008 at its defaults): per image of
+    # reference_pixels (the cropped input's size) at this many steps. Strength does not lower it:
+    # the model runs `num_inference_steps` times whatever the strength. Always priced by steps.
+    img2img_price_per_image: Decimal = Field(
+        Decimal("0.008"),
+        ge=0,
+        le=MAX_CREDITS,
+        decimal_places=12,
+        description="Credits for one img2img image of the reference pixels and img2img steps",
+    )
+    img2img_reference_steps: int = Field(20, ge=1, description="Steps the img2img price is for")
 
 
 class QueueSettings(BaseModel):
