@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from server.app import Runtime
+from server.config import Settings
 from server.image_input import URLS_OFF
-from tests.live import LiveServer, wait_for
+from server.job_store import JobStore
+from server.ledger import Ledger
+from server.schemas import Img2ImgRequest
+from tests.databases import migrated
+from tests.live import LiveServer, live_server, wait_for
 
 PATH = "/v1/sd3-med-img2img"
 IMAGES = Path(__file__).parent.parent / "data" / "images"
@@ -223,3 +229,43 @@ def test_a_fixture_photo_with_exif_comes_out_upright(live: LiveServer) -> None:
     photo = base64.b64encode((IMAGES / "rotated_exif.jpg").read_bytes()).decode()
     response = live.post(body(image=photo, strength=0), key=live.key(), path=PATH)
     assert jpeg(response.content).size == (96, 72)  # stored 72x96, shown (and served) 96x72
+
+
+def test_an_accepted_img2img_job_left_by_a_stopped_server_runs_at_the_next_start(
+    settings: Settings, runtime: Runtime, tmp_path: Path
+) -> None:
+    """Recovery rebuilds the job from its recorded body, image included; one whose image is no longer
+    taken is refunded and failed, and does not stop the others."""
+    url = migrated(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger = Ledger(url)
+    store = JobStore(ledger.engine)
+    record, key = ledger.create_key(name="left", credits=Decimal(1))
+    good = Img2ImgRequest.model_validate(body(seed=9)).model_dump(mode="json")
+    bad = {**good, "image": "@@@"}
+    for request_id, params in (("left-good", good), ("left-bad", bad)):
+        ledger.reserve(key_id=record.id, amount=Decimal("0.01"), request_id=request_id, owner="old-me")
+        store.create(
+            request_id=request_id,
+            key_id=record.id,
+            surface="v2",
+            model="sd3-med-img2img",
+            params=params,
+            cost=Decimal("0.01"),
+            owner="old-me",
+        )
+    restarted = settings.model_copy(update={"database_url": url, "instance_id": "old-me"})
+    servers = live_server(restarted, runtime)
+    live = next(servers)  # its start-up runs the recovery
+    try:
+        headers = {"x-api-key": key}
+        status = f"{live.base_url}/v2/requests/left-good/status"
+        assert wait_for(lambda: httpx.get(status, headers=headers).json()["status"] == "COMPLETED", 120)
+        result = httpx.get(f"{live.base_url}/v2/requests/left-good", headers=headers).json()
+        assert result["seed"] == 9 and result["metrics"]["cost"] == 0.01  # the price it was charged
+        bad_status = httpx.get(f"{live.base_url}/v2/requests/left-bad/status", headers=headers)
+        assert bad_status.json()["status"] == "FAILED"
+        assert ledger.charge("left-bad") == "refunded" and ledger.charge("left-good") == "settled"
+        assert live.balance_of(key) == Decimal("0.99")
+    finally:
+        servers.close()
+        ledger.close()
