@@ -140,3 +140,23 @@ def test_too_many_pixels_is_refused_before_the_pixels_are_decoded() -> None:
 def test_urls_are_refused_while_fetching_is_off() -> None:
     for url in ("https://example.com/cat.png", "HTTP://example.com/cat.png", " http://10.0.0.1/x"):
         assert refused(url) == URLS_OFF
+
+
+@pytest.mark.parametrize("name", ["landscape.png", "landscape.jpg", "landscape.webp", "two_frames.gif",
+                                  "landscape.bmp", "landscape.tiff", "rotated_exif.jpg"])  # fmt: skip
+def test_corrupted_files_decode_or_are_a_422_never_anything_else(name: str) -> None:
+    """Random byte flips and truncations of real files: a decoder's crash must not become a 500."""
+    rng = np.random.default_rng(len(name))
+    original = (IMAGES / name).read_bytes()
+    for _ in range(60):
+        data = bytearray(original)
+        for position in rng.integers(0, len(data), size=int(rng.integers(1, 8))):
+            data[position] = int(rng.integers(0, 256))
+        if rng.random() < 0.3:
+            data = data[: int(rng.integers(1, len(data)))]
+        try:
+            image = decode_pixels(bytes(data), LIMITS)
+        except InvalidRequest as exc:
+            assert exc.message.startswith("image: ")
+        else:
+            assert image.pixels.ndim == 3 and image.pixels.shape[2] == 3
