@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from schedulers.names import public_names
+from schedulers.sigmas import SCHEDULES
 from server.api.cancellation import cancel_on_disconnect
 from server.api.deps import CurrentKey, Img2ImgBody, ServingDep, Txt2ImgBody
 from server.api.renderers import SegmindRoute
@@ -83,4 +84,17 @@ async def user_credits(request: Request, key: CurrentKey) -> JSONResponse:
 
 @router.get("/v1/schedulers")
 async def schedulers() -> dict[str, object]:
-    return {"schedulers": public_names(), "default": "DPM++ 2M"}
+    """txt2img's `scheduler` names (the top-level keys, as before), and what each slug's name fields take."""
+    names = public_names()
+    return {
+        "schedulers": names,
+        "default": "DPM++ 2M",
+        "models": {
+            SLUG: {"scheduler": {"accepted": names, "default": "DPM++ 2M"}},
+            IMG2IMG_SLUG: {
+                # Any sampler name; a label's schedule part is not used: `scheduler` names the schedule.
+                "sampler": {"accepted": names, "default": "dpmpp_2m"},
+                "scheduler": {"accepted": list(SCHEDULES), "default": "sgm_uniform"},
+            },
+        },
+    }

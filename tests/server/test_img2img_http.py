@@ -269,3 +269,42 @@ def test_an_accepted_img2img_job_left_by_a_stopped_server_runs_at_the_next_start
     finally:
         servers.close()
         ledger.close()
+
+
+def test_the_schedulers_list_says_what_each_slug_takes(live: LiveServer) -> None:
+    listing = httpx.get(f"{live.base_url}/v1/schedulers").json()
+    img2img = listing["models"]["sd3-med-img2img"]
+    assert img2img["sampler"]["default"] == "dpmpp_2m" and img2img["scheduler"]["default"] == "sgm_uniform"
+    page_samplers = [
+        "euler",
+        "euler_pp",
+        "euler_ancestral",
+        "euler_ancestral_pp",
+        "heun",
+        "heunpp2",
+        "dpm_2",
+        "dpm_2_ancestral",
+        "lms",
+        "dpm_fast",
+        "dpm_adaptive",
+        "dpmpp_2s_ancestral",
+        "dpmpp_sde",
+        "dpmpp_sde_gpu",
+        "dpmpp_2m",
+        "dpmpp_2m_sde",
+        "dpmpp_2m_sde_gpu",
+        "dpmpp_3m_sde",
+        "dpmpp_3m_sde_gpu",
+        "ddpm",
+        "lcm",
+        "ipndm",
+        "ipndm_v",
+        "deis",
+        "ddim",
+        "uni_pc",
+        "uni_pc_bh2",
+    ]
+    assert len(page_samplers) == 27 and set(page_samplers) <= set(img2img["sampler"]["accepted"])
+    page_schedules = {"normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform"}
+    assert page_schedules <= set(img2img["scheduler"]["accepted"])
+    assert listing["models"]["stable-diffusion-3-medium-txt2img"]["scheduler"]["default"] == "DPM++ 2M"
