@@ -189,6 +189,12 @@ class Work:
     def prompts(self) -> dict[str, str]:
         return {"prompt": self.request.prompt, "negative_prompt": self.request.negative_prompt}
 
+    def waiting(self) -> Work:
+        """This work as an accepted v2 job keeps it while it waits: without its recorded body and
+        decoded image (megabytes each, and up to `queue.max_accepted_jobs` jobs wait), which the run
+        reads back from the job's row (`Serving._with_image`)."""
+        return replace(self, params={}, request=replace(self.request, init_image=None))
+
 
 def to_generation_request(body: Txt2ImgRequest, *, seed: int, key_id: int | None = None) -> GenerationRequest:
     return GenerationRequest(
@@ -280,7 +286,7 @@ class Serving:
                 # An img2img image this server no longer takes (its limits changed): refunded below.
                 log.warning("v2 job %s cannot be resumed: %s", job.request_id, exc.message)
                 continue
-            self._spawn(job.request_id, job.key_id, work, job.seed)
+            self._spawn(job.request_id, job.key_id, work.waiting(), job.seed)
             resumed.append(job)
         keep = {job.request_id for job in resumed}
         refunded = await to_thread.run_sync(lambda: self.ledger.refund_abandoned(self.owner, keep=keep))
@@ -502,6 +508,7 @@ class Serving:
         started = time.perf_counter()
         quality = self.settings.performance.jpeg_quality
         try:
+            job = await self._with_image(request_id, job, work.model)
             result = await self._submit(job, request_id, seed, waits=surface == "v2")
             jpegs = await to_thread.run_sync(
                 lambda: [to_jpeg(image, quality=quality) for image in result.images]
@@ -540,6 +547,19 @@ class Serving:
         settle = partial(self._settle_now, request_id, outputs=outputs, seconds=seconds)
         await asyncio.shield(self.writes.run(f"settle {request_id}", settle))
         return jpegs, outputs, seed, seconds
+
+    async def _with_image(self, request_id: str, job: GenerationRequest, model: str) -> GenerationRequest:
+        """An img2img job that waited without its image (`Work.waiting`) gets it back, decoded again
+        from its recorded body; the decode is deterministic, so it is the image priced at the door."""
+        if model != IMG2IMG_SLUG or job.init_image is not None:
+            return job
+        record = await to_thread.run_sync(self.jobs.get, request_id)
+        if record is None:
+            raise NotFound(f"No request {request_id}")
+        body = Img2ImgRequest.model_validate(record.params)
+        limits = self.settings.limits
+        image = await to_thread.run_sync(lambda: read_image(body.image, limits))
+        return replace(job, init_image=image.pixels)
 
     async def _submit(
         self, job: GenerationRequest, request_id: str, seed: int, *, waits: bool
@@ -659,7 +679,7 @@ class Serving:
             request_id, _ = await self._admit(key.id, work, "v2", request_id)
         finally:
             self._admitting -= 1
-        self._spawn(request_id, key.id, work, None)
+        self._spawn(request_id, key.id, work.waiting(), None)
         job = await to_thread.run_sync(lambda: self.jobs.get(request_id))
         assert job is not None
         balance = await to_thread.run_sync(lambda: self.ledger.balance(key.id))
