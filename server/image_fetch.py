@@ -98,7 +98,7 @@ class UrlFetcher:
         if self._hosts and host not in self._hosts:
             raise InvalidRequest(f"image: the host {host!r} is not among the hosts this server fetches from")
         try:
-            port = parts.port or (443 if scheme == "https" else 80)
+            port = parts.port if parts.port is not None else (443 if scheme == "https" else 80)
         except ValueError:
             raise InvalidRequest("image: the URL's port is not a number from 0 to 65535") from None
         addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in self.resolver(host, port)]
