@@ -163,3 +163,19 @@ def test_a_size_that_is_not_the_cropped_size_is_refused(generator: SD3Generator)
     request = GenerationRequest(prompt="x", init_image=image, width=72, height=64, steps=2, denoise=0.5)
     with pytest.raises(ValueError, match="cropped size"):
         generator.generate(request)
+
+
+def test_img2img_requests_batch_together_each_with_its_own_image(generator: SD3Generator) -> None:
+    from pipelines.sd3 import batch_key
+
+    first = img2img(gradient_image(64, 64), denoise=0.6, seed=1)
+    second = img2img(gradient_image(64, 64)[::-1].copy(), denoise=0.6, seed=2, prompt="a blue boat")
+    txt2img = GenerationRequest(
+        prompt="a red barn", scheduler="euler", steps=4, seed=7, width=64, height=64, denoise=0.6
+    )
+    assert batch_key(first) == batch_key(second) != batch_key(txt2img)
+    together = generator.generate_batch([first, second])
+    alone = [generator.generate(first), generator.generate(second)]
+    for batched, single in zip(together, alone, strict=True):
+        assert np.abs(batched.images[0].astype(np.int16) - single.images[0].astype(np.int16)).max() <= 2
+    assert not np.array_equal(together[0].images[0], together[1].images[0])
