@@ -51,7 +51,14 @@ from server.metrics import Metrics
 from server.pricing import img2img_price, price_of
 from server.queue import WorkQueue
 from server.rate_limit import RateLimiter
-from server.schemas import IMG2IMG_SLUG, MAX_SEED, SLUG, Img2ImgRequest, Txt2ImgRequest
+from server.schemas import (
+    IMG2IMG_SLUG,
+    MAX_SEED,
+    SLUG,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    recorded_params,
+)
 
 if TYPE_CHECKING:
     from server.outputs import OutputStore
@@ -473,7 +480,9 @@ class Serving:
                     key_id=key_id,
                     surface=surface,
                     model=work.model,
-                    params=work.params,
+                    # Only a v2 job is ever rebuilt from its row (restart, or its image read back when
+                    # it runs); elsewhere an img2img image would be megabytes of history, so it is not kept.
+                    params=work.params if surface == "v2" else recorded_params(work.params),
                     cost=cost,
                     owner=self.owner,
                 )

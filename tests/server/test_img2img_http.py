@@ -76,6 +76,10 @@ def test_the_page_defaults_answer_a_jpeg_of_the_cropped_size_at_its_price(live: 
     assert Decimal(response.headers["x-cost"]) == cost == Decimal("0.000359")
     assert Decimal(response.headers["x-remaining-credits"]) == Decimal(1) - cost == live.balance_of(key)
     assert response.headers["x-seed-value"] == "698845"  # the page's default seed
+    # The v1 history row keeps the request's fields but not megabytes of image.
+    row = JobStore(live.ledger.engine).get(response.headers["x-request-id"])
+    assert row is not None and row.model == "sd3-med-img2img"
+    assert row.params["image"] == f"<{len(IMAGE)} characters>" and row.params["prompt"] == "a lighthouse"
 
 
 def test_the_same_request_gives_the_same_image_and_strength_changes_it(live: LiveServer) -> None:
