@@ -6,7 +6,8 @@ once, every address it resolves to must be public (no loopback, private, link-lo
 metadata service —, CGNAT, multicast, reserved or unspecified address, nor an IPv6 form that embeds
 an IPv4 one), and the connection goes to the address that was checked, never to a second lookup
 that DNS could answer differently. Redirects are followed by hand, at most three, each one checked
-again. Connect 5 s, 15 s for the whole fetch, at most `limits.image_max_bytes` read.
+again. Connect 5 s, 15 s for the whole fetch (checked after every read, each of at most 2 s), at
+most `limits.image_max_bytes` read.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ Resolver = Callable[[str, int], list[str]]
 
 MAX_REDIRECTS = 3
 CONNECT_TIMEOUT_S = 5.0
+# The whole fetch is checked against its deadline after every network read, and no single read may
+# wait longer than this: a server that trickles its body is cut off within this much of the deadline.
+READ_TIMEOUT_S = 2.0
 TOTAL_TIMEOUT_S = 15.0
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_CHUNK = 64 * 1024
 
 # IPv6 prefixes that carry an IPv4 address inside (mapped, compatible, NAT64, 6to4, Teredo): a
 # gateway may route them to that IPv4 address, so they are refused whatever it is.
@@ -124,9 +127,8 @@ class UrlFetcher:
         headers = {"Host": host if default_port else f"{host}:{port}", "Accept": "image/*"}
         # Connect to the checked address; TLS still names and verifies the URL's host.
         extensions = {"sni_hostname": host} if scheme == "https" else {}
-        timeout = httpx.Timeout(
-            self._remaining(deadline), connect=min(self.connect_timeout_s, self._remaining(deadline))
-        )
+        left = self._remaining(deadline)
+        timeout = httpx.Timeout(min(READ_TIMEOUT_S, left), connect=min(self.connect_timeout_s, left))
         try:
             with (
                 httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client,
@@ -152,7 +154,8 @@ class UrlFetcher:
         if declared.isdigit() and int(declared) > self.max_bytes:
             raise InvalidRequest(self._too_large())
         body = bytearray()
-        for chunk in response.iter_bytes(_CHUNK):
+        # No chunk size: each network read comes back at once, so the deadline is checked per read.
+        for chunk in response.iter_bytes():
             body += chunk
             if len(body) > self.max_bytes:
                 raise InvalidRequest(self._too_large())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,6 +43,13 @@ class Remote(BaseHTTPRequestHandler):
             self.send_response(200)
             self.end_headers()  # no Content-Length: the limit must hold on the stream itself
             self.wfile.write(b"\0" * 300_000)
+        elif self.path == "/trickle":
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(40):  # a byte every 0.1 s: no read ever times out, the whole fetch must
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(0.1)
         elif self.path == "/missing":
             self.send_response(404)
             self.send_header("Content-Length", "0")
@@ -168,6 +176,18 @@ def test_a_body_over_the_limit_is_cut_off_while_streaming(port: int) -> None:
         max_bytes=100_000, resolver=resolver({"images.example": "127.0.0.1"}), may_connect=also_our_server
     )
     assert "larger than the limit of 100000 bytes" in refused(fetcher, f"http://images.example:{port}/big")
+
+
+def test_a_trickling_body_is_cut_off_at_the_total_deadline(port: int) -> None:
+    fetcher = UrlFetcher(
+        max_bytes=10**6,
+        resolver=resolver({"images.example": "127.0.0.1"}),
+        may_connect=also_our_server,
+        total_timeout_s=1.0,
+    )
+    started = time.monotonic()
+    assert "did not answer within 1 s" in refused(fetcher, f"http://images.example:{port}/trickle")
+    assert time.monotonic() - started < 2.0
 
 
 def test_an_error_status_is_a_422(port: int) -> None:
