@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,8 @@ class UrlFetcher:
     may_connect: Callable[[IPAddress], bool] = public_address
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     total_timeout_s: float = TOTAL_TIMEOUT_S
+    # The certificates https is verified against: the system's by default; tests give their own CA.
+    tls: ssl.SSLContext | None = None
     _hosts: frozenset[str] = field(init=False, default=frozenset())
 
     def __post_init__(self) -> None:
@@ -131,7 +134,9 @@ class UrlFetcher:
         timeout = httpx.Timeout(min(READ_TIMEOUT_S, left), connect=min(self.connect_timeout_s, left))
         try:
             with (
-                httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client,
+                httpx.Client(
+                    timeout=timeout, follow_redirects=False, trust_env=False, verify=self.tls or True
+                ) as client,
                 client.stream("GET", target, headers=headers, extensions=extensions) as response,
             ):
                 if response.status_code in _REDIRECTS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -222,3 +223,63 @@ def test_with_fetching_on_a_url_field_decodes_like_base64(port: int) -> None:
     # And with the default fetcher (the real rule), the same server on loopback is refused.
     with pytest.raises(InvalidRequest, match="non-public"):
         read_image(f"http://127.0.0.1:{port}/image.png", limits)
+
+
+@pytest.fixture(scope="module")
+def tls_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, ssl.SSLContext]]:
+    """An https server on loopback whose certificate names images.example only, and a client context
+    that trusts it."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "images.example")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("images.example")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Remote)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert_file, key_file)
+    server.socket = server_side.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client_side = ssl.create_default_context(cafile=str(cert_file))
+    try:
+        yield server.server_address[1], client_side
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_https_to_the_checked_address_still_verifies_the_url_host(
+    tls_port: tuple[int, ssl.SSLContext],
+) -> None:
+    port, trusted = tls_port
+    names = {"images.example": "127.0.0.1", "other.example": "127.0.0.1"}
+    fetcher = UrlFetcher(max_bytes=10**6, resolver=resolver(names), may_connect=also_our_server, tls=trusted)
+    assert fetcher.fetch(f"https://images.example:{port}/image.png") == PNG
+    # Same address, but the certificate does not name this host: refused, as a plain client would.
+    assert "could not be fetched" in refused(fetcher, f"https://other.example:{port}/image.png")
