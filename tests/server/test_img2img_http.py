@@ -203,6 +203,11 @@ def test_an_image_body_may_exceed_the_json_body_limit_on_img2img_only(live: Live
         {"prompt": "x", "padding": big}, key=live.key(), path="/v1/stable-diffusion-3-medium-txt2img"
     )
     assert_error(txt2img, 413, "Request body too large")
+    # img2img's own limit: 1 MiB plus the base64 of a 20 MB image, refused before it is read.
+    limits = live.settings.limits
+    limit = limits.max_body_bytes + -(-limits.image_max_bytes // 3) * 4
+    huge = live.post(body(image="A" * limit), key=live.key(), path=PATH)
+    assert_error(huge, 413, f"the limit is {limit} bytes")
 
 
 def test_v2_runs_img2img_and_refuses_a_bad_image_at_the_door(live: LiveServer) -> None:
