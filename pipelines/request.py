@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+from schedulers.names import SchedulerSpec, resolve
 
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationRequest:
-    """One txt2img job, in the units of the public API (docs/contract.md §1.1, docs/sampling.md)."""
+    """One job, in the units of the public API (docs/contract.md §1.1, docs/sampling.md).
+
+    txt2img starts from an empty latent; img2img (`init_image` set) from the VAE encoding of that
+    image, with `denoise` as its strength (docs/sampling.md, img2img).
+    """
 
     prompt: str
     negative_prompt: str = ""
@@ -28,6 +34,17 @@ class GenerationRequest:
     # one client's timings cannot tell whether another sent the same prompt recently. The server
     # passes the API key; "" shares with every other unscoped request.
     cache_scope: str = ""
+    # The sigma schedule, when it is named apart from the sampler (the img2img page's `sampler` +
+    # `scheduler` fields): overrides the schedule that `scheduler`'s name implies.
+    schedule: str | None = None
+    # img2img: the input image, HxWx3 uint8. `width`/`height` must be its size after the crop to a
+    # multiple of 8 (pipelines/img2img.py `cropped_size`), which is the output size.
+    init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def sampling_spec(self) -> SchedulerSpec:
+        """The sampler, schedule and guidance factor this request runs."""
+        spec = resolve(self.scheduler)
+        return spec if self.schedule is None else replace(spec, schedule=self.schedule)
 
 
 @dataclass(frozen=True, kw_only=True)

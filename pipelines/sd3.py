@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.img2img import start_latent, to_vae_input
 from pipelines.loading import LoadedModel
 from pipelines.options import NegativeWindowWiring, PercentRule
 from pipelines.prompt_cache import PromptCache
@@ -30,7 +31,6 @@ from pipelines.request import GenerationRequest, GenerationResult
 from pipelines.text import count_tokens, encode_prompt
 from schedulers import sample, sigmas_for
 from schedulers.guidance import guided_denoiser, negative_ranges
-from schedulers.names import resolve
 from schedulers.noise import initial_noise
 from schedulers.samplers import STOCHASTIC
 
@@ -63,12 +63,14 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...] | None:
 
     Everything that shapes the sigma schedule, the negative window or the latent size must agree.
     Stochastic samplers are excluded: their per-step noise is drawn for the whole batch at once
-    (docs/sampling.md §7), so a neighbour in the batch would change a request's image.
+    (docs/sampling.md §7), so a neighbour in the batch would change a request's image. img2img jobs
+    batch with each other (each keeps its own image's latent), never with txt2img.
     """
-    spec = resolve(request.scheduler)
+    spec = request.sampling_spec()
     if spec.sampler in STOCHASTIC:
         return None
     return (
+        request.init_image is not None,
         spec.sampler,
         spec.schedule,
         spec.guidance_factor,
@@ -206,8 +208,12 @@ class SD3Generator:
         sigmas = self._sigmas(first)
         x = self._initial_latents(requests, sigmas)
 
-        # 3. Sampling: the guided denoiser driven down the sigmas by the stateless sampler.
-        x = self._sample(first, conds, x, sigmas, callback=callback)
+        # 3. Sampling: the guided denoiser driven down the sigmas by the stateless sampler. An
+        # img2img strength of 0 leaves no sigmas: the image latent is decoded as it is (a VAE round trip).
+        if len(sigmas) > 1:
+            x = self._sample(first, conds, x, sigmas, callback=callback)
+        elif callback is not None:
+            callback(0, 0)  # the job still starts (and may still be cancelled) as any other
         t2 = time.perf_counter()
 
         # 4. Decode.
@@ -239,13 +245,18 @@ class SD3Generator:
         }
 
     def _sigmas(self, request: GenerationRequest) -> torch.Tensor:
-        spec = resolve(request.scheduler)
+        spec = request.sampling_spec()
+        if request.init_image is not None and request.denoise <= 0.0:
+            # KSampler's set_steps: no denoise, no sigmas (docs/sampling.md, img2img).
+            return torch.zeros(0, dtype=torch.float32, device=self.device)
         return sigmas_for(
             spec.schedule, request.steps, shift=request.shift, denoise=request.denoise, sampler=spec.sampler
         ).to(self.device)
 
     def _initial_latents(self, requests: list[GenerationRequest], sigmas: torch.Tensor) -> torch.Tensor:
         first = requests[0]
+        if first.init_image is not None:
+            return self._image_latents(requests, sigmas)
         h, w = first.height // VAE_SCALE, first.width // VAE_SCALE
         # One randn per request over its own samples, exactly as a lone request draws it
         # (docs/sampling.md §7).
@@ -254,6 +265,38 @@ class SD3Generator:
         ).to(self.device)
         # The empty latent is zero and is not shifted (docs/sampling.md §6), so x_start = σ0·noise.
         return float(sigmas[0]) * noise
+
+    def _image_latents(self, requests: list[GenerationRequest], sigmas: torch.Tensor) -> torch.Tensor:
+        """img2img's start: each request's image latent, repeated over its samples and noised to σ0."""
+        starts = []
+        for r in requests:
+            assert r.init_image is not None
+            latent = self.encode_image(r.init_image)
+            if latent.shape[-2:] != (r.height // VAE_SCALE, r.width // VAE_SCALE):
+                raise ValueError(
+                    f"the request's size {r.width}x{r.height} is not its image's cropped size "
+                    f"{latent.shape[-1] * VAE_SCALE}x{latent.shape[-2] * VAE_SCALE}"
+                )
+            latent = latent.repeat(r.samples, 1, 1, 1)
+            if len(sigmas) < 2:
+                starts.append(latent)
+                continue
+            # The same CPU draw as txt2img, one randn over the request's samples (docs/sampling.md §7).
+            noise = initial_noise(r.seed, tuple(latent.shape)).to(self.device)
+            starts.append(start_latent(latent=latent, noise=noise, sigma=float(sigmas[0])))
+        return torch.cat(starts)
+
+    def encode_image(self, image: np.ndarray) -> torch.Tensor:
+        """An HxWx3 uint8 image → its [1, C, h, w] float32 latent in the sampler's (scaled) space.
+
+        The crop to the 8 px grid and the posterior mode, as docs/sampling.md (img2img) says; then
+        SD3's (z − shift)·scaling, the inverse of what `decode` undoes.
+        """
+        vae = self.pipe.vae
+        pixels = to_vae_input(image).to(device=self.device, dtype=vae.dtype)
+        posterior = vae.encode(pixels, return_dict=False)[0]
+        z = posterior.mode().float()
+        return (z - vae.config.shift_factor) * vae.config.scaling_factor
 
     def _sample(
         self,
@@ -265,7 +308,7 @@ class SD3Generator:
         callback: StepCallback | None,
     ) -> torch.Tensor:
         """Run the request's sampler from `x` at sigmas[0]; `request` carries the batch's shared settings."""
-        spec = resolve(request.scheduler)
+        spec = request.sampling_spec()
         denoiser = guided_denoiser(
             self._predictor(conds),
             # The `_pp` spellings run their plain sampler at twice the guidance (schedulers/names.py).

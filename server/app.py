@@ -167,7 +167,11 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
     metrics = Metrics()
     app.state.metrics = metrics
     # Added innermost first: the request id wraps everything, so even a 413 carries it.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.limits.max_body_bytes,
+        image_max_bytes=settings.limits.image_max_bytes,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

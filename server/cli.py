@@ -14,7 +14,7 @@ import socket
 import time
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ from server.config import Settings
 from server.credits import InvalidAmount, format_credits, parse_credits
 from server.flags import SettingsFlags, build_settings, setting_option
 from server.logs import configure_logging
+
+if TYPE_CHECKING:
+    from pipelines.request import GenerationRequest
 
 app = typer.Typer(
     help="Self-hosted Stable Diffusion 3 Medium with Segmind's txt2img API.",
@@ -237,14 +240,17 @@ def generate(
     out_path: Annotated[
         Path, typer.Option("--out", "-o", help="Output JPEG (several samples: name-1.jpg, …)")
     ] = Path("image.jpg"),
-    negative_prompt: Annotated[str, typer.Option(help="Prompt to steer away from")] = "",
+    negative_prompt: Annotated[
+        str | None, typer.Option(help="Prompt to steer away from [default: none; img2img: the page's]")
+    ] = None,
     samples: Annotated[int, typer.Option(min=1, max=4)] = 1,
     scheduler: Annotated[
-        str, typer.Option(help="e.g. 'DPM++ 2M', 'Euler' (GET /v1/schedulers)")
+        str, typer.Option(help="e.g. 'DPM++ 2M', 'Euler' (GET /v1/schedulers); img2img: its sampler")
     ] = "DPM++ 2M",
     num_inference_steps: Annotated[
-        int, typer.Option("--steps", "--num-inference-steps", min=10, max=100)
-    ] = 25,
+        int | None,
+        typer.Option("--steps", "--num-inference-steps", help="10-100 [default: 25; img2img: 1-100, 20]"),
+    ] = None,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", "--cfg", min=1, max=25)] = 5.0,
     denoise: Annotated[float, typer.Option(min=0.1, max=1)] = 1.0,
     seed: Annotated[int, typer.Option(help="-1 draws a random seed")] = -1,
@@ -253,22 +259,46 @@ def generate(
     modelsamplingsd3_shift: Annotated[float, typer.Option("--shift", "--modelsamplingsd3-shift")] = 3.0,
     cond_start: Annotated[float, typer.Option("--conditioningsettimesteprange-start")] = 0.1,
     cond_stop: Annotated[float, typer.Option("--conditioningsettimesteprange-stop")] = 1.0,
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            "--image", help="img2img: start from this image (the output has its size, cropped to /8)"
+        ),
+    ] = None,
+    strength: Annotated[float, typer.Option(help="img2img: how much of the image is redrawn, 0-1")] = 0.7,
+    schedule: Annotated[
+        str | None, typer.Option(help="img2img: the sigma schedule [default: the scheduler name's own]")
+    ] = None,
 ) -> None:
-    """Generate one request's images to a file, with no HTTP and no credits."""
-    from pydantic import ValidationError
+    """Generate one request's images to a file, with no HTTP and no credits.
 
+    With --image, the request is `sd3-med-img2img`'s: --width, --height, --denoise, --shift and the
+    timestep range are then not used.
+    """
     from server.encoding import to_jpeg
-    from server.schemas import Txt2ImgRequest, describe_validation_errors
-    from server.serving import resolve_seed, to_generation_request
 
-    try:
-        # The same validation as the HTTP API, so a flag means exactly what the JSON field means.
-        body = Txt2ImgRequest(
+    job: GenerationRequest
+    if image is not None:
+        job = _img2img_job(
+            settings,
+            image,
             prompt=prompt,
             negative_prompt=negative_prompt,
             samples=samples,
+            sampler=scheduler,
+            schedule=schedule,
+            steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            strength=strength,
+            seed=seed,
+        )
+    else:
+        job = _txt2img_job(
+            prompt=prompt,
+            negative_prompt=negative_prompt or "",
+            samples=samples,
             scheduler=scheduler,
-            num_inference_steps=num_inference_steps,
+            num_inference_steps=25 if num_inference_steps is None else num_inference_steps,
             guidance_scale=guidance_scale,
             denoise=denoise,
             seed=seed,
@@ -278,11 +308,7 @@ def generate(
             conditioningsettimesteprange_start=cond_start,
             conditioningsettimesteprange_stop=cond_stop,
         )
-    except ValidationError as exc:
-        err.print(f"[red]Invalid parameters:[/red] {describe_validation_errors(exc.errors())}")
-        raise typer.Exit(2) from None
     runtime = _load_runtime(settings)
-    job = to_generation_request(body, seed=resolve_seed(body.seed))
     started = time.perf_counter()
     with Progress(
         TextColumn("[bold]Sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
@@ -300,12 +326,81 @@ def generate(
             out_path.with_name(f"{out_path.stem}-{i + 1}{out_path.suffix}") for i in range(len(result.images))
         ]
     )
-    for path, image in zip(paths, result.images, strict=True):
+    for path, pixels in zip(paths, result.images, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(to_jpeg(image))
+        path.write_bytes(to_jpeg(pixels))
     err.print(f"seed {result.seed}, {time.perf_counter() - started:.2f} s on {runtime.device}")
     for path in paths:
         out.print(str(path))
+
+
+def _txt2img_job(**fields: Any) -> GenerationRequest:
+    from pydantic import ValidationError
+
+    from server.schemas import Txt2ImgRequest, describe_validation_errors
+    from server.serving import resolve_seed, to_generation_request
+
+    try:
+        # The same validation as the HTTP API, so a flag means exactly what the JSON field means.
+        body = Txt2ImgRequest(**fields)
+    except ValidationError as exc:
+        err.print(f"[red]Invalid parameters:[/red] {describe_validation_errors(exc.errors())}")
+        raise typer.Exit(2) from None
+    return to_generation_request(body, seed=resolve_seed(body.seed))
+
+
+def _img2img_job(
+    settings: Settings,
+    image: Path,
+    *,
+    sampler: str,
+    schedule: str | None,
+    negative_prompt: str | None,
+    steps: int | None,
+    **fields: Any,
+) -> GenerationRequest:
+    """An `sd3-med-img2img` body from the flags, validated and decoded exactly as the API does it."""
+    import base64
+
+    from pydantic import ValidationError
+
+    from server.errors import InvalidRequest
+    from server.image_input import read_image
+    from server.schemas import Img2ImgRequest, describe_validation_errors
+    from server.serving import img2img_generation_request, resolve_seed
+
+    try:
+        data = image.read_bytes()
+    except OSError as exc:
+        _fail(f"Cannot read {image}: {exc.strerror or exc}")
+        raise typer.Exit(2) from None
+    optional = {"negative_prompt": negative_prompt, "num_inference_steps": steps}
+    try:
+        body = Img2ImgRequest(
+            image=base64.b64encode(data).decode(),
+            sampler=sampler,
+            # A label such as 'DPM++ 2M Karras' names its schedule too; --schedule overrides it.
+            scheduler=schedule or _own_schedule(sampler),
+            **{name: value for name, value in optional.items() if value is not None},
+            **fields,
+        )
+        decoded = read_image(body.image, settings.limits)
+    except ValidationError as exc:
+        err.print(f"[red]Invalid parameters:[/red] {describe_validation_errors(exc.errors())}")
+        raise typer.Exit(2) from None
+    except InvalidRequest as exc:
+        err.print(f"[red]Invalid image:[/red] {exc.message}")
+        raise typer.Exit(2) from None
+    return img2img_generation_request(body, decoded, seed=resolve_seed(body.seed))
+
+
+def _own_schedule(name: str) -> str:
+    from schedulers.names import resolve
+
+    try:
+        return resolve(name).schedule
+    except ValueError:
+        return "sgm_uniform"  # the unknown name is reported by the body's own validation
 
 
 @keys_app.command("create")

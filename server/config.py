@@ -183,6 +183,25 @@ class LimitSettings(BaseModel):
     max_prompt_tokens: int = Field(
         1000, ge=1, description="CLIP tokens per prompt and per negative prompt, else 422"
     )
+    # img2img's input image (docs/contract.md, img2img). Its body carries the image as base64, so
+    # the img2img routes take bodies up to 4/3 of `image_max_bytes` (plus the other fields) whatever
+    # `max_body_bytes` says.
+    image_max_bytes: int = Field(
+        20 * 10**6, ge=1024, description="Largest input image (encoded bytes, or a fetched URL's body)"
+    )
+    # Checked before the pixels are decoded: a small file can expand to gigabytes of pixels.
+    image_max_pixels: int = Field(40 * 10**6, ge=64 * 64, description="Largest input image in pixels")
+    # A longer side is scaled down (Lanczos) to this before the crop to a multiple of 8; the
+    # transformer's work grows with the square of the pixels.
+    img2img_max_side: int = Field(
+        2048, ge=64, le=8192, description="Longer side an img2img input is scaled down to"
+    )
+    # Off: an http(s) URL in `image` is refused with 422. On, the server fetches it with the checks of
+    # server/image_fetch.py (no private, loopback or link-local address, redirects re-checked).
+    image_url_fetch: bool = Field(False, description="Fetch http(s) image URLs (off: send base64)")
+    image_url_hosts: list[str] = Field(
+        [], description="With URL fetching on, the only hosts fetched from; empty: any public host"
+    )
 
 
 class ConnectionSettings(BaseModel):
@@ -244,6 +263,17 @@ class PricingSettings(BaseModel):
     mode: Annotated[Literal["image", "evaluations"], Flags("--pricing-mode")] = Field(
         "image", description="image: the hosted price; evaluations: by transformer evaluations"
     )
+    # sd3-med-img2img's own price (the hosted page: ~$0.008 at its defaults): per image of
+    # reference_pixels (the cropped input's size) at this many steps. Strength does not lower it:
+    # the model runs `num_inference_steps` times whatever the strength. Always priced by steps.
+    img2img_price_per_image: Decimal = Field(
+        Decimal("0.008"),
+        ge=0,
+        le=MAX_CREDITS,
+        decimal_places=12,
+        description="Credits for one img2img image of the reference pixels and img2img steps",
+    )
+    img2img_reference_steps: int = Field(20, ge=1, description="Steps the img2img price is for")
 
 
 class QueueSettings(BaseModel):

@@ -80,3 +80,16 @@ def price_of(
     # The value is non-negative, so floor(x + 1/2) is exactly ROUND_HALF_UP.
     units = int(scaled + Fraction(1, 2))
     return Decimal(units).scaleb(-PRICE_DECIMALS)
+
+
+def img2img_price(*, width: int, height: int, steps: int, samples: int, pricing: PricingSettings) -> Decimal:
+    """`sd3-med-img2img`'s price: its own rate per image and steps, scaled by the output (cropped input)
+    size as txt2img's is (docs/contract.md, img2img)."""
+    own = pricing.model_copy(
+        update={
+            "price_per_image": pricing.img2img_price_per_image,
+            "reference_steps": pricing.img2img_reference_steps,
+            "mode": "image",
+        }
+    )
+    return price_of(width=width, height=height, steps=steps, samples=samples, pricing=own)

@@ -27,9 +27,11 @@ from pydantic import (
 
 from pipelines.text import MAX_WEIGHT, parse_weights, weight_out_of_bounds
 from schedulers.names import public_names, resolve
+from schedulers.sigmas import SCHEDULES
 
 # The model's name in the hosted service's paths (`/v1/<slug>`, `/v2/<slug>`) and in the history.
 SLUG = "stable-diffusion-3-medium-txt2img"
+IMG2IMG_SLUG = "sd3-med-img2img"
 MAX_SEED = 999_999_999_999_999
 # Prompts are not truncated (T5 sees every token, as in ComfyUI), and attention grows with the
 # square of the length: a bound keeps one request from claiming the device's memory.
@@ -133,13 +135,7 @@ class Txt2ImgRequest(LaxBody):
     @field_validator("prompt", "negative_prompt")
     @classmethod
     def _usable_weights(cls, value: str) -> str:
-        weight = weight_out_of_bounds(parse_weights(value))
-        if weight is not None:
-            raise ValueError(
-                f"a prompt weight of {weight:g} is outside -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} (an explicit "
-                "'(text:weight)', or nested parentheses, which multiply by 1.1 per level)"
-            )
-        return value
+        return usable_weights(value)
 
     @field_validator("scheduler")
     @classmethod
@@ -149,6 +145,72 @@ class Txt2ImgRequest(LaxBody):
         except ValueError:
             # Not UnknownScheduler's own message: it quotes the name whole, and the name may be long.
             raise ValueError(f"unknown scheduler; accepted: {', '.join(public_names())}") from None
+
+
+def usable_weights(value: str) -> str:
+    weight = weight_out_of_bounds(parse_weights(value))
+    if weight is not None:
+        raise ValueError(
+            f"a prompt weight of {weight:g} is outside -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} (an explicit "
+            "'(text:weight)', or nested parentheses, which multiply by 1.1 per level)"
+        )
+    return value
+
+
+class Img2ImgRequest(LaxBody):
+    """`sd3-med-img2img` (docs/contract.md, img2img): the page's fields, defaults and ranges.
+
+    `image` is checked for shape here and decoded by the serving layer (server/image_input.py), which
+    knows the limits; both happen before anything is reserved. `sampler` takes any sampler name of
+    schedulers/names.py (ComfyUI's tokens, the A1111 labels, the page's spellings) and keeps only its
+    sampler: the schedule is `scheduler`'s.
+    """
+
+    image: str = Field(min_length=1, description="The input image: base64, a data:image URI, or a URL")
+    prompt: str = Field(
+        min_length=1, max_length=MAX_PROMPT_CHARS, description="Text prompt for image generation"
+    )
+    negative_prompt: str = Field(
+        "low quality,less details", max_length=MAX_PROMPT_CHARS, description="Prompts to exclude"
+    )
+    num_inference_steps: int = Field(20, ge=1, le=100)
+    guidance_scale: float = Field(5.0, ge=1, le=20)
+    seed: int = Field(698845, ge=-1, le=MAX_SEED, description="-1 draws a random seed, reported in x-seed")
+    samples: int = Field(1, ge=1, le=4, description="Number of samples to generate")
+    strength: float = Field(0.7, ge=0, le=1, description="Strength of the image transformation")
+    sampler: str = Field("dpmpp_2m", description="Sampler; GET /v1/schedulers lists the names")
+    scheduler: str = Field("sgm_uniform", description="Sigma schedule: " + ", ".join(SCHEDULES))
+    base64: bool = False
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _usable_weights(cls, value: str) -> str:
+        return usable_weights(value)
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        try:
+            return resolve(value).label
+        except ValueError:
+            raise ValueError(f"unknown sampler; accepted: {', '.join(public_names())}") from None
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        folded = value.casefold()
+        if folded not in SCHEDULES:
+            raise ValueError(f"unknown scheduler; accepted: {', '.join(SCHEDULES)}")
+        return folded
+
+
+def recorded_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A stored request body as the history shows it: an img2img image (megabytes of base64) is
+    summarised, never echoed."""
+    image = params.get("image")
+    if isinstance(image, str) and len(image) > MAX_ECHO_CHARS:
+        return {**params, "image": f"<{len(image)} characters>"}
+    return params
 
 
 _NO_ECHO = frozenset({"missing", "json_invalid", "model_type"})
@@ -174,4 +236,13 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
     return "; ".join(lines) or "invalid request"
 
 
-__all__ = ["MAX_SEED", "SLUG", "Txt2ImgRequest", "ValidationError", "describe_validation_errors"]
+__all__ = [
+    "IMG2IMG_SLUG",
+    "Img2ImgRequest",
+    "MAX_SEED",
+    "SLUG",
+    "Txt2ImgRequest",
+    "recorded_params",
+    "ValidationError",
+    "describe_validation_errors",
+]

@@ -19,11 +19,11 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from functools import partial
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from anyio import to_thread
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -43,14 +43,22 @@ from server.errors import (
     RateLimited,
 )
 from server.headers import REMAINING_CREDITS, format_credits
+from server.image_input import InputImage, read_image
 from server.job_store import JobRecord, JobStore, Surface
 from server.key_admin import KeyAdmin
 from server.ledger import KeyRecord, Ledger
 from server.metrics import Metrics
-from server.pricing import price_of
+from server.pricing import img2img_price, price_of
 from server.queue import WorkQueue
 from server.rate_limit import RateLimiter
-from server.schemas import MAX_SEED, SLUG, Txt2ImgRequest
+from server.schemas import (
+    IMG2IMG_SLUG,
+    MAX_SEED,
+    SLUG,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    recorded_params,
+)
 
 if TYPE_CHECKING:
     from server.outputs import OutputStore
@@ -174,6 +182,27 @@ class JobResult:
     balance: Decimal | None  # the owner's balance, read only for a completed job's metrics
 
 
+@dataclass(frozen=True)
+class Work:
+    """An admitted request as the shared run needs it, whatever its slug: what to record, what to
+    generate (its seed still as sent: -1 is drawn at run time) and what it costs."""
+
+    model: str  # the slug, as the history names it
+    params: dict[str, Any]  # the body, recorded; a v2 job is rebuilt from it after a restart
+    request: GenerationRequest
+    cost: Decimal
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        return {"prompt": self.request.prompt, "negative_prompt": self.request.negative_prompt}
+
+    def waiting(self) -> Work:
+        """This work as an accepted v2 job keeps it while it waits: without its recorded body and
+        decoded image (megabytes each, and up to `queue.max_accepted_jobs` jobs wait), which the run
+        reads back from the job's row (`Serving._with_image`)."""
+        return replace(self, params={}, request=replace(self.request, init_image=None))
+
+
 def to_generation_request(body: Txt2ImgRequest, *, seed: int, key_id: int | None = None) -> GenerationRequest:
     return GenerationRequest(
         prompt=body.prompt,
@@ -190,6 +219,27 @@ def to_generation_request(body: Txt2ImgRequest, *, seed: int, key_id: int | None
         cond_start=body.conditioningsettimesteprange_start,
         cond_stop=body.conditioningsettimesteprange_stop,
         # One key's prompts are cached apart from another's (docs/reliability.md, Request bounds).
+        cache_scope="" if key_id is None else f"key:{key_id}",
+    )
+
+
+def img2img_generation_request(
+    body: Img2ImgRequest, image: InputImage, *, seed: int, key_id: int | None = None
+) -> GenerationRequest:
+    """The generator's job for an img2img body whose image is decoded (docs/contract.md, img2img)."""
+    return GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        samples=body.samples,
+        scheduler=body.sampler,
+        schedule=body.scheduler,
+        steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        denoise=body.strength,
+        seed=seed,
+        width=image.width,
+        height=image.height,
+        init_image=image.pixels,
         cache_scope="" if key_id is None else f"key:{key_id}",
     )
 
@@ -234,15 +284,33 @@ class Serving:
         other reservation left open (a v1 request cut off mid-generation) is refunded, and its
         history row marked failed.
         """
-        resumed = await to_thread.run_sync(lambda: self.jobs.pending(owner=self.owner, surface="v2"))
-        for job in resumed:
-            self._spawn(job.request_id, job.key_id, Txt2ImgRequest.model_validate(job.params), job.seed)
+        pending = await to_thread.run_sync(lambda: self.jobs.pending(owner=self.owner, surface="v2"))
+        resumed = []
+        for job in pending:
+            try:
+                work = await self._recorded_work(job)
+            except ApiError as exc:
+                # An img2img image this server no longer takes (its limits changed): refunded below.
+                log.warning("v2 job %s cannot be resumed: %s", job.request_id, exc.message)
+                continue
+            self._spawn(job.request_id, job.key_id, work.waiting(), job.seed)
+            resumed.append(job)
         keep = {job.request_id for job in resumed}
         refunded = await to_thread.run_sync(lambda: self.ledger.refund_abandoned(self.owner, keep=keep))
         for request_id in refunded:
             await to_thread.run_sync(self._mark_interrupted, request_id)
         if resumed or refunded:
             log.warning("restart: resumed %d v2 job(s), refunded %d request(s)", len(resumed), len(refunded))
+
+    async def _recorded_work(self, job: JobRecord) -> Work:
+        """The work of a recorded v2 job, rebuilt from its body (its price is the one it was charged)."""
+        if job.model == IMG2IMG_SLUG:
+            return replace(
+                await self.img2img_work(job.key_id, Img2ImgRequest.model_validate(job.params)), cost=job.cost
+            )
+        return replace(
+            self.txt2img_work(job.key_id, Txt2ImgRequest.model_validate(job.params)), cost=job.cost
+        )
 
     def _mark_interrupted(self, request_id: str) -> None:
         self.jobs.failed(request_id, error="Interrupted: the server stopped during generation; refunded")
@@ -347,13 +415,31 @@ class Serving:
             guidance_scale=body.guidance_scale,
         )
 
-    async def check_prompt_tokens(self, body: Txt2ImgRequest) -> None:
+    def txt2img_work(self, key_id: int | None, body: Txt2ImgRequest) -> Work:
+        job = to_generation_request(body, seed=body.seed, key_id=key_id)
+        return Work(MODEL_NAME, body.model_dump(mode="json"), job, self.price(body))
+
+    async def img2img_work(self, key_id: int | None, body: Img2ImgRequest) -> Work:
+        """Decode the body's image (in a worker thread) and price the request by the output size;
+        a bad image is InvalidRequest (422), before anything is reserved."""
+        limits = self.settings.limits
+        image = await to_thread.run_sync(lambda: read_image(body.image, limits))
+        job = img2img_generation_request(body, image, seed=body.seed, key_id=key_id)
+        cost = img2img_price(
+            width=image.width,
+            height=image.height,
+            steps=body.num_inference_steps,
+            samples=body.samples,
+            pricing=self.settings.pricing,
+        )
+        return Work(IMG2IMG_SLUG, body.model_dump(mode="json"), job, cost)
+
+    async def check_prompt_tokens(self, prompts: dict[str, str]) -> None:
         """Refuse (422) a prompt of more CLIP tokens than `limits.max_prompt_tokens`, reserving nothing.
 
         Counted by the generator's own tokenizer: characters say little (an emoji is several tokens).
         """
         limit = self.settings.limits.max_prompt_tokens
-        prompts = {"prompt": body.prompt, "negative_prompt": body.negative_prompt}
         counts = await to_thread.run_sync(
             lambda: {name: self.queue.count_tokens(text) for name, text in prompts.items()}
         )
@@ -362,7 +448,7 @@ class Serving:
                 raise InvalidRequest(f"{name}: {count} CLIP tokens, more than the limit of {limit}")
 
     async def _admit(
-        self, key_id: int, body: Txt2ImgRequest, surface: Surface, request_id: str | None
+        self, key_id: int, work: Work, surface: Surface, request_id: str | None
     ) -> tuple[str, Decimal]:
         """Reserve the price and record the request; raises InsufficientCredits (406) writing nothing.
 
@@ -371,10 +457,10 @@ class Serving:
         so the admission runs in its own task, shielded, and if it lands after its waiter left, it
         is undone at once (job failed, credits refunded) instead of leaving a charge nobody settles.
         """
-        await self.check_prompt_tokens(body)
+        await self.check_prompt_tokens(work.prompts)
         request_id = request_id or str(uuid.uuid4())
-        cost = self.price(body)
-        admission = asyncio.ensure_future(self._reserve_and_record(key_id, body, surface, request_id, cost))
+        cost = work.cost
+        admission = asyncio.ensure_future(self._reserve_and_record(key_id, work, surface, request_id))
         try:
             await asyncio.shield(admission)
         except asyncio.CancelledError:
@@ -382,9 +468,8 @@ class Serving:
             raise
         return request_id, cost
 
-    async def _reserve_and_record(
-        self, key_id: int, body: Txt2ImgRequest, surface: Surface, request_id: str, cost: Decimal
-    ) -> None:
+    async def _reserve_and_record(self, key_id: int, work: Work, surface: Surface, request_id: str) -> None:
+        cost = work.cost
         await to_thread.run_sync(
             lambda: self.ledger.reserve(key_id=key_id, amount=cost, request_id=request_id, owner=self.owner)
         )
@@ -394,8 +479,10 @@ class Serving:
                     request_id=request_id,
                     key_id=key_id,
                     surface=surface,
-                    model=MODEL_NAME,
-                    params=body.model_dump(mode="json"),
+                    model=work.model,
+                    # Only a v2 job is ever rebuilt from its row (restart, or its image read back when
+                    # it runs); elsewhere an img2img image would be megabytes of history, so it is not kept.
+                    params=work.params if surface == "v2" else recorded_params(work.params),
                     cost=cost,
                     owner=self.owner,
                 )
@@ -418,18 +505,19 @@ class Serving:
         self,
         request_id: str,
         key_id: int,
-        body: Txt2ImgRequest,
+        work: Work,
         seed: int | None,
         *,
         surface: Surface,
         keep_outputs: bool,
     ) -> tuple[list[bytes], list[str], int, float]:
         """Generate an admitted request: settle on success; refund and record the failure otherwise."""
-        seed = resolve_seed(body.seed) if seed is None else seed
-        job = to_generation_request(body, seed=seed, key_id=key_id)
+        seed = resolve_seed(work.request.seed) if seed is None else seed
+        job = replace(work.request, seed=seed)
         started = time.perf_counter()
         quality = self.settings.performance.jpeg_quality
         try:
+            job = await self._with_image(request_id, job, work.model)
             result = await self._submit(job, request_id, seed, waits=surface == "v2")
             jpegs = await to_thread.run_sync(
                 lambda: [to_jpeg(image, quality=quality) for image in result.images]
@@ -462,12 +550,25 @@ class Serving:
                 self._undo(request_id, CANCELLED_MESSAGE)
             raise
         seconds = time.perf_counter() - started
-        self.metrics.generated(seconds=seconds, images=len(jpegs), cost=self.price(body))
+        self.metrics.generated(seconds=seconds, images=len(jpegs), cost=work.cost)
         # The images exist and their price was taken at admission: settling (reserved → settled) and
         # the history row must land, so they go to the pending writes, which retry them if refused.
         settle = partial(self._settle_now, request_id, outputs=outputs, seconds=seconds)
         await asyncio.shield(self.writes.run(f"settle {request_id}", settle))
         return jpegs, outputs, seed, seconds
+
+    async def _with_image(self, request_id: str, job: GenerationRequest, model: str) -> GenerationRequest:
+        """An img2img job that waited without its image (`Work.waiting`) gets it back, decoded again
+        from its recorded body; the decode is deterministic, so it is the image priced at the door."""
+        if model != IMG2IMG_SLUG or job.init_image is not None:
+            return job
+        record = await to_thread.run_sync(self.jobs.get, request_id)
+        if record is None:
+            raise NotFound(f"No request {request_id}")
+        body = Img2ImgRequest.model_validate(record.params)
+        limits = self.settings.limits
+        image = await to_thread.run_sync(lambda: read_image(body.image, limits))
+        return replace(job, init_image=image.pixels)
 
     async def _submit(
         self, job: GenerationRequest, request_id: str, seed: int, *, waits: bool
@@ -525,15 +626,43 @@ class Serving:
         history row, so one id ties the response header, the logs and the ledger together.
         """
         rate_headers = self.rate_check(key)
-        request_id, cost = await self._admit(key.id, body, surface, request_id)
+        return await self._generate(
+            key, self.txt2img_work(key.id, body), rate_headers, surface, keep_outputs, request_id
+        )
+
+    async def img2img(
+        self,
+        key: KeyRecord,
+        body: Img2ImgRequest,
+        *,
+        surface: Surface = "v1",
+        keep_outputs: bool = False,
+        request_id: str | None = None,
+    ) -> Txt2ImgOutcome:
+        """`txt2img` for `sd3-med-img2img`: the image is decoded after the rate limit and before the
+        price, which follows its size (docs/contract.md, img2img)."""
+        rate_headers = self.rate_check(key)
+        work = await self.img2img_work(key.id, body)
+        return await self._generate(key, work, rate_headers, surface, keep_outputs, request_id)
+
+    async def _generate(
+        self,
+        key: KeyRecord,
+        work: Work,
+        rate_headers: dict[str, str],
+        surface: Surface,
+        keep_outputs: bool,
+        request_id: str | None,
+    ) -> Txt2ImgOutcome:
+        request_id, cost = await self._admit(key.id, work, surface, request_id)
         jpegs, outputs, seed, seconds = await self._run(
-            request_id, key.id, body, None, surface=surface, keep_outputs=keep_outputs
+            request_id, key.id, work, None, surface=surface, keep_outputs=keep_outputs
         )
         balance = await to_thread.run_sync(lambda: self.ledger.balance(key.id))
         return Txt2ImgOutcome(request_id, jpegs, seed, cost, balance, seconds, outputs, rate_headers)
 
     async def submit(
-        self, key: KeyRecord, body: Txt2ImgRequest, *, request_id: str | None = None
+        self, key: KeyRecord, body: Txt2ImgRequest | Img2ImgRequest, *, request_id: str | None = None
     ) -> Submission:
         """Accept a v2 job: reserve, record it QUEUED, run it in the background.
 
@@ -551,20 +680,25 @@ class Serving:
             )
         self._admitting += 1
         try:
-            request_id, _ = await self._admit(key.id, body, "v2", request_id)
+            if isinstance(body, Img2ImgRequest):
+                # A bad image is a 422 here, at the door: never an accepted job that then fails.
+                work = await self.img2img_work(key.id, body)
+            else:
+                work = self.txt2img_work(key.id, body)
+            request_id, _ = await self._admit(key.id, work, "v2", request_id)
         finally:
             self._admitting -= 1
-        self._spawn(request_id, key.id, body, None)
+        self._spawn(request_id, key.id, work.waiting(), None)
         job = await to_thread.run_sync(lambda: self.jobs.get(request_id))
         assert job is not None
         balance = await to_thread.run_sync(lambda: self.ledger.balance(key.id))
         return Submission(job, balance, rate_headers)
 
-    def _spawn(self, request_id: str, key_id: int, body: Txt2ImgRequest, seed: int | None) -> None:
+    def _spawn(self, request_id: str, key_id: int, work: Work, seed: int | None) -> None:
         async def run() -> None:
             # A failure is already refunded and recorded as FAILED; the client reads it by polling.
             with contextlib.suppress(ApiError):
-                await self._run(request_id, key_id, body, seed, surface="v2", keep_outputs=True)
+                await self._run(request_id, key_id, work, seed, surface="v2", keep_outputs=True)
 
         task = asyncio.create_task(run(), name=f"v2-{request_id}")
         # The event loop keeps only weak references to tasks.

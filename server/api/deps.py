@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from server.errors import InvalidContentType, InvalidRequest
 from server.headers import remember_balance
 from server.ledger import KeyRecord
-from server.schemas import Txt2ImgRequest, describe_validation_errors
+from server.schemas import Img2ImgRequest, Txt2ImgRequest, describe_validation_errors
 from server.serving import Serving
 
 M = TypeVar("M", bound=BaseModel)
@@ -84,3 +84,10 @@ async def txt2img_body(request: Request, _key: CurrentKey, _json: JsonContentTyp
 
 
 Txt2ImgBody = Annotated[Txt2ImgRequest, Depends(txt2img_body)]
+
+
+async def img2img_body(request: Request, _key: CurrentKey, _json: JsonContentType) -> Img2ImgRequest:
+    return await validated_json(request, Img2ImgRequest, when_empty=b"null")
+
+
+Img2ImgBody = Annotated[Img2ImgRequest, Depends(img2img_body)]

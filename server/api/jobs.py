@@ -16,12 +16,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from server.api.deps import CurrentKey, ServingDep, Txt2ImgBody
+from server.api.deps import CurrentKey, Img2ImgBody, ServingDep, Txt2ImgBody
 from server.api.renderers import SegmindRoute
 from server.errors import InvalidRequest
 from server.headers import credit_headers, format_credits
 from server.job_store import JobRecord
-from server.schemas import SLUG, PlainInt
+from server.schemas import IMG2IMG_SLUG, SLUG, Img2ImgRequest, PlainInt, Txt2ImgRequest, recorded_params
 from server.urls import public_base_url
 
 router = APIRouter(route_class=SegmindRoute)
@@ -39,6 +39,20 @@ def _urls(request: Request, request_id: str) -> dict[str, str]:
 @router.post(f"/v2/{SLUG}")
 @router.post(f"/v2/{SLUG}/", include_in_schema=False)
 async def submit(request: Request, serving: ServingDep, key: CurrentKey, body: Txt2ImgBody) -> JSONResponse:
+    return await _accepted(request, serving, key, body)
+
+
+@router.post(f"/v2/{IMG2IMG_SLUG}")
+@router.post(f"/v2/{IMG2IMG_SLUG}/", include_in_schema=False)
+async def submit_img2img(
+    request: Request, serving: ServingDep, key: CurrentKey, body: Img2ImgBody
+) -> JSONResponse:
+    return await _accepted(request, serving, key, body)
+
+
+async def _accepted(
+    request: Request, serving: ServingDep, key: CurrentKey, body: Txt2ImgRequest | Img2ImgRequest
+) -> JSONResponse:
     accepted = await serving.submit(key, body, request_id=request.state.request_id)
     job = accepted.job
     payload = {"request_id": job.request_id, "status": job.status, **_urls(request, job.request_id)}
@@ -143,7 +157,7 @@ async def history(
             "surface": job.surface,
             "status": job.status,
             "credits_deduction": float(job.cost) if job.status == "COMPLETED" else 0.0,
-            "request_body": job.params,
+            "request_body": recorded_params(job.params),
             "seed": job.seed,
             "latency_ms": None if job.total_s is None else round(job.total_s * 1000),
             "error": job.error,

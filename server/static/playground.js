@@ -4,6 +4,11 @@
 
 const KEY_STORAGE = "sd3-server.api-key";
 const TXT2IMG = "/v1/stable-diffusion-3-medium-txt2img";
+const IMG2IMG_SLUG = "sd3-med-img2img";
+const IMG2IMG = `/v1/${IMG2IMG_SLUG}`;
+
+// The chosen input image as a data: URL (the API takes it as it is), or null for txt2img.
+let initImage = null;
 
 const $ = (id) => document.getElementById(id);
 
@@ -78,16 +83,46 @@ async function loadSchedulers() {
     const body = await response.json();
     const select = $("scheduler");
     select.replaceChildren();
-    for (const name of body.schedulers) {
-      const option = document.createElement("option");
-      option.value = name;
-      option.textContent = name;
-      option.selected = name === body.default;
-      select.append(option);
-    }
+    fillSelect(select, body.schedulers, body.default);
+    const img2img = body.models && body.models[IMG2IMG_SLUG];
+    if (img2img) fillSelect($("schedule"), img2img.scheduler.accepted, img2img.scheduler.default);
   } catch {
     /* keep the built-in default */
   }
+}
+
+function fillSelect(select, names, chosen) {
+  select.replaceChildren();
+  for (const name of names) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name;
+    option.selected = name === chosen;
+    select.append(option);
+  }
+}
+
+function setInitImage(dataUrl) {
+  initImage = dataUrl;
+  const on = dataUrl !== null;
+  const preview = $("init-preview");
+  if (on) preview.src = dataUrl;
+  else preview.removeAttribute("src");
+  for (const id of ["init-preview", "img2img-fields", "img2img-hint", "clear-image"]) $(id).hidden = !on;
+  for (const id of ["width", "height"]) $(id).disabled = on;
+  if (!on) $("init-image").value = "";
+}
+
+function readInitImage() {
+  const file = $("init-image").files[0];
+  if (!file) {
+    setInitImage(null);
+    return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => setInitImage(String(reader.result));
+  reader.onerror = () => showError(`Could not read ${file.name}`);
+  reader.readAsDataURL(file);
 }
 
 function numberField(id) {
@@ -96,6 +131,7 @@ function numberField(id) {
 }
 
 function requestBody() {
+  if (initImage !== null) return img2imgBody();
   const body = {
     prompt: $("prompt").value,
     scheduler: $("scheduler").value,
@@ -111,6 +147,24 @@ function requestBody() {
   const negative = $("negative-prompt").value;
   if (negative.trim()) body.negative_prompt = negative;
   // Empty fields are left out so that the server's defaults apply.
+  return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== undefined));
+}
+
+function img2imgBody() {
+  const body = {
+    image: initImage,
+    prompt: $("prompt").value,
+    sampler: $("scheduler").value,
+    scheduler: $("schedule").value,
+    strength: numberField("strength"),
+    num_inference_steps: numberField("steps"),
+    guidance_scale: numberField("guidance"),
+    seed: numberField("seed"),
+    samples: numberField("samples"),
+    base64: true,
+  };
+  const negative = $("negative-prompt").value;
+  if (negative.trim()) body.negative_prompt = negative;
   return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== undefined));
 }
 
@@ -157,7 +211,7 @@ async function generate(event) {
   }, 500);
   status.textContent = "Generating…";
   try {
-    const response = await fetch(TXT2IMG, {
+    const response = await fetch(initImage !== null ? IMG2IMG : TXT2IMG, {
       method: "POST",
       headers: { "x-api-key": key, "content-type": "application/json" },
       body: JSON.stringify(requestBody()),
@@ -200,6 +254,8 @@ function init() {
     event.target.textContent = hidden ? "hide" : "show";
   });
   $("form").addEventListener("submit", generate);
+  $("init-image").addEventListener("change", readInitImage);
+  $("clear-image").addEventListener("click", () => setInitImage(null));
   loadSchedulers();
   refreshCredits();
 }

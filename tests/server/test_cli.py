@@ -106,6 +106,35 @@ def test_generate_rejects_what_the_api_rejects(tmp_path: Path) -> None:
     assert "img_width" in result.output and "multiple of 8" in result.output
 
 
+def test_generate_with_an_image_runs_img2img_at_the_image_size(
+    tmp_path: Path, data_dir: Path, tiny_dir: Path
+) -> None:
+    source = Path(__file__).parent.parent / "data" / "images" / "rotated_exif.jpg"
+    out = tmp_path / "edit.jpg"
+    common = ["--model", "tiny", "--data-dir", str(data_dir), "--image", str(source), "--seed", "3"]
+    args = ["generate", "--prompt", "a boat", "--out", str(out), *common]
+    result = runner.invoke(app, [*args, "--strength", "0.5", "--steps", "3", "--scheduler", "euler"])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        assert image.size == (96, 72)  # the photo upright (EXIF), already on the 8 px grid
+    first = out.read_bytes()
+    again = runner.invoke(app, [*args, "--strength", "0.5", "--steps", "3", "--scheduler", "euler"])
+    assert again.exit_code == 0 and out.read_bytes() == first
+
+
+def test_generate_with_an_image_refuses_what_the_api_refuses(tmp_path: Path) -> None:
+    opts = ["generate", "--prompt", "x", "--data-dir", str(tmp_path)]
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("hello")
+    result = runner.invoke(app, [*opts, "--image", str(not_an_image)])
+    assert result.exit_code == 2 and "could not be decoded" in result.output
+    picture = Path(__file__).parent.parent / "data" / "images" / "landscape.png"
+    result = runner.invoke(app, [*opts, "--image", str(picture), "--strength", "1.5"])
+    assert result.exit_code == 2 and "strength" in result.output
+    result = runner.invoke(app, [*opts, "--image", str(tmp_path / "missing.png")])
+    assert result.exit_code == 2 and "Cannot read" in result.output
+
+
 def test_serve_with_a_missing_model_fails_in_one_sentence(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "--model", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path)])
     assert result.exit_code == 2

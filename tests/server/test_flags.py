@@ -53,6 +53,11 @@ SAMPLES = {
     "limits.max_body_bytes": "4096",
     "limits.requests_per_minute": "60",
     "limits.max_prompt_tokens": "500",
+    "limits.image_max_bytes": "5000000",
+    "limits.image_max_pixels": "1000000",
+    "limits.img2img_max_side": "1024",
+    "pricing.img2img_price_per_image": "0.01",
+    "pricing.img2img_reference_steps": "30",
     "connections.header_timeout_s": "2.5",
     "connections.body_timeout_s": "12",
     "connections.keep_alive_s": "9",
@@ -68,9 +73,18 @@ SAMPLES = {
     "queue.max_batch_pixels": "1048576",
     "queue.batch_wait_ms": "0",
 }
-SWITCHES = {"starter_key", "performance.compile", "performance.fuse_qkv", "performance.warmup"}
+SWITCHES = {
+    "starter_key",
+    "performance.compile",
+    "performance.fuse_qkv",
+    "performance.warmup",
+    "limits.image_url_fetch",
+}
 # A list is JSON in the environment (pydantic-settings), and a repeated flag on the command line.
-LISTS = {"cors_origins": (["--cors-origins", "https://a.example"], '["https://a.example"]')}
+LISTS = {
+    "cors_origins": (["--cors-origins", "https://a.example"], '["https://a.example"]'),
+    "limits.image_url_hosts": (["--image-url-hosts", "images.example"], '["images.example"]'),
+}
 
 # Every flag `serve` and `generate` had when they were declared by hand: scripts and the README use them.
 SERVE_FLAGS_BEFORE = [

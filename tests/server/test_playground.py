@@ -185,6 +185,51 @@ def test_the_key_is_remembered_and_errors_are_shown(browser: Any, live: LiveServ
     assert live.balance_of(key) == Decimal("0.001")
 
 
+@pytest.mark.browser
+def test_an_uploaded_image_runs_img2img_at_its_size(browser: Any, live: LiveServer) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    key = live.key("1")
+    _open(browser, live)
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#schedule option")) > 1)
+    _enter_key(browser, key)
+    _wait(browser, lambda d: _text(d, "credits") == "1")
+    assert not browser.find_element(By.ID, "strength").is_displayed()  # txt2img until an image is chosen
+
+    picture = Path(__file__).parent.parent / "data" / "images" / "rotated_exif.jpg"
+    browser.find_element(By.ID, "init-image").send_keys(str(picture))
+    _wait(browser, lambda d: d.find_element(By.ID, "strength").is_displayed())
+    assert not browser.find_element(By.ID, "width").is_enabled()
+    _fill(browser, "prompt", "a harbour at dusk")
+    _fill(browser, "steps", "3")
+    _fill(browser, "seed", "8")
+    _fill(browser, "strength", "0.6")
+    Select(browser.find_element(By.ID, "schedule")).select_by_value("simple")
+    browser.find_element(By.ID, "generate").click()
+
+    image = _wait(
+        browser,
+        lambda d: next(
+            (
+                el
+                for el in d.find_elements(By.ID, "image-0")
+                if d.execute_script("return arguments[0].complete", el)
+            ),
+            False,
+        ),
+        timeout=GENERATION_TIMEOUT_S,
+    )
+    size = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+    assert size == [96, 72]  # the photo's upright size, not the width and height fields
+    cost = Decimal(_text(browser, "cost"))
+    assert cost == Decimal("0.000008")  # 0.008 × 3/20 × 96·72/1024², rounded to 6 decimals
+    assert live.balance_of(key) == Decimal(1) - cost
+    history = httpx.get(f"{live.base_url}/v1/history", headers={"x-api-key": key}).json()["items"]
+    assert history[0]["model_name"] == "sd3-med-img2img"
+    assert history[0]["request_body"]["scheduler"] == "simple"
+
+
 def test_the_page_loads_nothing_from_elsewhere(live: LiveServer) -> None:
     # Checked without a browser too, so that it holds where Chromium is not installed.
     page = httpx.get(live.base_url + "/", timeout=30)
