@@ -43,11 +43,11 @@ def test_sdk_errors_carry_the_status_and_message(live: LiveServer, sdk: SDK) -> 
     assert caught.value.status == 406 and caught.value.detail and "Not enough credits" in caught.value.detail
 
 
-def test_img2img_through_the_sdk_run_sync_and_v2_run(live: LiveServer) -> None:
+def test_img2img_through_the_sdk_run_sync_and_v2_run(live: LiveServer, sdk: SDK) -> None:
     """The SDK sends an img2img body like any other: base64 image in, JPEG out, or a v2 job's output URL."""
     picture = Path(__file__).parent.parent / "data" / "images" / "landscape.png"
     image = base64.b64encode(picture.read_bytes()).decode()
-    client = SegmindClient(api_key=live.key("1"), base_url=f"{live.base_url}/v1", timeout=120)
+    client = sdk(api_key=live.key("1"), base_url=f"{live.base_url}/v1", timeout=120)
     fields = {"image": image, "prompt": "a meadow", "num_inference_steps": 2, "seed": 4}
     response = client.run_sync("sd3-med-img2img", **fields)
     assert response.status_code == 200
