@@ -60,8 +60,8 @@ def test_every_base64_spelling_gives_the_same_image() -> None:
 
 
 def test_exif_orientation_is_applied() -> None:
-    stored = Image.open(IMAGES / "rotated_exif.jpg")
-    assert stored.size == (72, 96)  # portrait on disk
+    with Image.open(IMAGES / "rotated_exif.jpg") as stored:
+        assert stored.size == (72, 96)  # portrait on disk
     image = read_image(b64("rotated_exif.jpg"), LIMITS)
     assert image.pixels.shape == (72, 96, 3)
     # Red grows to the right, green downwards, as in the landscape it was made from.
