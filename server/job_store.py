@@ -21,6 +21,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from server.credits import from_micro, to_micro
 from server.db.tables import as_utc, jobs, utc_now
+from server.schemas import recorded_params
 
 JobStatus = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
 Surface = Literal["v1", "v2", "openai"]
@@ -174,9 +175,8 @@ class JobStore:
 
     def completed(self, request_id: str, *, outputs: list[str], inference_s: float) -> None:
         self._forget_progress(request_id)
-        self._update(
+        self._finish(
             request_id,
-            when=PENDING,
             status="COMPLETED",
             outputs=json.dumps(outputs),
             inference_s=inference_s,
@@ -186,7 +186,24 @@ class JobStore:
     def failed(self, request_id: str, *, error: str) -> None:
         """QUEUED or PROCESSING → FAILED; a job that already finished keeps its outcome."""
         self._forget_progress(request_id)
-        self._update(request_id, when=PENDING, status="FAILED", error=error, finished_at=utc_now())
+        self._finish(request_id, status="FAILED", error=error, finished_at=utc_now())
+
+    def _finish(self, request_id: str, **values: Any) -> None:
+        """A pending job → its outcome, in one transaction that also drops what only a pending job
+        needs: an accepted v2 img2img job keeps its input image (megabytes of base64) to be rebuilt
+        after a restart, and once it has finished the row keeps only the image's length."""
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                select(jobs.c.params).where(jobs.c.request_id == request_id, jobs.c.status.in_(PENDING))
+            ).first()
+            if row is None:
+                return
+            kept = recorded_params(json.loads(row.params))
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.request_id == request_id, jobs.c.status.in_(PENDING))
+                .values(params=json.dumps(kept), **values)
+            )
 
     def requeue(self, request_ids: list[str]) -> None:
         """PROCESSING → QUEUED for jobs a stopping server hands to its next start (seed kept)."""

@@ -232,6 +232,9 @@ def test_v2_runs_img2img_and_refuses_a_bad_image_at_the_door(live: LiveServer) -
     assert item["model_name"] == "sd3-med-img2img" and item["status"] == "COMPLETED"
     assert item["request_body"]["image"] == f"<{len(IMAGE)} characters>"  # never echoed whole
     assert item["request_body"]["strength"] == 0.7
+    # Kept whole only while the job could still need a restart to rebuild it.
+    stored = live.app.state.serving.jobs.get(submitted.json()["request_id"])
+    assert stored is not None and stored.params["image"] == f"<{len(IMAGE)} characters>"
 
 
 def test_a_fixture_photo_with_exif_comes_out_upright(live: LiveServer) -> None:
