@@ -203,6 +203,11 @@ class Work:
         return replace(self, params={}, request=replace(self.request, init_image=None))
 
 
+def _cache_scope(key_id: int | None) -> str:
+    """One key's prompts are cached apart from another's (docs/reliability.md, Request bounds)."""
+    return "" if key_id is None else f"key:{key_id}"
+
+
 def to_generation_request(body: Txt2ImgRequest, *, seed: int, key_id: int | None = None) -> GenerationRequest:
     return GenerationRequest(
         prompt=body.prompt,
@@ -218,8 +223,7 @@ def to_generation_request(body: Txt2ImgRequest, *, seed: int, key_id: int | None
         shift=body.modelsamplingsd3_shift,
         cond_start=body.conditioningsettimesteprange_start,
         cond_stop=body.conditioningsettimesteprange_stop,
-        # One key's prompts are cached apart from another's (docs/reliability.md, Request bounds).
-        cache_scope="" if key_id is None else f"key:{key_id}",
+        cache_scope=_cache_scope(key_id),
     )
 
 
@@ -240,7 +244,7 @@ def img2img_generation_request(
         width=image.width,
         height=image.height,
         init_image=image.pixels,
-        cache_scope="" if key_id is None else f"key:{key_id}",
+        cache_scope=_cache_scope(key_id),
     )
 
 

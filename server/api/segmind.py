@@ -8,8 +8,11 @@ makes one serving call and shapes the answer; pricing, credits and the device li
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from schedulers.names import public_names
 from schedulers.sigmas import SCHEDULES
@@ -24,16 +27,14 @@ from server.serving import Txt2ImgOutcome
 router = APIRouter(route_class=SegmindRoute)
 
 
-@router.post(
-    f"/v1/{SLUG}",
-    response_model=None,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": Txt2ImgRequest.model_json_schema()}},
-        }
-    },
-)
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The route's body for the OpenAPI document: a dependency reads it (lax coercion, the contract's
+    error order), so FastAPI cannot document it on its own."""
+    content = {"application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+@router.post(f"/v1/{SLUG}", response_model=None, openapi_extra=_json_body(Txt2ImgRequest))
 @router.post(f"/{SLUG}", response_model=None, include_in_schema=False)
 @cancel_on_disconnect
 async def txt2img(request: Request, serving: ServingDep, key: CurrentKey, body: Txt2ImgBody) -> Response:
@@ -41,16 +42,7 @@ async def txt2img(request: Request, serving: ServingDep, key: CurrentKey, body: 
     return _images(request, outcome, as_base64=body.base64)
 
 
-@router.post(
-    f"/v1/{IMG2IMG_SLUG}",
-    response_model=None,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": Img2ImgRequest.model_json_schema()}},
-        }
-    },
-)
+@router.post(f"/v1/{IMG2IMG_SLUG}", response_model=None, openapi_extra=_json_body(Img2ImgRequest))
 @router.post(f"/{IMG2IMG_SLUG}", response_model=None, include_in_schema=False)
 @cancel_on_disconnect
 async def img2img(request: Request, serving: ServingDep, key: CurrentKey, body: Img2ImgBody) -> Response:
