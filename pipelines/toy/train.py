@@ -110,9 +110,9 @@ class TrainConfig:
     )
     lr: float = 5e-4
     warmup: int = 200
-    # bf16 autocast of the transformer's forward (weights, optimizer, EMA and loss stay fp32): ~1.8x
-    # faster per step on a CPU with native bf16 (AVX512-BF16/AMX), and still deterministic there. Off
-    # where the CPU lacks it: emulated bf16 is slower than fp32.
+    # bf16 autocast of the transformer's forward (weights, optimizer, EMA and loss stay fp32): 1.6-1.8x
+    # faster per step on a CPU with native bf16 (AVX512-BF16/AMX; benchmarks/toy_train_step.py), and still
+    # deterministic there. Off where the CPU lacks it: emulated bf16 is slower than fp32.
     autocast_bf16: bool = False
     ema: float = 0.999
     drop_empty: float = 0.1  # share of captions replaced by the empty prompt's conditioning
