@@ -40,6 +40,8 @@ class GenerationRequest:
     # img2img: the input image, HxWx3 uint8. `width`/`height` must be its size after the crop to a
     # multiple of 8 (pipelines/img2img.py `cropped_size`), which is the output size.
     init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # The opt-in step cache's level (pipelines/step_cache.py): "off" is the exact loop.
+    step_cache: str = "off"
 
     def sampling_spec(self) -> SchedulerSpec:
         """The sampler, schedule and guidance factor this request runs."""

@@ -28,6 +28,7 @@ from pipelines.loading import LoadedModel
 from pipelines.options import NegativeWindowWiring, PercentRule
 from pipelines.prompt_cache import PromptCache
 from pipelines.request import GenerationRequest, GenerationResult
+from pipelines.step_cache import StepCache, policy_for
 from pipelines.text import count_tokens, encode_prompt
 from schedulers import sample, sigmas_for
 from schedulers.guidance import guided_denoiser, negative_ranges
@@ -82,6 +83,7 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...] | None:
         request.cond_stop,
         request.width,
         request.height,
+        request.step_cache,
     )
 
 
@@ -142,8 +144,17 @@ class SD3Generator:
         return Conditioning(context, pooled)
 
     # -- the model as a denoiser ------------------------------------------------------------
-    def _velocity(self, x: torch.Tensor, sigma: float, cond: Conditioning) -> torch.Tensor:
-        """One transformer forward: v(x, 1000σ), computed on an even-sized latent."""
+    def _velocity(
+        self,
+        x: torch.Tensor,
+        sigma: float,
+        cond: Conditioning,
+        *,
+        cache: StepCache | None = None,
+        key: tuple[str, ...] = (),
+    ) -> torch.Tensor:
+        """One transformer forward: v(x, 1000σ), computed on an even-sized latent; through the step
+        cache when the request opted in (`key` names the conditionings stacked in `cond`)."""
         transformer = self.pipe.transformer
         h, w = x.shape[-2:]
         # SD3 patches 2x2, the API allows multiples of 8 px: pad an odd latent side circularly and
@@ -151,24 +162,28 @@ class SD3Generator:
         pad_h, pad_w = h % 2, w % 2
         x_in = F.pad(x, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else x
         timestep = torch.full((x.shape[0],), 1000.0 * sigma, dtype=torch.float32, device=x.device)
-        v = transformer(
-            hidden_states=x_in.to(self.model.dtype),
-            timestep=timestep,
-            encoder_hidden_states=cond.context,
-            pooled_projections=cond.pooled,
-            return_dict=False,
-        )[0]
+        inputs = {
+            "hidden_states": x_in.to(self.model.dtype),
+            "timestep": timestep,
+            "encoder_hidden_states": cond.context,
+            "pooled_projections": cond.pooled,
+        }
+        if cache is None:
+            v = transformer(**inputs, return_dict=False)[0]
+        else:
+            v = cache.forward(transformer, key, **inputs)
         return v[..., :h, :w].float()
 
     def _predictor(
-        self, conds: dict[str, Conditioning]
+        self, conds: dict[str, Conditioning], *, cache: StepCache | None = None
     ) -> Callable[[torch.Tensor, float, tuple[str, ...]], list[torch.Tensor]]:
         def predict(x: torch.Tensor, sigma: float, names: tuple[str, ...]) -> list[torch.Tensor]:
             denoised: dict[str, torch.Tensor] = {}
             for group in _forward_groups({n: conds[n] for n in names}):
                 stacked = _cat(list(group.values()))
                 x_in = x.repeat(len(group), 1, 1, 1)
-                d = x_in - sigma * self._velocity(x_in, sigma, stacked)  # CONST: D = x − σ·v
+                v = self._velocity(x_in, sigma, stacked, cache=cache, key=tuple(group))
+                d = x_in - sigma * v  # CONST: D = x − σ·v
                 denoised.update(zip(group, d.split(x.shape[0]), strict=True))
             return [denoised[name] for name in names]
 
@@ -210,8 +225,10 @@ class SD3Generator:
 
         # 3. Sampling: the guided denoiser driven down the sigmas by the stateless sampler. An
         # img2img strength of 0 leaves no sigmas: the image latent is decoded as it is (a VAE round trip).
+        policy = policy_for(first.step_cache)
+        cache = StepCache(policy) if policy is not None else None
         if len(sigmas) > 1:
-            x = self._sample(first, conds, x, sigmas, callback=callback)
+            x = self._sample(first, conds, x, sigmas, cache=cache, callback=callback)
         elif callback is not None:
             callback(0, 0)  # the job still starts (and may still be cancelled) as any other
         t2 = time.perf_counter()
@@ -222,6 +239,8 @@ class SD3Generator:
 
         # 5. Results: each request's own images, in order.
         timings = {"encode": t1 - t0, "sample": t2 - t1, "decode": t3 - t2, "batch": float(len(requests))}
+        if cache is not None:
+            timings["cache_skipped"] = cache.skipped_share
         return _results(requests, images, timings)
 
     def _conditionings(self, requests: list[GenerationRequest]) -> dict[str, Conditioning] | None:
@@ -305,12 +324,13 @@ class SD3Generator:
         x: torch.Tensor,
         sigmas: torch.Tensor,
         *,
+        cache: StepCache | None = None,
         callback: StepCallback | None,
     ) -> torch.Tensor:
         """Run the request's sampler from `x` at sigmas[0]; `request` carries the batch's shared settings."""
         spec = request.sampling_spec()
         denoiser = guided_denoiser(
-            self._predictor(conds),
+            self._predictor(conds, cache=cache),
             # The `_pp` spellings run their plain sampler at twice the guidance (schedulers/names.py).
             cfg=request.guidance_scale * spec.guidance_factor,
             ranges=negative_ranges(

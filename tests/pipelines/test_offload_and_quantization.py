@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 import torch
 from accelerate.hooks import AlignDevicesHook, SequentialHook
 
+from pipelines import step_cache
 from pipelines.checkpoints import export_single_file
 from pipelines.loading import LoadedModel, ModelSpec, load_model
 from pipelines.memory import MemoryPlan, apply_plan, plan_memory
@@ -223,3 +225,20 @@ def test_t5_in_8bit_under_sequential_offload(tiny_dir: Path, t5_8bit: LoadedMode
     run_hooks_on_cpu(streamed.pipe)
     assert_t5_is_int8(streamed)
     assert np.abs(images(streamed) - images(t5_8bit)).max() <= 1
+
+
+@pytest.mark.parametrize("placement", ["model_offload", "sequential_offload"])
+def test_the_step_cache_runs_the_transformer_where_the_offload_hooks_put_it(
+    tiny_dir: Path, placement: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cache calls the transformer's blocks, not its forward, which model offload hooks. The
+    # random weights move too much between steps for a real threshold: reuse whatever moved.
+    monkeypatch.setitem(step_cache.LEVELS, "faster", step_cache.StepCachePolicy(threshold=float("inf")))
+    request = replace(REQUEST, scheduler="euler", steps=12, step_cache="faster")
+    on_device = SD3Generator(load_tiny(tiny_dir)).generate(request)
+    assert on_device.timings["cache_skipped"] > 0
+    loaded = load_tiny(tiny_dir, place_on_device=False)
+    apply_plan(loaded.pipe, plan(placement), DEVICE)
+    if placement == "sequential_offload":
+        run_hooks_on_cpu(loaded.pipe)
+    assert np.abs(images(loaded, request) - np.stack(on_device.images).astype(int)).max() <= 1
