@@ -21,6 +21,10 @@ Sections (`--only`, repeatable):
   their second column is expected to rise.
 - settings: PSNR / SSIM of an image against the exact fp32 one when the server batches requests, in
   bf16, and under each memory mode that runs on this device.
+- cache: each level of the opt-in step cache (pipelines/step_cache.py) against the exact loop on the
+  same `--pairs` prompt×seed pairs at the API's defaults: PSNR / SSIM to the exact image, adherence of
+  both, the share of forwards whose later blocks were skipped, and the sampling time of the two side
+  by side (exact and cached alternate, pair by pair, so the machine's noise falls on both).
 
 The model is `--model` (default `toy`, the committed weights) loaded through the serving code
 (`server.app.load_runtime`), so what is measured is what a client would receive.
@@ -44,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines.request import GenerationRequest  # noqa: E402
 from pipelines.toy import quality, world  # noqa: E402
 
-SECTIONS = ("adherence", "controls", "convergence", "settings")
+SECTIONS = ("adherence", "controls", "convergence", "settings", "cache")
 DEFAULTS = GenerationRequest(prompt="")  # the API's defaults: DPM++ 2M, 25 steps, CFG 5, shift 3
 CONVERGENCE_STEPS = (4, 8, 16, 32)
 
@@ -239,6 +243,59 @@ def settings(model: str, generator: object, args: argparse.Namespace) -> None:
     table(["setting", "PSNR (dB)", "SSIM"], rows)
 
 
+def cache(generator: object, args: argparse.Namespace) -> None:
+    from pipelines.step_cache import LEVELS
+
+    pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed + 4)
+    base = replace(DEFAULTS, width=args.size, height=args.size)
+    requests = [replace(base, prompt=c.text, seed=s) for c, s in pairs]
+    rows: list[list[object]] = []
+    exact_images: list[np.ndarray] = []
+    exact_seconds = 0.0
+    levels = [level for level in LEVELS if level != "off"]
+    cached: dict[str, tuple[list[np.ndarray], list[float], float]] = {lv: ([], [], 0.0) for lv in levels}
+    for request in requests:
+        result = generator.generate(request)  # type: ignore[attr-defined]
+        exact_images.append(result.images[0])
+        exact_seconds += result.timings["sample"]
+        for level in levels:
+            images, skipped, seconds = cached[level]
+            out = generator.generate(replace(request, step_cache=level))  # type: ignore[attr-defined]
+            images.append(out.images[0])
+            skipped.append(out.timings["cache_skipped"])
+            cached[level] = (images, skipped, seconds + out.timings["sample"])
+    exact_score = quality.adherence_of(pairs, exact_images)
+    rows.append(
+        [
+            "off (exact)",
+            math.inf,
+            1.0,
+            exact_score.background,
+            exact_score.colour,
+            exact_score.shape,
+            0.0,
+            1.0,
+        ]
+    )
+    for level in levels:
+        images, skipped, seconds = cached[level]
+        score = quality.adherence_of(pairs, images)
+        rows.append(
+            [
+                level,
+                quality.mean_psnr(images, exact_images),
+                float(np.mean([quality.ssim(a, b) for a, b in zip(images, exact_images, strict=True)])),
+                score.background,
+                score.colour,
+                score.shape,
+                float(np.mean(skipped)),
+                exact_seconds / seconds,
+            ]
+        )
+    print(f"## Step cache against the exact loop at {args.size} px over {len(pairs)} prompt×seed pairs")
+    table(["level", "PSNR (dB)", "SSIM", "background", "shape colour", "shape", "skipped", "speed-up"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="toy")
@@ -258,6 +315,8 @@ def main() -> None:
             controls(args.model, generator, args)
         elif section == "convergence":
             convergence(generator, args)
+        elif section == "cache":
+            cache(generator, args)
         else:
             settings(args.model, generator, args)
         print(f"({section}: {time.perf_counter() - started:.0f} s)\n", flush=True)

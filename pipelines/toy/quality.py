@@ -64,15 +64,19 @@ def adherence(
     generator: Generates, pairs: Iterable[tuple[world.Caption, int]], base: GenerationRequest
 ) -> Adherence:
     """Generate each (caption, seed) with `base`'s other settings and read it with the judge."""
+    pairs = list(pairs)
+    images = [generator.generate(replace(base, prompt=c.text, seed=seed)).images[0] for c, seed in pairs]
+    return adherence_of(pairs, images)
+
+
+def adherence_of(pairs: Sequence[tuple[world.Caption, int]], images: Sequence[np.ndarray]) -> Adherence:
+    """Read each image with the judge against its pair's caption."""
     hits: dict[str, list[bool]] = {name: [] for name in ATTRIBUTES}
-    count = 0
-    for caption, seed in pairs:
-        image = generator.generate(replace(base, prompt=caption.text, seed=seed)).images[0]
+    for (caption, _), image in zip(pairs, images, strict=True):
         for name, ok in judge.read(image).agrees_with(caption).items():
             hits[name].append(ok)
-        count += 1
     shares = {name: (sum(v) / len(v) if v else math.nan) for name, v in hits.items()}
-    return Adherence(count=count, **shares)
+    return Adherence(count=len(images), **shares)
 
 
 def colour_share(image: np.ndarray, colour: str) -> float:
