@@ -1,7 +1,12 @@
-"""Optional speed-ups that change no result: fused QKV projections and `torch.compile`.
+"""Speed-ups that change no result beyond float rounding: fused QKV projections and `torch.compile`.
 
 Both act on the transformer only, which does nearly all of an image's arithmetic (docs/performance.md §2).
-SD3's transformer has no `_repeated_blocks` in diffusers 0.42.1, so it is compiled whole.
+On CUDA with the weights resident they are on unless switched off (`--no-compile`, `--no-fuse-qkv`);
+elsewhere off unless asked for: on a CPU or MPS a compile of minutes buys a few percent.
+
+Compilation is regional by default: each `JointTransformerBlock` is compiled in place (diffusers'
+`compile_repeated_blocks`), so the 24-38 identical blocks share one compiled graph (a compile of
+seconds rather than minutes) and code that calls the blocks itself (the step cache) runs compiled too.
 Compilation happens lazily at the first forward of each shape; `warm_up` runs one generation at
 start-up so that a user's first request does not pay it.
 """
@@ -14,17 +19,38 @@ from typing import Any
 
 import torch
 
+from pipelines.options import CompileScope
 from pipelines.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
+# diffusers 0.42.1 declares no `_repeated_blocks` for SD3Transformer2DModel; its blocks (SD3.5's
+# qk-norm and dual-attention variants included) are all this class.
+SD3_BLOCK = "JointTransformerBlock"
 
-def speed_up(pipe: Any, *, compile: bool, mode: str, backend: str, fuse_qkv: bool) -> None:
+
+def on_by_default(setting: bool | None, *, device: torch.device, resident: bool) -> bool:
+    """An unset compile / fuse-QKV setting: on for a CUDA device holding the weights. Offload hooks
+    move weights inside the forward, which compiled graphs would capture or break on."""
+    if setting is not None:
+        return setting
+    return device.type == "cuda" and resident
+
+
+def speed_up(
+    pipe: Any, *, compile: bool, scope: CompileScope = "blocks", mode: str, backend: str, fuse_qkv: bool
+) -> None:
+    transformer = pipe.transformer
     if fuse_qkv:
         # One [3d x d] matmul instead of three; must happen before compiling.
-        pipe.transformer.fuse_qkv_projections()
-    if compile:
-        pipe.transformer = torch.compile(pipe.transformer, mode=mode, backend=backend, fullgraph=False)
+        transformer.fuse_qkv_projections()
+    if not compile:
+        return
+    if scope == "blocks":
+        transformer._repeated_blocks = [SD3_BLOCK]
+        transformer.compile_repeated_blocks(mode=mode, backend=backend, fullgraph=False)
+    else:
+        pipe.transformer = torch.compile(transformer, mode=mode, backend=backend, fullgraph=False)
 
 
 def warm_up(generator: Any, *, size: int) -> float:

@@ -19,6 +19,10 @@ T5Mode = Literal["full", "8bit", "off"]
 T5Choice = Literal["auto", T5Mode]
 # A memory saver forced on or off, or "auto": on when the free memory calls for it.
 Switch = Literal["auto", "on", "off"]
+# What torch.compile captures (pipelines/compilation.py): each transformer block, or the whole.
+CompileScope = Literal["blocks", "whole"]
+# The opt-in step cache's levels (pipelines/step_cache.py): "off" is the exact loop.
+StepCacheLevel = Literal["off", "fast", "faster"]
 
 # Which ComfyUI conventions of the negative prompt's timestep window are followed
 # (schedulers/guidance.py).

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-CacheLevel = Literal["off", "fast", "faster"]
+from pipelines.options import StepCacheLevel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +41,7 @@ class StepCachePolicy:
 
 # The named levels of the API's `cache` field. Thresholds in the range FBCache and cache-dit use for
 # a one-block probe; what each costs in image quality is benchmarks/quality.py's to measure.
-LEVELS: dict[str, StepCachePolicy | None] = {
+LEVELS: dict[StepCacheLevel, StepCachePolicy | None] = {
     "off": None,
     "fast": StepCachePolicy(threshold=0.05),
     "faster": StepCachePolicy(threshold=0.12, max_consecutive=5),
@@ -49,10 +49,10 @@ LEVELS: dict[str, StepCachePolicy | None] = {
 
 
 def policy_for(level: str) -> StepCachePolicy | None:
-    try:
-        return LEVELS[level]
-    except KeyError:
-        raise ValueError(f"unknown step cache level {level!r}; one of {', '.join(LEVELS)}") from None
+    for name, policy in LEVELS.items():
+        if name == level:
+            return policy
+    raise ValueError(f"unknown step cache level {level!r}; one of {', '.join(LEVELS)}")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
-from pipelines.compilation import speed_up, warm_up
+from pipelines.compilation import on_by_default, speed_up, warm_up
 from pipelines.families import expected_family
 from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device
 from pipelines.memory import MemoryPlan, apply_plan, free_memory, plan_memory
@@ -101,14 +101,17 @@ def load_runtime(settings: Settings) -> Runtime:
         t5_on_cpu=plan.t5_on_cpu,
     )
     perf = settings.performance
+    resident = plan.placement == "device"
+    compile = on_by_default(perf.compile, device=loaded.device, resident=resident)
     speed_up(
         loaded.pipe,
-        compile=perf.compile,
+        compile=compile,
+        scope=perf.compile_scope,
         mode=perf.compile_mode,
         backend=perf.compile_backend,
-        fuse_qkv=perf.fuse_qkv,
+        fuse_qkv=on_by_default(perf.fuse_qkv, device=loaded.device, resident=resident),
     )
-    if perf.warmup if perf.warmup is not None else perf.compile:
+    if perf.warmup if perf.warmup is not None else compile:
         warm_up(generator, size=perf.warmup_size)
     return Runtime(
         generator=generator,

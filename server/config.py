@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.options import (
+    CompileScope,
     Device,
     Dtype,
     FamilyChoice,
@@ -147,13 +148,17 @@ class MemorySettings(BaseModel):
 
 
 class PerformanceSettings(BaseModel):
-    # torch.compile of the transformer: faster on big GPUs (docs/performance.md §6) after a
-    # compile of minutes (cached by inductor across restarts); the warm-up pays it at start-up.
-    compile: bool = Field(False, description="torch.compile the transformer")
+    # torch.compile of the transformer: faster on big GPUs (docs/performance.md §6) after a compile
+    # (cached by inductor across restarts) that the warm-up pays at start-up. Unset: on for a CUDA
+    # device holding the weights, off elsewhere (pipelines/compilation.py says why).
+    compile: bool | None = Field(None, description="torch.compile the transformer; unset: on CUDA")
+    # "blocks": each transformer block compiled in place, one graph for all (seconds to compile, and
+    # the step cache runs compiled too); "whole": the transformer as one graph.
+    compile_scope: CompileScope = Field("blocks", description="What torch.compile captures")
     compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile's mode")
     compile_backend: str = Field("inductor", description="torch.compile's backend")
     # Fused QKV projections (one matmul instead of three per attention): a few percent.
-    fuse_qkv: bool = Field(False, description="Fused QKV projections")
+    fuse_qkv: bool | None = Field(None, description="Fused QKV projections; unset: when compiling on CUDA")
     # One generation at start-up so the first user request is not the slow one. Default: on when
     # compiling (where it matters most), off otherwise.
     warmup: bool | None = Field(None, description="One generation at start-up; unset: when compiling")

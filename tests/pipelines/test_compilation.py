@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.compilation import on_by_default
 from pipelines.request import GenerationRequest
 from server.app import load_runtime
 from server.config import Settings
@@ -23,7 +24,13 @@ def test_fused_qkv_and_compiled_transformer_give_the_same_image(data_dir: Path, 
         Settings(
             data_dir=data_dir,
             model={"id": "tiny"},
-            performance={"compile": True, "compile_backend": "eager", "fuse_qkv": True, "warmup_size": 512},
+            performance={
+                "compile": True,
+                "compile_scope": "whole",
+                "compile_backend": "eager",
+                "fuse_qkv": True,
+                "warmup_size": 512,
+            },
         )
     )
     transformer = fast.generator.pipe.transformer  # type: ignore[attr-defined]
@@ -57,3 +64,44 @@ def test_inductor_compiles_at_start_up_and_serves_without_recompiling(data_dir: 
     assert counters["stats"]["unique_graphs"] == compiled_at_start
     assert np.abs(ours - theirs).max() <= 1
     torch._dynamo.reset()
+
+
+@pytest.mark.slow  # dynamo's capture of one block, then a generation and a cached one
+def test_blocks_are_compiled_in_place_and_the_step_cache_runs_them(data_dir: Path, tiny_dir: Path) -> None:
+    from dataclasses import replace
+
+    plain = load_runtime(Settings(data_dir=data_dir, model={"id": "tiny"}))
+    fast = load_runtime(
+        Settings(
+            data_dir=data_dir,
+            model={"id": "tiny"},
+            performance={"compile": True, "compile_backend": "eager", "warmup": False},
+        )
+    )
+    transformer = fast.generator.pipe.transformer  # type: ignore[attr-defined]
+    assert not hasattr(transformer, "_orig_mod")  # the model itself stays a plain module ...
+    blocks = list(transformer.transformer_blocks)
+    assert all(block._compiled_call_impl is not None for block in blocks)  # ... its blocks compiled
+    for request in (REQUEST, replace(REQUEST, step_cache="fast")):
+        ours = plain.generator.generate(request).images[0].astype(np.int16)  # type: ignore[attr-defined]
+        theirs = fast.generator.generate(request).images[0].astype(np.int16)  # type: ignore[attr-defined]
+        assert np.abs(ours - theirs).max() <= 1
+    torch._dynamo.reset()
+
+
+def test_compile_and_fused_qkv_default_to_on_only_for_a_cuda_device_holding_the_weights() -> None:
+    cuda, cpu, mps = torch.device("cuda", 0), torch.device("cpu"), torch.device("mps")
+    assert on_by_default(None, device=cuda, resident=True)
+    assert not on_by_default(None, device=cuda, resident=False)  # offload hooks move weights mid-forward
+    assert not on_by_default(None, device=cpu, resident=True)
+    assert not on_by_default(None, device=mps, resident=True)
+    assert not on_by_default(False, device=cuda, resident=True)  # --no-compile
+    assert on_by_default(True, device=cpu, resident=False)  # asked for: done
+
+
+def test_a_default_cpu_server_compiles_nothing(runtime: object) -> None:
+    # The exact path by default here: no compiled module, no fused projection.
+    transformer = runtime.generator.pipe.transformer  # type: ignore[attr-defined]
+    assert not hasattr(transformer, "_orig_mod")
+    assert all(block._compiled_call_impl is None for block in transformer.transformer_blocks)
+    assert not transformer.transformer_blocks[0].attn.fused_projections

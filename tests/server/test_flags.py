@@ -42,6 +42,7 @@ SAMPLES = {
     "memory.vae_tiling": "off",
     "memory.attention_slicing": "on",
     "memory.prompt_cache_mb": "64",
+    "performance.compile_scope": "whole",
     "performance.compile_mode": "default",
     "performance.compile_backend": "eager",
     "performance.warmup_size": "512",
