@@ -6,6 +6,7 @@ import base64
 import io
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +16,8 @@ from pipelines.request import GenerationRequest
 from schedulers.guidance import GuidedDenoiser, plain_negative
 from server.app import Runtime, load_runtime
 from server.config import Settings
+from server.job_store import JobStore
+from server.ledger import Ledger
 from server.schemas import (
     SD35LargeRequest,
     SD35MediumRequest,
@@ -23,6 +26,7 @@ from server.schemas import (
 )
 from server.serving import sd35_generation_request
 from tests.conftest import SDK
+from tests.databases import migrated
 from tests.live import LiveServer, live_server, wait_for
 
 LARGE = "stable-diffusion-3.5-large-txt2img"
@@ -38,11 +42,19 @@ def _server(
     tmp_path_factory: pytest.TempPathFactory, settings: Settings, model_id: str, **model: str
 ) -> Iterator[LiveServer]:
     data = tmp_path_factory.mktemp("sd35")
+    yield from _server_at(settings, f"sqlite:///{data / 'ledger.sqlite3'}", data, model_id, **model)
+
+
+def _server_at(
+    settings: Settings, url: str, data: Path, model_id: str, *, instance_id: str | None = None, **model: str
+) -> Iterator[LiveServer]:
+    """A live server on the tiny twin `model_id`, with its own ledger at `url` and data folder."""
     own = settings.model_copy(
         update={
             "model": settings.model.model_copy(update={"id": model_id, **model}),
-            "database_url": f"sqlite:///{data / 'ledger.sqlite3'}",
+            "database_url": url,
             "data_dir": data,
+            "instance_id": instance_id,
         }
     )
     runtime: Runtime = load_runtime(own)
@@ -389,3 +401,39 @@ def test_a_turbo_family_setting_serves_turbo_on_large_weights(
         assert live.post({"prompt": "a", **TINY}, key=key, path=f"/v1/{LARGE}").status_code == 404
     finally:
         servers.close()
+
+
+def test_an_accepted_35_job_left_by_a_stopped_server_runs_at_the_next_start(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Recovery rebuilds an SD3.5 job from its recorded body: its slug's defaults and its format."""
+    url = migrated(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger = Ledger(url)
+    record, key = ledger.create_key(name="left", credits=Decimal(1))
+    params = SD35TurboRequest(prompt="a fox", steps=1, seed=9, image_format="webp", **TINY).model_dump(
+        mode="json"
+    )
+    ledger.reserve(key_id=record.id, amount=Decimal("0.01"), request_id="left-35", owner="old-me")
+    JobStore(ledger.engine).create(
+        request_id="left-35",
+        key_id=record.id,
+        surface="v2",
+        model=TURBO,
+        params=params,
+        cost=Decimal("0.01"),
+        owner="old-me",
+    )
+    servers = _server_at(settings, url, tmp_path, "tiny:sd3.5-large-turbo", instance_id="old-me")
+    live = next(servers)  # its start-up runs the recovery
+    try:
+        headers = {"x-api-key": key}
+        status = f"{live.base_url}/v2/requests/left-35/status"
+        assert wait_for(lambda: httpx.get(status, headers=headers).json()["status"] == "COMPLETED", 120)
+        result = httpx.get(f"{live.base_url}/v2/requests/left-35", headers=headers).json()
+        assert result["seed"] == 9 and result["metrics"]["cost"] == 0.01  # the price it was charged
+        assert str(result["output"]).endswith(".webp")
+        assert httpx.get(result["output"]).headers["content-type"] == "image/webp"
+        assert ledger.charge("left-35") == "settled"
+    finally:
+        servers.close()
+        ledger.close()
