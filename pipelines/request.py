@@ -30,6 +30,9 @@ class GenerationRequest:
     shift: float = 3.0
     cond_start: float = 0.1  # conditioningsettimesteprange_start
     cond_stop: float = 1.0  # conditioningsettimesteprange_stop
+    # False: the negative prompt guides every step (plain CFG), and cond_start/cond_stop are unused;
+    # the SD3.5 pages have no window fields (docs/contract.md §8).
+    negative_window: bool = True
     # Who may reuse this request's encoded prompts: the prompt cache is partitioned by it, so that
     # one client's timings cannot tell whether another sent the same prompt recently. The server
     # passes the API key; "" shares with every other unscoped request.

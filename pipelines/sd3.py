@@ -31,7 +31,7 @@ from pipelines.request import GenerationRequest, GenerationResult
 from pipelines.step_cache import StepCache, policy_for
 from pipelines.text import count_tokens, encode_prompt
 from schedulers import sample, sigmas_for
-from schedulers.guidance import guided_denoiser, negative_ranges
+from schedulers.guidance import guided_denoiser, negative_ranges, plain_negative
 from schedulers.noise import initial_noise
 from schedulers.samplers import STOCHASTIC
 
@@ -81,6 +81,7 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...] | None:
         request.guidance_scale,
         request.cond_start,
         request.cond_stop,
+        request.negative_window,
         request.width,
         request.height,
         request.step_cache,
@@ -333,12 +334,16 @@ class SD3Generator:
             self._predictor(conds, cache=cache),
             # The `_pp` spellings run their plain sampler at twice the guidance (schedulers/names.py).
             cfg=request.guidance_scale * spec.guidance_factor,
-            ranges=negative_ranges(
-                start=request.cond_start,
-                stop=request.cond_stop,
-                shift=request.shift,
-                wiring=self.options.negative_window_wiring,
-                rule=self.options.percent_rule,
+            ranges=(
+                negative_ranges(
+                    start=request.cond_start,
+                    stop=request.cond_stop,
+                    shift=request.shift,
+                    wiring=self.options.negative_window_wiring,
+                    rule=self.options.percent_rule,
+                )
+                if request.negative_window
+                else plain_negative()
             ),
         )
         x = sample(

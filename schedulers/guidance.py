@@ -62,6 +62,11 @@ def negative_ranges(
     )
 
 
+def plain_negative() -> tuple[CondRange, ...]:
+    """The real negative on every sigma: plain CFG, with no window and no zeroed-out negative."""
+    return (CondRange(NEGATIVE, sigma_start=math.inf, sigma_end=0.0),)
+
+
 class GuidedDenoiser:
     """D = D_u + cfg·(D_c − D_u), with D_u the mean of the negatives active at σ, or 0 in a gap.
 

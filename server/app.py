@@ -141,7 +141,13 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
         app.state.outputs = outputs
         jobs = JobStore(ledger.engine)
         serving = Serving(
-            settings=settings, ledger=ledger, queue=queue, jobs=jobs, outputs=outputs, metrics=metrics
+            settings=settings,
+            ledger=ledger,
+            queue=queue,
+            jobs=jobs,
+            outputs=outputs,
+            metrics=metrics,
+            family=runtime.family,
         )
         # Before the first request: nothing of this instance can be in flight yet. Rows of this data
         # folder's previous, port-based identity become ours first (server/instance.py says when).
@@ -150,6 +156,7 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
         app.state.serving = serving
         app.state.model_description = runtime.description
         app.state.device = runtime.device
+        app.state.family = runtime.family
         # Expired outputs stop being served at once; this frees their disk space.
         purger = asyncio.create_task(outputs.purge_forever(), name="purge-outputs")
         try:

@@ -125,6 +125,11 @@ class SamplingSettings(BaseModel):
     )
     # ComfyUI pads T5 to 77 tokens; diffusers' default of 256 changes the image.
     max_sequence_length: int = Field(77, ge=1, le=512, description="T5 tokens per prompt")
+    # The SD3.5 pages have no negative-window fields; plain CFG on every step is assumed
+    # (docs/contract.md §8). "window": the SD3 workflow's window at its defaults (0.1 / 1).
+    sd35_negative: Literal["plain", "window"] = Field(
+        "plain", description="SD3.5 slugs' negative prompt: plain CFG on every step, or SD3's window"
+    )
 
 
 class MemorySettings(BaseModel):
@@ -279,6 +284,33 @@ class PricingSettings(BaseModel):
         description="Credits for one img2img image of the reference pixels and img2img steps",
     )
     img2img_reference_steps: int = Field(20, ge=1, description="Steps the img2img price is for")
+    # The SD3.5 slugs' own prices, per image of reference_pixels at their reference steps (the hosted
+    # Large page: ~$0.014; Turbo shows none and gets Large's rate per step; our 3.5 Medium, SD3
+    # Medium's). Always priced by steps, as img2img.
+    sd35_large_price_per_image: Decimal = Field(
+        Decimal("0.014"),
+        ge=0,
+        le=MAX_CREDITS,
+        decimal_places=12,
+        description="Credits for one SD3.5 Large image of the reference pixels and its steps",
+    )
+    sd35_large_reference_steps: int = Field(25, ge=1, description="Steps the SD3.5 Large price is for")
+    sd35_turbo_price_per_image: Decimal = Field(
+        Decimal("0.014"),
+        ge=0,
+        le=MAX_CREDITS,
+        decimal_places=12,
+        description="Credits for one SD3.5 Large Turbo image of the reference pixels and its steps",
+    )
+    sd35_turbo_reference_steps: int = Field(25, ge=1, description="Steps the SD3.5 Turbo price is for")
+    sd35_medium_price_per_image: Decimal = Field(
+        Decimal("0.039"),
+        ge=0,
+        le=MAX_CREDITS,
+        decimal_places=12,
+        description="Credits for one SD3.5 Medium image of the reference pixels and its steps",
+    )
+    sd35_medium_reference_steps: int = Field(25, ge=1, description="Steps the SD3.5 Medium price is for")
 
 
 class QueueSettings(BaseModel):

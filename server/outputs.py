@@ -1,4 +1,5 @@
-"""Generated images kept on disk for a while, served at `GET /v1/outputs/<id>.jpg`.
+"""Generated images kept on disk for a while, served at `GET /v1/outputs/<id>.jpg` (`.png`, `.webp`
+for the SD3.5 slugs' other formats).
 
 The OpenAI surface (`response_format="url"`) and the v2 jobs answer with URLs rather than bytes;
 this store is what those URLs point at. Like the hosted service's signed output URLs, an output
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 SUFFIX = ".jpg"
+# An image format (server/schemas.py IMAGE_FORMATS) → its file's suffix.
+SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 # Expired files are no longer served at once (`path` checks the age); the purge only frees the disk,
 # so an hour between purges is plenty.
 PURGE_INTERVAL_S = 3600.0
@@ -41,17 +44,18 @@ class OutputStore:
         self.retention_s = retention_s
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def save(self, jpeg: bytes, *, owner_key_id: int) -> str:
-        """Write one JPEG and return its new unguessable id.
+    def save(self, jpeg: bytes, *, owner_key_id: int, image_format: str = "jpeg") -> str:
+        """Write one image (a JPEG unless `image_format` says otherwise) and return its new unguessable id.
 
         `owner_key_id` is recorded in the log only: access is by capability (the id), as on the
         hosted service, so the owner is not checked when the file is served.
         """
         output_id = uuid.uuid4().hex
-        target = self.directory / f"{output_id}{SUFFIX}"
+        suffix = SUFFIXES[image_format]
+        target = self.directory / f"{output_id}{suffix}"
         # Write to a temporary file in the same directory, then rename: a concurrent GET sees either
         # no file or the whole JPEG, never a truncated one, and a crash leaves no partial output.
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=suffix)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(jpeg)
@@ -62,11 +66,11 @@ class OutputStore:
         log.debug("output %s saved for key %d (%d bytes)", output_id, owner_key_id, len(jpeg))
         return output_id
 
-    def path(self, output_id: str) -> Path | None:
+    def path(self, output_id: str, suffix: str = SUFFIX) -> Path | None:
         """The file of a live output; None when the id is malformed, unknown or expired."""
-        if not _ID.fullmatch(output_id):
+        if not _ID.fullmatch(output_id) or suffix not in SUFFIXES.values():
             return None
-        candidate = self.directory / f"{output_id}{SUFFIX}"
+        candidate = self.directory / f"{output_id}{suffix}"
         try:
             mtime = candidate.stat().st_mtime
         except OSError:
@@ -81,7 +85,7 @@ class OutputStore:
         now = time.time()
         removed = 0
         for entry in self.directory.iterdir():
-            if not entry.name.endswith(SUFFIX):
+            if not entry.name.endswith(tuple(SUFFIXES.values())):
                 continue
             try:
                 if self._expired(entry.stat().st_mtime, now):

@@ -18,6 +18,7 @@ from fractions import Fraction
 from schedulers import denoiser_calls, sigmas_for
 from schedulers.names import resolve
 from server.config import PricingSettings
+from server.schemas import SD35_LARGE_SLUG, SD35_MEDIUM_SLUG, SD35_TURBO_SLUG
 
 PRICE_DECIMALS = 6
 
@@ -93,3 +94,20 @@ def img2img_price(*, width: int, height: int, steps: int, samples: int, pricing:
         }
     )
     return price_of(width=width, height=height, steps=steps, samples=samples, pricing=own)
+
+
+def sd35_price(
+    *, slug: str, width: int, height: int, steps: int, images: int, pricing: PricingSettings
+) -> Decimal:
+    """An SD3.5 slug's price: its own rate per image and reference steps, scaled by `images`
+    (`batch_size`) and the output size (docs/contract.md §8). Always priced by steps."""
+    rates = {
+        SD35_LARGE_SLUG: (pricing.sd35_large_price_per_image, pricing.sd35_large_reference_steps),
+        SD35_TURBO_SLUG: (pricing.sd35_turbo_price_per_image, pricing.sd35_turbo_reference_steps),
+        SD35_MEDIUM_SLUG: (pricing.sd35_medium_price_per_image, pricing.sd35_medium_reference_steps),
+    }
+    price_per_image, reference_steps = rates[slug]
+    own = pricing.model_copy(
+        update={"price_per_image": price_per_image, "reference_steps": reference_steps, "mode": "image"}
+    )
+    return price_of(width=width, height=height, steps=steps, samples=images, pricing=own)

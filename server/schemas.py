@@ -12,7 +12,7 @@ import re
 import types
 import typing
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     BaseModel,
@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipelines.options import Family
 from pipelines.text import MAX_WEIGHT, parse_weights, weight_out_of_bounds
 from schedulers.names import public_names, resolve
 from schedulers.sigmas import SCHEDULES
@@ -32,6 +33,10 @@ from schedulers.sigmas import SCHEDULES
 # The model's name in the hosted service's paths (`/v1/<slug>`, `/v2/<slug>`) and in the history.
 SLUG = "stable-diffusion-3-medium-txt2img"
 IMG2IMG_SLUG = "sd3-med-img2img"
+SD35_LARGE_SLUG = "stable-diffusion-3.5-large-txt2img"
+SD35_TURBO_SLUG = "stable-diffusion-3.5-turbo-txt2img"
+# Not a hosted slug: the hosted service has no SD3.5 Medium page, so ours follows the 3.5 naming.
+SD35_MEDIUM_SLUG = "stable-diffusion-3.5-medium-txt2img"
 MAX_SEED = 999_999_999_999_999
 # Prompts are not truncated (T5 sees every token, as in ComfyUI), and attention grows with the
 # square of the length: a bound keeps one request from claiming the device's memory.
@@ -204,6 +209,176 @@ class Img2ImgRequest(LaxBody):
         return folded
 
 
+# The hosted SD3.5 pages' size presets (the Comfyroll "CR SDXL Aspect Ratio" labels), each also
+# accepted by its leading ratio, plus three ratios clients send that the presets lack.
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1 square 1024x1024": (1024, 1024),
+    "3:4 portrait 896x1152": (896, 1152),
+    "5:8 portrait 832x1216": (832, 1216),
+    "9:16 portrait 768x1344": (768, 1344),
+    "9:21 portrait 640x1536": (640, 1536),
+    "4:3 landscape 1152x896": (1152, 896),
+    "3:2 landscape 1216x832": (1216, 832),
+    "16:9 landscape 1344x768": (1344, 768),
+    "21:9 landscape 1536x640": (1536, 640),
+}
+_RATIO_SIZES: dict[str, tuple[int, int]] = {
+    **{label.split(" ", 1)[0]: size for label, size in ASPECT_RATIOS.items()},
+    "2:3": (832, 1216),
+    "4:5": (896, 1120),
+    "5:4": (1120, 896),
+}
+CUSTOM_ASPECT = "custom"
+# `image_format` → the Content-Type it answers with.
+IMAGE_FORMATS: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+_FORMAT_SPELLINGS = {"jpg": "jpeg"}
+
+
+def _floor_to_8(value: int) -> int:
+    # The latent is size // 8, as the pages' ComfyUI graph computes it: 1023 makes a 1016 px image.
+    return value - value % 8
+
+
+class SD35Request(LaxBody):
+    """The hosted SD3.5 txt2img pages' body (docs/contract.md §8); each slug's subclass sets the
+    defaults and ranges of `steps` and `guidance_scale`.
+
+    `sampler` and `scheduler`, which the pages mark required, are optional (the pages' defaults);
+    `aspect_ratio` other than "custom" overrides `width`/`height` (`size`).
+    """
+
+    slug: ClassVar[str]
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Prompt to render")
+    negative_prompt: str = Field(
+        "low quality, blurry", max_length=MAX_PROMPT_CHARS, description="Prompts to exclude"
+    )
+    steps: int
+    guidance_scale: float
+    seed: int = Field(
+        98552302, ge=-1, le=MAX_SEED, description="-1 draws a random seed, reported in x-seed-value"
+    )
+    sampler: str = Field("euler", description="Sampler; GET /v1/schedulers lists the names")
+    scheduler: str = Field("sgm_uniform", description="Sigma schedule: " + ", ".join(SCHEDULES))
+    width: int = Field(1024, ge=64, le=2048, description="Width of the output image in pixels")
+    height: int = Field(1024, ge=64, le=2048, description="Height of the output image in pixels")
+    aspect_ratio: str = Field(
+        CUSTOM_ASPECT,
+        description='"custom" (width and height), a preset ("16:9 landscape 1344x768") or its ratio ("16:9")',
+    )
+    batch_size: int = Field(1, ge=1, le=4, description="Number of images to generate")
+    image_format: str = Field("jpeg", description="jpeg (or jpg), png or webp")
+    image_quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality; ignored for png")
+    base64: bool = False
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _usable_weights(cls, value: str) -> str:
+        return usable_weights(value)
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        try:
+            return resolve(value).label
+        except ValueError:
+            raise ValueError(f"unknown sampler; accepted: {', '.join(public_names())}") from None
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        folded = value.casefold()
+        if folded not in SCHEDULES:
+            raise ValueError(f"unknown scheduler; accepted: {', '.join(SCHEDULES)}")
+        return folded
+
+    @field_validator("width", "height")
+    @classmethod
+    def _on_the_latent_grid(cls, value: int) -> int:
+        return _floor_to_8(value)
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _known_aspect_ratio(cls, value: str) -> str:
+        folded = " ".join(value.split()).casefold()
+        if folded != CUSTOM_ASPECT and folded not in ASPECT_RATIOS and folded not in _RATIO_SIZES:
+            accepted = [CUSTOM_ASPECT, *ASPECT_RATIOS, *_RATIO_SIZES]
+            raise ValueError(f"unknown aspect ratio; accepted: {', '.join(accepted)}")
+        return folded
+
+    @field_validator("image_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        folded = value.casefold()
+        folded = _FORMAT_SPELLINGS.get(folded, folded)
+        if folded not in IMAGE_FORMATS:
+            raise ValueError("unknown image format; accepted: jpeg, jpg, png, webp")
+        return folded
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The output's (width, height): the preset's, or the fields' for "custom"."""
+        if self.aspect_ratio == CUSTOM_ASPECT:
+            return self.width, self.height
+        return ASPECT_RATIOS.get(self.aspect_ratio) or _RATIO_SIZES[self.aspect_ratio]
+
+
+class SD35LargeRequest(SD35Request):
+    slug: ClassVar[str] = SD35_LARGE_SLUG
+    steps: int = Field(30, ge=10, le=70, description="Number of denoising steps")
+    guidance_scale: float = Field(5.5, ge=1, le=15)
+
+
+class SD35TurboRequest(SD35Request):
+    slug: ClassVar[str] = SD35_TURBO_SLUG
+    # The page's 10-70 would refuse its own default of 4 (docs/contract.md §8).
+    steps: int = Field(4, ge=1, le=70, description="Number of denoising steps")
+    guidance_scale: float = Field(1.0, ge=1, le=15)
+
+
+class SD35MediumRequest(SD35Request):
+    """Ours: no hosted page; the §8 contract with the model card's steps and guidance."""
+
+    slug: ClassVar[str] = SD35_MEDIUM_SLUG
+    steps: int = Field(40, ge=10, le=70, description="Number of denoising steps")
+    guidance_scale: float = Field(4.5, ge=1, le=15)
+
+
+SD35_REQUESTS: dict[str, type[SD35Request]] = {
+    model.slug: model for model in (SD35LargeRequest, SD35TurboRequest, SD35MediumRequest)
+}
+
+# Which slugs the loaded weights answer (docs/contract.md §9): an SD3 Medium server is not an
+# SD3.5 one, and its answers would not be the hosted model's.
+SERVED_SLUGS: dict[Family, tuple[str, ...]] = {
+    "sd3-medium": (SLUG, IMG2IMG_SLUG),
+    "sd3.5-large": (SD35_LARGE_SLUG,),
+    "sd3.5-large-turbo": (SD35_TURBO_SLUG,),
+    "sd3.5-medium": (SD35_MEDIUM_SLUG,),
+}
+_NO_CONTROLNET = "it runs SD3 Medium with a ControlNet, which this server does not load"
+_STABILITY_HOSTED = "it is Stability AI's hosted model, whose weights were never released"
+# The other slugs of the hosted SD3 family, which no weights here serve, and why.
+UNSERVED_SLUGS: dict[str, str] = {
+    "sd3-med-canny": _NO_CONTROLNET,
+    "sd3-med-pose": _NO_CONTROLNET,
+    "sd3-med-tile": _NO_CONTROLNET,
+    "stable-diffusion-3-large-txt2img": _STABILITY_HOSTED,
+    "stable-diffusion-3-large-img2img": _STABILITY_HOSTED,
+    "stable-diffusion-3-turbo-img2img": _STABILITY_HOSTED,
+}
+
+
+def not_served_message(slug: str, *, family: Family, model_id: str) -> str:
+    """The 404 of a family slug the loaded weights do not serve (docs/contract.md §9)."""
+    message = (
+        f"'{slug}' is not served here: this server runs {family} ({model_id}); "
+        f"served: {', '.join(SERVED_SLUGS[family])}"
+    )
+    reason = UNSERVED_SLUGS.get(slug)
+    return message if reason is None else f"{message} ({reason})"
+
+
 def recorded_params(params: dict[str, Any]) -> dict[str, Any]:
     """A stored request body as the history shows it: an img2img image (megabytes of base64) is
     summarised, never echoed."""
@@ -238,9 +413,21 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
 
 __all__ = [
     "IMG2IMG_SLUG",
+    "IMAGE_FORMATS",
     "Img2ImgRequest",
     "MAX_SEED",
+    "SD35_LARGE_SLUG",
+    "SD35_MEDIUM_SLUG",
+    "SD35_REQUESTS",
+    "SD35_TURBO_SLUG",
+    "SD35LargeRequest",
+    "SD35MediumRequest",
+    "SD35Request",
+    "SD35TurboRequest",
+    "SERVED_SLUGS",
     "SLUG",
+    "UNSERVED_SLUGS",
+    "not_served_message",
     "Txt2ImgRequest",
     "recorded_params",
     "ValidationError",

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from anyio import to_thread
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from pipelines.options import Family
 from pipelines.request import GenerationRequest, GenerationResult
 from server.auth import authenticate
 from server.config import Settings
-from server.encoding import to_jpeg
+from server.encoding import encode_as
 from server.errors import (
     ApiError,
     ChargeAlreadyFinal,
@@ -48,15 +49,20 @@ from server.job_store import JobRecord, JobStore, Surface
 from server.key_admin import KeyAdmin
 from server.ledger import KeyRecord, Ledger
 from server.metrics import Metrics
-from server.pricing import img2img_price, price_of
+from server.pricing import img2img_price, price_of, sd35_price
 from server.queue import WorkQueue
 from server.rate_limit import RateLimiter
 from server.schemas import (
+    IMAGE_FORMATS,
     IMG2IMG_SLUG,
     MAX_SEED,
+    SD35_REQUESTS,
+    SERVED_SLUGS,
     SLUG,
     Img2ImgRequest,
+    SD35Request,
     Txt2ImgRequest,
+    not_served_message,
     recorded_params,
 )
 
@@ -146,13 +152,14 @@ class PendingWrites:
 @dataclass(frozen=True)
 class Txt2ImgOutcome:
     request_id: str
-    jpegs: list[bytes]
+    images: list[bytes]  # encoded as `media_type`
     seed: int
     cost: Decimal
     balance: Decimal
     seconds: float
     outputs: list[str] = field(default_factory=list)  # saved output ids, when asked to keep them
     rate_headers: dict[str, str] = field(default_factory=dict)  # the key's rate limit, where one is on
+    media_type: str = "image/jpeg"
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,8 @@ class Work:
     params: dict[str, Any]  # the body, recorded; a v2 job is rebuilt from it after a restart
     request: GenerationRequest
     cost: Decimal
+    image_format: str = "jpeg"  # a key of schemas.IMAGE_FORMATS
+    image_quality: int | None = None  # None: the server's `performance.jpeg_quality`
 
     @property
     def prompts(self) -> dict[str, str]:
@@ -248,6 +257,27 @@ def img2img_generation_request(
     )
 
 
+def sd35_generation_request(
+    body: SD35Request, *, seed: int, negative_window: bool, key_id: int | None = None
+) -> GenerationRequest:
+    """The generator's job for an SD3.5 body: shift 3, the model's default (docs/contract.md §8)."""
+    width, height = body.size
+    return GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        samples=body.batch_size,
+        scheduler=body.sampler,
+        schedule=body.scheduler,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        seed=seed,
+        width=width,
+        height=height,
+        negative_window=negative_window,
+        cache_scope=_cache_scope(key_id),
+    )
+
+
 def resolve_seed(seed: int) -> int:
     # -1 means "random": draw one in the API's own range so that it can be sent back and replayed.
     return secrets.randbelow(MAX_SEED + 1) if seed < 0 else seed
@@ -263,8 +293,10 @@ class Serving:
         jobs: JobStore,
         outputs: OutputStore,
         metrics: Metrics,
+        family: Family = "sd3-medium",
     ) -> None:
         self.settings = settings
+        self.family = family  # of the loaded weights: which slugs this server answers
         self.ledger = ledger
         self.queue = queue
         self.jobs = jobs
@@ -308,6 +340,10 @@ class Serving:
 
     async def _recorded_work(self, job: JobRecord) -> Work:
         """The work of a recorded v2 job, rebuilt from its body (its price is the one it was charged)."""
+        if job.model in SD35_REQUESTS:
+            return replace(
+                self.sd35_work(job.key_id, SD35_REQUESTS[job.model].model_validate(job.params)), cost=job.cost
+            )
         if job.model == IMG2IMG_SLUG:
             return replace(
                 await self.img2img_work(job.key_id, Img2ImgRequest.model_validate(job.params)), cost=job.cost
@@ -332,6 +368,15 @@ class Serving:
         return self.writes.run(f"refund {request_id}", partial(self._undo_now, request_id, error))
 
     # -- reads -----------------------------------------------------------------------------------
+    @property
+    def served_slugs(self) -> tuple[str, ...]:
+        return SERVED_SLUGS[self.family]
+
+    def require_served(self, slug: str) -> None:
+        """`NotFound` (404) for a slug of the SD3 family that the loaded weights do not serve."""
+        if slug not in self.served_slugs:
+            raise NotFound(not_served_message(slug, family=self.family, model_id=self.settings.model.id))
+
     async def authenticate(self, api_key: str | None) -> KeyRecord:
         """The key record of `api_key`; `MissingApiKey` or `Unauthorized` (401) otherwise."""
         return await to_thread.run_sync(authenticate, self.ledger, api_key)
@@ -417,6 +462,27 @@ class Serving:
             shift=body.modelsamplingsd3_shift,
             denoise=body.denoise,
             guidance_scale=body.guidance_scale,
+        )
+
+    def sd35_work(self, key_id: int | None, body: SD35Request) -> Work:
+        width, height = body.size
+        job = sd35_generation_request(
+            body,
+            seed=body.seed,
+            negative_window=self.settings.sampling.sd35_negative == "window",
+            key_id=key_id,
+        )
+        cost = sd35_price(
+            slug=body.slug,
+            width=width,
+            height=height,
+            steps=body.steps,
+            images=body.batch_size,
+            pricing=self.settings.pricing,
+        )
+        params = body.model_dump(mode="json")
+        return Work(
+            body.slug, params, job, cost, image_format=body.image_format, image_quality=body.image_quality
         )
 
     def txt2img_work(self, key_id: int | None, body: Txt2ImgRequest) -> Work:
@@ -519,16 +585,19 @@ class Serving:
         seed = resolve_seed(work.request.seed) if seed is None else seed
         job = replace(work.request, seed=seed)
         started = time.perf_counter()
-        quality = self.settings.performance.jpeg_quality
+        quality = work.image_quality or self.settings.performance.jpeg_quality
         try:
             job = await self._with_image(request_id, job, work.model)
             result = await self._submit(job, request_id, seed, waits=surface == "v2")
-            jpegs = await to_thread.run_sync(
-                lambda: [to_jpeg(image, quality=quality) for image in result.images]
+            encoded = await to_thread.run_sync(
+                lambda: [encode_as(image, work.image_format, quality=quality) for image in result.images]
             )
             outputs = (
                 await to_thread.run_sync(
-                    lambda: [self.outputs.save(jpeg, owner_key_id=key_id) for jpeg in jpegs]
+                    lambda: [
+                        self.outputs.save(data, owner_key_id=key_id, image_format=work.image_format)
+                        for data in encoded
+                    ]
                 )
                 if keep_outputs
                 else []
@@ -554,12 +623,12 @@ class Serving:
                 self._undo(request_id, CANCELLED_MESSAGE)
             raise
         seconds = time.perf_counter() - started
-        self.metrics.generated(seconds=seconds, images=len(jpegs), cost=work.cost)
+        self.metrics.generated(seconds=seconds, images=len(encoded), cost=work.cost)
         # The images exist and their price was taken at admission: settling (reserved → settled) and
         # the history row must land, so they go to the pending writes, which retry them if refused.
         settle = partial(self._settle_now, request_id, outputs=outputs, seconds=seconds)
         await asyncio.shield(self.writes.run(f"settle {request_id}", settle))
-        return jpegs, outputs, seed, seconds
+        return encoded, outputs, seed, seconds
 
     async def _with_image(self, request_id: str, job: GenerationRequest, model: str) -> GenerationRequest:
         """An img2img job that waited without its image (`Work.waiting`) gets it back, decoded again
@@ -649,6 +718,13 @@ class Serving:
         work = await self.img2img_work(key.id, body)
         return await self._generate(key, work, rate_headers, surface, keep_outputs, request_id)
 
+    async def sd35(
+        self, key: KeyRecord, body: SD35Request, *, request_id: str | None = None
+    ) -> Txt2ImgOutcome:
+        """`txt2img` for an SD3.5 slug, answered in the body's `image_format`."""
+        rate_headers = self.rate_check(key)
+        return await self._generate(key, self.sd35_work(key.id, body), rate_headers, "v1", False, request_id)
+
     async def _generate(
         self,
         key: KeyRecord,
@@ -659,14 +735,21 @@ class Serving:
         request_id: str | None,
     ) -> Txt2ImgOutcome:
         request_id, cost = await self._admit(key.id, work, surface, request_id)
-        jpegs, outputs, seed, seconds = await self._run(
+        images, outputs, seed, seconds = await self._run(
             request_id, key.id, work, None, surface=surface, keep_outputs=keep_outputs
         )
         balance = await to_thread.run_sync(lambda: self.ledger.balance(key.id))
-        return Txt2ImgOutcome(request_id, jpegs, seed, cost, balance, seconds, outputs, rate_headers)
+        media_type = IMAGE_FORMATS[work.image_format]
+        return Txt2ImgOutcome(
+            request_id, images, seed, cost, balance, seconds, outputs, rate_headers, media_type
+        )
 
     async def submit(
-        self, key: KeyRecord, body: Txt2ImgRequest | Img2ImgRequest, *, request_id: str | None = None
+        self,
+        key: KeyRecord,
+        body: Txt2ImgRequest | Img2ImgRequest | SD35Request,
+        *,
+        request_id: str | None = None,
     ) -> Submission:
         """Accept a v2 job: reserve, record it QUEUED, run it in the background.
 
@@ -687,6 +770,8 @@ class Serving:
             if isinstance(body, Img2ImgRequest):
                 # A bad image is a 422 here, at the door: never an accepted job that then fails.
                 work = await self.img2img_work(key.id, body)
+            elif isinstance(body, SD35Request):
+                work = self.sd35_work(key.id, body)
             else:
                 work = self.txt2img_work(key.id, body)
             request_id, _ = await self._admit(key.id, work, "v2", request_id)

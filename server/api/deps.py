@@ -9,7 +9,8 @@ read only after the key is known.
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from server.errors import InvalidContentType, InvalidRequest
 from server.headers import remember_balance
 from server.ledger import KeyRecord
-from server.schemas import Img2ImgRequest, Txt2ImgRequest, describe_validation_errors
+from server.schemas import Img2ImgRequest, SD35Request, Txt2ImgRequest, describe_validation_errors
 from server.serving import Serving
 
 M = TypeVar("M", bound=BaseModel)
@@ -29,6 +30,19 @@ async def serving_of(request: Request) -> Serving:
 
 
 ServingDep = Annotated[Serving, Depends(serving_of)]
+
+
+def served(slug: str) -> Any:
+    """A route dependency: 404 when the loaded weights do not serve `slug` (docs/contract.md §9).
+
+    Given as the route's `dependencies`, which FastAPI resolves before the signature's: a slug the
+    server does not serve is refused before the key is looked up, so nothing can be charged.
+    """
+
+    async def check(serving: ServingDep) -> None:
+        serving.require_served(slug)
+
+    return Depends(check)
 
 
 def sent_key(request: Request) -> str | None:
@@ -91,3 +105,12 @@ async def img2img_body(request: Request, _key: CurrentKey, _json: JsonContentTyp
 
 
 Img2ImgBody = Annotated[Img2ImgRequest, Depends(img2img_body)]
+
+
+def sd35_body(model: type[SD35Request]) -> Callable[..., Awaitable[SD35Request]]:
+    """The body dependency of one SD3.5 slug: its own defaults and ranges (server/schemas.py)."""
+
+    async def body(request: Request, _key: CurrentKey, _json: JsonContentType) -> SD35Request:
+        return await validated_json(request, model, when_empty=b"null")
+
+    return body

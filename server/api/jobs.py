@@ -13,15 +13,26 @@ import binascii
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from server.api.deps import CurrentKey, Img2ImgBody, ServingDep, Txt2ImgBody
+from server.api.deps import CurrentKey, Img2ImgBody, ServingDep, Txt2ImgBody, sd35_body, served
 from server.api.renderers import SegmindRoute
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, NotFound
 from server.headers import credit_headers, format_credits
 from server.job_store import JobRecord
-from server.schemas import IMG2IMG_SLUG, SLUG, Img2ImgRequest, PlainInt, Txt2ImgRequest, recorded_params
+from server.outputs import SUFFIXES
+from server.schemas import (
+    IMG2IMG_SLUG,
+    SD35_REQUESTS,
+    SLUG,
+    UNSERVED_SLUGS,
+    Img2ImgRequest,
+    PlainInt,
+    SD35Request,
+    Txt2ImgRequest,
+    recorded_params,
+)
 from server.urls import public_base_url
 
 router = APIRouter(route_class=SegmindRoute)
@@ -36,22 +47,51 @@ def _urls(request: Request, request_id: str) -> dict[str, str]:
     }
 
 
-@router.post(f"/v2/{SLUG}")
-@router.post(f"/v2/{SLUG}/", include_in_schema=False)
+@router.post(f"/v2/{SLUG}", dependencies=[served(SLUG)])
+@router.post(f"/v2/{SLUG}/", include_in_schema=False, dependencies=[served(SLUG)])
 async def submit(request: Request, serving: ServingDep, key: CurrentKey, body: Txt2ImgBody) -> JSONResponse:
     return await _accepted(request, serving, key, body)
 
 
-@router.post(f"/v2/{IMG2IMG_SLUG}")
-@router.post(f"/v2/{IMG2IMG_SLUG}/", include_in_schema=False)
+@router.post(f"/v2/{IMG2IMG_SLUG}", dependencies=[served(IMG2IMG_SLUG)])
+@router.post(f"/v2/{IMG2IMG_SLUG}/", include_in_schema=False, dependencies=[served(IMG2IMG_SLUG)])
 async def submit_img2img(
     request: Request, serving: ServingDep, key: CurrentKey, body: Img2ImgBody
 ) -> JSONResponse:
     return await _accepted(request, serving, key, body)
 
 
+def _add_sd35(model: type[SD35Request]) -> None:
+    # A default, not an `Annotated` alias: this module's annotations are strings, resolved in its
+    # globals, where a local alias would not be found.
+    body_of = Depends(sd35_body(model))
+
+    @router.post(f"/v2/{model.slug}", dependencies=[served(model.slug)], name=f"submit_{model.slug}")
+    @router.post(f"/v2/{model.slug}/", include_in_schema=False, dependencies=[served(model.slug)])
+    async def submit_sd35(
+        request: Request, serving: ServingDep, key: CurrentKey, body: SD35Request = body_of
+    ) -> JSONResponse:
+        return await _accepted(request, serving, key, body)
+
+
+def _add_unserved(slug: str) -> None:
+    @router.post(f"/v2/{slug}", include_in_schema=False, dependencies=[served(slug)])
+    @router.post(f"/v2/{slug}/", include_in_schema=False, dependencies=[served(slug)])
+    async def unserved() -> JSONResponse:
+        raise NotFound()  # not reached: `served` refuses first
+
+
+for _model in SD35_REQUESTS.values():
+    _add_sd35(_model)
+for _slug in UNSERVED_SLUGS:
+    _add_unserved(_slug)
+
+
 async def _accepted(
-    request: Request, serving: ServingDep, key: CurrentKey, body: Txt2ImgRequest | Img2ImgRequest
+    request: Request,
+    serving: ServingDep,
+    key: CurrentKey,
+    body: Txt2ImgRequest | Img2ImgRequest | SD35Request,
 ) -> JSONResponse:
     accepted = await serving.submit(key, body, request_id=request.state.request_id)
     job = accepted.job
@@ -94,7 +134,9 @@ async def response(request: Request, serving: ServingDep, key: CurrentKey, reque
     if job.status != "COMPLETED" or result.balance is None:
         return _answer(request, job, _status_body(request, job))
     base = public_base_url(request)
-    urls = [f"{base}/v1/outputs/{output}.jpg" for output in job.outputs]
+    # The SD3.5 slugs' `image_format` is the file's; every other slug's outputs are JPEGs.
+    suffix = SUFFIXES.get(str(job.params.get("image_format", "jpeg")), ".jpg")
+    urls = [f"{base}/v1/outputs/{output}{suffix}" for output in job.outputs]
     body = {
         "status": "COMPLETED",
         "request_id": job.request_id,

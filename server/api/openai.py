@@ -169,7 +169,7 @@ async def generate_images(
         base = public_base_url(request)
         data = [{"url": f"{base}/v1/outputs/{output_id}.jpg"} for output_id in outcome.outputs]
     else:
-        data = [{"b64_json": to_base64(jpeg)} for jpeg in outcome.jpegs]
+        data = [{"b64_json": to_base64(jpeg)} for jpeg in outcome.images]
     headers = outcome.rate_headers | generation_headers(
         request,
         balance=outcome.balance,

@@ -6,7 +6,7 @@ import torch
 from schedulers import ADAPTIVE, sample, sigmas_for
 from schedulers.names import public_names, resolve
 from server.config import PricingSettings
-from server.pricing import model_evaluations, price_of
+from server.pricing import model_evaluations, price_of, sd35_price
 
 DEFAULTS = {"width": 1024, "height": 1024, "steps": 25, "samples": 1}
 
@@ -115,3 +115,32 @@ def test_model_evaluations_match_the_denoiser_calls_each_scheduler_makes(
 def test_an_adaptive_sampler_is_priced_as_documented() -> None:
     # Three evaluations for each of the 25 steps, and the negative: 150 against the reference's 50.
     assert evaluations_price(scheduler="dpm_adaptive") == Decimal("0.117")
+
+
+def test_each_sd35_slug_has_its_own_rate_by_images_steps_and_pixels() -> None:
+    pricing = PricingSettings()
+
+    def sd35(slug: str, **overrides: int) -> Decimal:
+        fields = {"width": 1024, "height": 1024, "steps": 25, "images": 1, **overrides}
+        return sd35_price(slug=slug, pricing=pricing, **fields)
+
+    assert sd35("stable-diffusion-3.5-large-txt2img") == Decimal("0.014")  # the hosted page's figure
+    assert sd35("stable-diffusion-3.5-turbo-txt2img", steps=4) == Decimal("0.00224")  # Large's rate per step
+    assert sd35("stable-diffusion-3.5-medium-txt2img", steps=40) == Decimal("0.0624")
+    assert sd35("stable-diffusion-3.5-large-txt2img", images=2, width=512, height=512) == Decimal("0.007")
+    own = pricing.model_copy(
+        update={"sd35_turbo_price_per_image": Decimal("0.004"), "sd35_turbo_reference_steps": 4}
+    )
+    assert sd35_price(
+        slug="stable-diffusion-3.5-turbo-txt2img", width=1024, height=1024, steps=4, images=1, pricing=own
+    ) == Decimal("0.004")
+    # The evaluations mode of SD3 txt2img does not apply: always priced by steps.
+    evaluations = pricing.model_copy(update={"mode": "evaluations"})
+    assert sd35_price(
+        slug="stable-diffusion-3.5-large-txt2img",
+        width=1024,
+        height=1024,
+        steps=25,
+        images=1,
+        pricing=evaluations,
+    ) == Decimal("0.014")
