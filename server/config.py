@@ -29,6 +29,7 @@ from pipelines.options import (
     MemoryMode,
     NegativeWindowWiring,
     PercentRule,
+    StepCacheLevel,
     Switch,
     T5Choice,
 )
@@ -171,6 +172,9 @@ class PerformanceSettings(BaseModel):
         1024, ge=512, le=2048, multiple_of=8, description="Width and height of the warm-up image"
     )
     jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of the JPEGs served, 1-100")
+    # The opt-in step cache for requests that do not name one (their `cache` field): anything but
+    # "off" changes images (pipelines/step_cache.py; benchmarks/quality.py --only cache measures it).
+    step_cache: StepCacheLevel = Field("off", description="Step cache of requests naming none; not exact")
 
 
 class JobSettings(BaseModel):

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipelines.options import Family
+from pipelines.options import Family, StepCacheLevel
 from pipelines.text import MAX_WEIGHT, parse_weights, weight_out_of_bounds
 from schedulers.names import public_names, resolve
 from schedulers.sigmas import SCHEDULES
@@ -92,6 +92,9 @@ def clip_echo(value: str, limit: int = MAX_ECHO_CHARS) -> str:
     return value if len(value) <= limit else value[:limit] + "…"
 
 
+CACHE_HELP = "Step cache, ours (off, fast, faster): faster, not exact; unset: the server's default"
+
+
 class LaxBody(BaseModel):
     """A request body as real clients send it: unknown fields ignored, `null` meaning the default,
     and a prompt that is more than whitespace. Shared by every generation surface."""
@@ -135,6 +138,9 @@ class Txt2ImgRequest(LaxBody):
     modelsamplingsd3_shift: float = Field(3.0, ge=1, le=10)
     conditioningsettimesteprange_start: float = Field(0.1, ge=0.1, le=1)
     conditioningsettimesteprange_stop: float = Field(1.0, ge=0.1, le=1)
+    # Ours, not the hosted service's (which ignores unknown fields): the opt-in step cache
+    # (pipelines/step_cache.py), which trades exactness for speed; unset: the server's default.
+    cache: StepCacheLevel | None = Field(None, description=CACHE_HELP)
     base64: bool = False
 
     @field_validator("prompt", "negative_prompt")
@@ -185,6 +191,9 @@ class Img2ImgRequest(LaxBody):
     strength: float = Field(0.7, ge=0, le=1, description="Strength of the image transformation")
     sampler: str = Field("dpmpp_2m", description="Sampler; GET /v1/schedulers lists the names")
     scheduler: str = Field("sgm_uniform", description="Sigma schedule: " + ", ".join(SCHEDULES))
+    # Ours, not the hosted service's (which ignores unknown fields): the opt-in step cache
+    # (pipelines/step_cache.py), which trades exactness for speed; unset: the server's default.
+    cache: StepCacheLevel | None = Field(None, description=CACHE_HELP)
     base64: bool = False
 
     @field_validator("prompt", "negative_prompt")
@@ -269,6 +278,9 @@ class SD35Request(LaxBody):
     batch_size: int = Field(1, ge=1, le=4, description="Number of images to generate")
     image_format: str = Field("jpeg", description="jpeg (or jpg), png or webp")
     image_quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality; ignored for png")
+    # Ours, not the hosted service's (which ignores unknown fields): the opt-in step cache
+    # (pipelines/step_cache.py), which trades exactness for speed; unset: the server's default.
+    cache: StepCacheLevel | None = Field(None, description=CACHE_HELP)
     base64: bool = False
 
     @field_validator("prompt", "negative_prompt")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from anyio import to_thread
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from pipelines.options import Family
+from pipelines.options import Family, StepCacheLevel
 from pipelines.request import GenerationRequest, GenerationResult
 from server.auth import authenticate
 from server.config import Settings
@@ -217,7 +217,9 @@ def _cache_scope(key_id: int | None) -> str:
     return "" if key_id is None else f"key:{key_id}"
 
 
-def to_generation_request(body: Txt2ImgRequest, *, seed: int, key_id: int | None = None) -> GenerationRequest:
+def to_generation_request(
+    body: Txt2ImgRequest, *, seed: int, key_id: int | None = None, step_cache: StepCacheLevel = "off"
+) -> GenerationRequest:
     return GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -233,11 +235,17 @@ def to_generation_request(body: Txt2ImgRequest, *, seed: int, key_id: int | None
         cond_start=body.conditioningsettimesteprange_start,
         cond_stop=body.conditioningsettimesteprange_stop,
         cache_scope=_cache_scope(key_id),
+        step_cache=body.cache or step_cache,
     )
 
 
 def img2img_generation_request(
-    body: Img2ImgRequest, image: InputImage, *, seed: int, key_id: int | None = None
+    body: Img2ImgRequest,
+    image: InputImage,
+    *,
+    seed: int,
+    key_id: int | None = None,
+    step_cache: StepCacheLevel = "off",
 ) -> GenerationRequest:
     """The generator's job for an img2img body whose image is decoded (docs/contract.md, img2img)."""
     return GenerationRequest(
@@ -254,11 +262,17 @@ def img2img_generation_request(
         height=image.height,
         init_image=image.pixels,
         cache_scope=_cache_scope(key_id),
+        step_cache=body.cache or step_cache,
     )
 
 
 def sd35_generation_request(
-    body: SD35Request, *, seed: int, negative_window: bool, key_id: int | None = None
+    body: SD35Request,
+    *,
+    seed: int,
+    negative_window: bool,
+    key_id: int | None = None,
+    step_cache: StepCacheLevel = "off",
 ) -> GenerationRequest:
     """The generator's job for an SD3.5 body: shift 3, the model's default (docs/contract.md §8)."""
     width, height = body.size
@@ -275,6 +289,7 @@ def sd35_generation_request(
         height=height,
         negative_window=negative_window,
         cache_scope=_cache_scope(key_id),
+        step_cache=body.cache or step_cache,
     )
 
 
@@ -471,6 +486,7 @@ class Serving:
             seed=body.seed,
             negative_window=self.settings.sampling.sd35_negative == "window",
             key_id=key_id,
+            step_cache=self.settings.performance.step_cache,
         )
         cost = sd35_price(
             slug=body.slug,
@@ -486,7 +502,9 @@ class Serving:
         )
 
     def txt2img_work(self, key_id: int | None, body: Txt2ImgRequest) -> Work:
-        job = to_generation_request(body, seed=body.seed, key_id=key_id)
+        job = to_generation_request(
+            body, seed=body.seed, key_id=key_id, step_cache=self.settings.performance.step_cache
+        )
         return Work(MODEL_NAME, body.model_dump(mode="json"), job, self.price(body))
 
     async def img2img_work(self, key_id: int | None, body: Img2ImgRequest) -> Work:
@@ -494,7 +512,9 @@ class Serving:
         a bad image is InvalidRequest (422), before anything is reserved."""
         limits = self.settings.limits
         image = await to_thread.run_sync(lambda: read_image(body.image, limits))
-        job = img2img_generation_request(body, image, seed=body.seed, key_id=key_id)
+        job = img2img_generation_request(
+            body, image, seed=body.seed, key_id=key_id, step_cache=self.settings.performance.step_cache
+        )
         cost = img2img_price(
             width=image.width,
             height=image.height,
