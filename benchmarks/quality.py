@@ -20,7 +20,8 @@ Sections (`--only`, repeatable):
   draw fresh noise every step (ancestral, SDE) converge in distribution, not image by image, so only
   their second column is expected to rise.
 - settings: PSNR / SSIM of an image against the exact fp32 one when the server batches requests, in
-  bf16, and under each memory mode that runs on this device.
+  bf16, with the transformer in int8 (`--quantize int8`), and under each memory mode that runs on
+  this device.
 - cache: each level of the opt-in step cache (pipelines/step_cache.py) against the exact loop on the
   same `--pairs` prompt×seed pairs at the API's defaults: PSNR / SSIM to the exact image, adherence of
   both, the share of forwards whose later blocks were skipped, and the sampling time of the two side
@@ -53,7 +54,14 @@ DEFAULTS = GenerationRequest(prompt="")  # the API's defaults: DPM++ 2M, 25 step
 CONVERGENCE_STEPS = (4, 8, 16, 32)
 
 
-def load(model: str, *, dtype: str = "fp32", memory: dict[str, str] | None = None, **sampling: str) -> object:
+def load(
+    model: str,
+    *,
+    dtype: str = "fp32",
+    memory: dict[str, str] | None = None,
+    performance: dict[str, str] | None = None,
+    **sampling: str,
+) -> object:
     from server.app import load_runtime
     from server.config import Settings
 
@@ -62,6 +70,7 @@ def load(model: str, *, dtype: str = "fp32", memory: dict[str, str] | None = Non
         model={"id": model, "device": "cpu", "dtype": dtype},
         memory=memory or {"mode": "device", "vae_tiling": "off", "attention_slicing": "off"},
         sampling=sampling,
+        performance=performance or {},
     )
     return load_runtime(settings).generator
 
@@ -227,6 +236,8 @@ def settings(model: str, generator: object, args: argparse.Namespace) -> None:
     row("8 requests in one batch", batched)
     bf16 = load(model, dtype="bf16")
     row("bf16 weights and activations", [bf16.generate(r).images[0] for r in requests])  # type: ignore[attr-defined]
+    int8 = load(model, performance={"quantize": "int8"})
+    row("transformer in int8 (torchao)", [int8.generate(r).images[0] for r in requests])  # type: ignore[attr-defined]
     for label, memory in (
         ("VAE tiling", {"mode": "device", "vae_tiling": "on", "attention_slicing": "off"}),
         ("attention slicing", {"mode": "device", "vae_tiling": "off", "attention_slicing": "on"}),

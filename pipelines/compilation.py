@@ -37,15 +37,14 @@ def on_by_default(setting: bool | None, *, device: torch.device, resident: bool)
     return device.type == "cuda" and resident
 
 
-def speed_up(
-    pipe: Any, *, compile: bool, scope: CompileScope = "blocks", mode: str, backend: str, fuse_qkv: bool
-) -> None:
+def fuse_qkv(transformer: Any) -> None:
+    """One [3d x d] matmul instead of three per attention; before quantizing and compiling, which
+    must see the fused layers."""
+    transformer.fuse_qkv_projections()
+
+
+def compile_transformer(pipe: Any, *, scope: CompileScope = "blocks", mode: str, backend: str) -> None:
     transformer = pipe.transformer
-    if fuse_qkv:
-        # One [3d x d] matmul instead of three; must happen before compiling.
-        transformer.fuse_qkv_projections()
-    if not compile:
-        return
     if scope == "blocks":
         transformer._repeated_blocks = [SD3_BLOCK]
         transformer.compile_repeated_blocks(mode=mode, backend=backend, fullgraph=False)

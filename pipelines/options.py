@@ -19,6 +19,8 @@ T5Mode = Literal["full", "8bit", "off"]
 T5Choice = Literal["auto", T5Mode]
 # A memory saver forced on or off, or "auto": on when the free memory calls for it.
 Switch = Literal["auto", "on", "off"]
+# The transformer's linear layers quantized by torchao (pipelines/transformer_quantization.py).
+TransformerQuant = Literal["off", "int8", "fp8"]
 # What torch.compile captures (pipelines/compilation.py): each transformer block, or the whole.
 CompileScope = Literal["blocks", "whole"]
 # The opt-in step cache's levels (pipelines/step_cache.py): "off" is the exact loop.

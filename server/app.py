@@ -16,12 +16,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
-from pipelines.compilation import on_by_default, speed_up, warm_up
+from pipelines.compilation import compile_transformer, fuse_qkv, on_by_default, warm_up
 from pipelines.families import expected_family
 from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device
 from pipelines.memory import MemoryPlan, apply_plan, free_memory, plan_memory
 from pipelines.options import Family
 from pipelines.sd3 import SamplingOptions, SD3Generator, batch_key
+from pipelines.transformer_quantization import quantization_problem, quantize_transformer
 from server.api import admin, ops, playground, segmind
 from server.api import jobs as jobs_api
 from server.api import openai as openai_api
@@ -87,7 +88,17 @@ def memory_plan(settings: Settings) -> MemoryPlan:
 def load_runtime(settings: Settings) -> Runtime:
     """Load the model the settings name (raises `ModelLoadError` with a one-sentence reason)."""
     plan = memory_plan(settings)
+    perf = settings.performance
+    device = resolve_device(settings.model.device)
+    problem = quantization_problem(perf.quantize, device=device, placement=plan.placement)
+    if problem is not None:  # before minutes of loading
+        raise ModelLoadError(problem)
     loaded = load_model(model_spec(settings, plan))
+    resident = plan.placement == "device"
+    if on_by_default(perf.fuse_qkv, device=loaded.device, resident=resident):
+        fuse_qkv(loaded.pipe.transformer)
+    # Before the offload hooks and compilation, which must see the quantized layers.
+    quantized = quantize_transformer(loaded.pipe.transformer, perf.quantize)
     apply_plan(loaded.pipe, plan, loaded.device)
     sampling = settings.sampling
     generator = SD3Generator(
@@ -100,22 +111,17 @@ def load_runtime(settings: Settings) -> Runtime:
         ),
         t5_on_cpu=plan.t5_on_cpu,
     )
-    perf = settings.performance
-    resident = plan.placement == "device"
     compile = on_by_default(perf.compile, device=loaded.device, resident=resident)
-    speed_up(
-        loaded.pipe,
-        compile=compile,
-        scope=perf.compile_scope,
-        mode=perf.compile_mode,
-        backend=perf.compile_backend,
-        fuse_qkv=on_by_default(perf.fuse_qkv, device=loaded.device, resident=resident),
-    )
+    if compile:
+        compile_transformer(
+            loaded.pipe, scope=perf.compile_scope, mode=perf.compile_mode, backend=perf.compile_backend
+        )
     if perf.warmup if perf.warmup is not None else compile:
         warm_up(generator, size=perf.warmup_size)
     return Runtime(
         generator=generator,
-        description=f"{loaded.description}; memory: {plan.describe()}",
+        description=f"{loaded.description}; memory: {plan.describe()}"
+        + (f"; transformer in {perf.quantize} ({quantized} layers)" if quantized else ""),
         device=str(loaded.device),
         family=loaded.family,
     )

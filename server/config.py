@@ -32,6 +32,7 @@ from pipelines.options import (
     StepCacheLevel,
     Switch,
     T5Choice,
+    TransformerQuant,
 )
 from server.credits import MAX_CREDITS
 
@@ -163,6 +164,9 @@ class PerformanceSettings(BaseModel):
     compile_scope: CompileScope = Field("blocks", description="What torch.compile captures")
     compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile's mode")
     compile_backend: str = Field("inductor", description="torch.compile's backend")
+    # The transformer's linear layers in int8 or fp8 (torchao, the `quant` extra): less memory and
+    # faster matmuls, but not the exact image (pipelines/transformer_quantization.py).
+    quantize: TransformerQuant = Field("off", description="Quantize the transformer (torchao); not exact")
     # Fused QKV projections (one matmul instead of three per attention): a few percent.
     fuse_qkv: bool | None = Field(None, description="Fused QKV projections; unset: when compiling on CUDA")
     # One generation at start-up so the first user request is not the slow one. Default: on when

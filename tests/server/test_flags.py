@@ -44,6 +44,7 @@ SAMPLES = {
     "memory.attention_slicing": "on",
     "memory.prompt_cache_mb": "64",
     "performance.compile_scope": "whole",
+    "performance.quantize": "int8",
     "performance.step_cache": "fast",
     "performance.compile_mode": "default",
     "performance.compile_backend": "eager",
