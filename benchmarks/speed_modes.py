@@ -1,0 +1,138 @@
+"""Every speed mode of the server on one request, as one table: time, speed-up, memory, and distance
+from the exact image.
+
+    python benchmarks/speed_modes.py                                  # a CUDA GPU: random SD3 Medium, 1024²
+    python benchmarks/speed_modes.py --model toy --size 256 --device cpu --modes exact int8 cache-fast
+
+Modes (`--modes`, default all):
+- exact: the default loop with compilation and fused QKV off (`--no-compile --no-fuse-qkv`);
+- default: the server's defaults on this device (on CUDA: compiled per block + fused QKV);
+- compile-whole: the transformer compiled as one graph instead of per block;
+- int8, fp8: `--quantize` (with the device's default compilation);
+- cache-fast, cache-faster: the request's `cache` field (with the device's default compilation).
+
+Each mode loads its own runtime through the serving code (`server.app.load_runtime`), pays its
+compile in the warm-up ("ready"), then generates the request `--repeats` times; the table shows
+the median, its ratio to `exact`, the peak GPU memory of the generations, and the PSNR of the
+image against exact's (∞: the same pixels). A mode this machine cannot run says why.
+The request is the hosted page's: DPM++ 2M, `--steps` 25, CFG 5, with a negative prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.loading import ModelLoadError  # noqa: E402
+from pipelines.request import GenerationRequest  # noqa: E402
+from pipelines.toy.quality import psnr  # noqa: E402
+
+MODES: dict[str, tuple[dict[str, object], str]] = {
+    # mode: (performance settings, the request's step cache)
+    "exact": ({"compile": False, "fuse_qkv": False}, "off"),
+    "default": ({}, "off"),
+    "compile-whole": ({"compile_scope": "whole"}, "off"),
+    "int8": ({"quantize": "int8"}, "off"),
+    "fp8": ({"quantize": "fp8"}, "off"),
+    "cache-fast": ({}, "fast"),
+    "cache-faster": ({}, "faster"),
+}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_mode(args: argparse.Namespace, request: GenerationRequest, mode: str) -> dict[str, object]:
+    from server.app import load_runtime
+    from server.config import Settings
+
+    performance, step_cache = MODES[mode]
+    settings = Settings(
+        data_dir=Path(tempfile.mkdtemp(prefix="sd3-speed-")),
+        model={"id": args.model, "device": args.device},
+        performance={"warmup_size": max(args.size, 512), **performance},  # the setting's floor
+    )
+    started = time.perf_counter()
+    try:
+        runtime = load_runtime(settings)
+    except ModelLoadError as exc:
+        return {"mode": mode, "skipped": str(exc)}
+    ready = time.perf_counter() - started
+    cuda = runtime.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    job = replace(request, step_cache=step_cache)
+    seconds, image, skipped = [], None, 0.0
+    for _ in range(args.repeats):
+        _sync(runtime.device)
+        t0 = time.perf_counter()
+        result = runtime.generator.generate(job)
+        _sync(runtime.device)
+        seconds.append(time.perf_counter() - t0)
+        image, skipped = result.images[0], result.timings.get("cache_skipped", 0.0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
+    del runtime
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {
+        "mode": mode,
+        "ready": ready,
+        "seconds": statistics.median(seconds),
+        "peak": peak,
+        "image": image,
+        "skipped": skipped,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="random:sd3-medium")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    args = parser.parse_args()
+    request = GenerationRequest(
+        prompt="a lighthouse on a cliff at dusk, oil painting",
+        negative_prompt="blurry, low quality",
+        seed=1,
+        width=args.size,
+        height=args.size,
+        steps=args.steps,
+    )
+    modes = args.modes if "exact" in args.modes else ["exact", *args.modes]
+    rows = [run_mode(args, request, mode) for mode in modes]
+    exact = rows[0]
+    print(f"## {args.model} at {args.size}², {args.steps} steps, DPM++ 2M, CFG 5 ({args.repeats} runs each)")
+    header = ("ready s", "s/image", "× exact", "peak GiB", "PSNR dB", "skipped")
+    print(f"{'mode':<14} " + " ".join(f"{h:>8}" for h in header))
+    for row in rows:
+        if "skipped" in row and "seconds" not in row:
+            print(f"{row['mode']:<14} skipped: {row['skipped']}")
+            continue
+        speed_up = float(exact["seconds"]) / float(row["seconds"])  # type: ignore[arg-type]
+        distance = psnr(np.asarray(row["image"]), np.asarray(exact["image"]))
+        print(
+            f"{row['mode']:<14} {row['ready']:>8.1f} {row['seconds']:>8.2f} {speed_up:>8.2f} "
+            f"{row['peak']:>8.2f} {distance:>8.1f} {row['skipped']:>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
