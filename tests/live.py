@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -72,7 +72,7 @@ def start_server(
     return server, thread, f"http://127.0.0.1:{port}", app
 
 
-def live_server(settings: Settings, runtime: Runtime) -> Iterator[LiveServer]:
+def live_server(settings: Settings, runtime: Runtime) -> Generator[LiveServer, None, None]:
     server, thread, base_url, app = start_server(settings, runtime)
     ledger = Ledger(settings.resolved_database_url)
     try:
@@ -90,6 +90,15 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def job_status_is(status_url: str, status: str, headers: dict[str, str]) -> Callable[[], bool]:
+    """For `wait_for`: whether the v2 job at `status_url` has reached `status`."""
+
+    def reached() -> bool:
+        return httpx.get(status_url, headers=headers).json()["status"] == status
+
+    return reached
 
 
 def free_port() -> int:
@@ -113,7 +122,8 @@ class ServerProcess:
         }
         script = str(Path(sys.executable).with_name("sd3-server"))
         self._command = [script, "serve", "--model", "tiny", "--port", str(self.port)]
-        self.process: subprocess.Popen[bytes] | None = None
+        # Popen[str] where a test starts it itself with text=True, to read what it printed.
+        self.process: subprocess.Popen[bytes] | subprocess.Popen[str] | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(

@@ -14,6 +14,7 @@ import torch
 from pipelines.architectures import (
     ARCHITECTURES,
     SD3_MEDIUM,
+    Scale,
     SD3Architecture,
     build_components,
     parameter_counts,
@@ -63,8 +64,8 @@ def test_full_size_builds_on_the_meta_device_with_the_real_classes_and_dtypes() 
 
 
 @pytest.mark.parametrize("scale", sorted(ARCHITECTURES))
-def test_the_components_of_each_scale_fit_together(scale: str) -> None:
-    ARCHITECTURES[scale].check()  # type: ignore[index]
+def test_the_components_of_each_scale_fit_together(scale: Scale) -> None:
+    ARCHITECTURES[scale].check()
 
 
 def test_a_mismatched_architecture_is_refused() -> None:

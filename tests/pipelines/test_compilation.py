@@ -10,6 +10,7 @@ import torch
 
 from pipelines.compilation import on_by_default
 from pipelines.request import GenerationRequest
+from pipelines.sd3 import SD3Generator
 from server.app import load_runtime
 from server.config import Settings
 
@@ -33,11 +34,12 @@ def test_fused_qkv_and_compiled_transformer_give_the_same_image(data_dir: Path, 
             },
         )
     )
-    transformer = fast.generator.pipe.transformer  # type: ignore[attr-defined]
+    assert isinstance(plain.generator, SD3Generator) and isinstance(fast.generator, SD3Generator)
+    transformer = fast.generator.pipe.transformer
     assert hasattr(transformer, "_orig_mod")  # compiled
     assert transformer._orig_mod.transformer_blocks[0].attn.fused_projections
-    ours = plain.generator.generate(REQUEST).images[0].astype(np.int16)  # type: ignore[attr-defined]
-    theirs = fast.generator.generate(REQUEST).images[0].astype(np.int16)  # type: ignore[attr-defined]
+    ours = plain.generator.generate(REQUEST).images[0].astype(np.int16)
+    theirs = fast.generator.generate(REQUEST).images[0].astype(np.int16)
     assert np.abs(ours - theirs).max() <= 1
     torch._dynamo.reset()
 
@@ -58,8 +60,9 @@ def test_inductor_compiles_at_start_up_and_serves_without_recompiling(data_dir: 
     )
     compiled_at_start = counters["stats"]["unique_graphs"]
     assert compiled_at_start > 0  # the warm-up compiled before the first request
-    ours = plain.generator.generate(REQUEST).images[0].astype(np.int16)  # type: ignore[attr-defined]
-    theirs = fast.generator.generate(REQUEST).images[0].astype(np.int16)  # type: ignore[attr-defined]
+    assert isinstance(plain.generator, SD3Generator) and isinstance(fast.generator, SD3Generator)
+    ours = plain.generator.generate(REQUEST).images[0].astype(np.int16)
+    theirs = fast.generator.generate(REQUEST).images[0].astype(np.int16)
     # A request at the warm-up's size runs the graphs compiled at start-up: nothing new is compiled.
     assert counters["stats"]["unique_graphs"] == compiled_at_start
     assert np.abs(ours - theirs).max() <= 1

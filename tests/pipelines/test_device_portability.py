@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from pipelines.request import GenerationRequest
+from pipelines.sd3 import SD3Generator
 from schedulers.names import public_names
 from server.app import Runtime
 
@@ -47,7 +48,8 @@ def test_no_float64_tensor_in_a_generation(runtime: Runtime, scheduler: str) -> 
         scheduler=scheduler,
         cond_start=0.1,
     )
+    assert isinstance(runtime.generator, SD3Generator)
     watch = Float64Watch()
     with watch:
-        runtime.generator.generate(request)  # type: ignore[attr-defined]
+        runtime.generator.generate(request)
     assert not watch.ops, f"float64 results from {sorted(watch.ops)}"

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.architectures import ARCHITECTURES, build_components, parameter_counts
+from pipelines.architectures import ARCHITECTURES, Scale, build_components, parameter_counts
 from pipelines.families import FamilyMismatch, expected_family, resolve_family, structural_family
 from pipelines.loading import ModelLoadError, ModelSpec, load_model
 from pipelines.memory import needs_gib, plan_memory
+from pipelines.options import FamilyChoice
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 
@@ -28,8 +29,8 @@ from pipelines.sd3 import SD3Generator
         ("sd3.5-medium-small", "sd3.5-medium"),
     ],
 )
-def test_the_structure_tells_the_family_at_any_size(scale: str, family: str) -> None:
-    assert structural_family(ARCHITECTURES[scale].transformer) == family  # type: ignore[index]
+def test_the_structure_tells_the_family_at_any_size(scale: Scale, family: str) -> None:
+    assert structural_family(ARCHITECTURES[scale].transformer) == family
 
 
 def test_full_size_sd35_transformers_have_their_published_sizes() -> None:
@@ -61,9 +62,9 @@ def test_turbo_is_large_told_apart_by_a_setting_or_its_name() -> None:
 
 
 @pytest.mark.parametrize("declared", ["sd3-medium", "sd3.5-medium"])
-def test_a_family_setting_the_weights_contradict_is_refused(declared: str) -> None:
+def test_a_family_setting_the_weights_contradict_is_refused(declared: FamilyChoice) -> None:
     with pytest.raises(FamilyMismatch, match="these weights are sd3.5-large"):
-        resolve_family(ARCHITECTURES["sd3.5-large"].transformer, declared, source="x")  # type: ignore[arg-type]
+        resolve_family(ARCHITECTURES["sd3.5-large"].transformer, declared, source="x")
 
 
 @pytest.mark.parametrize(

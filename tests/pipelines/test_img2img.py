@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any, TypedDict, Unpack
+
 import numpy as np
 import pytest
 import torch
@@ -28,11 +31,24 @@ def gradient_image(width: int, height: int) -> np.ndarray:
     ).astype(np.uint8)
 
 
-def img2img(image: np.ndarray, **fields: object) -> GenerationRequest:
+class Fields(TypedDict, total=False):
+    """The GenerationRequest fields that a test here sets."""
+
+    prompt: str
+    steps: int
+    seed: int
+    samples: int
+    denoise: float
+    guidance_scale: float
+    schedule: str
+
+
+def img2img(image: np.ndarray, **fields: Unpack[Fields]) -> GenerationRequest:
     width, height = cropped_size(image.shape[1], image.shape[0])
-    options: dict[str, object] = {"prompt": "a red barn", "scheduler": "euler", "steps": 4, "seed": 7}
-    options.update(fields)
-    return GenerationRequest(init_image=image, width=width, height=height, **options)  # type: ignore[arg-type]
+    request = GenerationRequest(
+        prompt="a red barn", scheduler="euler", steps=4, seed=7, init_image=image, width=width, height=height
+    )
+    return replace(request, **fields)
 
 
 class Forwards:
@@ -42,7 +58,7 @@ class Forwards:
         self.inputs: list[tuple[float, torch.Tensor]] = []
         self._handle = transformer.register_forward_pre_hook(self._record, with_kwargs=True)
 
-    def _record(self, _module, _args, kwargs):  # type: ignore[no-untyped-def]
+    def _record(self, _module: torch.nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.inputs.append((float(kwargs["timestep"][0]) / 1000.0, kwargs["hidden_states"].float().clone()))
 
     def close(self) -> None:

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import huggingface_hub.constants
 import pytest
 import torch
 
 from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device, resolve_dtype
+from pipelines.options import Device, Dtype
 
 
-def spec(source: str, tmp_path: Path, **kwargs: object) -> ModelSpec:
-    return ModelSpec(source=source, tiny_dir=tmp_path / "tiny", **kwargs)  # type: ignore[arg-type]
+class SpecFields(TypedDict, total=False):
+    """The ModelSpec fields that a test here sets."""
+
+    device: Device
+    dtype: Dtype
+    load_t5: bool
+
+
+def spec(source: str, tmp_path: Path, **fields: Unpack[SpecFields]) -> ModelSpec:
+    return ModelSpec(source=source, tiny_dir=tmp_path / "tiny", **fields)
 
 
 def test_auto_device_and_dtype_on_a_cpu_machine() -> None:

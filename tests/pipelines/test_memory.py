@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipelines.memory import GiB, SlicedJointAttnProcessor, plan_memory
+from pipelines.options import Switch, T5Choice
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from server.app import Runtime
@@ -60,7 +61,7 @@ def test_auto_takes_t5_in_8bit_only_where_it_buys_a_faster_plan(
     ],
 )
 def test_t5_goes_to_the_cpu_only_where_no_gpu_plan_fits_it(
-    free_gib: float, t5_on_cpu: str, placement: str, on_cpu: bool, monkeypatch: pytest.MonkeyPatch
+    free_gib: float, t5_on_cpu: Switch, placement: str, on_cpu: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: False)
     plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB), t5_on_cpu=t5_on_cpu)
@@ -80,7 +81,7 @@ def test_t5_goes_to_the_cpu_only_where_no_gpu_plan_fits_it(
     ],
 )
 def test_auto_places_for_the_t5_the_user_chose(
-    t5: str, free_gib: float, placement: str, monkeypatch: pytest.MonkeyPatch
+    t5: T5Choice, free_gib: float, placement: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("pipelines.memory.bitsandbytes_available", lambda device: True)
     plan = plan_memory(mode="auto", device=CUDA, free_bytes=int(free_gib * GiB), t5=t5)

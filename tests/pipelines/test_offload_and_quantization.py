@@ -26,6 +26,7 @@ from pipelines import step_cache
 from pipelines.checkpoints import export_single_file
 from pipelines.loading import LoadedModel, ModelSpec, load_model
 from pipelines.memory import MemoryPlan, apply_plan, plan_memory
+from pipelines.options import Device, Placement, T5Mode
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from server.app import Runtime
@@ -34,6 +35,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="the test extra installs bitsan
 
 CPU = torch.device("cpu")
 DEVICE = torch.device(os.environ.get("SD3_TEST_DEVICE", "cpu"))
+
 REQUEST = GenerationRequest(
     prompt="a (red:1.2) fox in the snow",
     negative_prompt="blurry",
@@ -47,9 +49,19 @@ REQUEST = GenerationRequest(
 )
 
 
+def device_option() -> Device:
+    """DEVICE as ModelSpec names it."""
+    match DEVICE.type:
+        case "cuda" | "mps" | "cpu" as name:
+            return name
+    raise ValueError(f"SD3_TEST_DEVICE={DEVICE}: not a device that ModelSpec takes")
+
+
 def load_tiny(tiny_dir: Path, source: Path | None = None, **spec: Any) -> LoadedModel:
     return load_model(
-        ModelSpec(source=str(source or tiny_dir), tiny_dir=tiny_dir, device=DEVICE.type, dtype="fp32", **spec)
+        ModelSpec(
+            source=str(source or tiny_dir), tiny_dir=tiny_dir, device=device_option(), dtype="fp32", **spec
+        )
     )
 
 
@@ -63,9 +75,14 @@ def resident(tiny_dir: Path) -> np.ndarray:
 
 
 def plan(
-    placement: str, *, t5: str = "full", tiling: bool = False, slicing: bool = False, t5_on_cpu: bool = False
+    placement: Placement,
+    *,
+    t5: T5Mode = "full",
+    tiling: bool = False,
+    slicing: bool = False,
+    t5_on_cpu: bool = False,
 ) -> MemoryPlan:
-    return MemoryPlan(placement, t5, tiling, slicing, "test", t5_on_cpu=t5_on_cpu)  # type: ignore[arg-type]
+    return MemoryPlan(placement, t5, tiling, slicing, "test", t5_on_cpu=t5_on_cpu)
 
 
 def run_hooks_on_cpu(pipe: Any) -> int:
@@ -137,7 +154,7 @@ def test_vae_tiling_under_sequential_offload(tiny_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("t5", ["full", "8bit"])
-def test_t5_on_the_cpu_beside_model_offload(tiny_dir: Path, t5: str) -> None:
+def test_t5_on_the_cpu_beside_model_offload(tiny_dir: Path, t5: T5Mode) -> None:
     """The 8 GB-card plan: T5 stays on the CPU, out of the offload chain; the rest is offloaded."""
     reference = load_tiny(tiny_dir, t5_8bit=t5 == "8bit")
     loaded = load_tiny(tiny_dir, t5_8bit=t5 == "8bit", place_on_device=False, t5_on_cpu=True)
@@ -188,7 +205,8 @@ def test_t5_in_8bit_is_the_same_from_a_single_file(
 ) -> None:
     configs = tmp_path / "configs"
     shutil.copytree(tiny_dir, configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    path = export_single_file(runtime.generator.pipe, tmp_path / "tiny_incl_clips_t5xxl.safetensors")  # type: ignore[attr-defined]
+    assert isinstance(runtime.generator, SD3Generator)
+    path = export_single_file(runtime.generator.pipe, tmp_path / "tiny_incl_clips_t5xxl.safetensors")
     single = load_tiny(tiny_dir, source=path, config=str(configs), t5_8bit=True)
     assert_t5_is_int8(single)
     # The same fp32 weights quantized by the same bitsandbytes code: the same int8 tensors.
@@ -199,7 +217,7 @@ def test_t5_in_8bit_is_the_same_from_a_single_file(
 
 
 def test_t5_in_8bit_for_random_weights(tmp_path: Path) -> None:
-    spec = ModelSpec(source="random:small", tiny_dir=tmp_path / "tiny", device=DEVICE.type, t5_8bit=True)
+    spec = ModelSpec(source="random:small", tiny_dir=tmp_path / "tiny", device=device_option(), t5_8bit=True)
     loaded = load_model(spec)
     assert_t5_is_int8(loaded)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from pipelines.prompt_cache import PromptCache
@@ -19,8 +21,13 @@ def test_lru_evicts_the_least_recently_used_within_the_byte_budget() -> None:
     cache.get_or_compute("d", make)  # evicts b
     assert len(cache) == 3 and cache.size_bytes == 1200
     computed: list[str] = []
+
+    def compute(key: str) -> torch.Tensor:
+        computed.append(key)
+        return torch.zeros(100)
+
     for key in "acdb":
-        cache.get_or_compute(key, lambda k=key: computed.append(k) or torch.zeros(100))
+        cache.get_or_compute(key, partial(compute, key))
     assert computed == ["b"]
 
 

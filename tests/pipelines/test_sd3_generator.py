@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any, TypedDict
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,16 @@ from schedulers.noise import initial_noise
 from schedulers.sigmas import sigmas_for
 from server.app import Runtime
 
-SMALL = {"width": 512, "height": 512, "steps": 10}
+
+class Size(TypedDict):
+    """GenerationRequest's size keywords."""
+
+    width: int
+    height: int
+    steps: int
+
+
+SMALL: Size = {"width": 512, "height": 512, "steps": 10}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +41,7 @@ class CallLog:
         self.calls: list[tuple[float, int, list[bool]]] = []
         self._handle = transformer.register_forward_pre_hook(self._record, with_kwargs=True)
 
-    def _record(self, _module, _args, kwargs):  # type: ignore[no-untyped-def]
+    def _record(self, _module: torch.nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         context = kwargs["encoder_hidden_states"]
         zero_rows = [bool((row == 0).all()) for row in context]
         self.calls.append((float(kwargs["timestep"][0]) / 1000.0, context.shape[0], zero_rows))
@@ -196,9 +208,9 @@ def test_every_size_of_the_contract_generates_at_its_size(
 def test_pp_spellings_are_their_plain_sampler_at_twice_the_guidance(
     generator: SD3Generator, spelling: str, plain: str
 ) -> None:
-    small = {"width": 256, "height": 256, "steps": 4, "seed": 5, "prompt": "a fox"}
-    doubled = generator.generate(GenerationRequest(scheduler=spelling, guidance_scale=3.5, **small))
-    reference = generator.generate(GenerationRequest(scheduler=plain, guidance_scale=7.0, **small))
+    small = GenerationRequest(width=256, height=256, steps=4, seed=5, prompt="a fox")
+    doubled = generator.generate(replace(small, scheduler=spelling, guidance_scale=3.5))
+    reference = generator.generate(replace(small, scheduler=plain, guidance_scale=7.0))
     assert np.array_equal(doubled.images[0], reference.images[0])
 
 

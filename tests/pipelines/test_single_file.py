@@ -50,7 +50,8 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def original(runtime: Runtime) -> Any:
-    return runtime.generator.pipe  # type: ignore[attr-defined]
+    assert isinstance(runtime.generator, SD3Generator)
+    return runtime.generator.pipe
 
 
 @pytest.fixture(scope="module")

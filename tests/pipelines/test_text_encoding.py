@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from pipelines.sd3 import SD3Generator
 from pipelines.text import MAX_WEIGHT, count_tokens, encode_prompt, parse_weights
 from server.app import Runtime
 
@@ -27,7 +28,8 @@ LONG = (
 
 @pytest.fixture(scope="module")
 def pipe(runtime: Runtime) -> Any:
-    return runtime.generator.pipe  # type: ignore[attr-defined]
+    assert isinstance(runtime.generator, SD3Generator)
+    return runtime.generator.pipe
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipelines.sd3 import SD3Generator
 from pipelines.tiny import ensure_tiny_model
 from server.app import Runtime
 from server.config import Settings
@@ -30,7 +31,8 @@ def test_tiny_model_is_a_diffusers_folder_with_sd3_components(runtime: Runtime, 
 
 
 def test_tiny_model_has_sd3_shapes_and_conventions(runtime: Runtime) -> None:
-    pipe = runtime.generator.pipe  # type: ignore[attr-defined]
+    assert isinstance(runtime.generator, SD3Generator)
+    pipe = runtime.generator.pipe
     transformer, vae = pipe.transformer.config, pipe.vae.config
     assert transformer.patch_size == 2 and transformer.in_channels == 16 == transformer.out_channels
     assert transformer.pos_embed_max_size == 192

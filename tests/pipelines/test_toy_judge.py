@@ -9,6 +9,7 @@ Accuracy pinned here, over random scenes of the whole caption set:
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ from PIL import Image, ImageFilter
 from pipelines.toy import judge, world
 
 
-def _accuracy(size: int, spoil, n: int = 120, seed: int = 0) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _accuracy(
+    size: int, spoil: Callable[[np.ndarray], np.ndarray], n: int = 120, seed: int = 0
+) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     hits: dict[str, list[bool]] = {"background": [], "colour": [], "shape": [], "position": []}
     for _ in range(n):

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _manifest() -> dict[str, object]:
-    return json.loads((FOLDER / train.MANIFEST).read_text())  # type: ignore[no-any-return]
+    return json.loads((FOLDER / train.MANIFEST).read_text())
 
 
 def test_every_committed_file_is_the_one_its_manifest_names() -> None:
@@ -59,7 +59,7 @@ def test_it_follows_sd3s_width_rule_so_sd3_detection_recognises_it() -> None:
 
 
 def test_model_toy_loads_it_through_the_serving_code_and_draws(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, model={"id": "toy", "device": "cpu"})  # type: ignore[arg-type]
+    settings = Settings(data_dir=tmp_path, model={"id": "toy", "device": "cpu"})
     runtime = load_runtime(settings)
     assert isinstance(runtime.generator, SD3Generator)
     assert str(FOLDER) in runtime.description and runtime.family == "sd3-medium"

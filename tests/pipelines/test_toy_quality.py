@@ -30,13 +30,12 @@ pytestmark = pytest.mark.skipif(
 DEFAULTS = GenerationRequest(prompt="")  # the API's: DPM++ 2M, 25 steps, CFG 5, shift 3
 
 
-def _load(tmp: Path, **overrides: object) -> SD3Generator:
-    settings = Settings(
-        data_dir=tmp,
-        model={"id": "toy", "device": "cpu", **overrides.pop("model", {})},  # type: ignore[dict-item]
-        memory=overrides.pop("memory", {"mode": "device", "vae_tiling": "off", "attention_slicing": "off"}),
-        **overrides,  # type: ignore[arg-type]
-    )
+def _load(
+    tmp: Path, *, model: dict[str, str] | None = None, memory: dict[str, str] | None = None
+) -> SD3Generator:
+    if memory is None:
+        memory = {"mode": "device", "vae_tiling": "off", "attention_slicing": "off"}
+    settings = Settings(data_dir=tmp, model={"id": "toy", "device": "cpu", **(model or {})}, memory=memory)
     generator = load_runtime(settings).generator
     assert isinstance(generator, SD3Generator)
     return generator

@@ -448,11 +448,11 @@ def deis(
     float32_times evaluates the σ → t map in float32 as upstream does (1 + σ² rounds to float32, which
     moves t by up to ~0.5 % at σ ≈ 0.003); the rest is float64."""
     if float32_times:
-        f = np.float32
-        log_lo, log_hi = np.log(f(0.002) ** 2 + f(1)), np.log(f(80.0) ** 2 + f(1))
-        bd = f(2) * (log_lo / f(1e-3) - log_hi) / f(1e-3 - 1)
-        bm = log_hi - f(0.5) * bd
-        t = [float((np.sqrt(bm**2 + f(2) * bd * np.log(f(v) ** 2 + f(1))) - bm) / bd) for v in s]
+        f32 = np.float32
+        log_lo, log_hi = np.log(f32(0.002) ** 2 + f32(1)), np.log(f32(80.0) ** 2 + f32(1))
+        bd = f32(2) * (log_lo / f32(1e-3) - log_hi) / f32(1e-3 - 1)
+        bm = log_hi - f32(0.5) * bd
+        t = [float((np.sqrt(bm**2 + f32(2) * bd * np.log(f32(v) ** 2 + f32(1))) - bm) / bd) for v in s]
         beta_d, beta_min = float(bd), float(bm)
     else:
         beta_d = 2 * (math.log1p(0.002**2) / 1e-3 - math.log1p(80.0**2)) / (1e-3 - 1)
@@ -709,6 +709,7 @@ def res_multistep(
         if down == 0 or old is None:
             x = d + (x - u) * down / s[i]  # Euler to σ_down along the (uncond) slope
         else:
+            assert old_down is not None  # set with `old`
             h = math.log(s[i] / down)
             c2 = math.log(old_down / s[i - 1]) / h
             phi1 = -math.expm1(-h) / h
@@ -817,9 +818,11 @@ def er_sde(
             dt = lt - ls
             grid = lt - np.arange(200) * dt / 200  # from λ_t back towards λ_s
             step = -dt / 200
+            assert old is not None  # the previous step's
             slope = (denoised - old) / (ls - lam[i - 1])
             x = x + a_t * (dt + float(np.sum(1 / nu(grid))) * step * nu(lt)) * slope
             if i >= 2:
+                assert old_slope is not None  # the previous step's
                 curv = (slope - old_slope) / ((ls - lam[i - 2]) / 2)
                 x = x + a_t * (dt**2 / 2 + float(np.sum((grid - ls) / nu(grid))) * step * nu(lt)) * curv
             old_slope = slope

@@ -14,7 +14,7 @@ from torch_toy import start_latent, torch_predict
 from schedulers.guidance import guided_denoiser, negative_ranges
 from schedulers.samplers import CFG_PP, run, sample_euler
 from schedulers.sigmas import sigmas_for
-from schedulers.stepping import split_guidance
+from schedulers.stepping import Denoiser, split_guidance
 
 
 def test_with_uncond_evaluates_the_negatives_even_at_cfg_1(toy: Toy) -> None:
@@ -73,7 +73,7 @@ def test_cfg_pp_samplers_use_the_uncond_so_they_differ_from_plain_guidance(toy: 
     def plain(x: torch.Tensor, sigma: float) -> torch.Tensor:
         return denoiser(x, sigma)
 
-    def sample_with(d) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def sample_with(d: Denoiser) -> torch.Tensor:
         noise = ListNoise(noise_draws(12, tuple(x.shape)))
         return run(sampler, d, x, sigmas, noise=noise, shift=SHIFT)
 

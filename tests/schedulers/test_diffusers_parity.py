@@ -10,7 +10,6 @@ from torch_toy import start_latent, torch_predict
 from schedulers.guidance import guided_denoiser, negative_ranges
 from schedulers.noise import AncestralNoise
 from schedulers.samplers import (
-    Denoiser,
     noise_for,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
@@ -19,6 +18,7 @@ from schedulers.samplers import (
     sample_heun,
 )
 from schedulers.sigmas import percent_to_sigma, sigmas_for, to_float32
+from schedulers.stepping import Denoiser
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -38,7 +39,7 @@ from server.job_store import JobRecord, JobStore
 from server.ledger import Ledger
 from server.queue import WorkQueue
 from tests.databases import migrated
-from tests.live import SLUG, SMALL, LiveServer, ServerProcess, live_server, wait_for
+from tests.live import SLUG, SMALL, LiveServer, ServerProcess, job_status_is, live_server, wait_for
 
 SLOW = {"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_steps": 100}
 ROUTE = f"/v1/{SLUG}"
@@ -108,8 +109,8 @@ def open_reservations(live: LiveServer) -> int:
 
 def jobs_of(live: LiveServer) -> list[JobRecord]:
     """The history of the server's first key (each test here has a database of its own)."""
-    store = live.app.state.serving.jobs
-    return store.history(live.ledger.list_keys()[0].id, limit=100)  # type: ignore[no-any-return]
+    store: JobStore = live.app.state.serving.jobs
+    return store.history(live.ledger.list_keys()[0].id, limit=100)
 
 
 def audit_exit_code(live: LiveServer) -> int:
@@ -343,10 +344,7 @@ def test_sigterm_keeps_accepted_v2_jobs_for_the_next_start(
             assert ledger.charge(job["request_id"]) == "reserved"  # still paid for, not refunded
         server.start()
         for job in (running, waiting):
-            assert wait_for(
-                lambda job=job: httpx.get(job["status_url"], headers=headers).json()["status"] == "COMPLETED",
-                timeout=240,
-            )
+            assert wait_for(job_status_is(job["status_url"], "COMPLETED", headers), timeout=240)
         # Both jobs ran to completion after the restart and were charged once each.
         assert ledger.list_keys()[0].balance == Decimal(1) - Decimal("0.0468") - Decimal("0.0156")
         assert all(row.ok and row.open_reservations == 0 for row in ledger.audit())
@@ -374,6 +372,9 @@ class Blocker:
             self.release.wait(30)
         return self.generator.generate_batch(requests, callback=callback)
 
+    def count_tokens(self, text: str) -> int:
+        return self.generator.count_tokens(text)
+
 
 def test_jobs_whose_waiters_left_log_no_unretrieved_future_errors(
     runtime: Runtime, caplog: pytest.LogCaptureFixture
@@ -381,14 +382,13 @@ def test_jobs_whose_waiters_left_log_no_unretrieved_future_errors(
     assert isinstance(runtime.generator, SD3Generator)
     blocker = Blocker(runtime.generator)
     queue = WorkQueue(blocker, batch_key=batch_key, max_pending=16, retry_after_s=1)
-    small = {"width": 512, "height": 512, "steps": 10}
+    small = GenerationRequest(prompt="", width=512, height=512, steps=10)
 
     async def scenario() -> None:
-        first = asyncio.create_task(queue.submit(GenerationRequest(prompt="block", seed=0, **small)))
+        first = asyncio.create_task(queue.submit(replace(small, prompt="block", seed=0)))
         await asyncio.to_thread(blocker.started.wait, 30)
         gone = [
-            asyncio.create_task(queue.submit(GenerationRequest(prompt=f"gone {i}", seed=i, **small)))
-            for i in range(3)
+            asyncio.create_task(queue.submit(replace(small, prompt=f"gone {i}", seed=i))) for i in range(3)
         ]
         await asyncio.sleep(0)  # they are queued
         for task in gone:

@@ -79,8 +79,11 @@ def test_a_route_that_fails_fails_as_it_would_undecorated() -> None:
     async def route(request: Request) -> str:
         raise ValueError("broken")
 
+    async def scenario() -> None:
+        await route(request=request_on(Channel()))
+
     with pytest.raises(ValueError, match="broken"):
-        asyncio.run(route(request=request_on(Channel())))
+        asyncio.run(scenario())
 
 
 def test_a_route_without_a_request_to_watch_is_refused_at_definition() -> None:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch
 
+from pipelines.sd3 import SD3Generator
 from server.app import Runtime, load_runtime
 from server.config import Settings
 from tests.live import SLUG, SMALL, LiveServer, live_server, wait_for
@@ -24,8 +25,9 @@ SLOW = {"prompt": "slow", "img_width": 1024, "img_height": 1024, "num_inference_
 def broken(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """A server whose (real, tiny) model produces NaN, as an fp16 overflow does on a real GPU."""
     runtime = load_runtime(settings)  # its own copy of the weights: the shared one stays healthy
+    assert isinstance(runtime.generator, SD3Generator)
     with torch.no_grad():
-        runtime.generator.pipe.transformer.proj_out.weight.fill_(float("nan"))  # type: ignore[attr-defined]
+        runtime.generator.pipe.transformer.proj_out.weight.fill_(float("nan"))
     db = tmp_path_factory.mktemp("broken") / "ledger.sqlite3"
     yield from live_server(settings.model_copy(update={"database_url": f"sqlite:///{db}"}), runtime)
 

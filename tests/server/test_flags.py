@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import typer
+from typer.core import TyperGroup
 from typer.main import get_command
 from typer.testing import CliRunner
 
@@ -178,29 +179,31 @@ GENERATE_FLAGS_BEFORE = [
 ]
 
 
-@pytest.fixture
-def probe(monkeypatch: pytest.MonkeyPatch) -> typer.Typer:
+class Probe(typer.Typer):
     """A command with every settings option that only records the `Settings` it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.built: list[Settings] = []
+
+        @self.command()
+        @SettingsFlags()
+        def record(settings: Settings) -> None:
+            self.built.append(settings)
+
+
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch) -> Probe:
     for name in list(os.environ):
         if name.startswith("SD3_"):
             monkeypatch.delenv(name)
-    built: list[Settings] = []
-    command = typer.Typer()
-
-    @command.command()
-    @SettingsFlags()
-    def record(settings: Settings) -> None:
-        built.append(settings)
-
-    command.built = built  # type: ignore[attr-defined]
-    return command
+    return Probe()
 
 
-def settings_from(probe: typer.Typer, args: list[str], env: dict[str, str] | None = None) -> Settings:
+def settings_from(probe: Probe, args: list[str], env: dict[str, str] | None = None) -> Settings:
     result = runner.invoke(probe, args, env=env)
     assert result.exit_code == 0, result.output
-    settings: Settings = probe.built.pop()  # type: ignore[attr-defined]
-    return settings
+    return probe.built.pop()
 
 
 def value_at(settings: Settings, option: SettingOption) -> Any:
@@ -231,7 +234,7 @@ def test_serve_help_at_80_columns_shows_every_setting_with_its_flag_environment_
     assert "--no-t5" in words and "--ray-address" in words
 
 
-def test_a_flag_and_its_environment_twin_set_the_same_field(probe: typer.Typer) -> None:
+def test_a_flag_and_its_environment_twin_set_the_same_field(probe: Probe) -> None:
     options = [option for option in setting_options() if not option.secret]
     assert {dotted(option) for option in options} == {*SAMPLES, *SWITCHES, *LISTS}, "a sample per setting"
     default = settings_from(probe, [])
@@ -248,14 +251,14 @@ def test_a_flag_and_its_environment_twin_set_the_same_field(probe: typer.Typer) 
         assert from_flag == from_env != value_at(default, option), (name, from_flag, from_env)
 
 
-def test_a_flag_wins_over_its_environment_twin_and_a_flag_left_out_leaves_it(probe: typer.Typer) -> None:
+def test_a_flag_wins_over_its_environment_twin_and_a_flag_left_out_leaves_it(probe: Probe) -> None:
     env = {"SD3_PORT": "9000", "SD3_MEMORY__T5": "full", "SD3_CONNECTIONS__KEEP_ALIVE_S": "7"}
     settings = settings_from(probe, ["--port", "8123", "--t5", "8bit"], env)
     assert (settings.port, settings.memory.t5, settings.connections.keep_alive_s) == (8123, "8bit", 7)
     assert settings_from(probe, ["--t5", "full", "--no-t5"], env).memory.t5 == "off"
 
 
-def test_a_bad_flag_is_refused_with_the_message_of_its_bad_environment_twin(probe: typer.Typer) -> None:
+def test_a_bad_flag_is_refused_with_the_message_of_its_bad_environment_twin(probe: Probe) -> None:
     from_flag = runner.invoke(probe, ["--device", "gpu"])
     from_env = runner.invoke(probe, [], env={"SD3_MODEL__DEVICE": "gpu"})
     assert from_flag.exit_code == from_env.exit_code == 2
@@ -267,7 +270,9 @@ def test_a_bad_flag_is_refused_with_the_message_of_its_bad_environment_twin(prob
     ("command", "before"), [("serve", SERVE_FLAGS_BEFORE), ("generate", GENERATE_FLAGS_BEFORE)]
 )
 def test_every_flag_declared_by_hand_before_is_still_there(command: str, before: list[str]) -> None:
-    click_command = get_command(app).commands[command]  # type: ignore[attr-defined]
+    group = get_command(app)
+    assert isinstance(group, TyperGroup)
+    click_command = group.commands[command]
     flags = {flag for param in click_command.params for flag in (*param.opts, *param.secondary_opts)}
     assert set(before) <= flags, set(before) - flags
 

@@ -20,7 +20,7 @@ import pytest
 
 from server.config import LimitSettings
 from server.errors import InvalidRequest
-from server.image_fetch import IPAddress, UrlFetcher, public_address
+from server.image_fetch import IPAddress, Resolver, UrlFetcher, public_address
 from server.image_input import read_image
 
 PNG = (Path(__file__).parent.parent / "data" / "images" / "landscape.png").read_bytes()
@@ -79,7 +79,7 @@ def port() -> Iterator[int]:
         thread.join()
 
 
-def resolver(names: dict[str, str]):  # type: ignore[no-untyped-def]
+def resolver(names: dict[str, str]) -> Resolver:
     """DNS as the attacker configures it; literal addresses and other names resolve for real."""
     from server.image_fetch import system_resolver
 

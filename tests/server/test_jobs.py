@@ -21,7 +21,7 @@ from server.keys import hash_key
 from server.ledger import Ledger
 from tests.conftest import SDK
 from tests.databases import migrated
-from tests.live import SLUG, SMALL, LiveServer, ServerProcess, wait_for
+from tests.live import SLUG, SMALL, LiveServer, ServerProcess, job_status_is, wait_for
 
 
 def image_at(url: str) -> Image.Image:
@@ -248,10 +248,7 @@ def test_an_accepted_job_survives_a_kill_9(tmp_path: Path, data_dir: Path, tiny_
         server.kill_9()
         server.start()
         for job in (submitted, queued):
-            assert wait_for(
-                lambda job=job: httpx.get(job["status_url"], headers=headers).json()["status"] == "COMPLETED",
-                timeout=240,
-            )
+            assert wait_for(job_status_is(job["status_url"], "COMPLETED", headers), timeout=240)
         # Both jobs ran once after the restart and were charged once each.
         assert ledger.list_keys()[0].balance == Decimal(1) - Decimal("0.156") - Decimal("0.0156")
         assert all(row.ok and row.open_reservations == 0 for row in ledger.audit())
@@ -320,6 +317,8 @@ def test_a_job_left_under_the_old_host_and_port_identity_is_adopted(tmp_path: Pa
     jobs = JobStore(ledger.engine)
     _, key = ledger.create_key(name="legacy", credits=Decimal(1))
     request_id = accept_then_kill_9(old, key, jobs)
-    assert jobs.get(request_id).owner == old_default  # type: ignore[union-attr]
+    before = jobs.get(request_id)
+    assert before is not None and before.owner == old_default
     completes_after_restart(ServerProcess(data_dir=folder, database=database), key, request_id, ledger)
-    assert (folder / "instance-id").read_text().strip() == jobs.get(request_id).owner  # type: ignore[union-attr]
+    after = jobs.get(request_id)
+    assert after is not None and (folder / "instance-id").read_text().strip() == after.owner

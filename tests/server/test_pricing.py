@@ -1,4 +1,6 @@
 from decimal import Decimal
+from functools import partial
+from typing import TypedDict, Unpack
 
 import pytest
 import torch
@@ -8,11 +10,42 @@ from schedulers.names import public_names, resolve
 from server.config import PricingSettings
 from server.pricing import model_evaluations, price_of, sd35_price
 
-DEFAULTS = {"width": 1024, "height": 1024, "steps": 25, "samples": 1}
+
+class Size(TypedDict):
+    width: int
+    height: int
+    steps: int
+    samples: int
 
 
-def price(**overrides: object) -> Decimal:
-    return price_of(**{**DEFAULTS, **overrides}, pricing=PricingSettings())
+class Request(Size, total=False):
+    """price_of's request keywords: the sizes, and the sampling when a test names it."""
+
+    scheduler: str
+    shift: float
+    denoise: float
+    guidance_scale: float
+
+
+class Overrides(TypedDict, total=False):
+    """Whichever of a Request's keywords a test changes."""
+
+    width: int
+    height: int
+    steps: int
+    samples: int
+    scheduler: str
+    shift: float
+    denoise: float
+    guidance_scale: float
+
+
+DEFAULTS: Size = {"width": 1024, "height": 1024, "steps": 25, "samples": 1}
+
+
+def price(**overrides: Unpack[Overrides]) -> Decimal:
+    request: Request = {**DEFAULTS, **overrides}
+    return price_of(**request, pricing=PricingSettings())
 
 
 def test_defaults_cost_the_listed_price_per_image() -> None:
@@ -60,18 +93,23 @@ def test_price_follows_the_pricing_settings() -> None:
     assert price_of(**DEFAULTS, pricing=pricing) == Decimal("0.05")
 
 
-@pytest.mark.parametrize("field", ["width", "height", "steps", "samples"])
-def test_non_positive_dimensions_are_refused(field: str) -> None:
+ZEROED: list[Overrides] = [{"width": 0}, {"height": 0}, {"steps": 0}, {"samples": 0}]
+
+
+@pytest.mark.parametrize("zeroed", ZEROED, ids=lambda zeroed: next(iter(zeroed)))
+def test_non_positive_dimensions_are_refused(zeroed: Overrides) -> None:
+    (field,) = zeroed
     with pytest.raises(ValueError, match=field):
-        price(**{field: 0})
+        price(**zeroed)
 
 
 # -- pricing by model evaluations ------------------------------------------------------------------
 EVALUATIONS = PricingSettings(mode="evaluations")
 
 
-def evaluations_price(**overrides: object) -> Decimal:
-    return price_of(**{**DEFAULTS, **overrides}, pricing=EVALUATIONS)  # type: ignore[arg-type]
+def evaluations_price(**overrides: Unpack[Overrides]) -> Decimal:
+    request: Request = {**DEFAULTS, **overrides}
+    return price_of(**request, pricing=EVALUATIONS)
 
 
 def test_by_evaluations_the_default_request_still_costs_the_listed_price() -> None:
@@ -107,9 +145,9 @@ def test_model_evaluations_match_the_denoiser_calls_each_scheduler_makes(
 
     sigmas = sigmas_for(spec.schedule, steps, shift=shift, denoise=denoise, sampler=spec.sampler)
     sample(spec.sampler, denoiser, sigmas[0] * torch.ones(1, 4, 2, 2), sigmas, seed=0, shift=shift)
-    request = {"scheduler": name, "steps": steps, "shift": shift, "denoise": denoise}
-    assert model_evaluations(**request, guidance_scale=1.0) == calls  # type: ignore[arg-type]
-    assert model_evaluations(**request, guidance_scale=5.0) == 2 * calls  # type: ignore[arg-type]
+    evaluations = partial(model_evaluations, scheduler=name, steps=steps, shift=shift, denoise=denoise)
+    assert evaluations(guidance_scale=1.0) == calls
+    assert evaluations(guidance_scale=5.0) == 2 * calls
 
 
 def test_an_adaptive_sampler_is_priced_as_documented() -> None:

@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import numpy as np
@@ -19,7 +19,16 @@ from server.errors import Overloaded
 from server.queue import WorkQueue
 from tests.live import LiveServer
 
-SMALL = {"width": 512, "height": 512, "steps": 10}
+
+class Size(TypedDict):
+    """GenerationRequest's size keywords."""
+
+    width: int
+    height: int
+    steps: int
+
+
+SMALL: Size = {"width": 512, "height": 512, "steps": 10}
 
 
 class Blocker:

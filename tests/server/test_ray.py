@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from server.config import Settings
-from server.job_store import JobStore
+from server.job_store import JobRecord, JobStore
 from server.keys import hash_key
 from server.ledger import Ledger
 from server.pricing import price_of
@@ -216,7 +216,7 @@ def test_a_replica_killed_mid_generation_is_refunded_by_its_replacement(
         )
         jobs = JobStore(ledger.engine)
         deadline = time.monotonic() + 60
-        rows = []
+        rows: list[JobRecord] = []
         while not rows and time.monotonic() < deadline:
             rows = [row for row in jobs.history(key_id, limit=1) if row.status == "PROCESSING"]
             time.sleep(0.05)

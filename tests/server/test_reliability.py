@@ -72,7 +72,7 @@ def test_bodies_over_the_limit_are_413(limited: LiveServer) -> None:
     response = limited.post(big, key=key)
     assert response.status_code == 413 and "too large" in response.json()["error"]
 
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks() -> Iterator[bytes]:
         yield b'{"prompt": "'
         for _ in range(10):
             yield b"y" * 1000

@@ -63,7 +63,8 @@ def test_a_second_server_on_the_same_folder_exits_at_once_and_the_first_finishes
         assert second.returncode == 2, second.stderr
         assert time.monotonic() - started < 60
         message = " ".join(second.stderr.split())
-        assert f"pid {first.process.pid}" in message and "in use by another sd3-server" in message  # type: ignore[union-attr]
+        assert first.process is not None
+        assert f"pid {first.process.pid}" in message and "in use by another sd3-server" in message
         v1.join(600)
         assert answers and answers[0].status_code == 200, answers[0].text if answers else "no answer"
         assert answers[0].headers["content-type"] == "image/jpeg"
@@ -95,7 +96,7 @@ def test_the_starter_key_is_printed_on_the_first_start_only(tmp_path: Path, tiny
             stderr=subprocess.PIPE,
             text=True,
         )
-        server.process = process  # type: ignore[assignment]
+        server.process = process
         try:
             assert wait_for(server.answers, timeout=90), "the server did not start"
         finally:
