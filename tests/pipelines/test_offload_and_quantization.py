@@ -247,7 +247,7 @@ def test_t5_in_8bit_under_sequential_offload(tiny_dir: Path, t5_8bit: LoadedMode
 
 @pytest.mark.parametrize("placement", ["model_offload", "sequential_offload"])
 def test_the_step_cache_runs_the_transformer_where_the_offload_hooks_put_it(
-    tiny_dir: Path, placement: str, monkeypatch: pytest.MonkeyPatch
+    tiny_dir: Path, placement: Placement, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The cache calls the transformer's blocks, not its forward, which model offload hooks. The
     # random weights move too much between steps for a real threshold: reuse whatever moved.

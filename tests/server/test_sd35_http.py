@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -40,14 +40,14 @@ TINY = {"width": 64, "height": 64}
 
 def _server(
     tmp_path_factory: pytest.TempPathFactory, settings: Settings, model_id: str, **model: str
-) -> Iterator[LiveServer]:
+) -> Generator[LiveServer, None, None]:
     data = tmp_path_factory.mktemp("sd35")
     yield from _server_at(settings, f"sqlite:///{data / 'ledger.sqlite3'}", data, model_id, **model)
 
 
 def _server_at(
     settings: Settings, url: str, data: Path, model_id: str, *, instance_id: str | None = None, **model: str
-) -> Iterator[LiveServer]:
+) -> Generator[LiveServer, None, None]:
     """A live server on the tiny twin `model_id`, with its own ledger at `url` and data folder."""
     own = settings.model_copy(
         update={
