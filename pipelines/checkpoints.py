@@ -15,11 +15,11 @@ SD3.5 files (`sd3.5_large.safetensors`, `sd3.5_large_turbo.safetensors`, `sd3.5_
 use the same layout with more keys per block, and Stability ships them as MMDiT + VAE only (the text
 encoders are separate files):
 
-| SD3.5 part                          | keys in `joint_blocks.N.` (original)                        |
-| ----------------------------------- | ----------------------------------------------------------- |
-| qk-norm (RMS, every block)          | `{x,context}_block.attn.ln_q.weight`, `...attn.ln_k.weight` |
-| MMDiT-X second attention (Medium)   | `x_block.attn2.{qkv,proj}.*`, `x_block.attn2.ln_{q,k}.weight` |
-| MMDiT-X adaLN (Medium, dual blocks) | `x_block.adaLN_modulation.1` with 9 chunks instead of 6     |
+| SD3.5 part                          | keys below `joint_blocks.N.`                                   |
+| ----------------------------------- | -------------------------------------------------------------- |
+| qk-norm (RMS, every block)          | `{x,context}_block.attn.ln_q.weight`, `...attn.ln_k.weight`    |
+| MMDiT-X second attention (Medium)   | `x_block.attn2.{qkv,proj}.*`, `x_block.attn2.ln_{q,k}.weight`  |
+| MMDiT-X adaLN (Medium, dual blocks) | `x_block.adaLN_modulation.1`, 9 chunks instead of 6            |
 
 diffusers reads such a file with `StableDiffusion3Pipeline.from_single_file`, converting each part
 into its own layout (`diffusers.loaders.single_file_utils`). This module is the inverse: it writes
