@@ -1,4 +1,4 @@
-"""SD3 single-file checkpoints in the original (Stability / ComfyUI) key layout.
+"""SD3 and SD3.5 single-file checkpoints in the original (Stability / ComfyUI) key layout.
 
 ComfyUI users keep SD3 Medium as one safetensors file, e.g. `sd3_medium_incl_clips_t5xxlfp16.safetensors`
 or the same without T5. Its keys follow Stability's reference code, not diffusers:
@@ -11,17 +11,28 @@ or the same without T5. Its keys follow Stability's reference code, not diffuser
 | CLIP-G    | `text_encoders.clip_g.transformer.` | Hugging Face, plus `text_projection.weight`    |
 | T5-XXL    | `text_encoders.t5xxl.transformer.`  | Hugging Face `T5EncoderModel`                  |
 
+SD3.5 files (`sd3.5_large.safetensors`, `sd3.5_large_turbo.safetensors`, `sd3.5_medium.safetensors`)
+use the same layout with more keys per block, and Stability ships them as MMDiT + VAE only (the text
+encoders are separate files):
+
+| SD3.5 part                          | keys below `joint_blocks.N.`                                   |
+| ----------------------------------- | -------------------------------------------------------------- |
+| qk-norm (RMS, every block)          | `{x,context}_block.attn.ln_q.weight`, `...attn.ln_k.weight`    |
+| MMDiT-X second attention (Medium)   | `x_block.attn2.{qkv,proj}.*`, `x_block.attn2.ln_{q,k}.weight`  |
+| MMDiT-X adaLN (Medium, dual blocks) | `x_block.adaLN_modulation.1`, 9 chunks instead of 6            |
+
 diffusers reads such a file with `StableDiffusion3Pipeline.from_single_file`, converting each part
 into its own layout (`diffusers.loaders.single_file_utils`). This module is the inverse: it writes
 a diffusers pipeline back into the original layout. Two uses: a converter users can run,
 
-    python -m pipelines.checkpoints DIFFUSERS_DIR OUT.safetensors [--no-t5] [--dtype fp16]
+    sd3-convert DIFFUSERS_DIR OUT.safetensors [--no-t5 | --no-text-encoders] [--dtype fp16]
 
 and the way the tests make a real single file from the tiny model, so that the single-file loading
 path is exercised end to end without downloading anything.
 
-`inspect_single_file` reads only a checkpoint's key names and says which parts it holds, so the
-loader can reject a file that is not SD3 and load a file without T5 without T5.
+`inspect_single_file` reads only a checkpoint's key names and says which parts it holds and which
+family its MMDiT is, so the loader can reject a file that is not SD3, load a file without T5 without
+T5, and check the configs it is given against the weights.
 """
 
 from __future__ import annotations
@@ -38,6 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipelines.families import structural_family
+from pipelines.options import Family
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +113,10 @@ def transformer_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torc
 
     The inverse of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`: q, k and v are
     fused back into one `qkv` per stream, and the two adaLN layers of `AdaLayerNormContinuous`
-    (the last block's text stream and the final layer) get their halves swapped back.
+    (the last block's text stream and the final layer) get their halves swapped back. SD3.5's extra
+    weights go the same way: qk-norm weights renamed, MMDiT-X's `attn2` q, k, v fused like `attn`'s;
+    the 9-chunk adaLN of a dual-attention block is moved as is, since diffusers' converter keeps
+    Stability's chunk order there.
     """
     r = _Renamer(state, "transformer")
     r.move("pos_embed.pos_embed", "pos_embed")
@@ -390,13 +407,28 @@ class SingleFileContents:
         return any(re.match(r"^(model\.diffusion_model\.)?joint_blocks\.0\.", k) for k in self.keys)
 
     @property
+    def structure(self) -> dict[str, Any]:
+        """The transformer-config entries the family rule reads (`pipelines.families`), from the keys.
+
+        qk-norm leaves `attn.ln_q`/`ln_k` weights in every block; MMDiT-X's second attention leaves
+        `x_block.attn2.*` in the blocks that have one. Read from names, not from depth or widths, so a
+        tiny twin's file is told apart by the same rule as Stability's.
+        """
+        dual = sorted(
+            {int(m[1]) for k in self.keys if (m := re.search(r"joint_blocks\.(\d+)\.x_block\.attn2\.", k))}
+        )
+        qk_norm = any(re.search(r"joint_blocks\.\d+\.x_block\.attn\.ln_q\.", k) for k in self.keys)
+        return {"qk_norm": "rms_norm" if qk_norm else None, "dual_attention_layers": tuple(dual)}
+
+    @property
+    def family(self) -> Family:
+        """`sd3-medium`, `sd3.5-large` or `sd3.5-medium` (Large Turbo has Large's keys)."""
+        return structural_family(self.structure)
+
+    @property
     def variant(self) -> str:
-        """`sd3`, `sd35_medium` or `sd35_large`, named as diffusers names them."""
-        if any(re.match(r"^(model\.diffusion_model\.)?joint_blocks\.37\.", k) for k in self.keys):
-            return "sd35_large"  # 38 blocks
-        if any(".x_block.attn2." in k for k in self.keys):
-            return "sd35_medium"  # the second image attention of MMDiT-X
-        return "sd3"
+        """The family as diffusers names it (`sd3`, `sd35_large`, `sd35_medium`)."""
+        return {"sd3-medium": "sd3", "sd3.5-medium": "sd35_medium"}.get(self.family, "sd35_large")
 
     @property
     def has_vae(self) -> bool:
@@ -413,6 +445,11 @@ class SingleFileContents:
     @property
     def has_t5(self) -> bool:
         return f"{T5_PREFIX}shared.weight" in self.keys  # the key diffusers tests for, too
+
+    @property
+    def has_text_encoders(self) -> bool:
+        # Stability ships SD3.5 (and plain sd3_medium.safetensors) as MMDiT + VAE only.
+        return self.has_clip_l or self.has_clip_g or self.has_t5
 
     def looks_like(self) -> str | None:
         """A guess at what a non-SD3 checkpoint is, for the error message."""
@@ -465,15 +502,23 @@ def _iter_prefixes(keys: Iterable[str]) -> Iterator[tuple[str, int]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.checkpoints",
-        description="Write a diffusers SD3 folder as one single-file checkpoint in the original "
+        prog="sd3-convert",
+        description="Write a diffusers SD3 or SD3.5 folder as one single-file checkpoint in the original "
         "(Stability/ComfyUI) key layout.",
     )
     parser.add_argument(
         "diffusers_dir", type=Path, help="a folder written by save_pretrained (model_index.json)"
     )
     parser.add_argument("output", type=Path, help="the .safetensors file to write")
-    parser.add_argument("--no-t5", action="store_true", help="leave T5-XXL out (like sd3_medium_incl_clips)")
+    leave_out = parser.add_mutually_exclusive_group()
+    leave_out.add_argument(
+        "--no-t5", action="store_true", help="leave T5-XXL out (like sd3_medium_incl_clips)"
+    )
+    leave_out.add_argument(
+        "--no-text-encoders",
+        action="store_true",
+        help="MMDiT and VAE only, as Stability ships SD3.5 (sd3.5_large.safetensors)",
+    )
     parser.add_argument(
         "--dtype",
         choices=sorted(_DTYPES),
@@ -488,11 +533,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.diffusers_dir} is not a diffusers folder (it has no model_index.json)")
     if args.output.suffix.lower() != ".safetensors":
         parser.error("the output must end in .safetensors")
-    extra: dict[str, Any] = {"text_encoder_3": None, "tokenizer_3": None} if args.no_t5 else {}
-    # Not loading T5 at all with --no-t5 saves 9.5 GB of RAM and its read time.
+    # Not loading what is left out saves its RAM (9.5 GB for T5) and its read time.
+    left_out = ["text_encoder_3", "tokenizer_3"] if args.no_t5 or args.no_text_encoders else []
+    if args.no_text_encoders:
+        left_out += ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    extra: dict[str, Any] = dict.fromkeys(left_out)
     pipe = StableDiffusion3Pipeline.from_pretrained(args.diffusers_dir, dtype=_DTYPES[args.dtype], **extra)
     try:
-        export_single_file(pipe, args.output, include_t5=not args.no_t5, dtype=_DTYPES[args.dtype])
+        export_single_file(
+            pipe,
+            args.output,
+            include_t5=not (args.no_t5 or args.no_text_encoders),
+            include_clips=not args.no_text_encoders,
+            dtype=_DTYPES[args.dtype],
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -15,9 +15,11 @@ A model source is one of:
 - a local diffusers folder (the output of `save_pretrained`);
 - a single-file checkpoint (`.safetensors`/`.ckpt`) in the original SD3 layout, as ComfyUI users
   keep it (`sd3_medium_incl_clips_t5xxlfp16.safetensors`, or `sd3_medium_incl_clips.safetensors`,
-  which has no T5 and so loads without T5). Its configs and tokenizers come from `config`
-  (`--model-config`: a local diffusers folder of SD3 Medium, read fully offline), or else from
-  the Hub, as diffusers would fetch them;
+  which has no T5 and so loads without T5), or an SD3.5 one as Stability ships it
+  (`sd3.5_large.safetensors`, `sd3.5_large_turbo.safetensors`, `sd3.5_medium.safetensors`: MMDiT and
+  VAE only, so the text encoders come from the config folder). Its configs and tokenizers come from
+  `config` (`--model-config`: a local diffusers folder of the file's family, read fully offline), or
+  else from the Hub, as diffusers would fetch them;
 - a Hugging Face Hub id.
 
 Every source ends in the same `StableDiffusion3Pipeline`, so the generator never knows where its
@@ -39,7 +41,7 @@ import torch
 
 from pipelines.architectures import Scale, build_random_pipeline
 from pipelines.checkpoints import SingleFileContents, inspect_single_file
-from pipelines.families import FamilyMismatch, resolve_family
+from pipelines.families import FamilyMismatch, resolve_family, structural_family
 from pipelines.options import Device, Dtype, Family, FamilyChoice
 from pipelines.tiny import ensure_tiny_model
 
@@ -63,12 +65,26 @@ TINY_TWINS: dict[str, Scale] = {
     "sd3.5-large-turbo": "sd3.5-large-small",
     "sd3.5-medium": "sd3.5-medium-small",
 }
-# The configs diffusers itself fetches for a single file of each SD3 variant when none is given.
-_HUB_CONFIGS = {
-    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
-    "sd35_medium": "stabilityai/stable-diffusion-3.5-medium",
-    "sd35_large": "stabilityai/stable-diffusion-3.5-large",
+# The configs fetched for a single file of each family when none is given: those diffusers itself
+# fetches, except for Large Turbo, which diffusers reads with Large's (the same configs) but whose
+# users have accepted the Turbo repository's licence, not necessarily Large's.
+_HUB_CONFIGS: dict[Family, str] = {
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "sd3.5-large-turbo": "stabilityai/stable-diffusion-3.5-large-turbo",
 }
+_FAMILY_NAMES: dict[Family, str] = {
+    "sd3-medium": "SD3 Medium",
+    "sd3.5-medium": "SD3.5 Medium",
+    "sd3.5-large": "SD3.5 Large",
+    "sd3.5-large-turbo": "SD3.5 Large Turbo",
+}
+
+
+def _config_folder_of(family: Family) -> str:
+    """How the messages name the --model-config a file of `family` needs."""
+    return f"a local diffusers folder of {_FAMILY_NAMES[family]} ({_HUB_CONFIGS[family]})"
 
 
 class ModelLoadError(Exception):
@@ -244,27 +260,53 @@ def _read_single_file(path: Path) -> SingleFileContents:
         ) from exc
 
 
-def _single_file_config(spec: ModelSpec, contents: SingleFileContents) -> tuple[str, bool]:
+def _single_file_config(
+    spec: ModelSpec, path: Path, contents: SingleFileContents, family: Family
+) -> tuple[str, bool]:
     """The diffusers configs to read the file with, and whether they are a local folder."""
     if spec.config is None:
-        return _HUB_CONFIGS[contents.variant], False
+        return _HUB_CONFIGS[family], False
     folder = Path(spec.config).expanduser()
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(
                 f"--model-config '{spec.config}' is a folder but not a diffusers model (it has no "
-                "model_index.json): pass a diffusers folder of SD3 Medium (configs and tokenizers suffice)."
+                f"model_index.json): pass {_config_folder_of(family)}; configs and tokenizers suffice."
             )
+        _check_config_structure(folder, path, contents, family)
         return str(folder), True
     if not _HUB_ID.match(spec.config):
         raise ModelLoadError(
-            f"--model-config '{spec.config}' is neither an existing folder nor a Hugging Face id: pass a "
-            "local diffusers folder of SD3 Medium."
+            f"--model-config '{spec.config}' is neither an existing folder nor a Hugging Face id: pass "
+            f"{_config_folder_of(family)}."
         )
     return spec.config, False
 
 
-def _config_fetch_error(path: Path, config: str, exc: Exception) -> ModelLoadError:
+def _check_config_structure(folder: Path, path: Path, contents: SingleFileContents, family: Family) -> None:
+    """Refuse a config folder of another family before diffusers reads the file with it.
+
+    diffusers builds the transformer from the folder's config and loads the file's weights into it
+    without comparing the two: SD3 Medium configs with an SD3.5 file leave the qk-norm weights
+    unused, and the failure (if any) names a tensor, not the folder.
+    """
+    import json
+
+    config_file = folder / "transformer" / "config.json"
+    try:
+        described = structural_family(json.loads(config_file.read_text()))
+    except (OSError, ValueError):
+        return  # diffusers will say what is wrong with the folder
+    if described != contents.family:
+        raise ModelLoadError(
+            f"'{path.name}' holds {_FAMILY_NAMES[contents.family]} weights but --model-config "
+            f"'{folder}' describes {_FAMILY_NAMES[described]}: pass {_config_folder_of(family)}."
+        )
+
+
+def _config_fetch_error(
+    path: Path, config: str, contents: SingleFileContents, family: Family, exc: Exception
+) -> ModelLoadError:
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
 
     if isinstance(exc, GatedRepoError):
@@ -275,8 +317,14 @@ def _config_fetch_error(path: Path, config: str, exc: Exception) -> ModelLoadErr
         why = f"fetching '{config}' failed ({type(exc).__name__})"
     return ModelLoadError(
         f"The single file '{path.name}' carries weights but no configs or tokenizers, and {why}: pass "
-        "--model-config with a local diffusers folder of SD3 Medium (its configs and tokenizers suffice)."
+        f"--model-config with {_config_folder_of(family)}; {_what_the_folder_needs(contents)}."
     )
+
+
+def _what_the_folder_needs(contents: SingleFileContents) -> str:
+    if contents.has_text_encoders:
+        return "its configs and tokenizers suffice"
+    return "the file has no text encoders, so the folder must hold their weights too"
 
 
 def _from_single_file(path: Path, spec: ModelSpec, dtype: torch.dtype) -> Any:
@@ -297,14 +345,24 @@ def _from_single_file(path: Path, spec: ModelSpec, dtype: torch.dtype) -> Any:
             + (f" and looks like {guess}" if guess else "")
             + "): pass an SD3 single file such as sd3_medium_incl_clips_t5xxlfp16.safetensors."
         )
-    config, local = _single_file_config(spec, contents)
+    try:
+        # Known before loading, to name the configs: the structure from the key names, and Large
+        # Turbo from the file name (sd3.5_large_turbo.safetensors), by the rule load_model applies.
+        family = resolve_family(contents.structure, spec.family, source=str(path))
+    except FamilyMismatch as exc:
+        raise ModelLoadError(f"The model '{spec.source}' cannot be served: {exc}.") from exc
+    config, local = _single_file_config(spec, path, contents, family)
     extra: dict[str, Any] = {}
-    if not spec.load_t5 or not contents.has_t5:
+    if not spec.load_t5 or (contents.has_text_encoders and not contents.has_t5):
         # Said explicitly: otherwise diffusers would take T5 from the config folder's weights if it
-        # has them, or stop with an error if it has not. A file without T5 is a CLIP-only model.
+        # has them, or stop with an error if it has not. A file with CLIPs but no T5
+        # (sd3_medium_incl_clips) is a CLIP-only model; a file with no text encoders at all (every
+        # SD3.5 file Stability ships) takes all three from the config folder, T5 included.
         extra.update(text_encoder_3=None, tokenizer_3=None)
         if spec.load_t5:
             log.info("%s has no T5-XXL weights: loading it without T5 (CLIP-only context)", path.name)
+    if not contents.has_text_encoders:
+        extra.update(_text_encoders_from_config(path, spec, contents, family, config, local, dtype))
     try:
         pipe = StableDiffusion3Pipeline.from_single_file(
             str(path),
@@ -317,21 +375,89 @@ def _from_single_file(path: Path, spec: ModelSpec, dtype: torch.dtype) -> Any:
             **extra,
         )
     except SingleFileComponentError as exc:
+        if contents.has_text_encoders:
+            fix = "use a file that includes the text encoders (sd3_medium_incl_clips*.safetensors) or"
+        else:
+            fix = "the file has no text encoders (as Stability ships SD3.5), so pass"
         raise ModelLoadError(
             f"'{path.name}' lacks the weights of a component and '{config}' has none for it either "
-            f"({exc.message.splitlines()[0]}): use a file that includes the text encoders "
-            "(sd3_medium_incl_clips*.safetensors) or a --model-config folder that holds its weights."
+            f"({exc.message.splitlines()[0]}): {fix} a --model-config folder that holds their weights "
+            f"({_config_folder_of(family)}, with its text_encoder* folders)."
         ) from exc
     except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
         if local:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(
                 f"--model-config '{config}' lacks a file that loading needs ({first_line}): pass a complete "
-                "diffusers folder of SD3 Medium (configs and tokenizers)."
+                f"{_config_folder_of(family).removeprefix('a local ')} (configs and tokenizers)."
             ) from exc
-        raise _config_fetch_error(path, config, exc) from exc
+        raise _config_fetch_error(path, config, contents, family, exc) from exc
     _finish_single_file(pipe, path)
     return pipe
+
+
+def _text_encoders_from_config(
+    path: Path,
+    spec: ModelSpec,
+    contents: SingleFileContents,
+    family: Family,
+    config: str,
+    local: bool,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """The text encoders of a file that has none, read from the config folder's weights.
+
+    diffusers 0.42 would take a component missing from the file from the config folder, but it
+    looks there for diffusers' weight names only (`diffusion_pytorch_model.*`), never the
+    transformers ones the text encoders are saved under (`model.safetensors`), and so refuses every
+    SD3.5 file as Stability ships it. Loading them here and passing them in is its documented way
+    of supplying a component.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    parts: list[tuple[str, Any]] = [
+        ("text_encoder", CLIPTextModelWithProjection),
+        ("text_encoder_2", CLIPTextModelWithProjection),
+    ]
+    if spec.load_t5:
+        # Full precision even with --t5 8bit: `_t5_to_8bit_if_asked` quantizes it after, as for a
+        # T5 read from the file.
+        parts.append(("text_encoder_3", T5EncoderModel))
+    loaded: dict[str, Any] = {}
+    try:
+        for name, cls in parts:
+            loaded[name] = cls.from_pretrained(
+                config,
+                subfolder=name,
+                local_files_only=local,
+                token=spec.token,
+                revision=None if local else spec.revision,
+                dtype=dtype,
+            ).eval()
+    except (OSError, HfHubHTTPError) as exc:
+        if not local:
+            raise _config_fetch_error(path, config, contents, family, _hub_cause(exc) or exc) from exc
+        raise ModelLoadError(
+            f"'{path.name}' has no text encoders (as Stability ships SD3.5) and --model-config '{config}' "
+            f"has no weights for its {name} either: pass {_config_folder_of(family)} that holds the text "
+            "encoders' weights (its text_encoder, text_encoder_2 and text_encoder_3 folders)."
+        ) from exc
+    return loaded
+
+
+def _hub_cause(exc: BaseException) -> Exception | None:
+    """The Hub error under a transformers `OSError`, which wraps it (a gated or unreachable repo)."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    seen: BaseException | None = exc
+    for _ in range(16):  # a short chain; the bound guards against a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, (HfHubHTTPError, LocalEntryNotFoundError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _finish_single_file(pipe: Any, path: Path) -> None:
