@@ -413,3 +413,17 @@ def test_an_accepted_35_job_left_by_a_stopped_server_runs_at_the_next_start(
     finally:
         servers.close()
         ledger.close()
+
+
+def test_the_openapi_document_lists_only_the_slugs_this_server_answers(
+    large: LiveServer, live: LiveServer
+) -> None:
+    def slug_paths(server: LiveServer) -> set[str]:
+        paths = httpx.get(f"{server.base_url}/openapi.json", timeout=30).json()["paths"]
+        slugs = {SD3, IMG2IMG, LARGE, TURBO, MEDIUM}
+        return {path for path in paths if path.rsplit("/", 1)[-1] in slugs}
+
+    assert slug_paths(large) == {f"/v1/{LARGE}", f"/v2/{LARGE}"}
+    assert slug_paths(live) == {f"/v1/{SD3}", f"/v2/{SD3}", f"/v1/{IMG2IMG}", f"/v2/{IMG2IMG}"}
+    # The others still answer, with the 404 that says what runs here (docs/contract.md §9).
+    assert_error(large.post({"prompt": "a"}, key=large.key(), path=f"/v1/{TURBO}"), 404, "not served")
