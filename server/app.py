@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -38,6 +39,7 @@ from server.logs import RequestContext
 from server.metrics import Metrics, RequestMetrics
 from server.outputs import OutputStore
 from server.queue import BatchGenerator, WorkQueue
+from server.schemas import SERVED_SLUGS
 from server.serving import Serving
 
 
@@ -215,4 +217,25 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
     app.include_router(openai_api.router)
     app.include_router(outputs_api.router)
     app.include_router(playground.router)
+    document_served_slugs_only(app, runtime.family)
     return app
+
+
+def document_served_slugs_only(app: FastAPI, family: Family) -> None:
+    """Leave out of `/openapi.json` the family slugs these weights do not serve (docs/contract.md §9).
+
+    Their routes stay, to answer 404 saying what runs here, but a client generated from the document
+    must not offer them. The paths are dropped from the built document, not hidden on the routes:
+    the routers are shared by every app of the process (tests, Ray replicas), whatever each loads.
+    """
+    served = set(SERVED_SLUGS[family])
+    unserved = {slug for slugs in SERVED_SLUGS.values() for slug in slugs} - served
+    hidden = {f"/{version}/{slug}" for version in ("v1", "v2") for slug in unserved}
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document = build()  # cached by FastAPI: the filter below is idempotent
+        document["paths"] = {path: item for path, item in document["paths"].items() if path not in hidden}
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend it

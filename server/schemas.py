@@ -361,7 +361,7 @@ SD35_REQUESTS: dict[str, type[SD35Request]] = {
 }
 
 # Which slugs the loaded weights answer (docs/contract.md §9): an SD3 Medium server is not an
-# SD3.5 one, and its answers would not be the hosted model's.
+# SD3.5 one, and its answers would not be the hosted model's. Each family's txt2img slug comes first.
 SERVED_SLUGS: dict[Family, tuple[str, ...]] = {
     "sd3-medium": (SLUG, IMG2IMG_SLUG),
     "sd3.5-large": (SD35_LARGE_SLUG,),

@@ -387,6 +387,11 @@ class Serving:
     def served_slugs(self) -> tuple[str, ...]:
         return SERVED_SLUGS[self.family]
 
+    @property
+    def txt2img_slug(self) -> str:
+        """The loaded family's txt2img slug, which surfaces without slugs of their own (OpenAI) run."""
+        return self.served_slugs[0]
+
     def require_served(self, slug: str) -> None:
         """`NotFound` (404) for a slug of the SD3 family that the loaded weights do not serve."""
         if slug not in self.served_slugs:
@@ -739,11 +744,18 @@ class Serving:
         return await self._generate(key, work, rate_headers, surface, keep_outputs, request_id)
 
     async def sd35(
-        self, key: KeyRecord, body: SD35Request, *, request_id: str | None = None
+        self,
+        key: KeyRecord,
+        body: SD35Request,
+        *,
+        surface: Surface = "v1",
+        keep_outputs: bool = False,
+        request_id: str | None = None,
     ) -> Txt2ImgOutcome:
         """`txt2img` for an SD3.5 slug, answered in the body's `image_format`."""
         rate_headers = self.rate_check(key)
-        return await self._generate(key, self.sd35_work(key.id, body), rate_headers, "v1", False, request_id)
+        work = self.sd35_work(key.id, body)
+        return await self._generate(key, work, rate_headers, surface, keep_outputs, request_id)
 
     async def _generate(
         self,

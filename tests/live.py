@@ -16,10 +16,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from server.app import Runtime, create_app
+from server.app import Runtime, create_app, load_runtime
 from server.config import Settings
 from server.connections import uvicorn_config
 from server.ledger import Ledger
@@ -81,6 +82,30 @@ def live_server(settings: Settings, runtime: Runtime) -> Generator[LiveServer, N
         server.should_exit = True
         thread.join(timeout=30)
         ledger.close()
+
+
+def twin_server(
+    tmp_path_factory: pytest.TempPathFactory, settings: Settings, model_id: str, **model: str
+) -> Generator[LiveServer, None, None]:
+    """A live server on the tiny twin `model_id` (`tiny:sd3.5-large`, …), its ledger in a new folder."""
+    data = tmp_path_factory.mktemp("twin")
+    yield from twin_server_at(settings, f"sqlite:///{data / 'ledger.sqlite3'}", data, model_id, **model)
+
+
+def twin_server_at(
+    settings: Settings, url: str, data: Path, model_id: str, *, instance_id: str | None = None, **model: str
+) -> Generator[LiveServer, None, None]:
+    """A live server on the tiny twin `model_id`, with its own ledger at `url` and data folder."""
+    own = settings.model_copy(
+        update={
+            "model": settings.model.model_copy(update={"id": model_id, **model}),
+            "database_url": url,
+            "data_dir": data,
+            "instance_id": instance_id,
+        }
+    )
+    runtime: Runtime = load_runtime(own)
+    yield from live_server(own, runtime)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:

@@ -2,15 +2,18 @@
 
 So that code written for OpenAI's images API — the official `openai` SDK with
 `base_url=".../v1"`, and the many tools built on it — runs against this server unchanged. The
-request is translated into the Segmind body (`Txt2ImgRequest`) and goes through the same serving
-call as v1, so pricing, credits, the queue and the history are exactly those of the equivalent
-Segmind request.
+request is translated into the Segmind body of the loaded family's txt2img slug (docs/contract.md
+§9: `Txt2ImgRequest` on SD3 Medium, that family's `SD35Request` on SD3.5) and goes through the same
+serving call as v1, so defaults, pricing, credits, the queue and the history are exactly those of
+the equivalent Segmind request on this server.
 
 Translation:
-- `prompt` → prompt; `n` (1-4) → samples; `size` "WxH" (each 512-2048, a multiple of 8; "auto" is
-  1024x1024) → img_width / img_height;
-- `negative_prompt`, `seed`, `num_inference_steps`, `guidance_scale`, `scheduler` are extensions
-  passed through (the SDK sends them with `extra_body=`);
+- `prompt` → prompt; `n` (1-4) → samples / batch_size; `size` "WxH" (each 512-2048, a multiple of
+  8; "auto" is 1024x1024) → img_width / img_height, or width / height;
+- extensions (the SDK sends them with `extra_body=`) are the slug's own fields, passed through:
+  `negative_prompt`, `seed`, `guidance_scale`, and on SD3 Medium `num_inference_steps` and
+  `scheduler` (a sampler-and-schedule label), on SD3.5 `steps`, `sampler` and `scheduler` (a
+  schedule). `steps` and `num_inference_steps` are the same thing and taken on both;
 - `model` is accepted whatever it says (clients must send one; there is one model here), and
   `quality`, `style`, `user` and the other OpenAI-only fields are ignored;
 - `response_format` "url" (OpenAI's default) or "b64_json". A URL points at `/v1/outputs/<id>.jpg`
@@ -38,7 +41,14 @@ from server.api.renderers import OpenAIRoute
 from server.encoding import to_base64
 from server.errors import InvalidRequest
 from server.headers import generation_headers
-from server.schemas import MAX_PROMPT_CHARS, LaxBody, Txt2ImgRequest, describe_validation_errors
+from server.schemas import (
+    MAX_PROMPT_CHARS,
+    SD35_REQUESTS,
+    LaxBody,
+    SD35Request,
+    Txt2ImgRequest,
+    describe_validation_errors,
+)
 from server.urls import public_base_url
 
 router = APIRouter(route_class=OpenAIRoute)
@@ -50,10 +60,19 @@ SIZE_RULE = (
     f"must be 'auto' or 'WIDTHxHEIGHT' with each side {MIN_SIDE}-{MAX_SIDE} and a multiple of {SIDE_STEP}"
 )
 
-# Fields of the Segmind body an OpenAI client may send as extensions, unchanged.
-PASSED_THROUGH = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler")
+# Fields of the Segmind body an OpenAI client may send as extensions, unchanged (the step count
+# apart: either spelling goes to the slug's own name).
+PASSED_THROUGH: tuple[str, ...] = ("negative_prompt", "seed", "guidance_scale", "scheduler")
+SD35_PASSED_THROUGH: tuple[str, ...] = (*PASSED_THROUGH, "sampler")
 # Segmind field → the OpenAI field the client actually sent, so that error messages name the latter.
-_OPENAI_NAME = {"samples": "n", "img_width": "size", "img_height": "size"}
+_OPENAI_NAME = {
+    "samples": "n",
+    "batch_size": "n",
+    "img_width": "size",
+    "img_height": "size",
+    "width": "size",
+    "height": "size",
+}
 
 
 class ImageGenerationRequest(LaxBody):
@@ -73,8 +92,10 @@ class ImageGenerationRequest(LaxBody):
     negative_prompt: str | None = None
     seed: int | None = None
     num_inference_steps: int | None = None
+    steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
+    sampler: str | None = None
 
     @field_validator("size")
     @classmethod
@@ -82,26 +103,39 @@ class ImageGenerationRequest(LaxBody):
         parse_size(value)
         return value
 
-    def to_txt2img(self) -> Txt2ImgRequest:
-        """The equivalent Segmind body; `InvalidRequest` when a passed-through extension is out of
-        the Segmind range."""
+    def to_segmind(self, slug: str) -> Txt2ImgRequest | SD35Request:
+        """The equivalent body of `slug` (the loaded family's txt2img slug), with that slug's defaults
+        for what the client left out; `InvalidRequest` when an extension is out of the slug's range."""
         width, height = parse_size(self.size)
-        fields: dict[str, Any] = {
-            "prompt": self.prompt,
-            "samples": self.n,
-            "img_width": width,
-            "img_height": height,
-            # The images travel as base64 or as output files, never as a raw body.
-            "base64": True,
-        }
-        fields.update(
-            {name: getattr(self, name) for name in PASSED_THROUGH if getattr(self, name) is not None}
-        )
+        sd35 = SD35_REQUESTS.get(slug)
+        # The images travel as base64 or as output files, never as a raw body.
+        fields: dict[str, Any] = {"prompt": self.prompt, "base64": True}
+        if sd35 is None:
+            fields |= {"samples": self.n, "img_width": width, "img_height": height}
+            passed, steps_name = PASSED_THROUGH, "num_inference_steps"
+        else:
+            # JPEG, whatever the slug's default: `output_format` and the output URLs say so.
+            fields |= {"batch_size": self.n, "width": width, "height": height, "image_format": "jpeg"}
+            passed, steps_name = SD35_PASSED_THROUGH, "steps"
+        fields.update({name: getattr(self, name) for name in passed if getattr(self, name) is not None})
+        steps, sent_as = self._steps()
+        if steps is not None:
+            fields[steps_name] = steps
         try:
-            return Txt2ImgRequest.model_validate(fields)
+            return (sd35 or Txt2ImgRequest).model_validate(fields)
         except ValidationError as exc:
-            errors = _openai_names(list(exc.errors()))
+            errors = _openai_names(list(exc.errors()), {steps_name: sent_as})
             raise InvalidRequest(describe_validation_errors(errors), param=_first_param(errors)) from None
+
+    def _steps(self) -> tuple[int | None, str]:
+        """The step count the client sent, and under which name (either, whatever the family: a
+        client of this surface need not know which model runs)."""
+        if None not in (self.steps, self.num_inference_steps) and self.steps != self.num_inference_steps:
+            message = "steps: differs from num_inference_steps; send one of the two"
+            raise InvalidRequest(message, param="steps")
+        if self.steps is not None:
+            return self.steps, "steps"
+        return self.num_inference_steps, "num_inference_steps"
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -119,10 +153,11 @@ def parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
-def _openai_names(errors: list[Any]) -> list[Any]:
+def _openai_names(errors: list[Any], sent: dict[str, str]) -> list[Any]:
+    names = _OPENAI_NAME | sent
     renamed = []
     for err in errors:
-        loc = tuple(_OPENAI_NAME.get(str(part), part) for part in err.get("loc", ()))
+        loc = tuple(names.get(str(part), part) for part in err.get("loc", ()))
         renamed.append({**err, "loc": loc})
     return renamed
 
@@ -159,12 +194,18 @@ ImageGenerationBody = Annotated[ImageGenerationRequest, Depends(image_generation
 async def generate_images(
     request: Request, serving: ServingDep, key: CurrentKey, body: ImageGenerationBody
 ) -> JSONResponse:
-    txt2img = body.to_txt2img()
+    segmind = body.to_segmind(serving.txt2img_slug)
     # URLs are saved inside the serving call, so a failed save is refunded like any failure.
     as_urls = body.response_format == "url"
-    outcome = await serving.txt2img(
-        key, txt2img, surface="openai", keep_outputs=as_urls, request_id=request.state.request_id
-    )
+    request_id = request.state.request_id
+    if isinstance(segmind, SD35Request):
+        outcome = await serving.sd35(
+            key, segmind, surface="openai", keep_outputs=as_urls, request_id=request_id
+        )
+    else:
+        outcome = await serving.txt2img(
+            key, segmind, surface="openai", keep_outputs=as_urls, request_id=request_id
+        )
     if as_urls:
         base = public_base_url(request)
         data = [{"url": f"{base}/v1/outputs/{output_id}.jpg"} for output_id in outcome.outputs]
@@ -178,10 +219,11 @@ async def generate_images(
         seed=outcome.seed,
         request_id=outcome.request_id,
     )
+    width, height = parse_size(body.size)
     payload = {
         "created": int(time.time()),
         "data": data,
         "output_format": "jpeg",
-        "size": f"{txt2img.img_width}x{txt2img.img_height}",
+        "size": f"{width}x{height}",
     }
     return JSONResponse(payload, headers=headers)

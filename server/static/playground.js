@@ -3,10 +3,16 @@
 "use strict";
 
 const KEY_STORAGE = "sd3-server.api-key";
-const TXT2IMG = "/v1/stable-diffusion-3-medium-txt2img";
-const IMG2IMG_SLUG = "sd3-med-img2img";
-const IMG2IMG = `/v1/${IMG2IMG_SLUG}`;
+// Controls the server maps to body fields (server/api/playground.py); the rest of the form is fixed.
+const CONTROLS = [
+  "negative-prompt", "strength", "scheduler", "schedule", "steps", "guidance", "seed", "width", "height", "samples",
+];
+// Without an input image the output size is these fields'; with one, the input's.
+const SIZE_CONTROLS = ["width", "height"];
 
+// What this server answers (GET /playground/models.json): `txt2img` and, where served, `img2img`,
+// each with its path and, per control, the body field it fills, its default and range.
+let models = null;
 // The chosen input image as a data: URL (the API takes it as it is), or null for txt2img.
 let initImage = null;
 
@@ -76,18 +82,77 @@ async function refreshCredits() {
   }
 }
 
-async function loadSchedulers() {
+async function loadModels() {
   try {
-    const response = await fetch("/v1/schedulers");
-    if (!response.ok) return; // the default option stays usable
-    const body = await response.json();
-    const select = $("scheduler");
-    select.replaceChildren();
-    fillSelect(select, body.schedulers, body.default);
-    const img2img = body.models && body.models[IMG2IMG_SLUG];
-    if (img2img) fillSelect($("schedule"), img2img.scheduler.accepted, img2img.scheduler.default);
-  } catch {
-    /* keep the built-in default */
+    const response = await fetch("/playground/models.json");
+    if (!response.ok) {
+      showError(`Could not read what this server serves: ${await errorMessage(response)}`);
+      return;
+    }
+    models = await response.json();
+  } catch (err) {
+    showError(`Could not reach the server: ${err}`);
+    return;
+  }
+  $("title").textContent = models.title;
+  document.title = `${models.title} · sd3-server playground`;
+  const calls = [`POST ${models.txt2img.path}`];
+  if (models.img2img) calls.push(`with an input image, POST ${models.img2img.path}`);
+  $("calls").textContent = calls.join("; ");
+  $("img2img").hidden = !models.img2img;
+  // Values once, from the txt2img slug (then img2img's own controls): switching modes keeps what
+  // the user typed; only ranges and visibility follow the mode.
+  setDefaults(models.txt2img.fields);
+  if (models.img2img) {
+    const own = Object.entries(models.img2img.fields).filter(([control]) => !(control in models.txt2img.fields));
+    setDefaults(Object.fromEntries(own));
+  }
+  applyMode();
+  $("generate").disabled = false;
+}
+
+function setDefaults(fields) {
+  for (const [control, field] of Object.entries(fields)) {
+    const element = $(control);
+    if (element.tagName === "SELECT") fillSelect(element, field.accepted, field.default);
+    else if (element.tagName === "TEXTAREA") {
+      // Left empty, it is not sent and the server's default applies: shown as the placeholder.
+      if (field.default) element.placeholder = field.default;
+    } else if (field.default !== undefined) element.value = String(field.default);
+  }
+}
+
+function activeMode() {
+  return initImage !== null && models.img2img ? models.img2img : models.txt2img;
+}
+
+// Shows, ranges and labels each control as the called slug takes it.
+function applyMode() {
+  if (!models) return;
+  const fields = activeMode().fields;
+  const everywhere = { ...models.txt2img.fields, ...(models.img2img ? models.img2img.fields : {}) };
+  for (const control of CONTROLS) {
+    const element = $(control);
+    const field = fields[control];
+    const wrapper = element.closest("[data-control]");
+    if (SIZE_CONTROLS.includes(control)) {
+      // Kept in view, greyed out, for img2img: the hint says why.
+      wrapper.hidden = !(control in everywhere);
+      element.disabled = !field;
+    } else {
+      wrapper.hidden = !field;
+    }
+    if (!field) continue;
+    if (field.minimum !== undefined) element.min = String(field.minimum);
+    if (field.maximum !== undefined) element.max = String(field.maximum);
+    const label = document.querySelector(`label[for="${control}"]`);
+    if (control === "scheduler") label.dataset.name = field.name === "sampler" ? "Sampler" : "Scheduler";
+    if (label.dataset.name && field.minimum !== undefined && field.maximum !== undefined) {
+      const grid = field.multipleOf ? `, ×${field.multipleOf}` : "";
+      label.textContent = `${label.dataset.name} (${field.minimum}–${field.maximum}${grid})`;
+    } else if (label.dataset.name) {
+      label.textContent = label.dataset.name;
+    }
   }
 }
 
@@ -108,9 +173,9 @@ function setInitImage(dataUrl) {
   const preview = $("init-preview");
   if (on) preview.src = dataUrl;
   else preview.removeAttribute("src");
-  for (const id of ["init-preview", "img2img-fields", "img2img-hint", "clear-image"]) $(id).hidden = !on;
-  for (const id of ["width", "height"]) $(id).disabled = on;
+  for (const id of ["init-preview", "img2img-hint", "clear-image"]) $(id).hidden = !on;
   if (!on) $("init-image").value = "";
+  applyMode();
 }
 
 function readInitImage() {
@@ -130,42 +195,21 @@ function numberField(id) {
   return value === "" ? undefined : Number(value);
 }
 
+// The called slug's body, in its own field names; empty fields are left out so that its defaults apply.
 function requestBody() {
-  if (initImage !== null) return img2imgBody();
-  const body = {
-    prompt: $("prompt").value,
-    scheduler: $("scheduler").value,
-    num_inference_steps: numberField("steps"),
-    guidance_scale: numberField("guidance"),
-    seed: numberField("seed"),
-    img_width: numberField("width"),
-    img_height: numberField("height"),
-    samples: numberField("samples"),
-    // JSON, not raw JPEG bytes: it carries every image of a multi-sample request.
-    base64: true,
-  };
-  const negative = $("negative-prompt").value;
-  if (negative.trim()) body.negative_prompt = negative;
-  // Empty fields are left out so that the server's defaults apply.
-  return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== undefined));
-}
-
-function img2imgBody() {
-  const body = {
-    image: initImage,
-    prompt: $("prompt").value,
-    sampler: $("scheduler").value,
-    scheduler: $("schedule").value,
-    strength: numberField("strength"),
-    num_inference_steps: numberField("steps"),
-    guidance_scale: numberField("guidance"),
-    seed: numberField("seed"),
-    samples: numberField("samples"),
-    base64: true,
-  };
-  const negative = $("negative-prompt").value;
-  if (negative.trim()) body.negative_prompt = negative;
-  return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== undefined));
+  const body = { prompt: $("prompt").value };
+  if (initImage !== null) body.image = initImage;
+  for (const [control, field] of Object.entries(activeMode().fields)) {
+    const element = $(control);
+    let value;
+    if (element.tagName === "SELECT") value = element.value;
+    else if (element.tagName === "TEXTAREA") value = element.value.trim() ? element.value : undefined;
+    else value = numberField(control);
+    if (value !== undefined) body[field.name] = value;
+  }
+  // JSON, not raw image bytes: it carries every image of a multi-image request.
+  body.base64 = true;
+  return body;
 }
 
 function showImages(images, seed) {
@@ -201,6 +245,10 @@ async function generate(event) {
     showError("Enter a prompt.");
     return;
   }
+  if (!models) {
+    showError("This server's models are not known yet: reload the page.");
+    return;
+  }
   const button = $("generate");
   const status = $("status");
   button.disabled = true;
@@ -211,7 +259,7 @@ async function generate(event) {
   }, 500);
   status.textContent = "Generating…";
   try {
-    const response = await fetch(initImage !== null ? IMG2IMG : TXT2IMG, {
+    const response = await fetch(activeMode().path, {
       method: "POST",
       headers: { "x-api-key": key, "content-type": "application/json" },
       body: JSON.stringify(requestBody()),
@@ -256,7 +304,7 @@ function init() {
   $("form").addEventListener("submit", generate);
   $("init-image").addEventListener("change", readInitImage);
   $("clear-image").addEventListener("click", () => setInitImage(null));
-  loadSchedulers();
+  loadModels();
   refreshCredits();
 }
 

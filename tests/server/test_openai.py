@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import openai
 import pytest
 from PIL import Image
 
-from server.config import PricingSettings
-from server.pricing import price_of
-from tests.live import SLUG, LiveServer
+from server.config import PricingSettings, Settings
+from server.pricing import price_of, sd35_price
+from server.schemas import SD35_LARGE_SLUG, SD35_TURBO_SLUG
+from tests.live import SLUG, LiveServer, twin_server
 
 # Small and quick: the steps go as an extension field, the size as OpenAI's own parameter.
 STEPS = {"num_inference_steps": 10}
@@ -230,3 +233,126 @@ def test_insufficient_credits_is_an_error_and_charges_nothing(live: LiveServer) 
     assert "credits" in body["message"].lower()
     assert caught.value.response.headers["x-remaining-credits"] == "0.001"
     assert live.balance_of(key) == Decimal("0.001")
+
+
+# -- on an SD3.5 server: the loaded family's slug, with its defaults and its price -------------------
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Iterator[LiveServer]:
+    yield from twin_server(tmp_path_factory, settings, "tiny:sd3.5-large")
+
+
+@pytest.fixture(scope="module")
+def turbo(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Iterator[LiveServer]:
+    yield from twin_server(tmp_path_factory, settings, "tiny:sd3.5-large-turbo")
+
+
+def last_request(live: LiveServer, key: str) -> dict[str, Any]:
+    """The key's newest history row: the slug and the body the request ran as."""
+    items = httpx.get(f"{live.base_url}/v1/history", headers={"x-api-key": key}, timeout=30).json()["items"]
+    return dict(items[0])
+
+
+def sd35_cost(slug: str, *, steps: int, width: int = 512, height: int = 512, images: int = 1) -> Decimal:
+    return sd35_price(
+        slug=slug, width=width, height=height, steps=steps, images=images, pricing=PricingSettings()
+    )
+
+
+def test_on_sd35_large_a_bare_request_runs_the_large_slug_with_its_defaults_and_price(
+    large: LiveServer,
+) -> None:
+    key = large.key("10")
+    raw = client(large, key).images.with_raw_response.generate(
+        model="dall-e-3", prompt="a lighthouse at dusk", size="512x512", response_format="b64_json"
+    )
+    result = raw.parse()
+    assert result.data is not None and len(result.data) == 1
+    assert decode(result.data[0].b64_json).size == (512, 512)
+    assert result.size == "512x512" and result.output_format == "jpeg"
+
+    price = sd35_cost(SD35_LARGE_SLUG, steps=30)
+    # Large's 0.014 per 25 steps, at its 30 default steps, not SD3 Medium's 0.039 per 25 steps.
+    assert price == Decimal("0.004200")
+    assert Decimal(raw.headers["x-cost"]) == price
+    assert large.balance_of(key) == Decimal("10") - price
+    assert raw.headers["x-seed"] == "98552302"  # the SD3.5 pages' default seed
+
+    row = last_request(large, key)
+    assert (row["model_name"], row["surface"]) == (SD35_LARGE_SLUG, "openai")
+    body = row["request_body"]
+    assert (body["steps"], body["guidance_scale"]) == (30, 5.5)
+    assert body["negative_prompt"] == "low quality, blurry"
+    assert (body["sampler"], body["scheduler"]) == ("euler", "sgm_uniform")
+    assert (body["width"], body["height"], body["batch_size"]) == (512, 512, 1)
+
+
+def test_on_sd35_turbo_n_and_urls_run_turbo_at_4_steps_and_guidance_1(turbo: LiveServer) -> None:
+    key = turbo.key("10")
+    raw = client(turbo, key).images.with_raw_response.generate(
+        model="sd3", prompt="two cats", n=2, size="512x768", response_format="url"
+    )
+    result = raw.parse()
+    assert result.data is not None and len(result.data) == 2
+    for item in result.data:
+        assert item.url is not None and item.url.endswith(".jpg")
+        image = httpx.get(item.url, timeout=30)
+        assert image.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(image.content)).size == (512, 768)
+    price = sd35_cost(SD35_TURBO_SLUG, steps=4, height=768, images=2)
+    assert Decimal(raw.headers["x-cost"]) == price
+    assert turbo.balance_of(key) == Decimal("10") - price
+    body = last_request(turbo, key)["request_body"]
+    assert (body["steps"], body["guidance_scale"], body["batch_size"]) == (4, 1.0, 2)
+
+
+def test_on_sd35_the_extensions_are_the_slugs_own_fields(turbo: LiveServer) -> None:
+    key = turbo.key("10")
+    extensions = {
+        "num_inference_steps": 2,  # the SD3 spelling is taken as `steps`
+        "guidance_scale": 2,
+        "negative_prompt": "blurry",
+        "seed": 7,
+        "sampler": "DPM++ 2M",
+        "scheduler": "Karras",
+    }
+    raw = client(turbo, key).images.with_raw_response.generate(
+        model="sd3", prompt="a pear", size="512x512", response_format="b64_json", extra_body=extensions
+    )
+    assert raw.headers["x-seed"] == "7"
+    assert Decimal(raw.headers["x-cost"]) == sd35_cost(SD35_TURBO_SLUG, steps=2)
+    body = last_request(turbo, key)["request_body"]
+    assert (body["steps"], body["guidance_scale"], body["negative_prompt"]) == (2, 2.0, "blurry")
+    assert (body["sampler"], body["scheduler"]) == ("DPM++ 2M", "karras")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"num_inference_steps": 5}, "num_inference_steps"),  # Large's minimum is 10
+        ({"steps": 71}, "steps"),
+        ({"steps": 20, "num_inference_steps": 25}, "steps"),
+        ({"guidance_scale": 16}, "guidance_scale"),  # SD3.5's range is 1-15
+        ({"scheduler": "DPM++ 2M"}, "scheduler"),  # on SD3.5 a schedule, not a sampler label
+    ],
+)
+def test_on_sd35_an_extension_out_of_the_slugs_range_names_the_sent_field_and_charges_nothing(
+    large: LiveServer, extra: dict[str, object], param: str
+) -> None:
+    key = large.key("10")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(large, key).images.generate(model="sd3", prompt="a fox", size="512x512", extra_body=extra)
+    body = caught.value.body
+    assert isinstance(body, dict) and body["param"] == param and param in body["message"]
+    assert large.balance_of(key) == Decimal("10")
+
+
+def test_on_sd3_medium_steps_is_taken_as_num_inference_steps(live: LiveServer) -> None:
+    key = live.key("10")
+    raw = client(live, key).images.with_raw_response.generate(
+        model="sd3", prompt="a pear", size="512x512", response_format="b64_json", extra_body={"steps": 10}
+    )
+    assert Decimal(raw.headers["x-cost"]) == expected_price(width=512, height=512, steps=10, samples=1)
+    row = last_request(live, key)
+    assert row["model_name"] == SLUG and row["request_body"]["num_inference_steps"] == 10

@@ -17,9 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
-from server.config import PricingSettings
-from server.pricing import price_of
-from tests.live import LiveServer
+from server.config import PricingSettings, Settings
+from server.pricing import price_of, sd35_price
+from server.schemas import IMG2IMG_SLUG, SD35_LARGE_SLUG, SD35_TURBO_SLUG, SLUG
+from tests.live import LiveServer, twin_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -240,3 +241,131 @@ def test_the_page_loads_nothing_from_elsewhere(live: LiveServer) -> None:
         assert httpx.get(f"{live.base_url}/playground/{asset}", timeout=30).status_code == 200
     assert "http://" not in page.text and "https://" not in page.text
     assert httpx.get(f"{live.base_url}/playground/..%2Fapp.py", timeout=30).status_code == 404
+
+
+# -- what the page is told to call: the served slugs, in their own field names ----------------------
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Iterator[LiveServer]:
+    yield from twin_server(tmp_path_factory, settings, "tiny:sd3.5-large")
+
+
+@pytest.fixture(scope="module")
+def turbo(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Iterator[LiveServer]:
+    yield from twin_server(tmp_path_factory, settings, "tiny:sd3.5-large-turbo")
+
+
+def page_models(server: LiveServer) -> dict[str, Any]:
+    response = httpx.get(f"{server.base_url}/playground/models.json", timeout=30)
+    assert response.status_code == 200
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    return dict(response.json())
+
+
+def test_on_sd3_medium_the_page_calls_txt2img_and_img2img_in_their_own_names(live: LiveServer) -> None:
+    models = page_models(live)
+    assert (models["family"], models["title"]) == ("sd3-medium", "Stable Diffusion 3 Medium")
+    txt2img, img2img = models["txt2img"], models["img2img"]
+    assert txt2img["path"] == f"/v1/{SLUG}" and img2img["path"] == f"/v1/{IMG2IMG_SLUG}"
+    fields = txt2img["fields"]
+    assert fields["steps"] == {"name": "num_inference_steps", "default": 25, "minimum": 10, "maximum": 100}
+    assert fields["width"] == {
+        "name": "img_width",
+        "default": 1024,
+        "minimum": 512,
+        "maximum": 2048,
+        "multipleOf": 8,
+    }
+    assert (fields["samples"]["name"], fields["guidance"]["default"], fields["seed"]["default"]) == (
+        "samples",
+        5.0,
+        -1,
+    )
+    assert fields["scheduler"]["name"] == "scheduler" and fields["scheduler"]["default"] == "DPM++ 2M"
+    assert "schedule" not in fields  # SD3 txt2img names sampler and schedule in one field
+    own = img2img["fields"]
+    assert (own["scheduler"]["name"], own["schedule"]["name"]) == ("sampler", "scheduler")
+    assert own["strength"] == {"name": "strength", "default": 0.7, "minimum": 0, "maximum": 1}
+    assert "width" not in own and own["steps"]["minimum"] == 1
+
+
+@pytest.mark.parametrize(
+    ("server", "slug", "steps", "guidance"),
+    [("large", SD35_LARGE_SLUG, (30, 10), 5.5), ("turbo", SD35_TURBO_SLUG, (4, 1), 1.0)],
+)
+def test_on_sd35_the_page_calls_the_served_slug_with_its_fields_and_defaults(
+    request: pytest.FixtureRequest, server: str, slug: str, steps: tuple[int, int], guidance: float
+) -> None:
+    live: LiveServer = request.getfixturevalue(server)
+    models = page_models(live)
+    assert models["img2img"] is None  # no img2img slug on SD3.5: the page hides the image input
+    txt2img = models["txt2img"]
+    assert (txt2img["slug"], txt2img["path"]) == (slug, f"/v1/{slug}")
+    fields = txt2img["fields"]
+    assert fields["steps"] == {"name": "steps", "default": steps[0], "minimum": steps[1], "maximum": 70}
+    assert fields["guidance"] == {"name": "guidance_scale", "default": guidance, "minimum": 1, "maximum": 15}
+    assert fields["width"] == {"name": "width", "default": 1024, "minimum": 64, "maximum": 2048}
+    assert fields["samples"]["name"] == "batch_size" and fields["seed"]["default"] == 98552302
+    assert fields["negative-prompt"] == {"name": "negative_prompt", "default": "low quality, blurry"}
+    assert (fields["scheduler"]["name"], fields["scheduler"]["default"]) == ("sampler", "euler")
+    assert (fields["schedule"]["name"], fields["schedule"]["default"]) == ("scheduler", "sgm_uniform")
+    assert "beta" in fields["schedule"]["accepted"] and "DPM++ 2M" in fields["scheduler"]["accepted"]
+    # The path is answered here (401 without a key, not the 404 of a slug served elsewhere).
+    assert httpx.post(live.base_url + txt2img["path"], json={"prompt": "a"}, timeout=30).status_code == 401
+
+
+def test_the_page_posts_where_and_what_models_json_says(live: LiveServer) -> None:
+    # The script names no slug and no body field of its own: both come from models.json.
+    script = httpx.get(f"{live.base_url}/playground/playground.js", timeout=30).text
+    assert "/playground/models.json" in script
+    wire_names = ("num_inference_steps", "img_width", "img_height", "batch_size", "guidance_scale")
+    for name in (SLUG, IMG2IMG_SLUG, SD35_LARGE_SLUG, SD35_TURBO_SLUG, *wire_names):
+        assert name not in script, name
+    page = httpx.get(f"{live.base_url}/", timeout=30).text
+    assert 'id="generate" type="submit" disabled' in page  # until the page knows what to call
+
+
+@pytest.mark.browser
+def test_on_sd35_turbo_the_page_generates_with_the_turbo_slug(browser: Any, turbo: LiveServer) -> None:
+    from selenium.webdriver.common.by import By
+
+    key = turbo.key("10")
+    _open(browser, turbo)
+    _wait(browser, lambda d: d.find_element(By.ID, "generate").is_enabled())
+    assert _text(browser, "title") == "Stable Diffusion 3.5 Large Turbo"
+    assert browser.find_element(By.ID, "steps").get_attribute("value") == "4"
+    assert browser.find_element(By.ID, "guidance").get_attribute("value") == "1"
+    assert _text(browser, "calls") == f"POST /v1/{SD35_TURBO_SLUG}"
+    assert not browser.find_element(By.ID, "init-image").is_displayed()  # no img2img on SD3.5
+    assert browser.find_element(By.ID, "schedule").is_displayed()  # SD3.5 names the schedule apart
+    _enter_key(browser, key)
+    _wait(browser, lambda d: _text(d, "credits") == "10")
+
+    _fill(browser, "prompt", "a lighthouse")
+    _fill(browser, "width", "64")
+    _fill(browser, "height", "64")
+    _fill(browser, "steps", "2")
+    _fill(browser, "samples", "2")
+    browser.find_element(By.ID, "generate").click()
+    _wait(
+        browser,
+        lambda d: (
+            d.find_elements(By.ID, "image-1")
+            and d.execute_script("return arguments[0].complete", d.find_element(By.ID, "image-1"))
+        ),
+        timeout=GENERATION_TIMEOUT_S,
+    )
+    image = browser.find_element(By.ID, "image-0")
+    size = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+    assert size == [64, 64]
+    price = sd35_price(
+        slug=SD35_TURBO_SLUG, width=64, height=64, steps=2, images=2, pricing=PricingSettings()
+    )
+    assert Decimal(_text(browser, "cost")) == price
+    assert _text(browser, "seed-used") == "98552302"  # the slug's default seed
+    history = httpx.get(f"{turbo.base_url}/v1/history", headers={"x-api-key": key}).json()["items"]
+    assert history[0]["model_name"] == SD35_TURBO_SLUG
+    body = history[0]["request_body"]
+    assert (body["steps"], body["batch_size"], body["width"], body["guidance_scale"]) == (2, 2, 64, 1.0)
+    assert (body["sampler"], body["scheduler"]) == ("euler", "sgm_uniform")

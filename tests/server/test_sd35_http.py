@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,7 +14,6 @@ from PIL import Image
 
 from pipelines.request import GenerationRequest
 from schedulers.guidance import GuidedDenoiser, plain_negative
-from server.app import Runtime, load_runtime
 from server.config import Settings
 from server.job_store import JobStore
 from server.ledger import Ledger
@@ -27,7 +26,7 @@ from server.schemas import (
 from server.serving import sd35_generation_request
 from tests.conftest import SDK
 from tests.databases import migrated
-from tests.live import LiveServer, live_server, wait_for
+from tests.live import LiveServer, twin_server, twin_server_at, wait_for
 
 LARGE = "stable-diffusion-3.5-large-txt2img"
 TURBO = "stable-diffusion-3.5-turbo-txt2img"
@@ -38,42 +37,19 @@ IMG2IMG = "sd3-med-img2img"
 TINY = {"width": 64, "height": 64}
 
 
-def _server(
-    tmp_path_factory: pytest.TempPathFactory, settings: Settings, model_id: str, **model: str
-) -> Generator[LiveServer, None, None]:
-    data = tmp_path_factory.mktemp("sd35")
-    yield from _server_at(settings, f"sqlite:///{data / 'ledger.sqlite3'}", data, model_id, **model)
-
-
-def _server_at(
-    settings: Settings, url: str, data: Path, model_id: str, *, instance_id: str | None = None, **model: str
-) -> Generator[LiveServer, None, None]:
-    """A live server on the tiny twin `model_id`, with its own ledger at `url` and data folder."""
-    own = settings.model_copy(
-        update={
-            "model": settings.model.model_copy(update={"id": model_id, **model}),
-            "database_url": url,
-            "data_dir": data,
-            "instance_id": instance_id,
-        }
-    )
-    runtime: Runtime = load_runtime(own)
-    yield from live_server(own, runtime)
-
-
 @pytest.fixture(scope="module")
 def large(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Iterator[LiveServer]:
-    yield from _server(tmp_path_factory, settings, "tiny:sd3.5-large")
+    yield from twin_server(tmp_path_factory, settings, "tiny:sd3.5-large")
 
 
 @pytest.fixture(scope="module")
 def turbo(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Iterator[LiveServer]:
-    yield from _server(tmp_path_factory, settings, "tiny:sd3.5-large-turbo")
+    yield from twin_server(tmp_path_factory, settings, "tiny:sd3.5-large-turbo")
 
 
 @pytest.fixture(scope="module")
 def medium(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Iterator[LiveServer]:
-    yield from _server(tmp_path_factory, settings, "tiny:sd3.5-medium")
+    yield from twin_server(tmp_path_factory, settings, "tiny:sd3.5-medium")
 
 
 def price(
@@ -393,7 +369,7 @@ def test_a_turbo_family_setting_serves_turbo_on_large_weights(
     tmp_path_factory: pytest.TempPathFactory, settings: Settings
 ) -> None:
     """Large and Large Turbo share one architecture: `model.family` decides which slug answers."""
-    servers = _server(tmp_path_factory, settings, "tiny:sd3.5-large", family="sd3.5-large-turbo")
+    servers = twin_server(tmp_path_factory, settings, "tiny:sd3.5-large", family="sd3.5-large-turbo")
     live = next(servers)
     try:
         key = live.key("1")
@@ -423,7 +399,7 @@ def test_an_accepted_35_job_left_by_a_stopped_server_runs_at_the_next_start(
         cost=Decimal("0.01"),
         owner="old-me",
     )
-    servers = _server_at(settings, url, tmp_path, "tiny:sd3.5-large-turbo", instance_id="old-me")
+    servers = twin_server_at(settings, url, tmp_path, "tiny:sd3.5-large-turbo", instance_id="old-me")
     live = next(servers)  # its start-up runs the recovery
     try:
         headers = {"x-api-key": key}
@@ -437,3 +413,17 @@ def test_an_accepted_35_job_left_by_a_stopped_server_runs_at_the_next_start(
     finally:
         servers.close()
         ledger.close()
+
+
+def test_the_openapi_document_lists_only_the_slugs_this_server_answers(
+    large: LiveServer, live: LiveServer
+) -> None:
+    def slug_paths(server: LiveServer) -> set[str]:
+        paths = httpx.get(f"{server.base_url}/openapi.json", timeout=30).json()["paths"]
+        slugs = {SD3, IMG2IMG, LARGE, TURBO, MEDIUM}
+        return {path for path in paths if path.rsplit("/", 1)[-1] in slugs}
+
+    assert slug_paths(large) == {f"/v1/{LARGE}", f"/v2/{LARGE}"}
+    assert slug_paths(live) == {f"/v1/{SD3}", f"/v2/{SD3}", f"/v1/{IMG2IMG}", f"/v2/{IMG2IMG}"}
+    # The others still answer, with the 404 that says what runs here (docs/contract.md §9).
+    assert_error(large.post({"prompt": "a"}, key=large.key(), path=f"/v1/{TURBO}"), 404, "not served")
