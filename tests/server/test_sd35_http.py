@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -12,12 +13,15 @@ import httpx
 import pytest
 from PIL import Image
 
+from pipelines.loading import ModelSpec, load_model
 from pipelines.request import GenerationRequest
+from pipelines.sd3 import SD3Generator
 from schedulers.guidance import GuidedDenoiser, plain_negative
 from server.config import Settings
 from server.job_store import JobStore
 from server.ledger import Ledger
 from server.schemas import (
+    SD35_REQUESTS,
     SD35LargeRequest,
     SD35MediumRequest,
     SD35TurboRequest,
@@ -427,3 +431,36 @@ def test_the_openapi_document_lists_only_the_slugs_this_server_answers(
     assert slug_paths(live) == {f"/v1/{SD3}", f"/v2/{SD3}", f"/v1/{IMG2IMG}", f"/v2/{IMG2IMG}"}
     # The others still answer, with the 404 that says what runs here (docs/contract.md §9).
     assert_error(large.post({"prompt": "a"}, key=large.key(), path=f"/v1/{TURBO}"), 404, "not served")
+
+
+# -- every name a slug lists generates on its twin -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SD3Generator]:
+    # Large (qk-norm) and Medium (MMDiT-X dual attention): Turbo is Large's architecture.
+    tiny = tmp_path_factory.mktemp("tiny")
+    return {
+        slug: SD3Generator(load_model(ModelSpec(source=source, tiny_dir=tiny, device="cpu")))
+        for slug, source in ((LARGE, "tiny:sd3.5-large"), (MEDIUM, "tiny:sd3.5-medium"))
+    }
+
+
+def test_every_sampler_and_schedule_a_slug_lists_generates_on_its_twin(
+    large: LiveServer, twins: dict[str, SD3Generator]
+) -> None:
+    # In-process, as the SD3 txt2img names are (tests/server/test_txt2img_http.py): the body's
+    # validation and the job a request makes, run at the smallest size and step count; the HTTP path
+    # around them is the same for every name and is covered above.
+    listed = httpx.get(f"{large.base_url}/v1/schedulers").json()["models"][LARGE]
+    samplers, schedules = listed["sampler"]["accepted"], listed["scheduler"]["accepted"]
+    assert len(samplers) >= 30 and len(schedules) >= 7
+    choices = [{"sampler": name} for name in samplers] + [{"scheduler": name} for name in schedules]
+    for slug, generator in twins.items():
+        request_type = SD35_REQUESTS[slug]
+        for choice in choices:
+            body = request_type.model_validate({"prompt": "a bridge", "seed": 9, **choice})
+            job = sd35_generation_request(body, seed=body.seed, negative_window=False)
+            [result] = generator.generate_batch([replace(job, steps=3, width=16, height=16)])
+            (image,) = result.images
+            assert image.shape == (16, 16, 3), (slug, choice)
