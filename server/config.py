@@ -283,7 +283,7 @@ class PricingSettings(BaseModel):
     )
     # sd3-med-img2img's own price (the hosted page: ~$0.008 at its defaults): per image of
     # reference_pixels (the cropped input's size) at this many steps. Strength does not lower it:
-    # the model runs `num_inference_steps` times whatever the strength. Always priced by steps.
+    # the model runs `num_inference_steps` times whatever the strength. `mode` applies as to txt2img.
     img2img_price_per_image: Decimal = Field(
         Decimal("0.008"),
         ge=0,
@@ -294,7 +294,7 @@ class PricingSettings(BaseModel):
     img2img_reference_steps: int = Field(20, ge=1, description="Steps the img2img price is for")
     # The SD3.5 slugs' own prices, per image of reference_pixels at their reference steps (the hosted
     # Large page: ~$0.014; Turbo shows none and gets Large's rate per step; our 3.5 Medium, SD3
-    # Medium's). Always priced by steps, as img2img.
+    # Medium's). `mode` applies as to txt2img.
     sd35_large_price_per_image: Decimal = Field(
         Decimal("0.014"),
         ge=0,

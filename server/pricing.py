@@ -83,31 +83,62 @@ def price_of(
     return Decimal(units).scaleb(-PRICE_DECIMALS)
 
 
-def img2img_price(*, width: int, height: int, steps: int, samples: int, pricing: PricingSettings) -> Decimal:
+def img2img_price(
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    samples: int,
+    pricing: PricingSettings,
+    sampler: str = "dpmpp_2m",
+    guidance_scale: float = 5.0,
+) -> Decimal:
     """`sd3-med-img2img`'s price: its own rate per image and steps, scaled by the output (cropped input)
-    size as txt2img's is (docs/contract.md, img2img)."""
+    size as txt2img's is (docs/contract.md, img2img). Strength does not lower it: the model runs
+    `steps` times whatever the strength, so evaluations are counted at full denoise."""
     own = pricing.model_copy(
         update={
             "price_per_image": pricing.img2img_price_per_image,
             "reference_steps": pricing.img2img_reference_steps,
-            "mode": "image",
         }
     )
-    return price_of(width=width, height=height, steps=steps, samples=samples, pricing=own)
+    return price_of(
+        width=width,
+        height=height,
+        steps=steps,
+        samples=samples,
+        pricing=own,
+        scheduler=sampler,
+        guidance_scale=guidance_scale,
+    )
 
 
 def sd35_price(
-    *, slug: str, width: int, height: int, steps: int, images: int, pricing: PricingSettings
+    *,
+    slug: str,
+    width: int,
+    height: int,
+    steps: int,
+    images: int,
+    pricing: PricingSettings,
+    sampler: str = "euler",
+    guidance_scale: float = 5.0,
 ) -> Decimal:
     """An SD3.5 slug's price: its own rate per image and reference steps, scaled by `images`
-    (`batch_size`) and the output size (docs/contract.md §8). Always priced by steps."""
+    (`batch_size`) and the output size (docs/contract.md §8)."""
     rates = {
         SD35_LARGE_SLUG: (pricing.sd35_large_price_per_image, pricing.sd35_large_reference_steps),
         SD35_TURBO_SLUG: (pricing.sd35_turbo_price_per_image, pricing.sd35_turbo_reference_steps),
         SD35_MEDIUM_SLUG: (pricing.sd35_medium_price_per_image, pricing.sd35_medium_reference_steps),
     }
     price_per_image, reference_steps = rates[slug]
-    own = pricing.model_copy(
-        update={"price_per_image": price_per_image, "reference_steps": reference_steps, "mode": "image"}
+    own = pricing.model_copy(update={"price_per_image": price_per_image, "reference_steps": reference_steps})
+    return price_of(
+        width=width,
+        height=height,
+        steps=steps,
+        samples=images,
+        pricing=own,
+        scheduler=sampler,
+        guidance_scale=guidance_scale,
     )
-    return price_of(width=width, height=height, steps=steps, samples=images, pricing=own)

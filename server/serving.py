@@ -500,6 +500,8 @@ class Serving:
             steps=body.steps,
             images=body.batch_size,
             pricing=self.settings.pricing,
+            sampler=body.sampler,
+            guidance_scale=body.guidance_scale,
         )
         params = body.model_dump(mode="json")
         return Work(
@@ -526,6 +528,8 @@ class Serving:
             steps=body.num_inference_steps,
             samples=body.samples,
             pricing=self.settings.pricing,
+            sampler=body.sampler,
+            guidance_scale=body.guidance_scale,
         )
         return Work(IMG2IMG_SLUG, body.model_dump(mode="json"), job, cost)
 

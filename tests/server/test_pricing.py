@@ -8,7 +8,7 @@ import torch
 from schedulers import ADAPTIVE, sample, sigmas_for
 from schedulers.names import public_names, resolve
 from server.config import PricingSettings
-from server.pricing import model_evaluations, price_of, sd35_price
+from server.pricing import img2img_price, model_evaluations, price_of, sd35_price
 
 
 class Size(TypedDict):
@@ -172,13 +172,26 @@ def test_each_sd35_slug_has_its_own_rate_by_images_steps_and_pixels() -> None:
     assert sd35_price(
         slug="stable-diffusion-3.5-turbo-txt2img", width=1024, height=1024, steps=4, images=1, pricing=own
     ) == Decimal("0.004")
-    # The evaluations mode of SD3 txt2img does not apply: always priced by steps.
+    # The evaluations mode prices every slug by its work: the reference request costs the same,
+    # a two-stage sampler about twice as much, and Turbo's guidance 1 (no negative) half.
     evaluations = pricing.model_copy(update={"mode": "evaluations"})
-    assert sd35_price(
-        slug="stable-diffusion-3.5-large-txt2img",
-        width=1024,
-        height=1024,
-        steps=25,
-        images=1,
-        pricing=evaluations,
-    ) == Decimal("0.014")
+
+    def work(slug: str, **fields: object) -> Decimal:
+        request = {"width": 1024, "height": 1024, "steps": 25, "images": 1, **fields}
+        return sd35_price(slug=slug, pricing=evaluations, **request)  # type: ignore[arg-type]
+
+    large = "stable-diffusion-3.5-large-txt2img"
+    assert work(large) == Decimal("0.014")
+    assert work(large, sampler="heun") > Decimal("0.027")
+    assert work(large, guidance_scale=1.0) == Decimal("0.007")
+
+
+def test_img2img_follows_the_pricing_mode_and_strength_never_lowers_it() -> None:
+    pricing = PricingSettings()
+    size = {"width": 1024, "height": 1024, "steps": 20, "samples": 1}
+    assert img2img_price(pricing=pricing, **size) == Decimal("0.008")
+    assert img2img_price(pricing=pricing, sampler="heun", **size) == Decimal("0.008")  # the hosted price
+    evaluations = pricing.model_copy(update={"mode": "evaluations"})
+    assert img2img_price(pricing=evaluations, **size) == Decimal("0.008")
+    assert img2img_price(pricing=evaluations, sampler="heun", **size) > Decimal("0.015")
+    assert img2img_price(pricing=evaluations, guidance_scale=1.0, **size) == Decimal("0.004")
