@@ -158,9 +158,10 @@ def test_an_adaptive_sampler_is_priced_as_documented() -> None:
 def test_each_sd35_slug_has_its_own_rate_by_images_steps_and_pixels() -> None:
     pricing = PricingSettings()
 
-    def sd35(slug: str, **overrides: int) -> Decimal:
-        fields = {"width": 1024, "height": 1024, "steps": 25, "images": 1, **overrides}
-        return sd35_price(slug=slug, pricing=pricing, **fields)
+    def sd35(
+        slug: str, *, width: int = 1024, height: int = 1024, steps: int = 25, images: int = 1
+    ) -> Decimal:
+        return sd35_price(slug=slug, pricing=pricing, width=width, height=height, steps=steps, images=images)
 
     assert sd35("stable-diffusion-3.5-large-txt2img") == Decimal("0.014")  # the hosted page's figure
     assert sd35("stable-diffusion-3.5-turbo-txt2img", steps=4) == Decimal("0.00224")  # Large's rate per step
@@ -176,9 +177,17 @@ def test_each_sd35_slug_has_its_own_rate_by_images_steps_and_pixels() -> None:
     # a two-stage sampler about twice as much, and Turbo's guidance 1 (no negative) half.
     evaluations = pricing.model_copy(update={"mode": "evaluations"})
 
-    def work(slug: str, **fields: object) -> Decimal:
-        request = {"width": 1024, "height": 1024, "steps": 25, "images": 1, **fields}
-        return sd35_price(slug=slug, pricing=evaluations, **request)  # type: ignore[arg-type]
+    def work(slug: str, *, sampler: str = "euler", guidance_scale: float = 5.0) -> Decimal:
+        return sd35_price(
+            slug=slug,
+            pricing=evaluations,
+            width=1024,
+            height=1024,
+            steps=25,
+            images=1,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
+        )
 
     large = "stable-diffusion-3.5-large-txt2img"
     assert work(large) == Decimal("0.014")
@@ -188,10 +197,10 @@ def test_each_sd35_slug_has_its_own_rate_by_images_steps_and_pixels() -> None:
 
 def test_img2img_follows_the_pricing_mode_and_strength_never_lowers_it() -> None:
     pricing = PricingSettings()
-    size = {"width": 1024, "height": 1024, "steps": 20, "samples": 1}
-    assert img2img_price(pricing=pricing, **size) == Decimal("0.008")
-    assert img2img_price(pricing=pricing, sampler="heun", **size) == Decimal("0.008")  # the hosted price
     evaluations = pricing.model_copy(update={"mode": "evaluations"})
-    assert img2img_price(pricing=evaluations, **size) == Decimal("0.008")
-    assert img2img_price(pricing=evaluations, sampler="heun", **size) > Decimal("0.015")
-    assert img2img_price(pricing=evaluations, guidance_scale=1.0, **size) == Decimal("0.004")
+    size = partial(img2img_price, width=1024, height=1024, steps=20, samples=1)
+    assert size(pricing=pricing) == Decimal("0.008")
+    assert size(pricing=pricing, sampler="heun") == Decimal("0.008")  # the hosted price
+    assert size(pricing=evaluations) == Decimal("0.008")
+    assert size(pricing=evaluations, sampler="heun") > Decimal("0.015")
+    assert size(pricing=evaluations, guidance_scale=1.0) == Decimal("0.004")
