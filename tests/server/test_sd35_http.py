@@ -298,13 +298,17 @@ def test_v2_runs_a_35_job_and_its_output_keeps_the_format(turbo: LiveServer) -> 
     )
 
 
-def test_the_sdk_runs_a_35_slug_sync_and_as_a_v2_job(medium: LiveServer, sdk: SDK) -> None:
-    client = sdk(api_key=medium.key("1"), base_url=f"{medium.base_url}/v1", timeout=120)
+@pytest.mark.parametrize(("slug", "twin"), [(LARGE, "large"), (TURBO, "turbo"), (MEDIUM, "medium")])
+def test_the_sdk_runs_each_35_slug_sync_and_as_a_v2_job(
+    slug: str, twin: str, sdk: SDK, request: pytest.FixtureRequest
+) -> None:
+    server: LiveServer = request.getfixturevalue(twin)
+    client = sdk(api_key=server.key("1"), base_url=f"{server.base_url}/v1", timeout=120)
     fields = {"prompt": "a fox", "steps": 10, "seed": 4, **TINY}
-    response = client.run_sync(MEDIUM, **fields)
+    response = client.run_sync(slug, **fields)
     assert response.status_code == 200
     assert Image.open(io.BytesIO(response.content)).size == (64, 64)
-    result = client.run(MEDIUM, **fields)
+    result = client.run(slug, **fields)
     assert result["status"] == "COMPLETED" and result["seed"] == 4
     assert str(result["output"]).endswith(".jpg")
 
