@@ -8,6 +8,7 @@ Modes (`--modes`, default all):
 - exact: the default loop with compilation and fused QKV off (`--no-compile --no-fuse-qkv`);
 - default: the server's defaults on this device (on CUDA: compiled per block + fused QKV);
 - compile-whole: the transformer compiled as one graph instead of per block;
+- cudnn, fa3: `--attention` (auto already takes FlashAttention 4/3 where installed);
 - int8, fp8: `--quantize` (with the device's default compilation);
 - cache-fast, cache-faster: the request's `cache` field (with the device's default compilation).
 
@@ -44,6 +45,8 @@ MODES: dict[str, tuple[dict[str, object], str]] = {
     "exact": ({"compile": False, "fuse_qkv": False}, "off"),
     "default": ({}, "off"),
     "compile-whole": ({"compile_scope": "whole"}, "off"),
+    "cudnn": ({"attention": "cudnn"}, "off"),
+    "fa3": ({"attention": "fa3"}, "off"),
     "int8": ({"quantize": "int8"}, "off"),
     "fp8": ({"quantize": "fp8"}, "off"),
     "cache-fast": ({}, "fast"),

@@ -21,6 +21,9 @@ T5Choice = Literal["auto", T5Mode]
 Switch = Literal["auto", "on", "off"]
 # The transformer's linear layers quantized by torchao (pipelines/transformer_quantization.py).
 TransformerQuant = Literal["off", "int8", "fp8"]
+# The attention kernel (pipelines/attention.py): auto picks FlashAttention 4/3 where installed and
+# supported, else PyTorch's own choice ("sdpa").
+AttentionChoice = Literal["auto", "sdpa", "cudnn", "fa3", "fa4"]
 # What torch.compile captures (pipelines/compilation.py): each transformer block, or the whole.
 CompileScope = Literal["blocks", "whole"]
 # The opt-in step cache's levels (pipelines/step_cache.py): "off" is the exact loop.

@@ -17,6 +17,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
+from pipelines.attention import activate as activate_attention
+from pipelines.attention import choose as choose_attention
 from pipelines.compilation import compile_transformer, fuse_qkv, on_by_default, warm_up
 from pipelines.families import expected_family
 from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device
@@ -93,8 +95,10 @@ def load_runtime(settings: Settings) -> Runtime:
     perf = settings.performance
     device = resolve_device(settings.model.device)
     problem = quantization_problem(perf.quantize, device=device, placement=plan.placement)
-    if problem is not None:  # before minutes of loading
-        raise ModelLoadError(problem)
+    kernel, unavailable = choose_attention(perf.attention, device)
+    for reason in (problem, unavailable):
+        if reason is not None:  # before minutes of loading
+            raise ModelLoadError(reason)
     loaded = load_model(model_spec(settings, plan))
     resident = plan.placement == "device"
     if on_by_default(perf.fuse_qkv, device=loaded.device, resident=resident):
@@ -102,6 +106,7 @@ def load_runtime(settings: Settings) -> Runtime:
     # Before the offload hooks and compilation, which must see the quantized layers.
     quantized = quantize_transformer(loaded.pipe.transformer, perf.quantize)
     apply_plan(loaded.pipe, plan, loaded.device)
+    activate_attention(kernel)
     sampling = settings.sampling
     generator = SD3Generator(
         loaded,
@@ -123,7 +128,8 @@ def load_runtime(settings: Settings) -> Runtime:
     return Runtime(
         generator=generator,
         description=f"{loaded.description}; memory: {plan.describe()}"
-        + (f"; transformer in {perf.quantize} ({quantized} layers)" if quantized else ""),
+        + (f"; transformer in {perf.quantize} ({quantized} layers)" if quantized else "")
+        + (f"; attention: {kernel}" if kernel != "sdpa" else ""),
         device=str(loaded.device),
         family=loaded.family,
     )

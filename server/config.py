@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.options import (
+    AttentionChoice,
     CompileScope,
     Device,
     Dtype,
@@ -167,6 +168,10 @@ class PerformanceSettings(BaseModel):
     # The transformer's linear layers in int8 or fp8 (torchao, the `quant` extra): less memory and
     # faster matmuls, but not the exact image (pipelines/transformer_quantization.py).
     quantize: TransformerQuant = Field("off", description="Quantize the transformer (torchao); not exact")
+    # The attention kernel: exact whichever runs (pipelines/attention.py says where each runs).
+    attention: AttentionChoice = Field(
+        "auto", description="Attention kernel; auto: FlashAttention 4/3 where installed, else PyTorch's"
+    )
     # Fused QKV projections (one matmul instead of three per attention): a few percent.
     fuse_qkv: bool | None = Field(None, description="Fused QKV projections; unset: when compiling on CUDA")
     # One generation at start-up so the first user request is not the slow one. Default: on when

@@ -45,6 +45,7 @@ SAMPLES = {
     "memory.attention_slicing": "on",
     "memory.prompt_cache_mb": "64",
     "performance.compile_scope": "whole",
+    "performance.attention": "sdpa",
     "performance.quantize": "int8",
     "performance.step_cache": "fast",
     "performance.compile_mode": "default",
