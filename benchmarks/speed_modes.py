@@ -8,6 +8,7 @@ Modes (`--modes`, default all):
 - exact: the default loop with compilation and fused QKV off (`--no-compile --no-fuse-qkv`);
 - default: the server's defaults on this device (on CUDA: compiled per block + fused QKV);
 - compile-whole: the transformer compiled as one graph instead of per block;
+- bf16: the weights and activations in bf16 (`--dtype bf16`; on a CPU, fast where it has native bf16);
 - cudnn, fa3: `--attention` (auto already takes FlashAttention 4/3 where installed);
 - int8, fp8: `--quantize` (with the device's default compilation);
 - cache-fast, cache-faster: the request's `cache` field (with the device's default compilation).
@@ -45,6 +46,7 @@ MODES: dict[str, tuple[dict[str, object], str]] = {
     "exact": ({"compile": False, "fuse_qkv": False}, "off"),
     "default": ({}, "off"),
     "compile-whole": ({"compile_scope": "whole"}, "off"),
+    "bf16": ({"dtype": "bf16"}, "off"),
     "cudnn": ({"attention": "cudnn"}, "off"),
     "fa3": ({"attention": "fa3"}, "off"),
     "int8": ({"quantize": "int8"}, "off"),
@@ -64,9 +66,13 @@ def run_mode(args: argparse.Namespace, request: GenerationRequest, mode: str) ->
     from server.config import Settings
 
     performance, step_cache = MODES[mode]
+    model = {"id": args.model, "device": args.device}
+    if "dtype" in performance:  # a model setting, not a performance one
+        performance = dict(performance)
+        model["dtype"] = str(performance.pop("dtype"))
     settings = Settings(
         data_dir=Path(tempfile.mkdtemp(prefix="sd3-speed-")),
-        model={"id": args.model, "device": args.device},
+        model=model,
         performance={"warmup_size": max(args.size, 512), **performance},  # the setting's floor
     )
     started = time.perf_counter()
