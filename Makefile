@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # The CPU wheel, as on the machines without a GPU where this project is built and tested. On a GPU
 # machine, install your torch build into .venv first (README.md): a torch already there is kept.
 TORCH ?= torch==2.13.0
-MODEL ?= tiny
+MODEL ?= toy
 ARGS ?=
 PYTEST_ARGS ?=
 , := ,
