@@ -168,7 +168,33 @@ def usable_weights(value: str) -> str:
     return value
 
 
-class Img2ImgRequest(LaxBody):
+class SeparateNamesBody(LaxBody):
+    """The checks of a body that names its sampler (`sampler`, any name of schedulers/names.py, of
+    which only the sampler is kept) apart from its sigma schedule (`scheduler`): img2img and SD3.5."""
+
+    @field_validator("prompt", "negative_prompt", check_fields=False)
+    @classmethod
+    def _usable_weights(cls, value: str) -> str:
+        return usable_weights(value)
+
+    @field_validator("sampler", check_fields=False)
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        try:
+            return resolve(value).label
+        except ValueError:
+            raise ValueError(f"unknown sampler; accepted: {', '.join(public_names())}") from None
+
+    @field_validator("scheduler", check_fields=False)
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        folded = value.casefold()
+        if folded not in SCHEDULES:
+            raise ValueError(f"unknown scheduler; accepted: {', '.join(SCHEDULES)}")
+        return folded
+
+
+class Img2ImgRequest(SeparateNamesBody):
     """`sd3-med-img2img` (docs/contract.md, img2img): the page's fields, defaults and ranges.
 
     `image` is checked for shape here and decoded by the serving layer (server/image_input.py), which
@@ -195,27 +221,6 @@ class Img2ImgRequest(LaxBody):
     # (pipelines/step_cache.py), which trades exactness for speed; unset: the server's default.
     cache: StepCacheLevel | None = Field(None, description=CACHE_HELP)
     base64: bool = False
-
-    @field_validator("prompt", "negative_prompt")
-    @classmethod
-    def _usable_weights(cls, value: str) -> str:
-        return usable_weights(value)
-
-    @field_validator("sampler")
-    @classmethod
-    def _known_sampler(cls, value: str) -> str:
-        try:
-            return resolve(value).label
-        except ValueError:
-            raise ValueError(f"unknown sampler; accepted: {', '.join(public_names())}") from None
-
-    @field_validator("scheduler")
-    @classmethod
-    def _known_schedule(cls, value: str) -> str:
-        folded = value.casefold()
-        if folded not in SCHEDULES:
-            raise ValueError(f"unknown scheduler; accepted: {', '.join(SCHEDULES)}")
-        return folded
 
 
 # The hosted SD3.5 pages' size presets (the Comfyroll "CR SDXL Aspect Ratio" labels), each also
@@ -248,7 +253,7 @@ def _floor_to_8(value: int) -> int:
     return value - value % 8
 
 
-class SD35Request(LaxBody):
+class SD35Request(SeparateNamesBody):
     """The hosted SD3.5 txt2img pages' body (docs/contract.md §8); each slug's subclass sets the
     defaults and ranges of `steps` and `guidance_scale`.
 
@@ -282,27 +287,6 @@ class SD35Request(LaxBody):
     # (pipelines/step_cache.py), which trades exactness for speed; unset: the server's default.
     cache: StepCacheLevel | None = Field(None, description=CACHE_HELP)
     base64: bool = False
-
-    @field_validator("prompt", "negative_prompt")
-    @classmethod
-    def _usable_weights(cls, value: str) -> str:
-        return usable_weights(value)
-
-    @field_validator("sampler")
-    @classmethod
-    def _known_sampler(cls, value: str) -> str:
-        try:
-            return resolve(value).label
-        except ValueError:
-            raise ValueError(f"unknown sampler; accepted: {', '.join(public_names())}") from None
-
-    @field_validator("scheduler")
-    @classmethod
-    def _known_schedule(cls, value: str) -> str:
-        folded = value.casefold()
-        if folded not in SCHEDULES:
-            raise ValueError(f"unknown scheduler; accepted: {', '.join(SCHEDULES)}")
-        return folded
 
     @field_validator("width", "height")
     @classmethod
