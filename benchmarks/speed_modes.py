@@ -5,8 +5,10 @@ from the exact image.
     python benchmarks/speed_modes.py --model toy --size 256 --device cpu --modes exact int8 cache-fast
 
 Modes (`--modes`, default all):
-- exact: the default loop with compilation and fused QKV off (`--no-compile --no-fuse-qkv`);
-- default: the server's defaults on this device (on CUDA: compiled per block + fused QKV);
+- exact: the default loop with compilation and fused QKV off (`--no-compile --no-fuse-qkv`), and in
+  fp32 on a CPU (the reference there: auto is bf16 on CPUs with native bf16);
+- default: the server's defaults on this device (on CUDA: compiled per block + fused QKV; on a CPU
+  with native bf16: bf16);
 - compile-whole: the transformer compiled as one graph instead of per block;
 - bf16: the weights and activations in bf16 (`--dtype bf16`; on a CPU, fast where it has native bf16);
 - cudnn, fa3: `--attention` (auto already takes FlashAttention 4/3 where installed);
@@ -37,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.loading import ModelLoadError  # noqa: E402
+from pipelines.loading import ModelLoadError, resolve_device  # noqa: E402
 from pipelines.request import GenerationRequest  # noqa: E402
 from pipelines.toy.quality import psnr  # noqa: E402
 
@@ -67,6 +69,8 @@ def run_mode(args: argparse.Namespace, request: GenerationRequest, mode: str) ->
 
     performance, step_cache = MODES[mode]
     model = {"id": args.model, "device": args.device}
+    if mode == "exact" and resolve_device(args.device).type == "cpu":
+        model["dtype"] = "fp32"
     if "dtype" in performance:  # a model setting, not a performance one
         performance = dict(performance)
         model["dtype"] = str(performance.pop("dtype"))

@@ -139,10 +139,24 @@ def resolve_device(name: Device) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively: AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake)
+    or AMX (Intel Sapphire Rapids and later).
+
+    oneDNN runs bf16 matmuls there at several times the fp32 rate (5.4x on a Zen 4 EPYC,
+    benchmarks/cpu_matmul.py) and emulates them elsewhere, slower than fp32. PyTorch's own cpuinfo
+    checks answer on every OS; they are private, so a PyTorch without them gets fp32, the safe answer.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def resolve_dtype(name: Dtype, device: torch.device) -> torch.dtype:
     if name == "auto":
-        # Half precision is what SD3 is served in on GPUs; CPUs are slow and often wrong in fp16.
-        return torch.float32 if device.type == "cpu" else torch.float16
+        if device.type == "cpu":
+            # CPUs are slow and often wrong in fp16; bf16 only where the hardware has it.
+            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.float16  # what SD3 is served in on GPUs
     return _DTYPES[name]
 
 

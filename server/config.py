@@ -109,7 +109,10 @@ class ModelSettings(BaseModel):
         None, description="Diffusers folder/id with the configs of a single-file checkpoint"
     )
     device: Device = Field("auto", description="Where to run; auto: CUDA, else MPS, else the CPU")
-    dtype: Dtype = Field("auto", description="Weights' precision; auto: fp16 on a GPU, fp32 on a CPU")
+    dtype: Dtype = Field(
+        "auto",
+        description="Weights' precision; auto: fp16 on a GPU, bf16 on a CPU with native bf16, else fp32",
+    )
     # The user's own token for gated repositories; when unset, huggingface_hub falls back to HF_TOKEN
     # or the token saved by `hf auth login`.
     hf_token: SecretStr | None = Field(

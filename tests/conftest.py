@@ -28,7 +28,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(data_dir: Path) -> Settings:
-    return Settings(data_dir=data_dir, model={"id": "tiny"})
+    # fp32, not auto: on a CPU with native bf16, auto is bf16 (test_loading.py), and the tests that
+    # share this runtime compare it with diffusers' and their own fp32 arithmetic.
+    return Settings(data_dir=data_dir, model={"id": "tiny", "dtype": "fp32"})
 
 
 @pytest.fixture(scope="session")

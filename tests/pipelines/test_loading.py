@@ -9,7 +9,14 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device, resolve_dtype
+from pipelines.loading import (
+    ModelLoadError,
+    ModelSpec,
+    cpu_has_native_bf16,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
 from pipelines.options import Device, Dtype
 
 
@@ -27,9 +34,28 @@ def spec(source: str, tmp_path: Path, **fields: Unpack[SpecFields]) -> ModelSpec
 
 def test_auto_device_and_dtype_on_a_cpu_machine() -> None:
     assert resolve_device("auto").type in {"cuda", "mps", "cpu"}
-    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) is torch.float16
     assert resolve_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert resolve_dtype("fp32", torch.device("cpu")) is torch.float32
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(False, False, torch.float32), (True, False, torch.bfloat16), (False, True, torch.bfloat16)],
+)
+def test_auto_on_a_cpu_is_bf16_only_where_the_cpu_has_it(
+    monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, expected: torch.dtype
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert cpu_has_native_bf16() is (expected is torch.bfloat16)
+    assert resolve_dtype("auto", torch.device("cpu")) is expected
+
+
+def test_a_pytorch_without_the_cpu_checks_gets_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -42,6 +68,16 @@ def test_a_local_diffusers_folder_loads_through_the_same_path(tmp_path: Path, ti
     loaded = load_model(spec(str(tiny_dir), tmp_path, device="cpu", dtype="bf16"))
     assert loaded.description.startswith("diffusers folder")
     assert loaded.pipe.transformer.dtype is torch.bfloat16
+
+
+def test_auto_loads_every_component_in_the_precision_this_cpu_calls_for(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    loaded = load_model(spec(str(tiny_dir), tmp_path, device="cpu"))
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert loaded.dtype is expected
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        assert getattr(loaded.pipe, name).dtype is expected, name
 
 
 def test_the_t5_encoder_can_be_left_out(tmp_path: Path, tiny_dir: Path) -> None:

@@ -62,7 +62,9 @@ def twins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Twin]:
     made = {}
     for family in FAMILIES:
         root = tmp_path_factory.mktemp(family)
-        loaded = load_model(ModelSpec(source=f"tiny:{family}", tiny_dir=root / "tiny", device="cpu"))
+        loaded = load_model(
+            ModelSpec(source=f"tiny:{family}", tiny_dir=root / "tiny", device="cpu", dtype="fp32")
+        )
         loaded.pipe.save_pretrained(root / "folder")
         weights = ("*.safetensors", "*.bin")
         configs, encoders = root / "configs", root / "encoders"
@@ -204,7 +206,7 @@ def test_an_sd35_file_draws_the_same_image_as_its_twin(twins: dict[str, Twin], f
     twin = twins[family]
     from_file = SD3Generator(realigned(load(twin.full, twin.configs))).generate(REQUEST).images[0]
     reference = load_model(
-        ModelSpec(source=f"tiny:{family}", tiny_dir=twin.full.parent / "tiny", device="cpu")
+        ModelSpec(source=f"tiny:{family}", tiny_dir=twin.full.parent / "tiny", device="cpu", dtype="fp32")
     )
     from_twin = SD3Generator(realigned(reference)).generate(REQUEST).images[0]
     np.testing.assert_array_equal(from_file, from_twin)

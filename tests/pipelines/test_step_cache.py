@@ -23,7 +23,9 @@ ALWAYS = StepCachePolicy(threshold=float("inf"), warmup=2, max_consecutive=3)
 def transformer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     # SD3 Medium, SD3.5 Large (qk-norm) and SD3.5 Medium (MMDiT-X dual attention) blocks.
     tiny = tmp_path_factory.mktemp("tiny")
-    return load_model(ModelSpec(source=request.param, tiny_dir=tiny, device="cpu")).pipe.transformer
+    return load_model(
+        ModelSpec(source=request.param, tiny_dir=tiny, device="cpu", dtype="fp32")
+    ).pipe.transformer
 
 
 def _inputs(transformer: Any, seed: int, *, batch: int = 2, size: int = 8) -> dict[str, torch.Tensor]:
@@ -111,7 +113,9 @@ def test_levels_are_named_and_an_unknown_one_is_refused() -> None:
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory: pytest.TempPathFactory) -> SD3Generator:
     tiny = tmp_path_factory.mktemp("tiny")
-    return SD3Generator(load_model(ModelSpec(source="tiny:sd3-medium", tiny_dir=tiny, device="cpu")))
+    return SD3Generator(
+        load_model(ModelSpec(source="tiny:sd3-medium", tiny_dir=tiny, device="cpu", dtype="fp32"))
+    )
 
 
 def test_the_default_request_runs_the_exact_loop_and_says_nothing_of_a_cache(generator: SD3Generator) -> None:

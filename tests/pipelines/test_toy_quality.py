@@ -35,7 +35,9 @@ def _load(
 ) -> SD3Generator:
     if memory is None:
         memory = {"mode": "device", "vae_tiling": "off", "attention_slicing": "off"}
-    settings = Settings(data_dir=tmp, model={"id": "toy", "device": "cpu", **(model or {})}, memory=memory)
+    # fp32 unless told: the exact reference (auto is bf16 on CPUs with native bf16).
+    model = {"id": "toy", "device": "cpu", "dtype": "fp32", **(model or {})}
+    settings = Settings(data_dir=tmp, model=model, memory=memory)
     generator = load_runtime(settings).generator
     assert isinstance(generator, SD3Generator)
     return generator

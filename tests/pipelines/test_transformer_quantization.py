@@ -24,7 +24,9 @@ CPU = torch.device("cpu")
 
 
 def _runtime(data_dir: Path, **performance: object) -> object:
-    return load_runtime(Settings(data_dir=data_dir, model={"id": "tiny"}, performance=performance))
+    return load_runtime(
+        Settings(data_dir=data_dir, model={"id": "tiny", "dtype": "fp32"}, performance=performance)
+    )
 
 
 def test_int8_converts_every_linear_layer_of_the_blocks_and_only_those(
