@@ -22,6 +22,7 @@ from pipelines.attention import choose as choose_attention
 from pipelines.compilation import compile_transformer, fuse_qkv, on_by_default, warm_up
 from pipelines.families import expected_family
 from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device
+from pipelines.lora import LoraError, LoraSpec, fuse_loras
 from pipelines.memory import MemoryPlan, apply_plan, free_memory, plan_memory
 from pipelines.options import Family
 from pipelines.sd3 import SamplingOptions, SD3Generator, batch_key
@@ -100,6 +101,10 @@ def load_runtime(settings: Settings) -> Runtime:
         if reason is not None:  # before minutes of loading
             raise ModelLoadError(reason)
     loaded = load_model(model_spec(settings, plan))
+    try:  # before fused QKV and quantization, which replace the layers a LoRA names
+        fused = fuse_loras(loaded.pipe, [LoraSpec.parse(text) for text in settings.model.lora])
+    except LoraError as exc:
+        raise ModelLoadError(str(exc)) from exc
     resident = plan.placement == "device"
     if on_by_default(perf.fuse_qkv, device=loaded.device, resident=resident):
         fuse_qkv(loaded.pipe.transformer)
@@ -128,6 +133,7 @@ def load_runtime(settings: Settings) -> Runtime:
     return Runtime(
         generator=generator,
         description=f"{loaded.description}; memory: {plan.describe()}"
+        + (f"; LoRA: {', '.join(fused)}" if fused else "")
         + (f"; transformer in {perf.quantize} ({quantized} layers)" if quantized else "")
         + (f"; attention: {kernel}" if kernel != "sdpa" else ""),
         device=str(loaded.device),

@@ -113,6 +113,11 @@ class ModelSettings(BaseModel):
         "auto",
         description="Weights' precision; auto: fp16 on a GPU, bf16 on a CPU with native bf16, else fp32",
     )
+    # Merged into the weights at start-up (pipelines/lora.py): a step-distilled LoRA is the few-step mode.
+    lora: list[str] = Field(
+        default_factory=list,
+        description="LoRA fused into the model at start-up: PATH or PATH:SCALE (default scale 1), repeatable",
+    )
     # The user's own token for gated repositories; when unset, huggingface_hub falls back to HF_TOKEN
     # or the token saved by `hf auth login`.
     hf_token: SecretStr | None = Field(

@@ -96,6 +96,7 @@ SWITCHES = {
 LISTS = {
     "cors_origins": (["--cors-origins", "https://a.example"], '["https://a.example"]'),
     "limits.image_url_hosts": (["--image-url-hosts", "images.example"], '["images.example"]'),
+    "model.lora": (["--lora", "hyper.safetensors:0.125"], '["hyper.safetensors:0.125"]'),
 }
 
 # Every flag `serve` and `generate` had when they were declared by hand: scripts and the README use them.
