@@ -22,10 +22,11 @@ Sections (`--only`, repeatable):
 - settings: PSNR / SSIM of an image against the exact fp32 one when the server batches requests, in
   bf16, with the transformer in int8 (`--quantize int8`), and under each memory mode that runs on
   this device.
-- cache: each level of the opt-in step cache (pipelines/step_cache.py) against the exact loop on the
-  same `--pairs` prompt×seed pairs at the API's defaults: PSNR / SSIM to the exact image, adherence of
-  both, the share of forwards whose later blocks were skipped, and the sampling time of the two side
-  by side (exact and cached alternate, pair by pair, so the machine's noise falls on both).
+- approximations: bf16 (the CPU default where the CPU has native bf16), the int8 transformer
+  (`--quantize int8`) and each level of the opt-in step cache (pipelines/step_cache.py), alone and on
+  bf16, against the exact fp32 loop on the same `--pairs` prompt×seed pairs at the API's defaults:
+  PSNR / SSIM to the exact image, adherence, the share of forwards whose later blocks were skipped,
+  and the sampling speed-up (the variants alternate pair by pair, so the machine's noise falls on all).
 
 The model is `--model` (default `toy`, the committed weights) loaded through the serving code
 (`server.app.load_runtime`), so what is measured is what a client would receive.
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines.request import GenerationRequest  # noqa: E402
 from pipelines.toy import quality, world  # noqa: E402
 
-SECTIONS = ("adherence", "controls", "convergence", "settings", "cache")
+SECTIONS = ("adherence", "controls", "convergence", "settings", "approximations")
 DEFAULTS = GenerationRequest(prompt="")  # the API's defaults: DPM++ 2M, 25 steps, CFG 5, shift 3
 CONVERGENCE_STEPS = (4, 8, 16, 32)
 
@@ -254,57 +255,66 @@ def settings(model: str, generator: object, args: argparse.Namespace) -> None:
     table(["setting", "PSNR (dB)", "SSIM"], rows)
 
 
-def cache(generator: object, args: argparse.Namespace) -> None:
+def approximations(model: str, generator: object, args: argparse.Namespace) -> None:
+    """Every opt-in approximation (and bf16, the CPU default where it is native) against the exact fp32
+    loop: closeness, adherence, work skipped and speed-up, over the same prompt×seed pairs. The
+    variants alternate pair by pair, so the machine's noise falls on all of them alike."""
     from pipelines.step_cache import LEVELS
 
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed + 4)
     base = replace(DEFAULTS, width=args.size, height=args.size)
     requests = [replace(base, prompt=c.text, seed=s) for c, s in pairs]
-    rows: list[list[object]] = []
-    exact_images: list[np.ndarray] = []
-    exact_seconds = 0.0
-    levels = [level for level in LEVELS if level != "off"]
-    cached: dict[str, tuple[list[np.ndarray], list[float], float]] = {lv: ([], [], 0.0) for lv in levels}
+    bf16, int8 = load(model, dtype="bf16"), load(model, performance={"quantize": "int8"})
+    variants: dict[str, tuple[object, str]] = {
+        "exact (fp32)": (generator, "off"),
+        "bf16": (bf16, "off"),
+        "int8 transformer": (int8, "off"),
+        **{f"cache {level}": (generator, level) for level in LEVELS if level != "off"},
+        **{f"bf16 + cache {level}": (bf16, level) for level in LEVELS if level != "off"},
+    }
+    images: dict[str, list[np.ndarray]] = {label: [] for label in variants}
+    skipped: dict[str, list[float]] = {label: [] for label in variants}
+    seconds = dict.fromkeys(variants, 0.0)
     for request in requests:
-        result = generator.generate(request)  # type: ignore[attr-defined]
-        exact_images.append(result.images[0])
-        exact_seconds += result.timings["sample"]
-        for level in levels:
-            images, skipped, seconds = cached[level]
-            out = generator.generate(replace(request, step_cache=level))  # type: ignore[attr-defined]
-            images.append(out.images[0])
-            skipped.append(out.timings["cache_skipped"])
-            cached[level] = (images, skipped, seconds + out.timings["sample"])
-    exact_score = quality.adherence_of(pairs, exact_images)
-    rows.append(
-        [
-            "off (exact)",
-            math.inf,
-            1.0,
-            exact_score.background,
-            exact_score.colour,
-            exact_score.shape,
-            0.0,
-            1.0,
-        ]
-    )
-    for level in levels:
-        images, skipped, seconds = cached[level]
-        score = quality.adherence_of(pairs, images)
+        for label, (runner, level) in variants.items():
+            out = runner.generate(replace(request, step_cache=level))  # type: ignore[attr-defined]
+            images[label].append(out.images[0])
+            skipped[label].append(out.timings.get("cache_skipped", 0.0))
+            seconds[label] += out.timings["sample"]
+    exact = images["exact (fp32)"]
+    rows: list[list[object]] = []
+    for label in variants:
+        score = quality.adherence_of(pairs, images[label])
         rows.append(
             [
-                level,
-                quality.mean_psnr(images, exact_images),
-                float(np.mean([quality.ssim(a, b) for a, b in zip(images, exact_images, strict=True)])),
+                label,
+                quality.mean_psnr(images[label], exact),
+                float(np.mean([quality.ssim(a, b) for a, b in zip(images[label], exact, strict=True)])),
                 score.background,
                 score.colour,
                 score.shape,
-                float(np.mean(skipped)),
-                exact_seconds / seconds,
+                score.position,
+                float(np.mean(skipped[label])),
+                seconds["exact (fp32)"] / seconds[label],
             ]
         )
-    print(f"## Step cache against the exact loop at {args.size} px over {len(pairs)} prompt×seed pairs")
-    table(["level", "PSNR (dB)", "SSIM", "background", "shape colour", "shape", "skipped", "speed-up"], rows)
+    print(
+        f"## Approximations against the exact fp32 loop at {args.size} px over {len(pairs)} prompt×seed pairs"
+    )
+    table(
+        [
+            "variant",
+            "PSNR (dB)",
+            "SSIM",
+            "background",
+            "shape colour",
+            "shape",
+            "position",
+            "skipped",
+            "speed-up",
+        ],
+        rows,
+    )
 
 
 def main() -> None:
@@ -326,8 +336,8 @@ def main() -> None:
             controls(args.model, generator, args)
         elif section == "convergence":
             convergence(generator, args)
-        elif section == "cache":
-            cache(generator, args)
+        elif section == "approximations":
+            approximations(args.model, generator, args)
         else:
             settings(args.model, generator, args)
         print(f"({section}: {time.perf_counter() - started:.0f} s)\n", flush=True)

@@ -110,6 +110,13 @@ class TrainConfig:
     )
     lr: float = 5e-4
     warmup: int = 200
+    # The loss inside the shape (dilated by one latent pixel) weighs 1 + shape_weight times the
+    # background's: a shape covers 3-5 % of a scene, so with plain MSE the flat background dominates
+    # the gradient, and the shape's kind (decided by a few edge pixels) is the last thing learned.
+    shape_weight: float = 0.0
+    # Phase B may start from an earlier toy folder's transformer and VAE (phase A is then skipped, its
+    # gate re-measured): a fine-tune is the earlier run's command plus this one's.
+    init: str | None = None
     # bf16 autocast of the transformer's forward (weights, optimizer, EMA and loss stay fp32): 1.6-1.8x
     # faster per step on a CPU with native bf16 (AVX512-BF16/AMX; benchmarks/toy_train_step.py), and still
     # deterministic there. Off where the CPU lacks it: emulated bf16 is slower than fp32.
@@ -400,22 +407,44 @@ def encode_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
     return (vae.encode(images).latent_dist.mean - SHIFT_FACTOR) * SCALING_FACTOR
 
 
+def shape_masks(scenes: list[world.Scene], *, size: int) -> torch.Tensor:
+    """[B, 1, size/8, size/8]: 1 where a latent pixel lies inside the shape or within one latent pixel
+    of its edge (the latent grid is the image's at 1/8, so distances come out in latent pixels)."""
+    side = size // 8
+    return torch.from_numpy(
+        np.stack([world.signed_distance(s, side, side) < 1.0 for s in scenes]).astype(np.float32)
+    ).unsqueeze(1)
+
+
 class LatentPool:
-    """`count` random scenes of one size, rendered and encoded once: (captions, x0 latents)."""
+    """`count` random scenes of one size, rendered and encoded once: (captions, x0 latents, shape masks)."""
 
     def __init__(self, vae: Any, rng: np.random.Generator, *, size: int, count: int, chunk: int = 16) -> None:
         captions: list[world.Caption] = []
-        latents = []
+        latents, masks = [], []
         for start in range(0, count, chunk):
             scenes, images = scene_batch(rng, size=size, batch=min(chunk, count - start))
             captions += [s.caption for s in scenes]
             latents.append(encode_latents(vae, images))
+            masks.append(shape_masks(scenes, size=size))
         self.captions = captions
         self.latents = torch.cat(latents)
+        self.masks = torch.cat(masks)
 
-    def draw(self, rng: np.random.Generator, batch: int) -> tuple[list[world.Caption], torch.Tensor]:
-        index = rng.integers(0, len(self.captions), size=batch)
-        return [self.captions[i] for i in index], self.latents[torch.from_numpy(index)]
+    def draw(
+        self, rng: np.random.Generator, batch: int
+    ) -> tuple[list[world.Caption], torch.Tensor, torch.Tensor]:
+        index = torch.from_numpy(rng.integers(0, len(self.captions), size=batch))
+        return [self.captions[int(i)] for i in index], self.latents[index], self.masks[index]
+
+
+def flow_loss(v: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, shape_weight: float) -> torch.Tensor:
+    """The rectified-flow MSE, each latent pixel weighted 1 + shape_weight·mask (normalised by the
+    weights' mean, so the loss's scale stays that of plain MSE; shape_weight 0 is plain MSE)."""
+    if not shape_weight:
+        return F.mse_loss(v.float(), target)
+    weight = 1.0 + shape_weight * mask
+    return ((v.float() - target).pow(2) * weight).mean() / weight.mean()
 
 
 def eval_captions(cfg: TrainConfig) -> list[world.Caption]:
@@ -477,7 +506,7 @@ def train_transformer(
         for phase_step in range(phase.steps):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, total=total, warmup=min(cfg.warmup, total))
-            batch_captions, x0 = pool.draw(rng, phase.batch)
+            batch_captions, x0, mask = pool.draw(rng, phase.batch)
             context, pooled = condition_batch(bank, batch_captions, gen, cfg)
             sigma = sample_sigmas(gen, phase.batch)
             eps = torch.randn(x0.shape, generator=gen)
@@ -485,7 +514,7 @@ def train_transformer(
             x_t = (1.0 - s) * x0 + s * eps
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
                 v = velocity(transformer, x_t, sigma, context, pooled)
-            loss = F.mse_loss(v.float(), eps - x0)
+            loss = flow_loss(v, eps - x0, mask, cfg.shape_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -587,7 +616,12 @@ def train(
     from pipelines.tiny import build_tiny_pipeline
 
     out = Path(out)
-    vae, gate, timings = train_and_gate_vae(cfg, log=log, cache=vae_cache)
+    if cfg.init is None:
+        vae, gate, timings = train_and_gate_vae(cfg, log=log, cache=vae_cache)
+    else:
+        vae, transformer = load_init(cfg)
+        gate, timings = vae_gate(cfg, vae), {}
+        log(f"init from {cfg.init}; vae gate: {json.dumps(gate)}")
     for p in vae.parameters():
         p.requires_grad_(False)
 
@@ -595,7 +629,8 @@ def train(
     pipe = build_tiny_pipeline()
     bank = CaptionBank(pipe)
     joint_attention_dim, pooled_dim = bank.widths
-    transformer = build_transformer(cfg, joint_attention_dim=joint_attention_dim, pooled_dim=pooled_dim)
+    if cfg.init is None:
+        transformer = build_transformer(cfg, joint_attention_dim=joint_attention_dim, pooled_dim=pooled_dim)
     ema, phase_timings = train_transformer(
         cfg, transformer, vae, bank, log, pipe=pipe if cfg.eval_every else None
     )
@@ -629,6 +664,23 @@ def train(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {**manifest, "timings": timings}
+
+
+def load_init(cfg: TrainConfig) -> tuple[Any, Any]:
+    """The VAE and transformer of the toy folder `cfg.init`, in fp32 for training."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    assert cfg.init is not None
+    folder = Path(cfg.init)
+    vae: Any = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+    transformer: Any = SD3Transformer2DModel.from_pretrained(
+        folder / "transformer", torch_dtype=torch.float32
+    )
+    blocks = transformer.config.num_layers
+    if blocks != cfg.depth:
+        raise ValueError(f"{folder} has {blocks} blocks; pass --depth {blocks}")
+    vae.eval()
+    return vae, transformer
 
 
 def _choose_storage(cfg: TrainConfig, transformer: Any, vae: Any, bank: CaptionBank) -> dict[str, str]:
@@ -681,12 +733,23 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         + ")",
     )
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="steps of linear lr warm-up")
     parser.add_argument(
         "--bf16",
         action="store_true",
         help="bf16 autocast of the transformer's forward (CPUs with native bf16 only)",
     )
     parser.add_argument("--psnr-gate", type=float, default=defaults.psnr_gate)
+    parser.add_argument(
+        "--shape-weight",
+        type=float,
+        default=defaults.shape_weight,
+        help="extra loss weight inside the shape (0: plain MSE)",
+    )
+    parser.add_argument(
+        "--init",
+        help="a toy folder whose VAE and transformer phase B starts from (phase A is skipped)",
+    )
     parser.add_argument(
         "--eval-every",
         type=int,
@@ -724,6 +787,9 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         psnr_gate=args.psnr_gate,
         enforce_gate=not args.no_gate,
         eval_every=args.eval_every,
+        shape_weight=args.shape_weight,
+        init=args.init,
+        warmup=args.warmup,
     )
     return cfg, args.out, args.vae_only, args.vae_cache
 
