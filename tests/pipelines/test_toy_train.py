@@ -152,3 +152,43 @@ def test_bf16_autocast_is_a_recorded_switch_and_still_reproducible(tmp_path: Pat
         != (first["files"]["transformer/diffusion_pytorch_model.safetensors"])
     )
     assert train._arguments(["out", "--bf16"])[0].autocast_bf16 is True
+
+
+def test_the_shape_mask_covers_the_shape_and_one_latent_pixel_around_it() -> None:
+    scene = world.Scene(world.parse_caption("a red square on a blue background"), 0.5, 0.5, 0.1)
+    mask = train.shape_masks([scene], size=256)[0, 0]  # 32 × 32 latent pixels; the square 6.4 across
+    assert mask.shape == (32, 32)
+    assert mask[16, 16] == 1 and mask[0, 0] == 0
+    inside = world.signed_distance(scene, 32, 32) < 0
+    assert bool(mask[torch.from_numpy(inside)].all())  # all of the shape ...
+    assert int(mask.sum()) > int(inside.sum())  # ... and a border
+    assert int(mask.sum()) < 0.1 * 32 * 32
+
+
+def test_the_shape_weight_leaves_plain_mse_at_zero_and_scales_the_shape_up() -> None:
+    gen = torch.Generator().manual_seed(0)
+    v, target = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 16, 8, 8, generator=gen)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:4, 2:4] = 1.0
+    assert torch.equal(train.flow_loss(v, target, mask, 0.0), torch.nn.functional.mse_loss(v, target))
+    error_in_shape = torch.zeros_like(v)
+    error_in_shape[:, :, 2:4, 2:4] = 1.0
+    plain, weighted = (train.flow_loss(error_in_shape, torch.zeros_like(v), mask, w) for w in (0.0, 9.0))
+    assert float(weighted) > 5 * float(plain)  # the shape's error counts for more
+
+
+def test_a_run_can_start_from_an_earlier_toy_folder(tmp_path: Path) -> None:
+    first = train.train(TINY, tmp_path / "a", log=_quiet)
+    again = dataclasses.replace(TINY, init=str(tmp_path / "a"), shape_weight=9.0)
+    second = train.train(again, tmp_path / "b", log=_quiet)
+    assert second["config"]["init"] == str(tmp_path / "a") and second["config"]["shape_weight"] == 9.0
+    assert (
+        second["files"]["vae/diffusion_pytorch_model.safetensors"]
+        == first["files"]["vae/diffusion_pytorch_model.safetensors"]
+    )  # the VAE comes along untouched; the transformer trains on
+    assert (
+        second["files"]["transformer/diffusion_pytorch_model.safetensors"]
+        != first["files"]["transformer/diffusion_pytorch_model.safetensors"]
+    )
+    with pytest.raises(ValueError, match="--depth 1"):
+        train.train(dataclasses.replace(again, depth=2), tmp_path / "c", log=_quiet)
