@@ -6,13 +6,13 @@
 # each part has its own time limit, so one slow part still leaves the others' figures.
 #   0. the offload / 8-bit T5 / compile / quantization / step-cache tests, run on the GPU;
 #   1. every speed mode (benchmarks/speed_modes.py) on the hosted page's request at 1024²:
-#      exact, the defaults (compiled per block + fused QKV), whole-graph compile, int8, fp8, step
-#      cache fast/faster: time, speed-up, peak memory, PSNR against exact;
+#      exact, the defaults (compiled per block + fused QKV, VAE decoder compiled), whole-graph compile,
+#      CUDA graphs, int8, fp8, step cache fast/faster: time, speed-up, peak memory, PSNR against exact;
 #   2. latency and peak GPU memory per memory mode at 1024² (offloads, T5 8-bit, tiling).
 set -uo pipefail
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
 SD3_TEST_DEVICE=cuda timeout 120 python -m pytest -q -p no:cacheprovider -x \
     tests/pipelines/test_offload_and_quantization.py tests/pipelines/test_step_cache.py \
     tests/pipelines/test_transformer_quantization.py
-timeout 330 python benchmarks/speed_modes.py --model random:sd3-medium --size 1024 --steps 25 --repeats 2
-timeout 150 python benchmarks/memory_modes.py --model random:sd3-medium --sizes 1024 --steps 4
+timeout 360 python benchmarks/speed_modes.py --model random:sd3-medium --size 1024 --steps 25 --repeats 2
+timeout 120 python benchmarks/memory_modes.py --model random:sd3-medium --sizes 1024 --steps 4

@@ -10,6 +10,7 @@ Modes (`--modes`, default all):
 - default: the server's defaults on this device (on CUDA: compiled per block + fused QKV; on a CPU
   with native bf16: bf16);
 - compile-whole: the transformer compiled as one graph instead of per block;
+- cudagraphs: the whole-graph compile replayed as CUDA graphs (`--compile-mode reduce-overhead`);
 - bf16: the weights and activations in bf16 (`--dtype bf16`; on a CPU, fast where it has native bf16);
 - cudnn, fa3: `--attention` (auto already takes FlashAttention 4/3 where installed);
 - int8, fp8: `--quantize` (with the device's default compilation);
@@ -48,6 +49,9 @@ MODES: dict[str, tuple[dict[str, object], str]] = {
     "exact": ({"compile": False, "fuse_qkv": False}, "off"),
     "default": ({}, "off"),
     "compile-whole": ({"compile_scope": "whole"}, "off"),
+    # CUDA graphs (inductor's reduce-overhead mode) over the whole-graph compile: launches go away,
+    # which pays where a step is short (small sizes, few steps); without autotuning's minutes.
+    "cudagraphs": ({"compile_scope": "whole", "compile_mode": "reduce-overhead"}, "off"),
     "bf16": ({"dtype": "bf16"}, "off"),
     "cudnn": ({"attention": "cudnn"}, "off"),
     "fa3": ({"attention": "fa3"}, "off"),

@@ -19,7 +19,14 @@ from fastapi_offline import FastAPIOffline
 
 from pipelines.attention import activate as activate_attention
 from pipelines.attention import choose as choose_attention
-from pipelines.compilation import compile_transformer, fuse_qkv, on_by_default, warm_up
+from pipelines.compilation import (
+    compile_transformer,
+    compile_vae_decoder,
+    fuse_qkv,
+    keep_compiled_code_in,
+    on_by_default,
+    warm_up,
+)
 from pipelines.families import expected_family
 from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device
 from pipelines.lora import LoraError, LoraSpec, fuse_loras
@@ -125,9 +132,11 @@ def load_runtime(settings: Settings) -> Runtime:
     )
     compile = on_by_default(perf.compile, device=loaded.device, resident=resident)
     if compile:
+        keep_compiled_code_in(settings.data_dir / "inductor-cache")
         compile_transformer(
             loaded.pipe, scope=perf.compile_scope, mode=perf.compile_mode, backend=perf.compile_backend
         )
+        compile_vae_decoder(loaded.pipe, mode=perf.compile_mode, backend=perf.compile_backend)
     if perf.warmup if perf.warmup is not None else compile:
         warm_up(generator, size=perf.warmup_size)
     return Runtime(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.compilation import on_by_default
+from pipelines.compilation import keep_compiled_code_in, on_by_default
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from server.app import load_runtime
@@ -19,12 +20,12 @@ REQUEST = GenerationRequest(prompt="a windmill", seed=8, width=512, height=512, 
 
 @pytest.mark.slow  # two model loads and dynamo's capture of the transformer (100 s on a busy 2-core machine)
 def test_fused_qkv_and_compiled_transformer_give_the_same_image(data_dir: Path, tiny_dir: Path) -> None:
-    plain = load_runtime(Settings(data_dir=data_dir, model={"id": "tiny"}))
+    plain = load_runtime(Settings(data_dir=data_dir, model={"id": "tiny", "dtype": "fp32"}))
     # The eager backend: dynamo's capture alone (inductor's code generation is the next test).
     fast = load_runtime(
         Settings(
             data_dir=data_dir,
-            model={"id": "tiny"},
+            model={"id": "tiny", "dtype": "fp32"},
             performance={
                 "compile": True,
                 "compile_scope": "whole",
@@ -50,16 +51,21 @@ def test_inductor_compiles_at_start_up_and_serves_without_recompiling(data_dir: 
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    plain = load_runtime(Settings(data_dir=data_dir, model={"id": "tiny"}))
+    plain = load_runtime(Settings(data_dir=data_dir, model={"id": "tiny", "dtype": "fp32"}))
     fast = load_runtime(
         Settings(
             data_dir=data_dir,
-            model={"id": "tiny"},
+            model={"id": "tiny", "dtype": "fp32"},
             performance={"compile": True, "compile_backend": "inductor", "warmup_size": 512},
         )
     )
     compiled_at_start = counters["stats"]["unique_graphs"]
     assert compiled_at_start > 0  # the warm-up compiled before the first request
+    assert fast.generator.pipe.vae.decoder._compiled_call_impl is not None  # type: ignore[attr-defined]
+    # Inductor's code is kept in the data folder (unless TORCHINDUCTOR_CACHE_DIR says otherwise), where
+    # a restart finds it.
+    cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert any(cache.rglob("*")), cache
     assert isinstance(plain.generator, SD3Generator) and isinstance(fast.generator, SD3Generator)
     ours = plain.generator.generate(REQUEST).images[0].astype(np.int16)
     theirs = fast.generator.generate(REQUEST).images[0].astype(np.int16)
@@ -73,11 +79,11 @@ def test_inductor_compiles_at_start_up_and_serves_without_recompiling(data_dir: 
 def test_blocks_are_compiled_in_place_and_the_step_cache_runs_them(data_dir: Path, tiny_dir: Path) -> None:
     from dataclasses import replace
 
-    plain = load_runtime(Settings(data_dir=data_dir, model={"id": "tiny"}))
+    plain = load_runtime(Settings(data_dir=data_dir, model={"id": "tiny", "dtype": "fp32"}))
     fast = load_runtime(
         Settings(
             data_dir=data_dir,
-            model={"id": "tiny"},
+            model={"id": "tiny", "dtype": "fp32"},
             performance={"compile": True, "compile_backend": "eager", "warmup": False},
         )
     )
@@ -102,8 +108,19 @@ def test_compile_and_fused_qkv_default_to_on_only_for_a_cuda_device_holding_the_
     assert on_by_default(True, device=cpu, resident=False)  # asked for: done
 
 
+def test_inductor_keeps_its_code_where_a_restart_finds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert keep_compiled_code_in(tmp_path / "cache") == tmp_path / "cache"
+    assert (tmp_path / "cache").is_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "users"))
+    assert keep_compiled_code_in(tmp_path / "cache") == tmp_path / "users"  # the user's choice wins
+
+
 def test_a_default_cpu_server_compiles_nothing(runtime: object) -> None:
     # The exact path by default here: no compiled module, no fused projection.
+    assert runtime.generator.pipe.vae.decoder._compiled_call_impl is None  # type: ignore[attr-defined]
     transformer = runtime.generator.pipe.transformer  # type: ignore[attr-defined]
     assert not hasattr(transformer, "_orig_mod")
     assert all(block._compiled_call_impl is None for block in transformer.transformer_blocks)
