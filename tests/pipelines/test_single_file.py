@@ -9,12 +9,10 @@ through the file. Loading runs with the Hub switched to offline mode: a download
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -36,16 +34,6 @@ from server.app import Runtime
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 REQUEST = GenerationRequest(prompt="a lighthouse at dusk", width=512, height=512, steps=10, seed=1)
-
-
-@pytest.fixture
-def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # Offline mode makes any Hub access fail at once, and an empty cache makes sure that nothing a
-    # developer downloaded earlier can stand in for a missing local file.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    yield
 
 
 @pytest.fixture(scope="module")

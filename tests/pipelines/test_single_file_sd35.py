@@ -10,12 +10,10 @@ ships SD3.5, whose text encoders then come from the config folder.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -38,15 +36,6 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_enco
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 REQUEST = GenerationRequest(prompt="a lighthouse at dusk", width=64, height=64, steps=3, seed=1)
 BLOCK = "model.diffusion_model.joint_blocks"
-
-
-@pytest.fixture
-def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # As in test_single_file.py: any Hub access fails at once, and nothing cached can stand in.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    yield
 
 
 class Twin(SimpleNamespace):
