@@ -99,10 +99,10 @@ def _fmt(value: object) -> str:
 def adherence(generator: object, args: argparse.Namespace) -> None:
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed)
     rows = []
-    for label, base in (
-        ("API defaults (CFG 5)", replace(DEFAULTS, width=args.size, height=args.size)),
-        ("CFG 1", replace(DEFAULTS, width=args.size, height=args.size, guidance_scale=1.0)),
-    ):
+    settings = [("API defaults (CFG 5)", replace(DEFAULTS, width=args.size, height=args.size))]
+    if args.cfg1:
+        settings.append(("CFG 1", replace(DEFAULTS, width=args.size, height=args.size, guidance_scale=1.0)))
+    for label, base in settings:
         started = time.perf_counter()
         score = quality.adherence(generator, pairs, base)  # type: ignore[arg-type]
         rows.append(
@@ -323,6 +323,12 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=SECTIONS)
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--pairs", type=int, default=120, help="prompt×seed pairs for adherence")
+    parser.add_argument(
+        "--no-cfg1",
+        dest="cfg1",
+        action="store_false",
+        help="adherence at the API defaults only (half the time)",
+    )
     parser.add_argument("--convergence-prompts", type=int, default=4)
     parser.add_argument("--reference-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
