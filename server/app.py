@@ -139,9 +139,10 @@ def load_runtime(settings: Settings) -> Runtime:
         compile_vae_decoder(loaded.pipe, mode=perf.compile_mode, backend=perf.compile_backend)
     if perf.warmup if perf.warmup is not None else compile:
         warm_up(generator, size=perf.warmup_size)
+    precision = str(loaded.dtype).removeprefix("torch.")  # bfloat16 on a CPU with native bf16 (auto)
     return Runtime(
         generator=generator,
-        description=f"{loaded.description}; memory: {plan.describe()}"
+        description=f"{loaded.description}; {precision}; memory: {plan.describe()}"
         + (f"; LoRA: {', '.join(fused)}" if fused else "")
         + (f"; transformer in {perf.quantize} ({quantized} layers)" if quantized else "")
         + (f"; attention: {kernel}" if kernel != "sdpa" else ""),
