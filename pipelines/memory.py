@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipelines.loading import cpu_has_native_bf16
 from pipelines.options import Family, MemoryMode, Placement, Switch, T5Choice, T5Mode
 from pipelines.quantization import MIN_BITSANDBYTES, bitsandbytes_problem
 
@@ -243,8 +244,24 @@ def apply_plan(pipe: Any, plan: MemoryPlan, device: torch.device) -> None:
         # The VAE's own attention runs at the latent's resolution; tiling is what bounds it.
         pipe.transformer.set_attn_processor(SlicedJointAttnProcessor())
     if t5 is not None:
-        pipe.text_encoder_3 = t5.to("cpu")
+        dtype = cpu_t5_dtype(t5, quantized=plan.t5 == "8bit")
+        # No dtype argument at all for an 8-bit T5: transformers refuses any cast of a bitsandbytes model.
+        pipe.text_encoder_3 = t5.to("cpu") if dtype is None else t5.to("cpu", dtype=dtype)
     log.info("memory plan: %s", plan.describe())
+
+
+def cpu_t5_dtype(t5: Any, *, quantized: bool) -> torch.dtype | None:
+    """The precision T5 runs in on the CPU, beside a half-precision model on a GPU (None: as loaded).
+
+    fp16 matmuls are the slowest a CPU does (60 GFLOP/s against fp32's 161 and bf16's 862 on this
+    workplace's Zen 4, benchmarks/cpu_matmul.py: 12 s of T5-XXL per new prompt instead of 0.8 s), so
+    an fp16 T5 runs in bf16 where the CPU has it natively; T5 was trained in bf16, and fp16 is the
+    precision it overflows in. Elsewhere it stays fp16: fp32 would double its 9.5 GB of host memory.
+    An 8-bit T5 is left as bitsandbytes built it.
+    """
+    if quantized or t5.dtype != torch.float16:
+        return None
+    return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
 class SlicedJointAttnProcessor:

@@ -25,7 +25,7 @@ from accelerate.hooks import AlignDevicesHook, SequentialHook
 from pipelines import step_cache
 from pipelines.checkpoints import export_single_file
 from pipelines.loading import LoadedModel, ModelSpec, load_model
-from pipelines.memory import MemoryPlan, apply_plan, plan_memory
+from pipelines.memory import MemoryPlan, apply_plan, cpu_t5_dtype, plan_memory
 from pipelines.options import Device, Placement, T5Mode
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
@@ -168,6 +168,27 @@ def test_t5_on_the_cpu_beside_model_offload(tiny_dir: Path, t5: T5Mode) -> None:
     got = np.stack(SD3Generator(loaded, t5_on_cpu=True).generate(REQUEST).images).astype(int)
     # On a GPU, T5 on the CPU rounds differently from T5 on the GPU, so the image may move a little.
     assert np.abs(got - images(reference)).max() <= (1 if DEVICE.type == "cpu" else 8)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_an_fp16_t5_on_the_cpu_runs_in_bf16_where_the_cpu_has_it(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, native_bf16: bool
+) -> None:
+    import pipelines.memory
+
+    monkeypatch.setattr(pipelines.memory, "cpu_has_native_bf16", lambda: native_bf16)
+    loaded = load_model(
+        ModelSpec(source=str(tiny_dir), tiny_dir=tiny_dir, device="cpu", dtype="fp16", t5_on_cpu=True)
+    )
+    apply_plan(loaded.pipe, plan("device", t5_on_cpu=True), CPU)
+    assert loaded.pipe.text_encoder_3.dtype == (torch.bfloat16 if native_bf16 else torch.float16)
+    assert loaded.pipe.transformer.dtype == torch.float16  # the rest as loaded
+    context = SD3Generator(loaded, t5_on_cpu=True).encode("a fox")
+    assert context.context.dtype == torch.float16 and bool(context.context.isfinite().all())
+
+
+def test_an_8bit_t5_on_the_cpu_stays_as_bitsandbytes_built_it(t5_8bit: LoadedModel) -> None:
+    assert cpu_t5_dtype(t5_8bit.pipe.text_encoder_3, quantized=True) is None
 
 
 # -- T5 in 8-bit ---------------------------------------------------------------------------------
