@@ -161,12 +161,17 @@ def comfy_commit(path: Path) -> str:
 
 
 def load_comfy_model(comfy: types.SimpleNamespace, transformer: Any, shift: float) -> Any:
-    """Our diffusers transformer in ComfyUI's own SD3 classes, from its Stability-layout state dict."""
+    """Our diffusers transformer in ComfyUI's own SD3 classes, from its Stability-layout state dict, its
+    weights in our dtype (ComfyUI then computes as it decides: on a CPU always fp32, casting bf16
+    weights layer by layer, `comfy.model_management.should_use_bf16`)."""
     from pipelines.checkpoints import TRANSFORMER_PREFIX, transformer_to_original
 
     original = transformer_to_original(transformer.state_dict())
-    state = {TRANSFORMER_PREFIX + k: v.detach().clone().float() for k, v in original.items()}
-    patcher = comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float32})
+    # No copy: ComfyUI copies into its own model (at SD3 Medium's size a third fp32 copy of 8 GB
+    # would not fit this machine beside ours and ComfyUI's).
+    state = {TRANSFORMER_PREFIX + k: v.detach() for k, v in original.items()}
+    patcher = comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": transformer.dtype})
+    del state, original
     if patcher is None or not isinstance(patcher.model, comfy.model_base.SD3):
         found = "nothing" if patcher is None else type(patcher.model).__name__
         sys.exit(
@@ -251,6 +256,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="the weights' precision on all three sides (bf16: ours' default on a CPU with native bf16)",
+    )
+    parser.add_argument(
         "--cases",
         nargs="+",
         default=["euler:simple", "euler:normal", "dpmpp_2m:sgm_uniform"],
@@ -278,9 +289,11 @@ def main() -> None:
     # before ComfyUI's import may register the torchvision placeholder.
     t0 = time.perf_counter()
     pipe, description = build_pipeline(args.model)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    pipe.to(dtype)
     pipe.set_progress_bar_config(disable=True)
     generator = SD3Generator(
-        LoadedModel(pipe=pipe, device=torch.device("cpu"), dtype=torch.float32, description=description)
+        LoadedModel(pipe=pipe, device=torch.device("cpu"), dtype=dtype, description=description)
     )
     comfy = import_comfyui(comfyui, shlex.split(args.comfy_args))
     logging.getLogger().setLevel(logging.WARNING)
@@ -300,7 +313,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, "
         "load average "
         f"{os.getloadavg()[0]:.2f}; {args.size}x{args.size}, {args.steps} steps, CFG {args.cfg}, shift "
-        f"{args.shift}, seed {args.seed}, negative {args.negative}, {args.repeats} rounds after one warm-up"
+        f"{args.shift}, seed {args.seed}, negative {args.negative}, {args.repeats} rounds after one warm-up, "
+        f"weights in {args.dtype}"
     )
 
     with torch.inference_mode():
