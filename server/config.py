@@ -190,7 +190,7 @@ class PerformanceSettings(BaseModel):
     )
     jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of the JPEGs served, 1-100")
     # The opt-in step cache for requests that do not name one (their `cache` field): anything but
-    # "off" changes images (pipelines/step_cache.py; benchmarks/quality.py --only cache measures it).
+    # "off" changes images (pipelines/step_cache.py; benchmarks/quality.py --only approximations measures it).
     step_cache: StepCacheLevel = Field("off", description="Step cache of requests naming none; not exact")
 
 
