@@ -107,9 +107,10 @@ def load_runtime(settings: Settings) -> Runtime:
     for reason in (problem, unavailable):
         if reason is not None:  # before minutes of loading
             raise ModelLoadError(reason)
-    loaded = load_model(model_spec(settings, plan))
-    try:  # before fused QKV and quantization, which replace the layers a LoRA names
-        fused = fuse_loras(loaded.pipe, [LoraSpec.parse(text) for text in settings.model.lora])
+    try:
+        loras = [LoraSpec.parse(text) for text in settings.model.lora]  # a typo, also before loading
+        loaded = load_model(model_spec(settings, plan))
+        fused = fuse_loras(loaded.pipe, loras)  # before fused QKV and quantization replace their layers
     except LoraError as exc:
         raise ModelLoadError(str(exc)) from exc
     resident = plan.placement == "device"

@@ -131,3 +131,12 @@ def test_the_scale_is_only_a_number_after_the_last_colon(text: str, source: str,
 def test_a_malformed_lora_setting_is_refused(text: str) -> None:
     with pytest.raises(LoraError):
         LoraSpec.parse(text)
+
+
+def test_a_malformed_scale_stops_the_start_before_the_model_loads(tmp_path: Path) -> None:
+    # The model id does not exist: a load would fail differently, so the LoRA's error came first.
+    settings = Settings(
+        data_dir=tmp_path, model={"id": "/nonexistent/weights", "lora": ["x.safetensors:nan"]}
+    )
+    with pytest.raises(ModelLoadError, match="not a finite number"):
+        load_runtime(settings)
