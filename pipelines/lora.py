@@ -1,7 +1,8 @@
 """LoRA weights fused into the loaded model at start-up: `--lora PATH[:SCALE]`, repeatable.
 
-A LoRA is read by diffusers' own SD3 loader (the kohya, ComfyUI and diffusers layouts it knows, for
-the transformer and the CLIP encoders), scaled, merged into the base weights and then unloaded, so
+A LoRA is read by diffusers' own SD3 loader (diffusers' layout, for the transformer and the CLIP
+encoders: in 0.42.1 it converts no kohya or ComfyUI key names for SD3, so such a file is refused as
+naming no layer of the model), scaled, merged into the base weights and then unloaded, so
 the model that serves is an ordinary one: no PEFT layers in the forward, nothing per step, and what
 follows (fused QKV, the int8/fp8 transformer, offload, compilation) sees plain linear layers. One
 LoRA set per server: a request cannot pick another (the images of a process stay reproducible).
