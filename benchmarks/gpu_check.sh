@@ -7,7 +7,8 @@
 #   0. the offload / 8-bit T5 / compile / quantization / step-cache tests, run on the GPU;
 #   1. every speed mode (benchmarks/speed_modes.py) on the hosted page's request at 1024²:
 #      exact, the defaults (compiled per block + fused QKV, VAE decoder compiled), whole-graph compile,
-#      CUDA graphs, int8, fp8, step cache fast/faster: time, speed-up, peak memory, PSNR against exact;
+#      CUDA graphs, int8, fp8, step cache fast/faster, and the compile warmed up at two sizes (graphs
+#      for any size): time, speed-up, peak memory, PSNR against exact, a row as each mode ends;
 #   2. latency and peak GPU memory per memory mode at 1024² (offloads, T5 8-bit, tiling).
 set -uo pipefail
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1

@@ -9,8 +9,8 @@ elsewhere off unless asked for: on a CPU or MPS a compile of minutes buys a few 
 Compilation is regional by default: each `JointTransformerBlock` is compiled in place (diffusers'
 `compile_repeated_blocks`), so the 24-38 identical blocks share one compiled graph (a compile of
 seconds rather than minutes) and code that calls the blocks itself (the step cache) runs compiled too.
-Compilation happens lazily at the first forward of each shape; `warm_up` runs one generation at
-start-up so that a user's first request does not pay it.
+Compilation happens lazily at the first forward of each shape; `warm_up` runs a generation at
+each of the configured sizes at start-up so that a user's first request does not pay it.
 """
 
 from __future__ import annotations
@@ -71,12 +71,17 @@ def keep_compiled_code_in(folder: Path) -> Path:
     return folder
 
 
-def warm_up(generator: Any, *, size: int) -> float:
-    """Run one short generation at `size`² (both CFG branches) and return its seconds."""
-    started = time.perf_counter()
-    generator.generate(
-        GenerationRequest(prompt="warm-up", negative_prompt="", seed=0, width=size, height=size, steps=2)
-    )
-    seconds = time.perf_counter() - started
-    log.info("warm-up at %dx%d took %.1f s", size, size, seconds)
-    return seconds
+def warm_up(generator: Any, *, sizes: list[tuple[int, int]]) -> float:
+    """Run one short generation (both CFG branches) at each (width, height); return the seconds."""
+    total = 0.0
+    for width, height in sizes:
+        started = time.perf_counter()
+        generator.generate(
+            GenerationRequest(
+                prompt="warm-up", negative_prompt="", seed=0, steps=2, width=width, height=height
+            )
+        )
+        seconds = time.perf_counter() - started
+        log.info("warm-up at %dx%d took %.1f s", width, height, seconds)
+        total += seconds
+    return total

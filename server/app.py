@@ -139,7 +139,7 @@ def load_runtime(settings: Settings) -> Runtime:
         )
         compile_vae_decoder(loaded.pipe, mode=perf.compile_mode, backend=perf.compile_backend)
     if perf.warmup if perf.warmup is not None else compile:
-        warm_up(generator, size=perf.warmup_size)
+        warm_up(generator, sizes=perf.warmup_shapes)
     precision = str(loaded.dtype).removeprefix("torch.")  # bfloat16 on a CPU with native bf16 (auto)
     return Runtime(
         generator=generator,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.options import (
@@ -38,6 +38,22 @@ from pipelines.options import (
 from server.credits import MAX_CREDITS
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+def _warmup_size(text: str) -> str:
+    """ "WIDTHxHEIGHT", or one number for a square, within the API's bounds for `img_width` and
+    `img_height`; normalised to "WIDTHxHEIGHT"."""
+    width, sep, height = text.strip().lower().partition("x")
+    height = height if sep else width
+    if not (width.isdigit() and height.isdigit()):
+        raise ValueError(f"{text!r} is not WIDTHxHEIGHT (e.g. 1344x768) or one side of a square")
+    for side in (int(width), int(height)):
+        if not 512 <= side <= 2048 or side % 8:
+            raise ValueError(f"{text!r}: each side must be 512-2048 and a multiple of 8, as the API's")
+    return f"{int(width)}x{int(height)}"
+
+
+WarmupSize = Annotated[str, AfterValidator(_warmup_size)]
 # In the data folder: the default instance id (see `Settings.instance_id`).
 INSTANCE_ID_FILE = "instance-id"
 
@@ -185,9 +201,19 @@ class PerformanceSettings(BaseModel):
     # One generation at start-up so the first user request is not the slow one. Default: on when
     # compiling (where it matters most), off otherwise.
     warmup: bool | None = Field(None, description="One generation at start-up; unset: when compiling")
-    warmup_size: int = Field(
-        1024, ge=512, le=2048, multiple_of=8, description="Width and height of the warm-up image"
+    # Each size is compiled at start-up, not at its first request. Past one size, dynamo turns the
+    # sizes it has seen into symbolic ones and recompiles once: that graph then serves every size, so
+    # the sizes listed here are the ones a user's first request must not wait for.
+    warmup_sizes: Annotated[list[WarmupSize], Flags("--warmup-size")] = Field(
+        default_factory=lambda: ["1024x1024"],
+        description="A warm-up size: WIDTHxHEIGHT or SIDE (512-2048, multiples of 8), repeatable",
     )
+
+    @property
+    def warmup_shapes(self) -> list[tuple[int, int]]:
+        """`warmup_sizes` as (width, height) pairs."""
+        return [(int(w), int(h)) for w, _, h in (size.partition("x") for size in self.warmup_sizes)]
+
     jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of the JPEGs served, 1-100")
     # The opt-in step cache for requests that do not name one (their `cache` field): anything but
     # "off" changes images (pipelines/step_cache.py; benchmarks/quality.py --only approximations measures it).

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from pipelines.compilation import keep_compiled_code_in, on_by_default
 from pipelines.request import GenerationRequest
@@ -31,7 +32,7 @@ def test_fused_qkv_and_compiled_transformer_give_the_same_image(data_dir: Path, 
                 "compile_scope": "whole",
                 "compile_backend": "eager",
                 "fuse_qkv": True,
-                "warmup_size": 512,
+                "warmup_sizes": ["512x512"],
             },
         )
     )
@@ -56,7 +57,7 @@ def test_inductor_compiles_at_start_up_and_serves_without_recompiling(data_dir: 
         Settings(
             data_dir=data_dir,
             model={"id": "tiny", "dtype": "fp32"},
-            performance={"compile": True, "compile_backend": "inductor", "warmup_size": 512},
+            performance={"compile": True, "compile_backend": "inductor", "warmup_sizes": ["512x512"]},
         )
     )
     compiled_at_start = counters["stats"]["unique_graphs"]
@@ -73,6 +74,40 @@ def test_inductor_compiles_at_start_up_and_serves_without_recompiling(data_dir: 
     assert counters["stats"]["unique_graphs"] == compiled_at_start
     assert np.abs(ours - theirs).max() <= 1
     torch._dynamo.reset()
+
+
+@pytest.mark.slow  # dynamo's capture of the blocks and the decoder at two sizes, then four generations
+def test_two_warm_up_sizes_leave_no_size_to_compile_at_request_time(data_dir: Path, tiny_dir: Path) -> None:
+    """Two warm-up sizes that differ in both sides make dynamo compile shape-generic graphs at
+    start-up, so a request at any size (listed or not) compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    fast = load_runtime(
+        Settings(
+            data_dir=data_dir,
+            model={"id": "tiny", "dtype": "fp32"},
+            performance={"compile": True, "compile_backend": "eager", "warmup_sizes": ["512", "768x640"]},
+        )
+    )
+    assert isinstance(fast.generator, SD3Generator)
+    compiled_at_start = counters["stats"]["unique_graphs"]
+    assert compiled_at_start > 0
+    for width, height in ((512, 512), (768, 640), (640, 768), (1024, 512)):
+        request = GenerationRequest(prompt="a kite", seed=1, width=width, height=height, steps=2)
+        fast.generator.generate(request)
+        assert counters["stats"]["unique_graphs"] == compiled_at_start, (width, height)
+    torch._dynamo.reset()
+
+
+def test_warm_up_sizes_are_read_as_the_api_bounds_them() -> None:
+    performance = Settings(performance={"warmup_sizes": ["768", " 1344X768 "]}).performance
+    assert performance.warmup_sizes == ["768x768", "1344x768"]
+    assert performance.warmup_shapes == [(768, 768), (1344, 768)]
+    assert Settings().performance.warmup_shapes == [(1024, 1024)]  # the hosted page's default size
+    for bad in ("256", "1024x1020x8", "1023x1024", "4096x1024", "wide", "x1024", ""):
+        with pytest.raises(ValidationError, match="warmup_sizes"):
+            Settings(performance={"warmup_sizes": [bad]})
 
 
 @pytest.mark.slow  # dynamo's capture of one block, then a generation and a cached one

@@ -50,7 +50,6 @@ SAMPLES = {
     "performance.step_cache": "fast",
     "performance.compile_mode": "default",
     "performance.compile_backend": "eager",
-    "performance.warmup_size": "512",
     "performance.jpeg_quality": "75",
     "pricing.price_per_image": "0.05",
     "pricing.reference_steps": "30",
@@ -97,6 +96,7 @@ LISTS = {
     "cors_origins": (["--cors-origins", "https://a.example"], '["https://a.example"]'),
     "limits.image_url_hosts": (["--image-url-hosts", "images.example"], '["images.example"]'),
     "model.lora": (["--lora", "hyper.safetensors:0.125"], '["hyper.safetensors:0.125"]'),
+    "performance.warmup_sizes": (["--warmup-size", "768x1344"], '["768x1344"]'),
 }
 
 # Every flag `serve` and `generate` had when they were declared by hand: scripts and the README use them.
