@@ -45,9 +45,7 @@ class RecordingCache(step_cache.StepCache):
 
     def _may_reuse(self, entry: step_cache._Entry, first_residual: torch.Tensor) -> bool:
         if entry.first_residual.shape == first_residual.shape:
-            reference = entry.first_residual.float()
-            moved = (first_residual.float() - reference).abs().mean() / reference.abs().mean()
-            MOVES.append(float(moved))
+            MOVES.append(step_cache.relative_move(first_residual, entry.first_residual))
         return False
 
 

@@ -121,15 +121,20 @@ class StepCache:
             return False
         if entry.whole < policy.warmup or entry.in_a_row >= policy.max_consecutive:
             return False
-        reference = entry.first_residual.float()
-        moved = (first_residual.float() - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12)
-        return bool(moved < policy.threshold)
+        return relative_move(first_residual, entry.first_residual) < policy.threshold
 
     @property
     def skipped_share(self) -> float:
         """The share of forwards whose later blocks were skipped."""
         total = self.computed + self.reused
         return self.reused / total if total else 0.0
+
+
+def relative_move(residual: torch.Tensor, reference: torch.Tensor) -> float:
+    """mean|r − r_ref| / mean|r_ref|: the move a policy's threshold is compared with. Taken in fp32
+    whatever the residuals' dtype, so that the cache and `benchmarks/step_cache_moves.py` judge alike."""
+    reference = reference.float()
+    return float((residual.float() - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
 
 
 def _head(transformer: Any, h: torch.Tensor, temb: torch.Tensor, height: int, width: int) -> torch.Tensor:

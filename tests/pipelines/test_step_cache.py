@@ -13,7 +13,7 @@ import torch
 from pipelines.loading import ModelSpec, load_model
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator, batch_key
-from pipelines.step_cache import LEVELS, StepCache, StepCachePolicy, _Entry, policy_for
+from pipelines.step_cache import LEVELS, StepCache, StepCachePolicy, _Entry, policy_for, relative_move
 
 NEVER = StepCachePolicy(threshold=0.0)  # a change is never below 0: every forward runs whole
 ALWAYS = StepCachePolicy(threshold=float("inf"), warmup=2, max_consecutive=3)
@@ -99,6 +99,14 @@ def test_the_threshold_is_on_the_relative_l1_change_of_the_first_blocks_residual
     assert cache._may_reuse(entry, reference * 1.04)
     assert not cache._may_reuse(entry, reference * 1.06)
     assert not cache._may_reuse(entry, torch.ones(1, 5, 8))  # another shape: never
+
+
+def test_the_relative_move_is_taken_in_fp32_and_survives_a_zero_reference() -> None:
+    reference = torch.full((1, 64, 64), 1.0, dtype=torch.bfloat16)
+    residual = reference.clone()
+    residual[0, 0, 0] = 2.0  # one element in 4096 moves by 1
+    assert relative_move(residual, reference) == pytest.approx(1 / 4096, rel=1e-6)  # bf16 keeps ~3 digits
+    assert relative_move(torch.ones(3), torch.zeros(3)) > 1e9  # not a NaN: never "below threshold"
 
 
 def test_levels_are_named_and_an_unknown_one_is_refused() -> None:
