@@ -1,8 +1,9 @@
 """LoRA weights fused into the loaded model at start-up: `--lora PATH[:SCALE]`, repeatable.
 
-A LoRA is read by diffusers' own SD3 loader (diffusers' layout, for the transformer and the CLIP
-encoders: in 0.42.1 it converts no kohya or ComfyUI key names for SD3, so such a file is refused as
-naming no layer of the model), scaled, merged into the base weights and then unloaded, so
+A LoRA is read by diffusers' own SD3 loader (for the transformer and the CLIP encoders; files in
+kohya's, ComfyUI's or OneTrainer's layout are rewritten into diffusers' first, by
+`pipelines.lora_layouts`, since diffusers 0.42.1 converts none of them for SD3), scaled, merged
+into the base weights and then unloaded, so
 the model that serves is an ordinary one: no PEFT layers in the forward, nothing per step, and what
 follows (fused QKV, the int8/fp8 transformer, offload, compilation) sees plain linear layers. One
 LoRA set per server: a request cannot pick another (the images of a process stay reproducible).
@@ -17,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from pipelines import lora_layouts
 
 
 class LoraError(ValueError):
@@ -62,7 +65,14 @@ def fuse_loras(pipe: Any, loras: list[LoraSpec]) -> list[str]:
     names = [f"lora_{i}" for i in range(len(loras))]
     for name, lora in zip(names, loras, strict=True):
         try:
-            pipe.load_lora_weights(lora.source, adapter_name=name)
+            state = pipe.lora_state_dict(lora.source)
+            # diffusers' own layout goes in by its path, so the file's metadata (lora_alpha) is read.
+            source = (
+                lora.source
+                if lora_layouts.is_diffusers_layout(state)
+                else lora_layouts.to_diffusers_layout(state, pipe)
+            )
+            pipe.load_lora_weights(source, adapter_name=name)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise LoraError(f"LoRA {lora.source!r} could not be loaded: {exc}") from exc
         if not _adapter_present(pipe, name):
