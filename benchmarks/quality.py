@@ -102,9 +102,11 @@ def adherence(generator: object, args: argparse.Namespace) -> None:
     settings = [("API defaults (CFG 5)", replace(DEFAULTS, width=args.size, height=args.size))]
     if args.cfg1:
         settings.append(("CFG 1", replace(DEFAULTS, width=args.size, height=args.size, guidance_scale=1.0)))
+    kinds = {}
     for label, base in settings:
         started = time.perf_counter()
         score = quality.adherence(generator, pairs, base)  # type: ignore[arg-type]
+        kinds[label] = score.kinds
         rows.append(
             [
                 label,
@@ -118,6 +120,13 @@ def adherence(generator: object, args: argparse.Namespace) -> None:
         )
     print(f"## Adherence at {args.size} px over {args.pairs} prompt×seed pairs")
     table(["setting", "background", "shape colour", "shape", "position", "pairs", "seconds"], rows)
+    read_as = [*world.SHAPES, None]
+    for label, counts in kinds.items():
+        print(f"\nshape kind at {label}: captioned (rows) against read (columns; none: no shape found)")
+        table(
+            ["captioned", *[kind or "none" for kind in read_as]],
+            [[asked, *[counts.get((asked, kind), 0) for kind in read_as]] for asked in world.SHAPES],
+        )
 
 
 def _colour_probe(args: argparse.Namespace) -> list[tuple[world.Caption, int]]:

@@ -10,8 +10,9 @@ a client receives.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -37,6 +38,8 @@ class Adherence:
     shape: float
     position: float
     count: int
+    # (asked kind, kind read or None) → images: which kinds the shape score's misses are.
+    kinds: Mapping[tuple[str, str | None], int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
         return {name: round(getattr(self, name), 3) for name in ATTRIBUTES} | {"count": self.count}
@@ -72,11 +75,14 @@ def adherence(
 def adherence_of(pairs: Sequence[tuple[world.Caption, int]], images: Sequence[np.ndarray]) -> Adherence:
     """Read each image with the judge against its pair's caption."""
     hits: dict[str, list[bool]] = {name: [] for name in ATTRIBUTES}
+    kinds: Counter[tuple[str, str | None]] = Counter()
     for (caption, _), image in zip(pairs, images, strict=True):
-        for name, ok in judge.read(image).agrees_with(caption).items():
+        reading = judge.read(image)
+        for name, ok in reading.agrees_with(caption).items():
             hits[name].append(ok)
+        kinds[caption.shape, reading.shape] += 1
     shares = {name: (sum(v) / len(v) if v else math.nan) for name, v in hits.items()}
-    return Adherence(count=len(images), **shares)
+    return Adherence(count=len(images), kinds=dict(kinds), **shares)
 
 
 def colour_share(image: np.ndarray, colour: str) -> float:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pipelines.toy import judge, world
+from pipelines.toy import judge, quality, world
 
 
 def _accuracy(
@@ -78,3 +78,14 @@ def test_every_colour_pair_is_read_as_itself() -> None:
         if caption.position == "center" and caption.shape == "circle":
             reading = judge.read(world.render(world.scene_for(caption, rng), 64))
             assert (reading.background, reading.colour) == (caption.background, caption.colour)
+
+
+def test_adherence_counts_each_captioned_kind_against_the_kind_read() -> None:
+    rng = np.random.default_rng(10)
+    captions = [world.Caption(kind, "red", "blue", "center") for kind in world.SHAPES]
+    pairs = [(caption, 0) for caption in captions]
+    images = [world.render(world.scene_for(c, rng), 96) for c in captions]
+    images[2] = np.full_like(images[2], world.COLOURS["blue"])  # the triangle never drawn
+    score = quality.adherence_of(pairs, images)
+    assert score.kinds == {("circle", "circle"): 1, ("square", "square"): 1, ("triangle", None): 1}
+    assert score.shape == pytest.approx(2 / 3)
