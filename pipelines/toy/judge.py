@@ -34,7 +34,7 @@ _TABLE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32)
 _TRIANGLE_SKEW_BELOW = -0.28
 _CIRCLE_BELOW = 0.89
 # A region smaller than this share of the image is noise, not a shape (the smallest drawn shape
-# covers 2·0.09² ≈ 1.6 % of a square image).
+# covers 2·0.12² ≈ 2.9 % of a square image).
 _MIN_AREA = 0.002
 _GRID = {(col, row): name for name, (x, y) in POSITIONS.items() for col, row in [(int(3 * x), int(3 * y))]}
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from pipelines.toy import judge, world
 
-SCRIPT_VERSION = "3"
+SCRIPT_VERSION = "4"
 MANIFEST = "toy-manifest.json"
 SCALING_FACTOR = 1.5305  # SD3's: ComfyUI hard-codes these for every SD3 model
 SHIFT_FACTOR = 0.0609
@@ -111,7 +111,7 @@ class TrainConfig:
     lr: float = 5e-4
     warmup: int = 200
     # The loss inside the shape (dilated by one latent pixel) weighs 1 + shape_weight times the
-    # background's: a shape covers 3-5 % of a scene, so with plain MSE the flat background dominates
+    # background's: a shape covers 3-8 % of a scene, so with plain MSE the flat background dominates
     # the gradient, and the shape's kind (decided by a few edge pixels) is the last thing learned.
     shape_weight: float = 0.0
     # Phase B may start from an earlier toy folder's transformer and VAE (phase A is then skipped, its
@@ -672,15 +672,23 @@ def load_init(cfg: TrainConfig) -> tuple[Any, Any]:
 
     assert cfg.init is not None
     folder = Path(cfg.init)
-    vae: Any = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
-    transformer: Any = SD3Transformer2DModel.from_pretrained(
-        folder / "transformer", torch_dtype=torch.float32
-    )
+    vae: Any = _without_origin(AutoencoderKL, folder / "vae")
+    transformer: Any = _without_origin(SD3Transformer2DModel, folder / "transformer")
     blocks = transformer.config.num_layers
     if blocks != cfg.depth:
         raise ValueError(f"{folder} has {blocks} blocks; pass --depth {blocks}")
     vae.eval()
     return vae, transformer
+
+
+def _without_origin(cls: Any, folder: Path) -> Any:
+    """`cls` from `folder`, in fp32, rebuilt from its config minus `_name_or_path`: a model loaded
+    with from_pretrained saves the folder it came from into its config.json, which would put this
+    machine's path into the output and make the files depend on where the init folder lay."""
+    loaded = cls.from_pretrained(folder, torch_dtype=torch.float32)
+    model = cls.from_config({k: v for k, v in loaded.config.items() if k != "_name_or_path"})
+    model.load_state_dict(loaded.state_dict())
+    return model
 
 
 def _choose_storage(cfg: TrainConfig, transformer: Any, vae: Any, bank: CaptionBank) -> dict[str, str]:

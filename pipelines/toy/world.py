@@ -57,10 +57,10 @@ _PHRASES: dict[str, str] = {
 
 # Layout: the shape's half-size is a fraction of the shorter side, and a positioned shape's centre
 # stays within JITTER of its cell's centre: so its centre never leaves its cell, and the shape never
-# touches the image's edge (1/6 − JITTER − MAX_HALF_SIZE ≈ 0.02 of the side, even on the longer side).
-MIN_HALF_SIZE = 0.09
-MAX_HALF_SIZE = 0.12
-JITTER = 0.025
+# touches the image's edge (1/6 − JITTER − MAX_HALF_SIZE ≈ 0.017 of the side, even on the longer side).
+MIN_HALF_SIZE = 0.12
+MAX_HALF_SIZE = 0.145
+JITTER = 0.005
 # An unpositioned shape may sit anywhere that keeps this margin from the edges.
 _MARGIN = 0.02
 

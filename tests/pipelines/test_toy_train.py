@@ -190,5 +190,7 @@ def test_a_run_can_start_from_an_earlier_toy_folder(tmp_path: Path) -> None:
         second["files"]["transformer/diffusion_pytorch_model.safetensors"]
         != first["files"]["transformer/diffusion_pytorch_model.safetensors"]
     )
+    for part in ("vae", "transformer"):  # nothing of where the earlier folder lay
+        assert "_name_or_path" not in json.loads((tmp_path / "b" / part / "config.json").read_text())
     with pytest.raises(ValueError, match="--depth 1"):
         train.train(dataclasses.replace(again, depth=2), tmp_path / "c", log=_quiet)
