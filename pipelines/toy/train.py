@@ -35,7 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,19 +63,51 @@ class Phase:
     # costly as a training step at 128 px and several times one at 512 px, and a pool of a few
     # thousand layouts per size covers a world of 1680 captions.
     pool: int
+    # Runs alternately with the phase before it (their steps spread evenly over each other) instead of
+    # after it: a run that went 256 px then 512 px forgot at 512 px the colours that 256 px kept.
+    interleave: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Phase:
         """ "SIZE:STEPS:BATCH[:POOL]", e.g. "128:4000:16:8192"; the pool defaults to a quarter of the
-        samples the phase draws (each scene seen about four times)."""
-        parts = [int(part) for part in text.split(":")]
+        samples the phase draws (each scene seen about four times). A leading "+" interleaves the
+        phase with the one before it."""
+        interleave = text.startswith("+")
+        parts = [int(part) for part in text.removeprefix("+").split(":")]
         if len(parts) not in (3, 4):
             raise ValueError(f"phase {text!r} is not SIZE:STEPS:BATCH[:POOL]")
         size, steps, batch = parts[:3]
         if size % 16:
             raise ValueError(f"phase size {size} is not a multiple of 16 (8x VAE, 2x2 patches)")
         pool = parts[3] if len(parts) == 4 else max(batch, steps * batch // 4)
-        return cls(size=size, steps=steps, batch=batch, pool=pool)
+        return cls(size=size, steps=steps, batch=batch, pool=pool, interleave=interleave)
+
+
+def stages(phases: Sequence[Phase]) -> list[list[Phase]]:
+    """The phases grouped into what runs one after another: each group's phases run interleaved."""
+    if phases and phases[0].interleave:
+        raise ValueError("the first phase has nothing before it to interleave with")
+    groups: list[list[Phase]] = []
+    for phase in phases:
+        if phase.interleave:
+            groups[-1].append(phase)
+        else:
+            groups.append([phase])
+    return groups
+
+
+def interleaving(group: Sequence[Phase]) -> list[int]:
+    """Which of the group's phases each step trains: at every step the one furthest behind its share
+    (ties to the earlier phase), so that each is spread evenly over the whole stretch."""
+    done = [0] * len(group)
+    order = []
+    for _ in range(sum(p.steps for p in group)):
+        i = min(
+            (i for i, p in enumerate(group) if done[i] < p.steps), key=lambda i: (done[i] / group[i].steps, i)
+        )
+        done[i] += 1
+        order.append(i)
+    return order
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -498,14 +530,18 @@ def train_transformer(
         log(f"adherence: {json.dumps(scores)}")
 
     step = 0
-    for phase in cfg.phases:
-        pool_clock = _Clock()
-        pool = LatentPool(vae, rng, size=phase.size, count=phase.pool)
-        timings.update(pool_clock.per_step(f"pool_{phase.size}px", phase.pool))
+    for group in stages(cfg.phases):
+        pools = []
+        for phase in group:
+            pool_clock = _Clock()
+            pools.append(LatentPool(vae, rng, size=phase.size, count=phase.pool))
+            timings.update(pool_clock.per_step(f"pool_{phase.size}px", phase.pool))
         clock = _Clock()
-        for phase_step in range(phase.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(step, total=total, warmup=min(cfg.warmup, total))
+        order = interleaving(group)
+        for group_step, which in enumerate(order):
+            phase, pool = group[which], pools[which]
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = cfg.lr * _lr_factor(step, total=total, warmup=min(cfg.warmup, total))
             batch_captions, x0, mask = pool.draw(rng, phase.batch)
             context, pooled = condition_batch(bank, batch_captions, gen, cfg)
             sigma = sample_sigmas(gen, phase.batch)
@@ -526,10 +562,12 @@ def train_transformer(
             if step % 100 == 0 or step == total - 1:
                 log(f"transformer step {step} ({phase.size} px): loss {loss.item():.5f}")
             step += 1
-            if cfg.eval_every and step % cfg.eval_every == 0 and phase_step < phase.steps - 1:
+            if cfg.eval_every and step % cfg.eval_every == 0 and group_step < len(order) - 1:
                 report(step, phase.size)
-        timings.update(clock.per_step(f"transformer_{phase.size}px", phase.steps))
-        report(step, phase.size)
+        # An interleaved group's seconds are those of its steps together, under the sizes' joint name.
+        name = "+".join(str(p.size) for p in group)
+        timings.update(clock.per_step(f"transformer_{name}px", len(order)))
+        report(step, group[-1].size)
     transformer.eval()
     if progress:
         timings["progress"] = progress
@@ -736,7 +774,8 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         "--phase",
         action="append",
         type=Phase.parse,
-        help="SIZE:STEPS:BATCH of a transformer phase, repeatable, in order (default: "
+        help="SIZE:STEPS:BATCH[:POOL] of a transformer phase, repeatable, in order; a leading + runs it "
+        "interleaved with the phase before it (default: "
         + " ".join(f"{p.size}:{p.steps}:{p.batch}" for p in defaults.phases)
         + ")",
     )
@@ -780,6 +819,8 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         help="go on to the transformer even if the VAE misses its gate (smoke tests of the script only)",
     )
     args = parser.parse_args(argv)
+    if args.phase and args.phase[0].interleave:
+        parser.error("the first --phase has nothing before it to interleave with (drop its +)")
     cfg = dataclasses.replace(
         defaults,
         seed=args.seed,

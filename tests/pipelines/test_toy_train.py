@@ -78,14 +78,15 @@ def test_the_command_writes_a_diffusers_folder_with_a_manifest(tmp_path: Path) -
     out = tmp_path / "toy"
     status = train.main(
         [str(out), "--vae-steps", "2", "--vae-size", "16", "--vae-batch", "2", "--depth", "2"]
-        + ["--phase", "32:2:2", "--phase", "48:1:1:3", "--no-gate", "--eval-every", "0"]
+        + ["--phase", "32:2:2", "--phase", "+48:1:1:3", "--no-gate", "--eval-every", "0"]
     )
     assert status == 0
     manifest = json.loads((out / train.MANIFEST).read_text())
     assert manifest["script_version"] == train.SCRIPT_VERSION
     assert manifest["config"]["phases"] == [
-        {"size": 32, "steps": 2, "batch": 2, "pool": 2},  # the pool defaults to a quarter of the draws
-        {"size": 48, "steps": 1, "batch": 1, "pool": 3},
+        # The pool defaults to a quarter of the draws; "+" runs 48 px interleaved with 32 px.
+        {"size": 32, "steps": 2, "batch": 2, "pool": 2, "interleave": False},
+        {"size": 48, "steps": 1, "batch": 1, "pool": 3, "interleave": True},
     ]
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
@@ -137,6 +138,28 @@ def test_a_phase_is_size_steps_batch_and_an_optional_pool() -> None:
         train.Phase.parse("100:1:1")
     with pytest.raises(ValueError, match="SIZE:STEPS:BATCH"):
         train.Phase.parse("128:1")
+    assert train.Phase.parse("+512:10:4").interleave and not train.Phase.parse("512:10:4").interleave
+
+
+def test_interleaved_phases_spread_their_steps_evenly_over_each_other() -> None:
+    a, b, c = (train.Phase.parse(text) for text in ("128:4:8", "256:6:4", "+512:3:2"))
+    assert train.stages([a, b, c]) == [[a], [b, c]]
+    order = train.interleaving([b, c])
+    assert order == [0, 1, 0, 0, 1, 0, 0, 1, 0]  # 6 and 3 steps: every third step is 512 px
+    assert order.count(0) == b.steps and order.count(1) == c.steps
+    with pytest.raises(ValueError, match="nothing before it"):
+        train.stages([c, a])
+    with pytest.raises(SystemExit):
+        train.main(["out", "--phase", "+128:1:1"])
+
+
+def test_an_interleaved_run_trains_each_size_and_times_them_together(tmp_path: Path) -> None:
+    phases = (train.Phase(size=32, steps=2, batch=2, pool=4), train.Phase.parse("+48:1:1:2"))
+    result = train.train(dataclasses.replace(TINY, phases=phases), tmp_path / "toy", log=_quiet)
+    timings = result["timings"]
+    assert {"pool_32px_wall_seconds_per_step", "pool_48px_wall_seconds_per_step"} <= timings.keys()
+    assert "transformer_32+48px_wall_seconds_per_step" in timings
+    assert "transformer_32px_wall_seconds_per_step" not in timings
 
 
 @pytest.mark.slow
