@@ -102,11 +102,20 @@ def adherence(generator: object, args: argparse.Namespace) -> None:
     settings = [("API defaults (CFG 5)", replace(DEFAULTS, width=args.size, height=args.size))]
     if args.cfg1:
         settings.append(("CFG 1", replace(DEFAULTS, width=args.size, height=args.size, guidance_scale=1.0)))
-    kinds = {}
+    kinds, split = {}, []
     for label, base in settings:
         started = time.perf_counter()
         score = quality.adherence(generator, pairs, base)  # type: ignore[arg-type]
         kinds[label] = score.kinds
+        for group, shares in score.by_position.items():
+            split.append(
+                [
+                    label,
+                    f"{group} a position word",
+                    *[shares.get(a, math.nan) for a in quality.ATTRIBUTES],
+                    shares["count"],
+                ]
+            )
         rows.append(
             [
                 label,
@@ -120,6 +129,8 @@ def adherence(generator: object, args: argparse.Namespace) -> None:
         )
     print(f"## Adherence at {args.size} px over {args.pairs} prompt×seed pairs")
     table(["setting", "background", "shape colour", "shape", "position", "pairs", "seconds"], rows)
+    print("\nby whether the caption names a position (without one, the shape may sit anywhere)")
+    table(["setting", "captions", "background", "shape colour", "shape", "position", "pairs"], split)
     read_as = [*world.SHAPES, None]
     for label, counts in kinds.items():
         print(f"\nshape kind at {label}: captioned (rows) against read (columns; none: no shape found)")

@@ -40,6 +40,9 @@ class Adherence:
     count: int
     # (asked kind, kind read or None) → images: which kinds the shape score's misses are.
     kinds: Mapping[tuple[str, str | None], int] = field(default_factory=dict)
+    # The same shares among captions with a position word and among those without: a caption without
+    # one lets the shape sit anywhere, a different task for the model (docs/toy.md §11).
+    by_position: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
         return {name: round(getattr(self, name), 3) for name in ATTRIBUTES} | {"count": self.count}
@@ -75,14 +78,23 @@ def adherence(
 def adherence_of(pairs: Sequence[tuple[world.Caption, int]], images: Sequence[np.ndarray]) -> Adherence:
     """Read each image with the judge against its pair's caption."""
     hits: dict[str, list[bool]] = {name: [] for name in ATTRIBUTES}
+    split: dict[str, dict[str, list[bool]]] = {}
     kinds: Counter[tuple[str, str | None]] = Counter()
     for (caption, _), image in zip(pairs, images, strict=True):
         reading = judge.read(image)
+        group = split.setdefault("without" if caption.position is None else "with", {})
         for name, ok in reading.agrees_with(caption).items():
             hits[name].append(ok)
+            group.setdefault(name, []).append(ok)
         kinds[caption.shape, reading.shape] += 1
-    shares = {name: (sum(v) / len(v) if v else math.nan) for name, v in hits.items()}
-    return Adherence(count=len(images), kinds=dict(kinds), **shares)
+    by_position = {
+        group: _shares(found) | {"count": len(found["background"])} for group, found in sorted(split.items())
+    }
+    return Adherence(count=len(images), kinds=dict(kinds), by_position=by_position, **_shares(hits))
+
+
+def _shares(hits: Mapping[str, list[bool]]) -> dict[str, float]:
+    return {name: (sum(v) / len(v) if v else math.nan) for name, v in hits.items()}
 
 
 def colour_share(image: np.ndarray, colour: str) -> float:

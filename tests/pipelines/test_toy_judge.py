@@ -89,3 +89,24 @@ def test_adherence_counts_each_captioned_kind_against_the_kind_read() -> None:
     score = quality.adherence_of(pairs, images)
     assert score.kinds == {("circle", "circle"): 1, ("square", "square"): 1, ("triangle", None): 1}
     assert score.shape == pytest.approx(2 / 3)
+
+
+def test_adherence_splits_its_shares_by_whether_the_caption_names_a_position() -> None:
+    rng = np.random.default_rng(11)
+    captions = [
+        world.Caption("circle", "red", "blue", "center"),
+        world.Caption("square", "red", "blue", None),
+    ]
+    images = [world.render(world.scene_for(c, rng), 96) for c in captions]
+    images.append(np.full_like(images[0], world.COLOURS["red"]))  # an unpositioned caption flooded red
+    captions.append(world.Caption("triangle", "green", "white", None))
+    score = quality.adherence_of([(c, 0) for c in captions], images)
+    assert score.by_position["with"] == {
+        "background": 1.0,
+        "colour": 1.0,
+        "shape": 1.0,
+        "position": 1.0,
+        "count": 1,
+    }
+    assert score.by_position["without"] == {"background": 0.5, "colour": 0.5, "shape": 0.5, "count": 2}
+    assert score.background == pytest.approx(2 / 3)
