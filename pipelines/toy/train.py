@@ -64,7 +64,8 @@ class Phase:
     # thousand layouts per size covers a world of 1680 captions.
     pool: int
     # Runs alternately with the phase before it (their steps spread evenly over each other) instead of
-    # after it: a run that went 256 px then 512 px forgot at 512 px the colours that 256 px kept.
+    # after it, so that a run keeps seeing one size while it learns another (runs 7 and 8 tried it
+    # against the colours lost at 512 px; docs/toy.md §11 says what it did and did not do).
     interleave: bool = False
 
     @classmethod
