@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -22,9 +22,23 @@ from tests.live import SLUG, LiveServer, twin_server
 STEPS = {"num_inference_steps": 10}
 
 
-def client(live: LiveServer, key: str) -> openai.OpenAI:
-    # No retries: a test must see the first answer, and a retried generation would be charged twice.
-    return openai.OpenAI(base_url=f"{live.base_url}/v1", api_key=key, max_retries=0, timeout=120)
+Clients = Callable[[LiveServer, str], openai.OpenAI]
+
+
+@pytest.fixture
+def client() -> Iterator[Clients]:
+    """Makes the SDK's clients and closes them after the test: each holds an httpx pool, and an unclosed
+    one leaks its sockets into whichever later test the garbage collector happens to run in."""
+    made: list[openai.OpenAI] = []
+
+    def make(live: LiveServer, key: str) -> openai.OpenAI:
+        # No retries: a test must see the first answer, and a retried generation would be charged twice.
+        made.append(openai.OpenAI(base_url=f"{live.base_url}/v1", api_key=key, max_retries=0, timeout=120))
+        return made[-1]
+
+    yield make
+    for sdk in made:
+        sdk.close()
 
 
 def decode(b64: str | None) -> Image.Image:
@@ -38,7 +52,7 @@ def expected_price(*, width: int, height: int, steps: int, samples: int) -> Deci
     return price_of(width=width, height=height, steps=steps, samples=samples, pricing=PricingSettings())
 
 
-def test_b64_json_returns_a_jpeg_of_the_asked_size(live: LiveServer) -> None:
+def test_b64_json_returns_a_jpeg_of_the_asked_size(live: LiveServer, client: Clients) -> None:
     key = live.key()
     result = client(live, key).images.generate(
         model="stable-diffusion-3-medium",
@@ -53,7 +67,7 @@ def test_b64_json_returns_a_jpeg_of_the_asked_size(live: LiveServer) -> None:
     assert result.output_format == "jpeg"
 
 
-def test_url_points_at_a_downloadable_jpeg_of_the_asked_size(live: LiveServer) -> None:
+def test_url_points_at_a_downloadable_jpeg_of_the_asked_size(live: LiveServer, client: Clients) -> None:
     key = live.key()
     result = client(live, key).images.generate(
         model="dall-e-3",  # any model name is accepted: there is one model here
@@ -95,7 +109,9 @@ def test_url_is_the_default_and_honours_the_proxy_headers(live: LiveServer) -> N
     assert httpx.get(live.base_url + output, timeout=30).status_code == 200
 
 
-def test_n_2_returns_two_images_and_is_charged_like_the_segmind_request(live: LiveServer) -> None:
+def test_n_2_returns_two_images_and_is_charged_like_the_segmind_request(
+    live: LiveServer, client: Clients
+) -> None:
     key = live.key("10")
     result = client(live, key).images.generate(
         model="sd3", prompt="two cats", n=2, size="512x768", response_format="b64_json", extra_body=STEPS
@@ -117,7 +133,7 @@ def test_n_2_returns_two_images_and_is_charged_like_the_segmind_request(live: Li
     assert live.balance_of(segmind_key) == live.balance_of(key)
 
 
-def test_the_contract_headers_come_with_the_answer(live: LiveServer) -> None:
+def test_the_contract_headers_come_with_the_answer(live: LiveServer, client: Clients) -> None:
     key = live.key("10")
     raw = client(live, key).images.with_raw_response.generate(
         model="sd3",
@@ -140,7 +156,7 @@ def test_the_contract_headers_come_with_the_answer(live: LiveServer) -> None:
     assert raw.parse().data is not None
 
 
-def test_size_auto_is_1024_square(live: LiveServer) -> None:
+def test_size_auto_is_1024_square(live: LiveServer, client: Clients) -> None:
     key = live.key("10")
     result = client(live, key).images.generate(
         model="sd3", prompt="a pear", size="auto", response_format="b64_json", extra_body=STEPS
@@ -152,7 +168,7 @@ def test_size_auto_is_1024_square(live: LiveServer) -> None:
     )
 
 
-def test_a_wrong_key_is_an_authentication_error(live: LiveServer) -> None:
+def test_a_wrong_key_is_an_authentication_error(live: LiveServer, client: Clients) -> None:
     with pytest.raises(openai.AuthenticationError) as caught:
         client(live, "sd3_not-a-key").images.generate(model="sd3", prompt="a fox", size="512x512")
     assert caught.value.status_code == 401
@@ -197,7 +213,7 @@ def test_x_api_key_is_accepted_too(live: LiveServer) -> None:
     ],
 )
 def test_invalid_input_is_a_bad_request_naming_the_field_and_charges_nothing(
-    live: LiveServer, extra: dict[str, object], param: str
+    live: LiveServer, extra: dict[str, object], param: str, client: Clients
 ) -> None:
     key = live.key("10")
     with pytest.raises(openai.BadRequestError) as caught:
@@ -221,7 +237,7 @@ def test_malformed_json_is_a_bad_request(live: LiveServer) -> None:
     assert "JSON" in response.json()["error"]["message"]
 
 
-def test_insufficient_credits_is_an_error_and_charges_nothing(live: LiveServer) -> None:
+def test_insufficient_credits_is_an_error_and_charges_nothing(live: LiveServer, client: Clients) -> None:
     key = live.key("0.001")
     with pytest.raises(openai.APIStatusError) as caught:
         client(live, key).images.generate(
@@ -261,7 +277,7 @@ def sd35_cost(slug: str, *, steps: int, width: int = 512, height: int = 512, ima
 
 
 def test_on_sd35_large_a_bare_request_runs_the_large_slug_with_its_defaults_and_price(
-    large: LiveServer,
+    large: LiveServer, client: Clients
 ) -> None:
     key = large.key("10")
     raw = client(large, key).images.with_raw_response.generate(
@@ -288,7 +304,9 @@ def test_on_sd35_large_a_bare_request_runs_the_large_slug_with_its_defaults_and_
     assert (body["width"], body["height"], body["batch_size"]) == (512, 512, 1)
 
 
-def test_on_sd35_turbo_n_and_urls_run_turbo_at_4_steps_and_guidance_1(turbo: LiveServer) -> None:
+def test_on_sd35_turbo_n_and_urls_run_turbo_at_4_steps_and_guidance_1(
+    turbo: LiveServer, client: Clients
+) -> None:
     key = turbo.key("10")
     raw = client(turbo, key).images.with_raw_response.generate(
         model="sd3", prompt="two cats", n=2, size="512x768", response_format="url"
@@ -307,7 +325,7 @@ def test_on_sd35_turbo_n_and_urls_run_turbo_at_4_steps_and_guidance_1(turbo: Liv
     assert (body["steps"], body["guidance_scale"], body["batch_size"]) == (4, 1.0, 2)
 
 
-def test_on_sd35_the_extensions_are_the_slugs_own_fields(turbo: LiveServer) -> None:
+def test_on_sd35_the_extensions_are_the_slugs_own_fields(turbo: LiveServer, client: Clients) -> None:
     key = turbo.key("10")
     extensions = {
         "num_inference_steps": 2,  # the SD3 spelling is taken as `steps`
@@ -338,7 +356,7 @@ def test_on_sd35_the_extensions_are_the_slugs_own_fields(turbo: LiveServer) -> N
     ],
 )
 def test_on_sd35_an_extension_out_of_the_slugs_range_names_the_sent_field_and_charges_nothing(
-    large: LiveServer, extra: dict[str, object], param: str
+    large: LiveServer, extra: dict[str, object], param: str, client: Clients
 ) -> None:
     key = large.key("10")
     with pytest.raises(openai.BadRequestError) as caught:
@@ -348,7 +366,7 @@ def test_on_sd35_an_extension_out_of_the_slugs_range_names_the_sent_field_and_ch
     assert large.balance_of(key) == Decimal("10")
 
 
-def test_on_sd3_medium_steps_is_taken_as_num_inference_steps(live: LiveServer) -> None:
+def test_on_sd3_medium_steps_is_taken_as_num_inference_steps(live: LiveServer, client: Clients) -> None:
     key = live.key("10")
     raw = client(live, key).images.with_raw_response.generate(
         model="sd3", prompt="a pear", size="512x512", response_format="b64_json", extra_body={"steps": 10}
