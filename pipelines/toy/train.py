@@ -820,8 +820,10 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         help="go on to the transformer even if the VAE misses its gate (smoke tests of the script only)",
     )
     args = parser.parse_args(argv)
-    if args.phase and args.phase[0].interleave:
-        parser.error("the first --phase has nothing before it to interleave with (drop its +)")
+    try:
+        stages(args.phase or [])
+    except ValueError as error:
+        parser.error(f"--phase: {error} (drop its +)")
     cfg = dataclasses.replace(
         defaults,
         seed=args.seed,

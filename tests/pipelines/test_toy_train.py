@@ -141,7 +141,9 @@ def test_a_phase_is_size_steps_batch_and_an_optional_pool() -> None:
     assert train.Phase.parse("+512:10:4").interleave and not train.Phase.parse("512:10:4").interleave
 
 
-def test_interleaved_phases_spread_their_steps_evenly_over_each_other() -> None:
+def test_interleaved_phases_spread_their_steps_evenly_over_each_other(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     a, b, c = (train.Phase.parse(text) for text in ("128:4:8", "256:6:4", "+512:3:2"))
     assert train.stages([a, b, c]) == [[a], [b, c]]
     order = train.interleaving([b, c])
@@ -151,6 +153,7 @@ def test_interleaved_phases_spread_their_steps_evenly_over_each_other() -> None:
         train.stages([c, a])
     with pytest.raises(SystemExit):
         train.main(["out", "--phase", "+128:1:1"])
+    assert "--phase: the first phase has nothing before it" in capsys.readouterr().err
 
 
 def test_an_interleaved_run_trains_each_size_and_times_them_together(tmp_path: Path) -> None:
