@@ -67,21 +67,34 @@ class Phase:
     # after it, so that a run keeps seeing one size while it learns another (runs 7 and 8 tried it
     # against the colours lost at 512 px; docs/toy.md §11 says what it did and did not do).
     interleave: bool = False
+    # The time shift of the phase's training σ. It only moves where the training effort goes, never
+    # what is learnt (the target at each σ is the same), so serving still samples at its own shift.
+    # A larger image says more about its layout at the same σ (more pixels average out the noise),
+    # so its shape and place are decided at a higher σ than a small image's (docs/toy.md §12):
+    # SD3's resolution-dependent shift, here as a training-time weighting.
+    shift: float = FLOW_SHIFT
 
     @classmethod
     def parse(cls, text: str) -> Phase:
-        """ "SIZE:STEPS:BATCH[:POOL]", e.g. "128:4000:16:8192"; the pool defaults to a quarter of the
-        samples the phase draws (each scene seen about four times). A leading "+" interleaves the
-        phase with the one before it."""
+        """ "SIZE:STEPS:BATCH[:POOL][@SHIFT]", e.g. "128:4000:16:8192" or "512:900:4@6"; the pool
+        defaults to a quarter of the samples the phase draws (each scene seen about four times), the
+        shift to FLOW_SHIFT. A leading "+" interleaves the phase with the one before it."""
         interleave = text.startswith("+")
-        parts = [int(part) for part in text.removeprefix("+").split(":")]
+        body, at, shift_text = text.removeprefix("+").partition("@")
+        try:
+            parts = [int(part) for part in body.split(":")]
+            shift = float(shift_text) if at else FLOW_SHIFT
+        except ValueError:
+            raise ValueError(f"phase {text!r} is not SIZE:STEPS:BATCH[:POOL][@SHIFT]") from None
         if len(parts) not in (3, 4):
-            raise ValueError(f"phase {text!r} is not SIZE:STEPS:BATCH[:POOL]")
+            raise ValueError(f"phase {text!r} is not SIZE:STEPS:BATCH[:POOL][@SHIFT]")
         size, steps, batch = parts[:3]
         if size % 16:
             raise ValueError(f"phase size {size} is not a multiple of 16 (8x VAE, 2x2 patches)")
+        if not (shift > 0 and math.isfinite(shift)):
+            raise ValueError(f"phase {text!r}: the shift must be a positive number")
         pool = parts[3] if len(parts) == 4 else max(batch, steps * batch // 4)
-        return cls(size=size, steps=steps, batch=batch, pool=pool, interleave=interleave)
+        return cls(size=size, steps=steps, batch=batch, pool=pool, interleave=interleave, shift=shift)
 
 
 def stages(phases: Sequence[Phase]) -> list[list[Phase]]:
@@ -400,12 +413,12 @@ class CaptionBank:
         return int(self.empty_context.shape[-1]), int(self.empty_pooled.shape[-1])
 
 
-def sample_sigmas(gen: torch.Generator, batch: int) -> torch.Tensor:
+def sample_sigmas(gen: torch.Generator, batch: int, shift: float = FLOW_SHIFT) -> torch.Tensor:
     """SD3's logit-normal t (m = 0, s = 1), time-shifted as the serving schedules are."""
     from schedulers.sigmas import time_shift
 
     t = torch.sigmoid(torch.randn(batch, generator=gen))
-    return time_shift(t, FLOW_SHIFT)
+    return time_shift(t, shift)
 
 
 def condition_batch(
@@ -545,7 +558,7 @@ def train_transformer(
                 param_group["lr"] = cfg.lr * _lr_factor(step, total=total, warmup=min(cfg.warmup, total))
             batch_captions, x0, mask = pool.draw(rng, phase.batch)
             context, pooled = condition_batch(bank, batch_captions, gen, cfg)
-            sigma = sample_sigmas(gen, phase.batch)
+            sigma = sample_sigmas(gen, phase.batch, phase.shift)
             eps = torch.randn(x0.shape, generator=gen)
             s = sigma.view(-1, 1, 1, 1)
             x_t = (1.0 - s) * x0 + s * eps
@@ -775,8 +788,9 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         "--phase",
         action="append",
         type=Phase.parse,
-        help="SIZE:STEPS:BATCH[:POOL] of a transformer phase, repeatable, in order; a leading + runs it "
-        "interleaved with the phase before it (default: "
+        help="SIZE:STEPS:BATCH[:POOL][@SHIFT] of a transformer phase, repeatable, in order; a leading + "
+        "runs it interleaved with the phase before it; @SHIFT trains its σ at that time shift "
+        f"(default {FLOW_SHIFT:g}) (default phases: "
         + " ".join(f"{p.size}:{p.steps}:{p.batch}" for p in defaults.phases)
         + ")",
     )

@@ -38,6 +38,11 @@ def test_sigmas_are_sd3_logit_normal_shifted_as_the_serving_schedule() -> None:
     assert float(sigmas.min()) > 0.0 and float(sigmas.max()) < 1.0
     # The median of logit-normal(0, 1) is t = ½, which shift 3 moves to σ = 0.75.
     assert abs(float(sigmas.median()) - time_shift(0.5, 3.0)) < 0.01
+    # A phase's own shift moves the draws up the σ range, the same normal draws through a larger shift.
+    shifted = train.sample_sigmas(torch.Generator().manual_seed(0), 20000, 12.0)
+    assert abs(float(shifted.median()) - time_shift(0.5, 12.0)) < 0.01
+    # Shifts compose by multiplying the odds σ/(1 − σ): shift 12 is shift 3 followed by shift 4.
+    assert torch.allclose(shifted, time_shift(sigmas, 4.0), atol=1e-6)
 
 
 def test_caption_dropout_gives_the_empty_prompt_or_zeros(tmp_path: Path) -> None:
@@ -78,15 +83,15 @@ def test_the_command_writes_a_diffusers_folder_with_a_manifest(tmp_path: Path) -
     out = tmp_path / "toy"
     status = train.main(
         [str(out), "--vae-steps", "2", "--vae-size", "16", "--vae-batch", "2", "--depth", "2"]
-        + ["--phase", "32:2:2", "--phase", "+48:1:1:3", "--no-gate", "--eval-every", "0"]
+        + ["--phase", "32:2:2", "--phase", "+48:1:1:3@6", "--no-gate", "--eval-every", "0"]
     )
     assert status == 0
     manifest = json.loads((out / train.MANIFEST).read_text())
     assert manifest["script_version"] == train.SCRIPT_VERSION
     assert manifest["config"]["phases"] == [
         # The pool defaults to a quarter of the draws; "+" runs 48 px interleaved with 32 px.
-        {"size": 32, "steps": 2, "batch": 2, "pool": 2, "interleave": False},
-        {"size": 48, "steps": 1, "batch": 1, "pool": 3, "interleave": True},
+        {"size": 32, "steps": 2, "batch": 2, "pool": 2, "interleave": False, "shift": 3.0},
+        {"size": 48, "steps": 1, "batch": 1, "pool": 3, "interleave": True, "shift": 6.0},
     ]
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
@@ -139,6 +144,11 @@ def test_a_phase_is_size_steps_batch_and_an_optional_pool() -> None:
     with pytest.raises(ValueError, match="SIZE:STEPS:BATCH"):
         train.Phase.parse("128:1")
     assert train.Phase.parse("+512:10:4").interleave and not train.Phase.parse("512:10:4").interleave
+    assert train.Phase.parse("512:10:4").shift == train.FLOW_SHIFT
+    assert train.Phase.parse("+512:10:4:64@6").shift == 6.0 and train.Phase.parse("512:10:4@12.5").pool == 10
+    for bad in ("512:10:4@", "512:10:4@x", "512:10:4@0", "512:10:4@-2", "512:10:4@nan", "512:10:4@inf"):
+        with pytest.raises(ValueError):
+            train.Phase.parse(bad)
 
 
 def test_interleaved_phases_spread_their_steps_evenly_over_each_other(
