@@ -10,6 +10,10 @@ Sections (`--only`, repeatable):
   of images whose background colour, shape colour, shape kind and position the judge
   (`pipelines/toy/judge.py`) reads as captioned, at the API's defaults (DPM++ 2M, 25 steps, CFG 5,
   shift 3) and at CFG 1 (no guidance) for comparison.
+- decided: at which σ the model commits to each attribute. The judge reads the transformer's one-step
+  estimate of x0 from `--probe-pairs` real renders noised to σ (pipelines/toy/probe.py): right at a
+  small σ whatever was learnt; near σ = 1 only the caption can say what to draw, so where a share
+  falls is where sampling has to have decided it already (docs/toy.md §12).
 - controls: a negative prompt naming the shape's colour, `(colour:1.5)` against `(colour:0.5)`, and the
   negative-prompt window (`conditioningsettimesteprange_start/stop`, docs/sampling.md §5: the real negative
   acts only in the first ~10 % of the schedule; a zero-out negative covers [start, stop]; outside both,
@@ -50,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines.request import GenerationRequest  # noqa: E402
 from pipelines.toy import quality, world  # noqa: E402
 
-SECTIONS = ("adherence", "controls", "convergence", "settings", "approximations")
+SECTIONS = ("adherence", "decided", "controls", "convergence", "settings", "approximations")
 DEFAULTS = GenerationRequest(prompt="")  # the API's defaults: DPM++ 2M, 25 steps, CFG 5, shift 3
 CONVERGENCE_STEPS = (4, 8, 16, 32)
 
@@ -138,6 +142,20 @@ def adherence(generator: object, args: argparse.Namespace) -> None:
             ["captioned", *[kind or "none" for kind in read_as]],
             [[asked, *[counts.get((asked, kind), 0) for kind in read_as]] for asked in world.SHAPES],
         )
+
+
+def decided(generator: object, args: argparse.Namespace) -> None:
+    from pipelines.toy import probe
+
+    pairs = quality.prompt_seed_pairs(args.probe_pairs, seed=args.seed)
+    started = time.perf_counter()
+    scores = probe.readable_at(generator, pairs, size=args.size)  # type: ignore[arg-type]
+    print(f"## What the one-step estimate of x0 shows at {args.size} px, {args.probe_pairs} noised renders")
+    rows: list[list[object]] = [
+        [sigma, *[score.as_dict()[a] for a in quality.ATTRIBUTES]] for sigma, score in scores.items()
+    ]
+    table(["σ", *quality.ATTRIBUTES], rows)
+    print(f"({time.perf_counter() - started:.0f} s)")
 
 
 def _colour_probe(args: argparse.Namespace) -> list[tuple[world.Caption, int]]:
@@ -349,6 +367,7 @@ def main() -> None:
         action="store_false",
         help="adherence at the API defaults only (half the time)",
     )
+    parser.add_argument("--probe-pairs", type=int, default=48, help="noised renders for `decided`")
     parser.add_argument("--convergence-prompts", type=int, default=4)
     parser.add_argument("--reference-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -358,6 +377,8 @@ def main() -> None:
         started = time.perf_counter()
         if section == "adherence":
             adherence(generator, args)
+        elif section == "decided":
+            decided(generator, args)
         elif section == "controls":
             controls(args.model, generator, args)
         elif section == "convergence":

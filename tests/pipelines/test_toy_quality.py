@@ -164,3 +164,21 @@ BOUNDS: dict[str, float] = {
     "bf16_psnr": 25.0,
     "memory_psnr": 30.0,
 }
+
+
+def test_the_probe_reads_a_lightly_noised_render_right_and_a_pure_noise_one_from_the_caption_alone(
+    toy: SD3Generator,
+) -> None:
+    from pipelines.toy import probe
+
+    pairs = quality.prompt_seed_pairs(6, seed=5)
+    scores = probe.readable_at(toy, pairs, (0.1, 1.0), size=128)
+    assert list(scores) == [0.1, 1.0] and all(score.count == 6 for score in scores.values())
+    # At σ = 0.1 the render shows through: every attribute reads as captioned.
+    light = scores[0.1]
+    assert (light.background, light.colour, light.shape, light.position) == (1.0, 1.0, 1.0, 1.0)
+    # At σ = 1 the input is noise alone: the estimate is the caption's average image, a blur of every
+    # layout it allows, in which the judge finds no one shape (none of the six at 128 px).
+    assert scores[1.0].shape < 0.5
+    # The layouts and the noise are the pairs' own: the same pairs read the same.
+    assert probe.readable_at(toy, pairs, (1.0,), size=128)[1.0].as_dict() == scores[1.0].as_dict()
