@@ -37,6 +37,7 @@ test-fast: $(VENV)/.installed-test
 lint: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy benchmarks  # scripts, not a package: checked as files, on their own
 	$(BIN)/lint-imports
 	bash .ci/lint-docker.sh
 

@@ -12,6 +12,7 @@ which is why T5 keeps the dtype it was loaded in and this script exists to check
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -43,7 +44,7 @@ def main() -> None:
     rows: list[tuple[str, Callable[[], object]]] = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x, w = torch.randn(TOKENS, D_MODEL, dtype=dtype), torch.randn(D_FF, D_MODEL, dtype=dtype)
-        rows.append((str(dtype).removeprefix("torch."), lambda x=x, w=w: torch.nn.functional.linear(x, w)))
+        rows.append((str(dtype).removeprefix("torch."), functools.partial(torch.nn.functional.linear, x, w)))
     try:
         import bitsandbytes as bnb
 

@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -53,6 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.request import GenerationRequest  # noqa: E402
 from pipelines.toy import quality, world  # noqa: E402
+
+if TYPE_CHECKING:
+    from pipelines.sd3 import SD3Generator
 
 SECTIONS = ("adherence", "decided", "controls", "convergence", "settings", "approximations")
 DEFAULTS = GenerationRequest(prompt="")  # the API's defaults: DPM++ 2M, 25 steps, CFG 5, shift 3
@@ -66,7 +70,8 @@ def load(
     memory: dict[str, str] | None = None,
     performance: dict[str, str] | None = None,
     **sampling: str,
-) -> object:
+) -> SD3Generator:
+    from pipelines.sd3 import SD3Generator
     from server.app import load_runtime
     from server.config import Settings
 
@@ -77,7 +82,11 @@ def load(
         sampling=sampling,
         performance=performance or {},
     )
-    return load_runtime(settings).generator
+    generator = load_runtime(settings).generator
+    # The measures read the pipeline's internals (the probe, the memory modes), so only a local one will do.
+    if not isinstance(generator, SD3Generator):
+        raise SystemExit(f"{model}: loaded as {type(generator).__name__}, not a local SD3 pipeline")
+    return generator
 
 
 def table(header: list[str], rows: list[list[object]]) -> None:
@@ -100,7 +109,7 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def adherence(generator: object, args: argparse.Namespace) -> None:
+def adherence(generator: SD3Generator, args: argparse.Namespace) -> None:
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed)
     rows = []
     settings = [("API defaults (CFG 5)", replace(DEFAULTS, width=args.size, height=args.size))]
@@ -109,7 +118,7 @@ def adherence(generator: object, args: argparse.Namespace) -> None:
     kinds, split = {}, []
     for label, base in settings:
         started = time.perf_counter()
-        score = quality.adherence(generator, pairs, base)  # type: ignore[arg-type]
+        score = quality.adherence(generator, pairs, base)
         kinds[label] = score.kinds
         for group, shares in score.by_position.items():
             split.append(
@@ -144,34 +153,32 @@ def adherence(generator: object, args: argparse.Namespace) -> None:
         )
 
 
-def decided(generator: object, args: argparse.Namespace) -> None:
+def decided(generator: SD3Generator, args: argparse.Namespace) -> None:
     from pipelines.toy import probe
 
     pairs = quality.prompt_seed_pairs(args.probe_pairs, seed=args.seed)
-    started = time.perf_counter()
-    scores = probe.readable_at(generator, pairs, size=args.size)  # type: ignore[arg-type]
+    scores = probe.readable_at(generator, pairs, size=args.size)
     print(f"## What the one-step estimate of x0 shows at {args.size} px, {args.probe_pairs} noised renders")
     rows: list[list[object]] = [
         [sigma, *[score.as_dict()[a] for a in quality.ATTRIBUTES]] for sigma, score in scores.items()
     ]
     table(["σ", *quality.ATTRIBUTES], rows)
-    print(f"({time.perf_counter() - started:.0f} s)")
 
 
 def _colour_probe(args: argparse.Namespace) -> list[tuple[world.Caption, int]]:
     return quality.prompt_seed_pairs(max(8, args.pairs // 8), seed=args.seed + 1, positioned=0.0)
 
 
-def controls(model: str, generator: object, args: argparse.Namespace) -> None:
+def controls(model: str, generator: SD3Generator, args: argparse.Namespace) -> None:
     pairs = _colour_probe(args)
     base = replace(DEFAULTS, width=args.size, height=args.size)
 
     def measure(
-        make: Callable[[world.Caption, int], GenerationRequest], gen: object = generator
+        make: Callable[[world.Caption, int], GenerationRequest], gen: SD3Generator = generator
     ) -> tuple[float, list[np.ndarray]]:
         shares, images = [], []
         for caption, seed in pairs:
-            image = gen.generate(make(caption, seed)).images[0]  # type: ignore[attr-defined]
+            image = gen.generate(make(caption, seed)).images[0]
             shares.append(quality.colour_share(image, caption.colour))
             images.append(image)
         return float(np.mean(shares)), images
@@ -180,7 +187,7 @@ def controls(model: str, generator: object, args: argparse.Namespace) -> None:
     rows: list[list[object]] = [["prompt as captioned", plain, math.inf]]
 
     def row(
-        label: str, make: Callable[[world.Caption, int], GenerationRequest], gen: object = generator
+        label: str, make: Callable[[world.Caption, int], GenerationRequest], gen: SD3Generator = generator
     ) -> None:
         share, images = measure(make, gen)
         rows.append([label, share, quality.mean_psnr(images, reference)])
@@ -215,7 +222,7 @@ def controls(model: str, generator: object, args: argparse.Namespace) -> None:
     table(["setting", "colour share", "PSNR vs captioned (dB)"], rows)
 
 
-def convergence(generator: object, args: argparse.Namespace) -> None:
+def convergence(generator: SD3Generator, args: argparse.Namespace) -> None:
     from schedulers.names import public_names, resolve
 
     samplers: dict[str, str] = {}
@@ -230,7 +237,7 @@ def convergence(generator: object, args: argparse.Namespace) -> None:
         return [
             generator.generate(replace(base, prompt=c.text, seed=s, scheduler=scheduler, steps=steps)).images[
                 0
-            ]  # type: ignore[attr-defined]
+            ]
             for c, s in pairs
         ]
 
@@ -256,10 +263,10 @@ def convergence(generator: object, args: argparse.Namespace) -> None:
     )
 
 
-def settings(model: str, generator: object, args: argparse.Namespace) -> None:
+def settings(model: str, generator: SD3Generator, args: argparse.Namespace) -> None:
     pairs = quality.prompt_seed_pairs(8, seed=args.seed + 3)
     requests = [replace(DEFAULTS, prompt=c.text, seed=s, width=args.size, height=args.size) for c, s in pairs]
-    exact = [generator.generate(r).images[0] for r in requests]  # type: ignore[attr-defined]
+    exact = [generator.generate(r).images[0] for r in requests]
     rows: list[list[object]] = []
 
     def row(label: str, images: list[np.ndarray]) -> None:
@@ -271,12 +278,12 @@ def settings(model: str, generator: object, args: argparse.Namespace) -> None:
             ]
         )
 
-    batched = [r.images[0] for r in generator.generate_batch(requests)]  # type: ignore[attr-defined]
+    batched = [r.images[0] for r in generator.generate_batch(requests)]
     row("8 requests in one batch", batched)
     bf16 = load(model, dtype="bf16")
-    row("bf16 weights and activations", [bf16.generate(r).images[0] for r in requests])  # type: ignore[attr-defined]
+    row("bf16 weights and activations", [bf16.generate(r).images[0] for r in requests])
     int8 = load(model, performance={"quantize": "int8"})
-    row("transformer in int8 (torchao)", [int8.generate(r).images[0] for r in requests])  # type: ignore[attr-defined]
+    row("transformer in int8 (torchao)", [int8.generate(r).images[0] for r in requests])
     for label, memory in (
         ("VAE tiling", {"mode": "device", "vae_tiling": "on", "attention_slicing": "off"}),
         ("attention slicing", {"mode": "device", "vae_tiling": "off", "attention_slicing": "on"}),
@@ -288,12 +295,12 @@ def settings(model: str, generator: object, args: argparse.Namespace) -> None:
         except Exception as exc:  # a mode this machine cannot run (e.g. bitsandbytes missing) is reported
             rows.append([label, f"skipped: {exc}", ""])
             continue
-        row(label, [other.generate(r).images[0] for r in requests])  # type: ignore[attr-defined]
+        row(label, [other.generate(r).images[0] for r in requests])
     print(f"## Settings against the exact fp32 image at {args.size} px, {len(requests)} prompts")
     table(["setting", "PSNR (dB)", "SSIM"], rows)
 
 
-def approximations(model: str, generator: object, args: argparse.Namespace) -> None:
+def approximations(model: str, generator: SD3Generator, args: argparse.Namespace) -> None:
     """Every opt-in approximation (and bf16, the CPU default where it is native) against the exact fp32
     loop: closeness, adherence, work skipped and speed-up, over the same prompt×seed pairs. The
     variants alternate pair by pair, so the machine's noise falls on all of them alike."""
@@ -303,7 +310,7 @@ def approximations(model: str, generator: object, args: argparse.Namespace) -> N
     base = replace(DEFAULTS, width=args.size, height=args.size)
     requests = [replace(base, prompt=c.text, seed=s) for c, s in pairs]
     bf16, int8 = load(model, dtype="bf16"), load(model, performance={"quantize": "int8"})
-    variants: dict[str, tuple[object, str]] = {
+    variants: dict[str, tuple[SD3Generator, str]] = {
         "exact (fp32)": (generator, "off"),
         "bf16": (bf16, "off"),
         "int8 transformer": (int8, "off"),
@@ -315,7 +322,7 @@ def approximations(model: str, generator: object, args: argparse.Namespace) -> N
     seconds = dict.fromkeys(variants, 0.0)
     for request in requests:
         for label, (runner, level) in variants.items():
-            out = runner.generate(replace(request, step_cache=level))  # type: ignore[attr-defined]
+            out = runner.generate(replace(request, step_cache=level))
             images[label].append(out.images[0])
             skipped[label].append(out.timings.get("cache_skipped", 0.0))
             seconds[label] += out.timings["sample"]

@@ -74,6 +74,7 @@ def _sync(device: str) -> None:
 
 
 def run_mode(args: argparse.Namespace, request: GenerationRequest, mode: str) -> dict[str, object]:
+    from pipelines.sd3 import SD3Generator
     from server.app import load_runtime
     from server.config import Settings
 
@@ -100,6 +101,8 @@ def run_mode(args: argparse.Namespace, request: GenerationRequest, mode: str) ->
     except ModelLoadError as exc:
         return {"mode": mode, "skipped": str(exc)}
     ready = time.perf_counter() - started
+    generator = runtime.generator
+    assert isinstance(generator, SD3Generator)
     cuda = runtime.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -108,7 +111,7 @@ def run_mode(args: argparse.Namespace, request: GenerationRequest, mode: str) ->
     for _ in range(args.repeats):
         _sync(runtime.device)
         t0 = time.perf_counter()
-        result = runtime.generator.generate(job)
+        result = generator.generate(job)
         _sync(runtime.device)
         seconds.append(time.perf_counter() - t0)
         image, skipped = result.images[0], result.timings.get("cache_skipped", 0.0)

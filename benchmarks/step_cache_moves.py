@@ -65,6 +65,7 @@ def main() -> None:
         data_dir=Path(tempfile.mkdtemp(prefix="sd3-moves-")), model={"id": args.model, "device": args.device}
     )
     generator = load_runtime(settings).generator
+    assert isinstance(generator, sd3.SD3Generator)  # a local pipeline: its sampling loop is patched below
     base = GenerationRequest(
         prompt="", width=args.size, height=args.size, steps=args.steps, step_cache="fast"
     )
@@ -75,7 +76,7 @@ def main() -> None:
     else:
         requests = [replace(base, prompt=PROMPTS[i % len(PROMPTS)], seed=i) for i in range(args.pairs)]
     # The sampling loop builds its cache from this name: swap in the recording one for this run.
-    sd3.StepCache = RecordingCache  # type: ignore[misc]
+    sd3.StepCache = RecordingCache  # type: ignore[attr-defined,misc]
     for request in requests:
         generator.generate(request)
     moves = np.array(MOVES)

@@ -61,6 +61,10 @@ class CountingGenerator:
         self.batches[sum(r.samples for r in requests)] += 1
         return self.inner.generate_batch(requests, callback=callback)
 
+    def count_tokens(self, text: str) -> int:
+        # The server counts every prompt's tokens before admitting it (limits.max_prompt_tokens).
+        return self.inner.count_tokens(text)
+
 
 @dataclass
 class Contender:

@@ -23,6 +23,7 @@ import threading
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -32,7 +33,8 @@ from server.app import create_app, load_runtime
 from server.config import Settings
 from server.ledger import Ledger
 
-ORIGINAL = {
+# The hosted page's example body (a JSON object, so its values are of mixed types).
+ORIGINAL: dict[str, Any] = {
     "prompt": "A whimsical and high-resolution highly realistic image of a panda in a vintage cosmonaut"
     " suit.",
     "negative_prompt": "bad quality, poor quality, doll, disfigured, jpg, toy, bad anatomy, missing limbs",
