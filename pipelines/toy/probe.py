@@ -21,6 +21,7 @@ import torch
 
 from pipelines.toy import quality, world
 from pipelines.toy.train import velocity
+from schedulers.noise import initial_noise
 
 if TYPE_CHECKING:
     from pipelines.sd3 import SD3Generator
@@ -51,7 +52,7 @@ def readable_at(
     estimates: dict[float, list[np.ndarray]] = {float(s): [] for s in sigmas}
     for scene, (caption, seed) in zip(scenes_for(pairs), pairs, strict=True):
         x0 = generator.encode_image(world.render(scene, size))
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
+        noise = initial_noise(seed, tuple(x0.shape)).to(x0.device)
         cond = generator.encode(caption.text)
         for sigma in estimates:
             x_t = (1.0 - sigma) * x0 + sigma * noise
