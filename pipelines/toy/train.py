@@ -84,10 +84,10 @@ class Phase:
         try:
             parts = [int(part) for part in body.split(":")]
             shift = float(shift_text) if at else FLOW_SHIFT
+            if len(parts) not in (3, 4):
+                raise ValueError
         except ValueError:
             raise ValueError(f"phase {text!r} is not SIZE:STEPS:BATCH[:POOL][@SHIFT]") from None
-        if len(parts) not in (3, 4):
-            raise ValueError(f"phase {text!r} is not SIZE:STEPS:BATCH[:POOL][@SHIFT]")
         size, steps, batch = parts[:3]
         if size % 16:
             raise ValueError(f"phase size {size} is not a multiple of 16 (8x VAE, 2x2 patches)")
@@ -170,6 +170,9 @@ class TrainConfig:
     ema: float = 0.999
     drop_empty: float = 0.1  # share of captions replaced by the empty prompt's conditioning
     drop_zero: float = 0.1  # ... and by all-zero conditioning (ComfyUI's ConditioningZeroOut)
+    # Share of the captions kept whole that are replaced by one of `world.partial_texts` (drawn
+    # uniformly), so that a bare "red" in a negative prompt means a red shape to the model.
+    partial: float = 0.0
     # Progress is measured every `eval_every` steps (and at each phase's end) by generating
     # `eval_prompts` captions at the phase's size through the serving generator with the EMA weights
     # and reading them with the judge; it draws from its own seeds, so it never changes the weights.
@@ -402,9 +405,9 @@ class CaptionBank:
             )
         return self._cache[text]
 
-    def get(self, captions: list[world.Caption]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context [B, L, D], pooled [B, P]) of these captions."""
-        pairs = [self._encode(c.text) for c in captions]
+    def get(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [B, L, D], pooled [B, P]) of these prompts."""
+        pairs = [self._encode(text) for text in texts]
         return torch.cat([c for c, _ in pairs]), torch.cat([p for _, p in pairs])
 
     @property
@@ -424,9 +427,19 @@ def sample_sigmas(gen: torch.Generator, batch: int, shift: float = FLOW_SHIFT) -
 def condition_batch(
     bank: CaptionBank, captions: list[world.Caption], gen: torch.Generator, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's conditioning with caption dropout: some become the empty prompt, some all zeros."""
-    context, pooled = bank.get(captions)
+    """The batch's conditioning with caption dropout: some become the empty prompt, some all zeros, and
+    (with `cfg.partial`) some a shorter prompt that is still true of the image."""
+    texts = [c.text for c in captions]
     draw = torch.rand(len(captions), generator=gen)
+    if cfg.partial:
+        # Drawn only when asked for, so that runs without partial prompts keep their random stream.
+        shorten = torch.rand(len(captions), generator=gen) < cfg.partial
+        pick = torch.randint(0, 4, (len(captions),), generator=gen)
+        texts = [
+            world.partial_texts(c)[int(i)] if cut else text
+            for c, text, cut, i in zip(captions, texts, shorten.tolist(), pick.tolist(), strict=True)
+        ]
+    context, pooled = bank.get(texts)
     empty = draw < cfg.drop_empty
     zero = (draw >= cfg.drop_empty) & (draw < cfg.drop_empty + cfg.drop_zero)
     context[empty], pooled[empty] = bank.empty_context, bank.empty_pooled
@@ -747,7 +760,7 @@ def _choose_storage(cfg: TrainConfig, transformer: Any, vae: Any, bank: CaptionB
     rng = np.random.default_rng([cfg.seed, 4])
     gen = torch.Generator().manual_seed(cfg.seed + 4)
     scenes, images = scene_batch(rng, size=64, batch=2)
-    context, pooled = bank.get([s.caption for s in scenes])
+    context, pooled = bank.get([s.caption.text for s in scenes])
     x0 = encode_latents(vae, images)
     sigma = sample_sigmas(gen, 2)
     s = sigma.view(-1, 1, 1, 1)
@@ -809,6 +822,13 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         help="extra loss weight inside the shape (0: plain MSE)",
     )
     parser.add_argument(
+        "--partial",
+        type=float,
+        default=defaults.partial,
+        help="share of the (not dropped) captions trained as a shorter prompt still true of the image "
+        '("red", "a red circle", "a circle", "a blue background")',
+    )
+    parser.add_argument(
         "--init",
         help="a toy folder whose VAE and transformer phase B starts from (phase A is skipped)",
     )
@@ -854,6 +874,7 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         enforce_gate=not args.no_gate,
         eval_every=args.eval_every,
         shape_weight=args.shape_weight,
+        partial=args.partial,
         init=args.init,
         warmup=args.warmup,
     )

@@ -88,6 +88,20 @@ class Caption:
         return words if self.position is None else f"{words} {_PHRASES[self.position]}"
 
 
+def partial_texts(caption: Caption) -> tuple[str, ...]:
+    """Shorter prompts that are still true of `caption`'s image, in a fixed order: the shape's colour
+    alone ("red"), its colour and kind ("a red circle"), its kind ("a circle") and the background
+    ("a blue background"). Training on them as well gives a bare word the meaning a user's negative
+    prompt or partial prompt expects: a model trained only on whole sentences reads "red" as whatever
+    its random text encoders happen to put there."""
+    return (
+        caption.colour,
+        f"{_article(caption.colour)} {caption.shape}",
+        _article(caption.shape),
+        f"{_article(caption.background)} background",
+    )
+
+
 def _article(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 

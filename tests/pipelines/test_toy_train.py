@@ -52,7 +52,7 @@ def test_caption_dropout_gives_the_empty_prompt_or_zeros(tmp_path: Path) -> None
     captions = list(world.all_captions()[:3])
     gen = torch.Generator().manual_seed(0)
     kept, _ = train.condition_batch(bank, captions, gen, dataclasses.replace(TINY, drop_empty=0, drop_zero=0))
-    assert torch.equal(kept, bank.get(captions)[0])
+    assert torch.equal(kept, bank.get([c.text for c in captions])[0])
     empty, pooled = train.condition_batch(bank, captions, gen, dataclasses.replace(TINY, drop_empty=1))
     assert torch.equal(empty, bank.empty_context.expand_as(empty))
     assert torch.equal(pooled, bank.empty_pooled.expand_as(pooled))
@@ -62,6 +62,36 @@ def test_caption_dropout_gives_the_empty_prompt_or_zeros(tmp_path: Path) -> None
     assert not zero.any() and not pooled.any()
     # The context is the serving length: 77 CLIP tokens + 77 T5 tokens (max_sequence_length).
     assert kept.shape[1] == 154
+
+
+def test_partial_prompts_replace_whole_captions_with_shorter_true_ones() -> None:
+    from pipelines.tiny import build_tiny_pipeline
+
+    bank = train.CaptionBank(build_tiny_pipeline())
+    captions = list(world.all_captions()[:64])
+    always = dataclasses.replace(TINY, drop_empty=0, drop_zero=0, partial=1)
+    context, _ = train.condition_batch(bank, captions, torch.Generator().manual_seed(0), always)
+    # Every row is the encoding of one of its own caption's partial prompts, and all four forms occur.
+    forms = set()
+    for row, caption in zip(context, captions, strict=True):
+        matches = [
+            i
+            for i, text in enumerate(world.partial_texts(caption))
+            if torch.equal(row, bank.get([text])[0][0])
+        ]
+        assert len(matches) == 1
+        forms.add(matches[0])
+    assert forms == {0, 1, 2, 3}
+    # Without partial prompts a batch draws only the dropout's numbers, as runs before `partial` did.
+    gen = torch.Generator().manual_seed(1)
+    train.condition_batch(bank, captions, gen, dataclasses.replace(TINY, partial=0))
+    assert torch.equal(torch.rand(1, generator=gen), torch.rand(1, generator=_after(1, len(captions))))
+
+
+def _after(seed: int, draws: int) -> torch.Generator:
+    gen = torch.Generator().manual_seed(seed)
+    torch.rand(draws, generator=gen)
+    return gen
 
 
 def test_a_vae_that_misses_its_gate_stops_the_script_before_the_transformer(tmp_path: Path) -> None:
