@@ -23,6 +23,15 @@ def test_caption_set_is_finite_unique_and_parses_back() -> None:
         world.parse_caption("a red circle on a red background")
 
 
+def test_partial_prompts_are_shorter_and_say_only_what_is_true() -> None:
+    caption = world.Caption("triangle", "orange", "blue", "top")
+    assert world.partial_texts(caption) == ("orange", "an orange triangle", "a triangle", "a blue background")
+    # Never a whole caption (those are the full set's), and few distinct ones over the whole world.
+    partial = {text for c in world.all_captions() for text in world.partial_texts(c)}
+    assert not partial & {c.text for c in world.all_captions()}
+    assert len(partial) == 8 + 8 * 3 + 3 + 8
+
+
 def test_a_seed_fixes_the_scene_and_the_pixels() -> None:
     first = [world.random_scene(np.random.default_rng(7)) for _ in range(2)]
     assert first[0] == first[1]
