@@ -17,8 +17,8 @@ Sections (`--only`, repeatable):
 - controls: a negative prompt naming the shape's colour, `(colour:1.5)` against `(colour:0.5)`, and the
   negative-prompt window (`conditioningsettimesteprange_start/stop`, docs/sampling.md §5: the real negative
   acts only in the first ~10 % of the schedule; a zero-out negative covers [start, stop]; outside both,
-  D = cfg·D_cond, which over-saturates): mean share of the named colour's pixels, and the image's
-  distance from the default setting.
+  D = cfg·D_cond, which over-saturates), and the negative under plain CFG on every step (the SD3.5
+  pages'): mean share of the named colour's pixels, and the image's distance from the default setting.
 - convergence: every sampler at 4/8/16/32 steps, PSNR against the exact reference (DPM++ 2M at
   `--reference-steps`, fp32) and against the same sampler at the reference step count. Samplers that
   draw fresh noise every step (ancestral, SDE) converge in distribution, not image by image, so only
@@ -211,6 +211,13 @@ def controls(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
     row(
         "window start 0.5 (gap after the real negative)",
         lambda c, s: replace(base, prompt=c.text, seed=s, cond_start=0.5),
+    )
+    # The SD3.5 pages' plain CFG: the negative guides every step, with no window and no zero-out.
+    plain_cfg = replace(base, negative_window=False)
+    row("plain CFG (no window), no negative", lambda c, s: replace(plain_cfg, prompt=c.text, seed=s))
+    row(
+        "plain CFG (no window), negative = colour",
+        lambda c, s: replace(plain_cfg, prompt=c.text, seed=s, negative_prompt=c.colour),
     )
     wiring_b = load(model, negative_window_wiring="b")
     row(

@@ -79,13 +79,18 @@ def test_guidance_makes_images_follow_their_prompts_better_than_none(toy: SD3Gen
 
 
 def test_a_negative_prompt_naming_the_shape_colour_lowers_its_share(toy: SD3Generator) -> None:
+    # The negative prompt guiding every step, as the SD3.5 pages use it (negative_window=False). Under
+    # the txt2img page's window (docs/sampling.md §5.2) the real negative is evaluated on only the first
+    # 3 of 25 steps, above σ 0.964, where the toy has not yet chosen the shape's colour or place, and
+    # the zero-out guides the rest: there the share moves by about a percent either way
+    # (docs/toy.md §13), which no test on 8 images can tell from noise.
     pairs = quality.prompt_seed_pairs(8, seed=13, positioned=0.0)
-    base = replace(DEFAULTS, width=256, height=256)
+    base = replace(DEFAULTS, width=256, height=256, negative_window=False)
     plain = _mean_share(toy, pairs, lambda c, s: replace(base, prompt=c.text, seed=s))
     negative = _mean_share(
         toy, pairs, lambda c, s: replace(base, prompt=c.text, seed=s, negative_prompt=c.colour)
     )
-    assert negative < plain
+    assert negative < 0.75 * plain, (negative, plain)
 
 
 def test_a_heavier_weight_on_the_colour_word_raises_its_share(toy: SD3Generator) -> None:
