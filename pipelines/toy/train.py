@@ -434,7 +434,8 @@ def condition_batch(
     if cfg.partial:
         # Drawn only when asked for, so that runs without partial prompts keep their random stream.
         shorten = torch.rand(len(captions), generator=gen) < cfg.partial
-        pick = torch.randint(0, 4, (len(captions),), generator=gen)
+        choices = len(world.partial_texts(captions[0]))  # the same count for every caption
+        pick = torch.randint(0, choices, (len(captions),), generator=gen)
         texts = [
             world.partial_texts(c)[int(i)] if cut else text
             for c, text, cut, i in zip(captions, texts, shorten.tolist(), pick.tolist(), strict=True)
@@ -780,6 +781,17 @@ def _choose_storage(cfg: TrainConfig, transformer: Any, vae: Any, bank: CaptionB
 
 
 # -- command line ----------------------------------------------------------------------------------
+def _share(text: str) -> float:
+    """A share in [0, 1] (NaN is not one: every comparison with it is false, so it would train nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1")
+    return value
+
+
 def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | None]:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -823,7 +835,7 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
     )
     parser.add_argument(
         "--partial",
-        type=float,
+        type=_share,
         default=defaults.partial,
         help="share of the (not dropped) captions trained as a shorter prompt still true of the image "
         '("red", "a red circle", "a circle", "a blue background")',

@@ -88,6 +88,16 @@ def test_partial_prompts_replace_whole_captions_with_shorter_true_ones() -> None
     assert torch.equal(torch.rand(1, generator=gen), torch.rand(1, generator=_after(1, len(captions))))
 
 
+@pytest.mark.parametrize("bad", ["-0.1", "1.5", "nan", "inf", "a fifth"])
+def test_a_partial_share_outside_zero_to_one_is_refused_by_the_command_line(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train._arguments(["out", "--partial", "0.2"])[0].partial == 0.2
+    with pytest.raises(SystemExit):
+        train._arguments(["out", "--partial", bad])
+    assert "--partial" in capsys.readouterr().err
+
+
 def _after(seed: int, draws: int) -> torch.Generator:
     gen = torch.Generator().manual_seed(seed)
     torch.rand(draws, generator=gen)
