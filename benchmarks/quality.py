@@ -14,11 +14,16 @@ Sections (`--only`, repeatable):
   estimate of x0 from `--probe-pairs` real renders noised to σ (pipelines/toy/probe.py): right at a
   small σ whatever was learnt; near σ = 1 only the caption can say what to draw, so where a share
   falls is where sampling has to have decided it already (docs/toy.md §12).
-- controls: a negative prompt naming the shape's colour, `(colour:1.5)` against `(colour:0.5)`, and the
-  negative-prompt window (`conditioningsettimesteprange_start/stop`, docs/sampling.md §5: the real negative
-  acts only in the first ~10 % of the schedule; a zero-out negative covers [start, stop]; outside both,
+- controls: a negative prompt naming the shape's colour, the negative-prompt window
+  (`conditioningsettimesteprange_start/stop`, docs/sampling.md §5: the real negative acts only in
+  the first ~10 % of the schedule; a zero-out negative covers [start, stop]; outside both,
   D = cfg·D_cond, which over-saturates), and the negative under plain CFG on every step (the SD3.5
-  pages'): mean share of the named colour's pixels, and the image's distance from the default setting.
+  pages'): mean share of the named colour's pixels, and the image's distance from the default setting;
+  then each negative's effect on the share paired prompt by prompt, with its standard error.
+- weights: what a `(colour:w)` weight does, first to the conditioning (how far it moves the context
+  along the difference between two captions that differ in the colour word alone), then over
+  `--pairs` prompts without a position word at w = 0.5, 1, 1.5 (share of the colour's pixels, the
+  judge's reading of the shape's colour, distance from w = 1, and the paired difference).
 - convergence: every sampler at 4/8/16/32 steps, PSNR against the exact reference (DPM++ 2M at
   `--reference-steps`, fp32) and against the same sampler at the reference step count. Samplers that
   draw fresh noise every step (ancestral, SDE) converge in distribution, not image by image, so only
@@ -49,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -58,7 +64,7 @@ from pipelines.toy import quality, world  # noqa: E402
 if TYPE_CHECKING:
     from pipelines.sd3 import SD3Generator
 
-SECTIONS = ("adherence", "decided", "controls", "convergence", "settings", "approximations")
+SECTIONS = ("adherence", "decided", "controls", "weights", "convergence", "settings", "approximations")
 DEFAULTS = GenerationRequest(prompt="")  # the API's defaults: DPM++ 2M, 25 steps, CFG 5, shift 3
 CONVERGENCE_STEPS = (4, 8, 16, 32)
 
@@ -172,51 +178,111 @@ def _colour_probe(args: argparse.Namespace) -> list[tuple[world.Caption, int]]:
 def controls(generator: SD3Generator, args: argparse.Namespace) -> None:
     pairs = _colour_probe(args)
     base = replace(DEFAULTS, width=args.size, height=args.size)
+    shares: dict[str, list[float]] = {}
 
-    def measure(make: Callable[[world.Caption, int], GenerationRequest]) -> tuple[float, list[np.ndarray]]:
-        shares, images = [], []
-        for caption, seed in pairs:
-            image = generator.generate(make(caption, seed)).images[0]
-            shares.append(quality.colour_share(image, caption.colour))
-            images.append(image)
-        return float(np.mean(shares)), images
+    def row(label: str, make: Callable[[world.Caption, int], GenerationRequest]) -> list[np.ndarray]:
+        images = [generator.generate(make(caption, seed)).images[0] for caption, seed in pairs]
+        shares[label] = [quality.colour_share(im, c.colour) for im, (c, _) in zip(images, pairs, strict=True)]
+        return images
 
-    plain, reference = measure(lambda c, s: replace(base, prompt=c.text, seed=s))
-    rows: list[list[object]] = [["prompt as captioned", plain, math.inf]]
-
-    def row(label: str, make: Callable[[world.Caption, int], GenerationRequest]) -> None:
-        share, images = measure(make)
-        rows.append([label, share, quality.mean_psnr(images, reference)])
-
-    row(
-        "negative prompt = the shape's colour",
-        lambda c, s: replace(base, prompt=c.text, seed=s, negative_prompt=c.colour),
-    )
-    row(
-        "(colour:1.5) in the prompt",
-        lambda c, s: replace(base, prompt=c.text.replace(c.colour, f"({c.colour}:1.5)", 1), seed=s),
-    )
-    row(
-        "(colour:0.5) in the prompt",
-        lambda c, s: replace(base, prompt=c.text.replace(c.colour, f"({c.colour}:0.5)", 1), seed=s),
-    )
-    row(
-        "window stop 0.5 (zero negative ends half-way)",
-        lambda c, s: replace(base, prompt=c.text, seed=s, cond_stop=0.5),
-    )
-    row(
-        "window start 0.5 (gap after the real negative)",
-        lambda c, s: replace(base, prompt=c.text, seed=s, cond_start=0.5),
-    )
+    captioned = "prompt as captioned"
+    reference = row(captioned, lambda c, s: replace(base, prompt=c.text, seed=s))
+    distance = {captioned: math.inf}
     # The SD3.5 pages' plain CFG: the negative guides every step, with no window and no zero-out.
     plain_cfg = replace(base, negative_window=False)
-    row("plain CFG (no window), no negative", lambda c, s: replace(plain_cfg, prompt=c.text, seed=s))
-    row(
-        "plain CFG (no window), negative = colour",
-        lambda c, s: replace(plain_cfg, prompt=c.text, seed=s, negative_prompt=c.colour),
-    )
+    settings: dict[str, Callable[[world.Caption, int], GenerationRequest]] = {
+        "negative prompt = the shape's colour": lambda c, s: replace(
+            base, prompt=c.text, seed=s, negative_prompt=c.colour
+        ),
+        "window stop 0.5 (zero negative ends half-way)": lambda c, s: replace(
+            base, prompt=c.text, seed=s, cond_stop=0.5
+        ),
+        "window start 0.5 (gap after the real negative)": lambda c, s: replace(
+            base, prompt=c.text, seed=s, cond_start=0.5
+        ),
+        "plain CFG (no window), no negative": lambda c, s: replace(plain_cfg, prompt=c.text, seed=s),
+        "plain CFG (no window), negative = colour": lambda c, s: replace(
+            plain_cfg, prompt=c.text, seed=s, negative_prompt=c.colour
+        ),
+    }
+    for label, make in settings.items():
+        distance[label] = quality.mean_psnr(row(label, make), reference)
     print(f"## Controls at {args.size} px over {len(pairs)} prompts (share of the shape colour's pixels)")
-    table(["setting", "colour share", "PSNR vs captioned (dB)"], rows)
+    table(
+        ["setting", "colour share", "PSNR vs captioned (dB)"],
+        [[label, float(np.mean(values)), distance[label]] for label, values in shares.items()],
+    )
+    # The same prompt and seed on both sides, so the difference is paired: its standard error says
+    # whether a set of this size can tell the control's effect from the noise of single images.
+    print("Paired differences of the share (mean ± standard error; pairs where it is lower):")
+    for label, than in (
+        ("negative prompt = the shape's colour", captioned),
+        ("plain CFG (no window), negative = colour", "plain CFG (no window), no negative"),
+    ):
+        diff = np.asarray(shares[label]) - np.asarray(shares[than])
+        error = float(diff.std(ddof=1) / math.sqrt(len(diff)))
+        lower = int((diff < 0).sum())
+        print(f"  {label} − {than}: {diff.mean():+.3f} ± {error:.3f}; lower in {lower}/{len(diff)}")
+
+
+def _weighted(caption: world.Caption, weight: float) -> str:
+    return caption.text.replace(caption.colour, f"({caption.colour}:{weight})", 1)
+
+
+def weights(generator: SD3Generator, args: argparse.Namespace) -> None:
+    from pipelines.text import CLIP_CHUNK
+
+    # The conditioning first: how far a weight on the colour word moves the context along the
+    # difference between two captions that differ in that word alone (the direction a heavier
+    # "red" would have to go), and how that difference is spread over CLIP's part and T5's.
+    red = world.parse_caption("a red circle on a blue background")
+    green = world.parse_caption("a green circle on a blue background")
+
+    def context(text: str) -> torch.Tensor:
+        return generator.encode(text).context[0].float()
+
+    one, other = context(red.text), context(green.text)
+    apart = one - other
+    t5_share = float((apart[CLIP_CHUNK:] ** 2).sum() / (apart**2).sum())
+    print(f"## (colour:w) in the conditioning: {red.text!r} against {green.text!r}")
+    print(f"Share of their difference (squared norm) in the T5 part: {t5_share:.3f}")
+    rows: list[list[object]] = []
+    for weight in (0.0, 0.5, 1.5, 3.0):
+        moved = context(_weighted(red, weight)) - one
+        along = float((moved * apart).sum() / (apart**2).sum())
+        rows.append([weight, float(moved.norm() / apart.norm()), along])
+    table(["w", "|moved| / |difference|", "moved along the difference"], rows)
+
+    # Then the images: the shape colour's share and the judge's reading of it at three weights.
+    pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed + 4, positioned=0.0)
+    base = replace(DEFAULTS, width=args.size, height=args.size)
+    images = {
+        weight: [
+            generator.generate(replace(base, prompt=_weighted(c, weight), seed=s)).images[0] for c, s in pairs
+        ]
+        for weight in (0.5, 1.0, 1.5)
+    }
+    shares = {
+        w: np.array([quality.colour_share(im, c.colour) for im, (c, _) in zip(ims, pairs, strict=True)])
+        for w, ims in images.items()
+    }
+    print(f"## (colour:w) in the image at {args.size} px over {len(pairs)} prompts without a position word")
+    table(
+        ["w", "colour share", "shape colour read", "PSNR vs w = 1 (dB)"],
+        [
+            [
+                w,
+                float(shares[w].mean()),
+                quality.adherence_of(pairs, ims).colour,
+                quality.mean_psnr(ims, images[1.0]),
+            ]
+            for w, ims in images.items()
+        ],
+    )
+    diff = shares[0.5] - shares[1.5]
+    error = float(diff.std(ddof=1) / math.sqrt(len(diff)))
+    lower = int((diff < 0).sum())
+    print(f"Paired share, w 0.5 − w 1.5: {diff.mean():+.3f} ± {error:.3f}; lower in {lower}/{len(diff)}")
 
 
 def convergence(generator: SD3Generator, args: argparse.Namespace) -> None:
@@ -385,6 +451,8 @@ def main() -> None:
             decided(generator, args)
         elif section == "controls":
             controls(generator, args)
+        elif section == "weights":
+            weights(generator, args)
         elif section == "convergence":
             convergence(generator, args)
         elif section == "approximations":

@@ -93,16 +93,26 @@ def test_a_negative_prompt_naming_the_shape_colour_lowers_its_share(toy: SD3Gene
     assert negative < 0.75 * plain, (negative, plain)
 
 
-def test_a_heavier_weight_on_the_colour_word_raises_its_share(toy: SD3Generator) -> None:
-    pairs = quality.prompt_seed_pairs(8, seed=14, positioned=0.0)
-    base = replace(DEFAULTS, width=256, height=256)
+def test_a_weight_on_the_colour_word_reaches_the_image_and_a_weight_of_one_is_the_plain_prompt(
+    toy: SD3Generator,
+) -> None:
+    # Which way a weight moves the toy's colour share is not asserted: over 32 pairs at 256 px
+    # (colour:1.5) and (colour:0.5) give the same share within the noise of single images, and a heavy
+    # weight lowers it. The toy's random T5 spreads a word over every token (96 % of the context's
+    # difference between "red" and "green" lies in the T5 part, across all 77 positions), so weighting
+    # the word's own tokens moves the context along that difference by 3 % per half unit of weight
+    # (docs/toy.md §14). What must hold is that the weight reaches the sampler, and that 1.0 is no weight.
+    caption, seed = quality.prompt_seed_pairs(1, seed=14, positioned=0.0)[0]
+    base = replace(DEFAULTS, width=256, height=256, seed=seed)
 
-    def weighted(weight: float) -> Callable[[world.Caption, int], GenerationRequest]:
-        return lambda c, s: replace(
-            base, prompt=c.text.replace(c.colour, f"({c.colour}:{weight})", 1), seed=s
-        )
+    def image(prompt: str) -> np.ndarray:
+        return toy.generate(replace(base, prompt=prompt)).images[0]
 
-    assert _mean_share(toy, pairs, weighted(1.5)) > _mean_share(toy, pairs, weighted(0.5))
+    plain = image(caption.text)
+    assert np.array_equal(image(caption.text.replace(caption.colour, f"({caption.colour}:1.0)", 1)), plain)
+    for weight in (0.5, 1.5):
+        weighted = image(caption.text.replace(caption.colour, f"({caption.colour}:{weight})", 1))
+        assert quality.psnr(weighted, plain) < 35.0, weight
 
 
 def _clipped(image: np.ndarray) -> float:
