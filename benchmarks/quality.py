@@ -48,7 +48,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -190,7 +190,7 @@ def controls(generator: SD3Generator, args: argparse.Namespace) -> None:
     distance = {captioned: math.inf}
     # The SD3.5 pages' plain CFG: the negative guides every step, with no window and no zero-out.
     plain_cfg = replace(base, negative_window=False)
-    settings: dict[str, Callable[[world.Caption, int], GenerationRequest]] = {
+    variants: dict[str, Callable[[world.Caption, int], GenerationRequest]] = {
         "negative prompt = the shape's colour": lambda c, s: replace(
             base, prompt=c.text, seed=s, negative_prompt=c.colour
         ),
@@ -205,7 +205,7 @@ def controls(generator: SD3Generator, args: argparse.Namespace) -> None:
             plain_cfg, prompt=c.text, seed=s, negative_prompt=c.colour
         ),
     }
-    for label, make in settings.items():
+    for label, make in variants.items():
         distance[label] = quality.mean_psnr(row(label, make), reference)
     print(f"## Controls at {args.size} px over {len(pairs)} prompts (share of the shape colour's pixels)")
     table(
@@ -219,10 +219,15 @@ def controls(generator: SD3Generator, args: argparse.Namespace) -> None:
         ("negative prompt = the shape's colour", captioned),
         ("plain CFG (no window), negative = colour", "plain CFG (no window), no negative"),
     ):
-        diff = np.asarray(shares[label]) - np.asarray(shares[than])
-        error = float(diff.std(ddof=1) / math.sqrt(len(diff)))
-        lower = int((diff < 0).sum())
-        print(f"  {label} − {than}: {diff.mean():+.3f} ± {error:.3f}; lower in {lower}/{len(diff)}")
+        _paired(f"{label} − {than}", shares[label], shares[than])
+
+
+def _paired(label: str, a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> None:
+    """Print the mean of a − b pair by pair, its standard error, and in how many pairs a is lower."""
+    diff = np.asarray(a) - np.asarray(b)
+    error = float(diff.std(ddof=1) / math.sqrt(len(diff)))
+    lower = int((diff < 0).sum())
+    print(f"  {label}: {diff.mean():+.3f} ± {error:.3f}; lower in {lower}/{len(diff)}")
 
 
 def _weighted(caption: world.Caption, weight: float) -> str:
@@ -279,10 +284,8 @@ def weights(generator: SD3Generator, args: argparse.Namespace) -> None:
             for w, ims in images.items()
         ],
     )
-    diff = shares[0.5] - shares[1.5]
-    error = float(diff.std(ddof=1) / math.sqrt(len(diff)))
-    lower = int((diff < 0).sum())
-    print(f"Paired share, w 0.5 − w 1.5: {diff.mean():+.3f} ± {error:.3f}; lower in {lower}/{len(diff)}")
+    print("Paired share:")
+    _paired("w 0.5 − w 1.5", shares[0.5], shares[1.5])
 
 
 def convergence(generator: SD3Generator, args: argparse.Namespace) -> None:
