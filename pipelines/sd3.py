@@ -206,11 +206,7 @@ class SD3Generator:
         drawn from its own seed for its own samples, so it gets the images it would get alone (up to
         the float rounding of a larger batch). The phases are those of docs/sampling.md §9.
         """
-        first = requests[0]
-        if len(requests) > 1 and any(
-            batch_key(r) != batch_key(first) or batch_key(r) is None for r in requests
-        ):
-            raise ValueError("requests with different batch keys cannot share a batch")
+        _check_batch(requests)
         t0 = time.perf_counter()
 
         # 1. Conditionings: positive, negative and the zeroed-out negative, one row per sample.
@@ -220,18 +216,8 @@ class SD3Generator:
             return [result for r in requests for result in self.generate_batch([r], callback=callback)]
         t1 = time.perf_counter()
 
-        # 2. Sigmas and initial latents.
-        sigmas = self._sigmas(first)
-        x = self._initial_latents(requests, sigmas)
-
-        # 3. Sampling: the guided denoiser driven down the sigmas by the stateless sampler. An
-        # img2img strength of 0 leaves no sigmas: the image latent is decoded as it is (a VAE round trip).
-        policy = policy_for(first.step_cache)
-        cache = StepCache(policy) if policy is not None else None
-        if len(sigmas) > 1:
-            x = self._sample(first, conds, x, sigmas, cache=cache, callback=callback)
-        elif callback is not None:
-            callback(0, 0)  # the job still starts (and may still be cancelled) as any other
+        # 2.-3. Sigmas, initial latents and sampling.
+        x, cache = self._denoise(requests, conds, callback=callback)
         t2 = time.perf_counter()
 
         # 4. Decode.
@@ -243,6 +229,39 @@ class SD3Generator:
         if cache is not None:
             timings["cache_skipped"] = cache.skipped_share
         return _results(requests, images, timings)
+
+    @torch.inference_mode()
+    def sample_latents(self, requests: list[GenerationRequest]) -> torch.Tensor:
+        """The latents `generate_batch` would decode, one row per sample: what a step distillation
+        teaches a student to reach from the same noise (pipelines/toy/distill.py).
+
+        The requests must share a batch key and their prompts one token length.
+        """
+        _check_batch(requests)
+        conds = self._conditionings(requests)
+        if conds is None:
+            raise ValueError("prompts of different token lengths cannot share a batch")
+        return self._denoise(requests, conds, callback=None)[0]
+
+    def _denoise(
+        self,
+        requests: list[GenerationRequest],
+        conds: dict[str, Conditioning],
+        *,
+        callback: StepCallback | None,
+    ) -> tuple[torch.Tensor, StepCache | None]:
+        """Sigmas, initial latents, and the guided denoiser driven down them by the stateless sampler."""
+        first = requests[0]
+        sigmas = self._sigmas(first)
+        x = self._initial_latents(requests, sigmas)
+        policy = policy_for(first.step_cache)
+        cache = StepCache(policy) if policy is not None else None
+        # An img2img strength of 0 leaves no sigmas: the image latent is decoded as it is (a VAE round trip).
+        if len(sigmas) > 1:
+            x = self._sample(first, conds, x, sigmas, cache=cache, callback=callback)
+        elif callback is not None:
+            callback(0, 0)  # the job still starts (and may still be cancelled) as any other
+        return x, cache
 
     def _conditionings(self, requests: list[GenerationRequest]) -> dict[str, Conditioning] | None:
         """The named conditionings of a batch, stacked over its samples; None if they cannot stack."""
@@ -368,6 +387,12 @@ class SD3Generator:
             array = (255.0 * pixels[0].permute(1, 2, 0)).to(torch.uint8).cpu().numpy()
             images.append(array)
         return images
+
+
+def _check_batch(requests: list[GenerationRequest]) -> None:
+    first = requests[0]
+    if len(requests) > 1 and any(batch_key(r) != batch_key(first) or batch_key(r) is None for r in requests):
+        raise ValueError("requests with different batch keys cannot share a batch")
 
 
 def _finite(latents: torch.Tensor) -> torch.Tensor:

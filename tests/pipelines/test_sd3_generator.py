@@ -113,6 +113,24 @@ def test_guidance_1_makes_no_uncond_call(generator: SD3Generator) -> None:
     assert [batch for _, batch, _ in log.calls] == [1] * 10
 
 
+def test_sample_latents_are_the_latents_that_generate_decodes(generator: SD3Generator) -> None:
+    # What a step distillation's teacher pairs hold (pipelines/toy/distill.py): no other path.
+    requests = [GenerationRequest(prompt="a dog", seed=seed, **SMALL) for seed in (3, 4)]
+    latents = generator.sample_latents(requests)
+    assert latents.shape == (2, generator.latent_channels, 64, 64)
+    decoded = generator.decode(latents)
+    for got, request in zip(decoded, requests, strict=True):
+        alone = generator.generate(request).images[0]
+        # A batch of two changes float rounding only.
+        assert np.abs(got.astype(np.int16) - alone.astype(np.int16)).max() <= 2
+
+
+def test_sample_latents_refuse_requests_that_cannot_share_a_batch(generator: SD3Generator) -> None:
+    first = GenerationRequest(prompt="a dog", seed=3, **SMALL)
+    with pytest.raises(ValueError, match="batch key"):
+        generator.sample_latents([first, replace(first, steps=12)])
+
+
 def test_odd_latent_sizes_are_padded_and_cropped(generator: SD3Generator) -> None:
     # 520 px → 65 latent rows: odd, so padded circularly to 66 for the 2x2 patches, then cropped.
     result = generator.generate(GenerationRequest(prompt="a tree", seed=2, width=512, height=520, steps=10))
