@@ -36,6 +36,11 @@ Sections (`--only`, repeatable):
   bf16, against the exact fp32 loop on the same `--pairs` prompt×seed pairs at the API's defaults:
   PSNR / SSIM to the exact image, adherence, the share of forwards whose later blocks were skipped,
   and the sampling speed-up (the variants alternate pair by pair, so the machine's noise falls on all).
+- few-step: a few-step LoRA (`--lora`, a folder written by `python -m pipelines.toy.distill`;
+  none is committed, docs/toy.md §15) at Euler with guidance 1, against its teacher (the
+  API's defaults) on `--pairs` pairs: PSNR / SSIM to the teacher's image from the same seed,
+  adherence, transformer forwards an image and the sampling speed-up, beside the base model at the
+  same step counts (4, and 10: the txt2img page's fewest) with and without guidance.
 
 The model is `--model` (default `toy`, the committed weights) loaded through the serving code
 (`server.app.load_runtime`), so what is measured is what a client would receive.
@@ -64,9 +69,19 @@ from pipelines.toy import quality, world  # noqa: E402
 if TYPE_CHECKING:
     from pipelines.sd3 import SD3Generator
 
-SECTIONS = ("adherence", "decided", "controls", "weights", "convergence", "settings", "approximations")
+SECTIONS = (
+    "adherence",
+    "decided",
+    "controls",
+    "weights",
+    "convergence",
+    "settings",
+    "approximations",
+    "few-step",
+)
 DEFAULTS = GenerationRequest(prompt="")  # the API's defaults: DPM++ 2M, 25 steps, CFG 5, shift 3
 CONVERGENCE_STEPS = (4, 8, 16, 32)
+FEW_STEPS = (4, 10)  # 10: the txt2img page's fewest steps
 
 
 def load(
@@ -75,6 +90,7 @@ def load(
     dtype: str = "fp32",
     memory: dict[str, str] | None = None,
     performance: dict[str, str] | None = None,
+    lora: list[str] | None = None,
     **sampling: str,
 ) -> SD3Generator:
     from pipelines.sd3 import SD3Generator
@@ -83,7 +99,7 @@ def load(
 
     settings = Settings(
         data_dir=Path(tempfile.mkdtemp(prefix="sd3-quality-")),
-        model={"id": model, "device": "cpu", "dtype": dtype},
+        model={"id": model, "device": "cpu", "dtype": dtype, "lora": lora or []},
         memory=memory or {"mode": "device", "vae_tiling": "off", "attention_slicing": "off"},
         sampling=sampling,
         performance=performance or {},
@@ -428,6 +444,69 @@ def approximations(model: str, generator: SD3Generator, args: argparse.Namespace
     )
 
 
+def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> None:
+    """The distilled few-step LoRA (pipelines/toy/distill.py) against its teacher, the API defaults:
+    closeness to the teacher's image from the same seed, adherence, transformer forwards an image and
+    the sampling speed-up, beside the base model at the same few Euler steps with and without CFG.
+    The variants alternate pair by pair, so the machine's noise falls on all of them alike."""
+    from pipelines.toy import distill
+
+    lora = str(args.lora)
+    student = load(model, lora=[lora])
+    pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed + 6)
+    teacher = distill.teacher_request(args.size)
+    variants: dict[str, tuple[SD3Generator, GenerationRequest]] = {
+        "teacher: API defaults": (generator, teacher)
+    }
+    for steps in FEW_STEPS:
+        fast = distill.student_request(args.size, steps)
+        variants |= {
+            f"base, Euler {steps}, CFG 5": (generator, replace(fast, guidance_scale=DEFAULTS.guidance_scale)),
+            f"base, Euler {steps}, CFG 1": (generator, fast),
+            f"LoRA, Euler {steps}, CFG 1": (student, fast),
+        }
+    images: dict[str, list[np.ndarray]] = {label: [] for label in variants}
+    seconds = dict.fromkeys(variants, 0.0)
+    for caption, seed in pairs:
+        for label, (runner, base) in variants.items():
+            out = runner.generate(replace(base, prompt=caption.text, seed=seed))
+            images[label].append(out.images[0])
+            seconds[label] += out.timings["sample"]
+    exact = images["teacher: API defaults"]
+    rows: list[list[object]] = []
+    for label, (_, base) in variants.items():
+        score = quality.adherence_of(pairs, images[label])
+        forwards = base.steps * (1 if base.guidance_scale == 1.0 else 2)
+        rows.append(
+            [
+                label,
+                forwards,
+                quality.mean_psnr(images[label], exact),
+                float(np.mean([quality.ssim(a, b) for a, b in zip(images[label], exact, strict=True)])),
+                score.background,
+                score.colour,
+                score.shape,
+                score.position,
+                seconds["teacher: API defaults"] / seconds[label],
+            ]
+        )
+    print(f"## The few-step LoRA {lora} against its teacher at {args.size} px over {len(pairs)} pairs")
+    table(
+        [
+            "variant",
+            "forwards",
+            "PSNR (dB)",
+            "SSIM",
+            "background",
+            "shape colour",
+            "shape",
+            "position",
+            "speed-up",
+        ],
+        rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="toy")
@@ -444,7 +523,14 @@ def main() -> None:
     parser.add_argument("--convergence-prompts", type=int, default=4)
     parser.add_argument("--reference-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lora",
+        type=Path,
+        help="the few-step LoRA that `few-step` measures (python -m pipelines.toy.distill)",
+    )
     args = parser.parse_args()
+    if "few-step" in (args.only or SECTIONS) and args.lora is None:
+        parser.error("the few-step section needs --lora: a folder written by python -m pipelines.toy.distill")
     generator = load(args.model)
     for section in args.only or SECTIONS:
         started = time.perf_counter()
@@ -460,6 +546,8 @@ def main() -> None:
             convergence(generator, args)
         elif section == "approximations":
             approximations(args.model, generator, args)
+        elif section == "few-step":
+            few_step(args.model, generator, args)
         else:
             settings(args.model, generator, args)
         print(f"({section}: {time.perf_counter() - started:.0f} s)\n", flush=True)

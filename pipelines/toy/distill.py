@@ -1,0 +1,269 @@
+"""A few-step LoRA for the trained toy, distilled from the served defaults (issue 16's few-step mode).
+
+The teacher is the toy as a client gets it at the API's defaults: DPM++ 2M, 25 steps, CFG 5 with the
+hosted negative window, two transformer forwards a step. The student is the same transformer with a
+LoRA, run at guidance 1 (one forward a step, the negative prompt unused) with Euler. It learns the
+teacher's own couplings: for a caption c and the start noise ε the server draws for a seed, x0 is the
+latent the teacher reaches from ε. At x_σ = (1−σ)·x0 + σ·ε the student's target is v = ε − x0, the
+straight line from ε to x0 (rectified flow's "reflow", Liu et al. 2022, with the guidance folded
+in as guidance distillation does). Every point of that line points at the same end, so a student that
+fitted it exactly would reach x0 in one Euler step; the fit is what the step count then buys back.
+
+    python -m pipelines.toy.distill OUT --threads 2   # ~1 h on 2 cores: 28 min of pairs, 30 of steps
+    sd3-server serve --model toy --lora OUT          # then: scheduler Euler, guidance_scale 1
+
+The teacher's pairs are the slow part (1.7 s a pair on two cores at 256 px); they are kept in
+OUT/teacher-pairs.pt and reused by a rerun with the same pair settings. Fixed seeds and a fixed
+thread count give the same LoRA on a rerun. `python benchmarks/quality.py --only few-step --lora OUT`
+measures the result (docs/toy.md §15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.loading import ModelSpec, load_model
+from pipelines.request import GenerationRequest
+from pipelines.sd3 import SD3Generator
+from pipelines.toy import MODEL_DIR, world
+from pipelines.toy.train import velocity
+from schedulers.noise import initial_noise
+from schedulers.sigmas import time_shift
+
+SCRIPT_VERSION = "1"
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PAIRS_FILE = "teacher-pairs.pt"
+# The layers a LoRA for SD3 usually covers (diffusers' SD3 DreamBooth-LoRA script, Hyper-SD3): both
+# streams' attention projections and feed-forwards of every joint block.
+TARGET_MODULES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+# Training pairs' image seeds start here, far from the small seeds the benchmarks and tests draw.
+SEED_BASE = 10**6
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    model: str = str(MODEL_DIR)
+    pairs: int = 1024
+    size: int = 256
+    steps: int = 1200
+    batch: int = 16
+    rank: int = 16
+    lr: float = 1e-3
+    warmup: int = 50
+    # The student's σ: t uniform, time-shifted by the served default shift, so it trains where the
+    # few-step schedules put their steps; this share of each batch sits at σ = 1, the first step of
+    # every schedule and the one that decides the image.
+    shift: float = 3.0
+    at_one: float = 0.1
+    seed: int = 0
+    threads: int = 1
+
+    def pair_key(self) -> dict[str, Any]:
+        return {"model": self.model, "pairs": self.pairs, "size": self.size, "seed": self.seed}
+
+
+def teacher_request(size: int) -> GenerationRequest:
+    """The served defaults (docs/contract.md §1.1) at `size`: what the student learns to reproduce."""
+    return GenerationRequest(prompt="", width=size, height=size)
+
+
+def student_request(size: int, steps: int) -> GenerationRequest:
+    """How a client asks for the distilled mode: Euler, guidance 1, `steps` steps."""
+    return GenerationRequest(
+        prompt="", width=size, height=size, scheduler="Euler", guidance_scale=1.0, steps=steps
+    )
+
+
+def training_pairs(cfg: DistillConfig) -> list[tuple[world.Caption, int]]:
+    """Distinct captions from the whole set, each with its own image seed."""
+    captions = world.all_captions()
+    rng = np.random.default_rng([cfg.seed, 11])
+    chosen = rng.choice(len(captions), size=cfg.pairs, replace=cfg.pairs > len(captions))
+    return [(captions[int(i)], SEED_BASE + k) for k, i in enumerate(chosen)]
+
+
+def load_generator(model: str) -> SD3Generator:
+    spec = ModelSpec(source=model, tiny_dir=Path(model), device="cpu", dtype="fp32")
+    return SD3Generator(load_model(spec))
+
+
+def teacher_pairs(cfg: DistillConfig, generator: SD3Generator, log: Any, *, batch: int = 8) -> dict[str, Any]:
+    """Noise, conditioning and the teacher's final latent of every training pair."""
+    pairs = training_pairs(cfg)
+    base = teacher_request(cfg.size)
+    latent = (generator.latent_channels, cfg.size // 8, cfg.size // 8)
+    x0, eps, contexts, pooled = [], [], [], []
+    started = time.perf_counter()
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start : start + batch]
+        requests = [replace(base, prompt=c.text, seed=s) for c, s in chunk]
+        x0.append(generator.sample_latents(requests))
+        # The noise the server draws for each seed (σ0 = 1, so it is the start latent itself).
+        eps.append(torch.cat([initial_noise(s, (1, *latent)) for _, s in chunk]))
+        for caption, _ in chunk:
+            cond = generator.encode(caption.text)
+            contexts.append(cond.context)
+            pooled.append(cond.pooled)
+        done = start + len(chunk)
+        log(f"teacher pairs {done}/{len(pairs)} ({(time.perf_counter() - started) / done:.2f} s a pair)")
+    final = torch.cat(x0)
+    if not torch.isfinite(final).all():
+        raise RuntimeError("the teacher produced non-finite latents")
+    return {
+        "key": cfg.pair_key(),
+        "x0": final,
+        "eps": torch.cat(eps),
+        "context": torch.cat(contexts),
+        "pooled": torch.cat(pooled),
+        "seconds_per_pair": (time.perf_counter() - started) / len(pairs),
+    }
+
+
+def add_lora(transformer: Any, rank: int, seed: int) -> list[torch.nn.Parameter]:
+    """A fresh LoRA on the transformer (B = 0: the student starts as the teacher's model); its parameters."""
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    for p in transformer.parameters():
+        p.requires_grad_(False)
+    transformer.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGET_MODULES))
+    )
+    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def train_student(cfg: DistillConfig, transformer: Any, data: dict[str, Any], log: Any) -> dict[str, float]:
+    params = add_lora(transformer, cfg.rank, cfg.seed)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    count = data["x0"].shape[0]
+    transformer.train()
+    started = time.perf_counter()
+    recent: list[float] = []
+    for step in range(cfg.steps):
+        warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
+        decay = 0.5 * (1.0 + np.cos(np.pi * step / cfg.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * warm * decay
+        idx = torch.randint(0, count, (cfg.batch,), generator=gen)
+        x0, eps = data["x0"][idx], data["eps"][idx]
+        t = torch.rand(cfg.batch, generator=gen)
+        t = torch.where(torch.rand(cfg.batch, generator=gen) < cfg.at_one, torch.ones_like(t), t)
+        sigma = time_shift(t, cfg.shift)
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1.0 - s) * x0 + s * eps
+        # fp32: no bf16 autocast as the toy's own training has. With the base weights frozen, torch
+        # 2.13's CPU backward runs the bf16 input-gradient matmuls in its reference gemm, 25x slower
+        # (41 s a step against fp32's 1.7 at 256 px, batch 16, 2 threads).
+        v = velocity(transformer, x_t, sigma, data["context"][idx], data["pooled"][idx])
+        loss = torch.nn.functional.mse_loss(v, eps - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        recent.append(loss.item())
+        if step % 50 == 0 or step == cfg.steps - 1:
+            log(f"student step {step}: loss {np.mean(recent):.5f}")
+            recent = []
+    transformer.eval()
+    return {"seconds_per_step": (time.perf_counter() - started) / cfg.steps}
+
+
+def save_lora(transformer: Any, out: Path) -> Path:
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    state = {
+        k: v.detach().to(torch.float16).contiguous()
+        for k, v in get_peft_model_state_dict(transformer).items()
+    }
+    metadata = transformer.peft_config["default"].to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    StableDiffusion3Pipeline.save_lora_weights(
+        out, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
+    )
+    return out / WEIGHT_NAME
+
+
+def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any]:
+    torch.set_num_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = load_generator(cfg.model)
+    cached = out / PAIRS_FILE
+    data = torch.load(cached) if cached.exists() else None
+    if data is None or data["key"] != cfg.pair_key():
+        data = teacher_pairs(cfg, generator, log)
+        torch.save(data, cached)
+    else:
+        log(f"teacher pairs read from {cached}")
+    timings = train_student(cfg, generator.pipe.transformer, data, log)
+    weights = save_lora(generator.pipe.transformer, out)
+    manifest = {
+        "script_version": SCRIPT_VERSION,
+        "config": asdict(cfg) | {"model": Path(cfg.model).name},
+        "teacher": "the API defaults: DPM++ 2M, 25 steps, CFG 5, shift 3, the hosted negative window",
+        "student": "Euler at guidance 1",
+        "seconds_per_pair": data["seconds_per_pair"],
+        **timings,
+        "sha256": {WEIGHT_NAME: hashlib.sha256(weights.read_bytes()).hexdigest()},
+    }
+    (out / "distill-manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = DistillConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder for the LoRA (and the cached teacher pairs)")
+    parser.add_argument("--model", default=defaults.model, help="the teacher: a toy diffusers folder")
+    for name in ("pairs", "size", "steps", "batch", "rank", "warmup", "seed", "threads"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    for name in ("lr", "shift", "at_one"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    args = parser.parse_args(argv)
+    cfg = DistillConfig(
+        model=args.model,
+        pairs=args.pairs,
+        size=args.size,
+        steps=args.steps,
+        batch=args.batch,
+        rank=args.rank,
+        lr=args.lr,
+        warmup=args.warmup,
+        shift=args.shift,
+        at_one=args.at_one,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    manifest = distill(cfg, args.out, log=lambda m: print(m, flush=True))
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The few-step distillation of the trained toy (pipelines/toy/distill.py): reproducible, and its
+LoRA is one the server merges. What such a LoRA does to images is measured by `python
+benchmarks/quality.py --only few-step --lora DIR` (docs/toy.md §15), not here: none is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipelines.toy
+from pipelines.sd3 import SD3Generator
+from pipelines.toy import distill
+from server.app import load_runtime
+from server.config import Settings
+
+pytestmark = pytest.mark.skipif(
+    not (pipelines.toy.MODEL_DIR / "model_index.json").exists(),
+    reason="the toy's weights are not in this checkout (python -m pipelines.toy.train pipelines/toy/model)",
+)
+
+
+def _load(tmp: Path, lora: list[str]) -> SD3Generator:
+    settings = Settings(
+        data_dir=tmp,
+        model={"id": "toy", "device": "cpu", "dtype": "fp32", "lora": lora},
+        memory={"mode": "device", "vae_tiling": "off", "attention_slicing": "off"},
+    )
+    generator = load_runtime(settings).generator
+    assert isinstance(generator, SD3Generator)
+    return generator
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_a_distillation_is_reproducible_reuses_its_teacher_pairs_and_serves_through_lora(
+    tmp_path: Path,
+) -> None:
+    cfg = distill.DistillConfig(pairs=3, size=32, steps=3, batch=2, warmup=1)
+    logs: list[str] = []
+    first = distill.distill(cfg, tmp_path / "a", log=logs.append)
+    assert any(line.startswith("teacher pairs 3/3") for line in logs)
+    weights = tmp_path / "a" / distill.WEIGHT_NAME
+    assert first["sha256"][distill.WEIGHT_NAME] == _sha256(weights)
+
+    # The same settings again, into the same folder: the cached pairs are read, the LoRA is the same.
+    logs.clear()
+    again = distill.distill(cfg, tmp_path / "a", log=logs.append)
+    assert any(line.startswith("teacher pairs read") for line in logs)
+    assert again["sha256"] == first["sha256"]
+
+    # Other pair settings do not reuse pairs made for different ones.
+    logs.clear()
+    distill.distill(replace(cfg, pairs=2), tmp_path / "a", log=logs.append)
+    assert any(line.startswith("teacher pairs 2/2") for line in logs)
+
+    # The folder is a LoRA the server merges at start-up, and it moves the weights.
+    base = _load(tmp_path / "base", [])
+    merged = _load(tmp_path / "merged", [str(tmp_path / "a")])
+    before = base.pipe.transformer.state_dict()
+    after = merged.pipe.transformer.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved and all(k.endswith(".weight") and "transformer_blocks" in k for k in moved)
