@@ -345,6 +345,20 @@ def convergence(generator: SD3Generator, args: argparse.Namespace) -> None:
     )
 
 
+def _closeness(images: list[np.ndarray], reference: list[np.ndarray]) -> list[object]:
+    """Mean PSNR and mean SSIM of each image against the reference image of the same pair."""
+    ssim = [quality.ssim(a, b) for a, b in zip(images, reference, strict=True)]
+    return [quality.mean_psnr(images, reference), float(np.mean(ssim))]
+
+
+def _closeness_and_adherence(
+    pairs: Sequence[tuple[world.Caption, int]], images: list[np.ndarray], reference: list[np.ndarray]
+) -> list[object]:
+    """`_closeness`, then the judge's background, shape colour, shape and position shares."""
+    score = quality.adherence_of(pairs, images)
+    return [*_closeness(images, reference), score.background, score.colour, score.shape, score.position]
+
+
 def settings(model: str, generator: SD3Generator, args: argparse.Namespace) -> None:
     pairs = quality.prompt_seed_pairs(8, seed=args.seed + 3)
     requests = [replace(DEFAULTS, prompt=c.text, seed=s, width=args.size, height=args.size) for c, s in pairs]
@@ -352,13 +366,7 @@ def settings(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
     rows: list[list[object]] = []
 
     def row(label: str, images: list[np.ndarray]) -> None:
-        rows.append(
-            [
-                label,
-                quality.mean_psnr(images, exact),
-                float(np.mean([quality.ssim(a, b) for a, b in zip(images, exact, strict=True)])),
-            ]
-        )
+        rows.append([label, *_closeness(images, exact)])
 
     batched = [r.images[0] for r in generator.generate_batch(requests)]
     row("8 requests in one batch", batched)
@@ -411,16 +419,10 @@ def approximations(model: str, generator: SD3Generator, args: argparse.Namespace
     exact = images["exact (fp32)"]
     rows: list[list[object]] = []
     for label in variants:
-        score = quality.adherence_of(pairs, images[label])
         rows.append(
             [
                 label,
-                quality.mean_psnr(images[label], exact),
-                float(np.mean([quality.ssim(a, b) for a, b in zip(images[label], exact, strict=True)])),
-                score.background,
-                score.colour,
-                score.shape,
-                score.position,
+                *_closeness_and_adherence(pairs, images[label], exact),
                 float(np.mean(skipped[label])),
                 seconds["exact (fp32)"] / seconds[label],
             ]
@@ -475,18 +477,12 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
     exact = images["teacher: API defaults"]
     rows: list[list[object]] = []
     for label, (_, base) in variants.items():
-        score = quality.adherence_of(pairs, images[label])
         forwards = base.steps * (1 if base.guidance_scale == 1.0 else 2)
         rows.append(
             [
                 label,
                 forwards,
-                quality.mean_psnr(images[label], exact),
-                float(np.mean([quality.ssim(a, b) for a, b in zip(images[label], exact, strict=True)])),
-                score.background,
-                score.colour,
-                score.shape,
-                score.position,
+                *_closeness_and_adherence(pairs, images[label], exact),
                 seconds["teacher: API defaults"] / seconds[label],
             ]
         )

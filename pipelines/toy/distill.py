@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from pipelines.loading import ModelSpec, load_model
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from pipelines.toy import MODEL_DIR, world
-from pipelines.toy.train import velocity
+from pipelines.toy.train import file_hashes, velocity
 from schedulers.noise import initial_noise
 from schedulers.sigmas import time_shift
 
@@ -81,8 +82,36 @@ class DistillConfig:
     seed: int = 0
     threads: int = 1
 
+    def __post_init__(self) -> None:
+        for name in ("pairs", "steps", "batch", "rank", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.warmup < 0 or self.seed < 0:
+            raise ValueError("warmup and seed must not be negative")
+        if self.size < 16 or self.size % 16:
+            raise ValueError(
+                f"size must be a positive multiple of 16 (SD3's 2x2 patches of an 8x latent), not {self.size}"
+            )
+        # `not (0 < x)` also refuses NaN, which every comparison is false for.
+        if not (0.0 < self.lr < math.inf) or not (0.0 < self.shift < math.inf):
+            raise ValueError("lr and shift must be positive and finite")
+        if not 0.0 <= self.at_one <= 1.0:
+            raise ValueError(f"at_one is a share between 0 and 1, not {self.at_one}")
+
     def pair_key(self) -> dict[str, Any]:
-        return {"model": self.model, "pairs": self.pairs, "size": self.size, "seed": self.seed}
+        """What the teacher pairs depend on. The teacher is named by its files' contents, not its path,
+        so a moved checkout reuses its pairs and retrained weights do not."""
+        return {
+            "teacher": teacher_digest(Path(self.model)),
+            "pairs": self.pairs,
+            "size": self.size,
+            "seed": self.seed,
+        }
+
+
+def teacher_digest(folder: Path) -> str:
+    """One sha256 over the teacher folder's files and their names (its manifest excluded)."""
+    return hashlib.sha256(json.dumps(file_hashes(folder), sort_keys=True).encode()).hexdigest()
 
 
 def teacher_request(size: int) -> GenerationRequest:
@@ -247,20 +276,23 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lr", "shift", "at_one"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     args = parser.parse_args(argv)
-    cfg = DistillConfig(
-        model=args.model,
-        pairs=args.pairs,
-        size=args.size,
-        steps=args.steps,
-        batch=args.batch,
-        rank=args.rank,
-        lr=args.lr,
-        warmup=args.warmup,
-        shift=args.shift,
-        at_one=args.at_one,
-        seed=args.seed,
-        threads=args.threads,
-    )
+    try:
+        cfg = DistillConfig(
+            model=args.model,
+            pairs=args.pairs,
+            size=args.size,
+            steps=args.steps,
+            batch=args.batch,
+            rank=args.rank,
+            lr=args.lr,
+            warmup=args.warmup,
+            shift=args.shift,
+            at_one=args.at_one,
+            seed=args.seed,
+            threads=args.threads,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     manifest = distill(cfg, args.out, log=lambda m: print(m, flush=True))
     print(json.dumps(manifest, indent=2))
     return 0

@@ -6,6 +6,8 @@ benchmarks/quality.py --only few-step --lora DIR` (docs/toy.md §15), not here: 
 from __future__ import annotations
 
 import hashlib
+import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -75,3 +77,44 @@ def test_a_distillation_is_reproducible_reuses_its_teacher_pairs_and_serves_thro
     after = merged.pipe.transformer.state_dict()
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert moved and all(k.endswith(".weight") and "transformer_blocks" in k for k in moved)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"pairs": 0},
+        {"steps": -1},
+        {"batch": 0},
+        {"rank": 0},
+        {"threads": 0},
+        {"warmup": -1},
+        {"size": 100},
+        {"size": 0},
+        {"lr": math.nan},
+        {"lr": 0.0},
+        {"shift": math.inf},
+        {"at_one": 1.5},
+    ],
+)
+def test_settings_that_cannot_train_are_refused_before_any_work(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        distill.DistillConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_the_command_line_turns_a_refused_setting_into_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        distill.main(["out", "--pairs", "0"])
+    assert exit_.value.code == 2
+    assert "pairs must be at least 1" in capsys.readouterr().err
+
+
+def test_teacher_pairs_are_keyed_by_the_teacher_s_contents_not_its_path(tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(pipelines.toy.MODEL_DIR, moved)
+    cfg = distill.DistillConfig()
+    assert replace(cfg, model=str(moved)).pair_key() == cfg.pair_key()
+    weights = next((moved / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b" ")
+    assert replace(cfg, model=str(moved)).pair_key() != cfg.pair_key()
