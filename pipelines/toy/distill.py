@@ -13,7 +13,8 @@ fitted it exactly would reach x0 in one Euler step; the fit is what the step cou
     sd3-server serve --model toy --lora OUT          # then: scheduler Euler, guidance_scale 1
 
 The teacher's pairs are the slow part (1.7 s a pair on two cores at 256 px); they are kept in
-OUT/teacher-pairs.pt and reused by a rerun with the same pair settings. Fixed seeds and a fixed
+OUT/teacher-pairs.pt and reused by a rerun with the same pair settings and the same teacher weights (by
+content: a moved checkout reuses them, retrained weights do not). Fixed seeds and a fixed
 thread count give the same LoRA on a rerun up to float rounding (not always bit for bit: the CPU
 kernels' last bits vary from run to run here). `python benchmarks/quality.py --only few-step --lora OUT`
 measures the result (docs/toy.md §15).
