@@ -173,6 +173,8 @@ class TrainConfig:
     # Share of the captions kept whole that are replaced by one of `world.partial_texts` (drawn
     # uniformly), so that a bare "red" in a negative prompt means a red shape to the model.
     partial: float = 0.0
+    # Where the transformer's scenes put a shape whose caption names no place (`world.UNPOSITIONED`).
+    unpositioned: str = "anywhere"
     # Progress is measured every `eval_every` steps (and at each phase's end) by generating
     # `eval_prompts` captions at the phase's size through the serving generator with the EMA weights
     # and reading them with the judge; it draws from its own seeds, so it never changes the weights.
@@ -194,9 +196,11 @@ def _stderr(message: str) -> None:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def scene_batch(rng: np.random.Generator, *, size: int, batch: int) -> tuple[list[world.Scene], torch.Tensor]:
+def scene_batch(
+    rng: np.random.Generator, *, size: int, batch: int, unpositioned: str = "anywhere"
+) -> tuple[list[world.Scene], torch.Tensor]:
     """`batch` random scenes and their renders as a [B, 3, size, size] tensor in [−1, 1]."""
-    scenes = [world.random_scene(rng) for _ in range(batch)]
+    scenes = [world.random_scene(rng, unpositioned=unpositioned) for _ in range(batch)]
     return scenes, to_tensor([world.render(s, size) for s in scenes])
 
 
@@ -479,11 +483,21 @@ def shape_masks(scenes: list[world.Scene], *, size: int) -> torch.Tensor:
 class LatentPool:
     """`count` random scenes of one size, rendered and encoded once: (captions, x0 latents, shape masks)."""
 
-    def __init__(self, vae: Any, rng: np.random.Generator, *, size: int, count: int, chunk: int = 16) -> None:
+    def __init__(
+        self,
+        vae: Any,
+        rng: np.random.Generator,
+        *,
+        size: int,
+        count: int,
+        chunk: int = 16,
+        unpositioned: str = "anywhere",
+    ) -> None:
         captions: list[world.Caption] = []
         latents, masks = [], []
         for start in range(0, count, chunk):
-            scenes, images = scene_batch(rng, size=size, batch=min(chunk, count - start))
+            batch = min(chunk, count - start)
+            scenes, images = scene_batch(rng, size=size, batch=batch, unpositioned=unpositioned)
             captions += [s.caption for s in scenes]
             latents.append(encode_latents(vae, images))
             masks.append(shape_masks(scenes, size=size))
@@ -562,7 +576,9 @@ def train_transformer(
         pools = []
         for phase in group:
             pool_clock = _Clock()
-            pools.append(LatentPool(vae, rng, size=phase.size, count=phase.pool))
+            pools.append(
+                LatentPool(vae, rng, size=phase.size, count=phase.pool, unpositioned=cfg.unpositioned)
+            )
             timings.update(pool_clock.per_step(f"pool_{phase.size}px", phase.pool))
         clock = _Clock()
         order = interleaving(group)
@@ -841,6 +857,13 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         '("red", "a red circle", "a circle", "a blue background")',
     )
     parser.add_argument(
+        "--unpositioned",
+        choices=world.UNPOSITIONED,
+        default=defaults.unpositioned,
+        help="where the transformer's scenes put a shape whose caption names no place: anywhere, or "
+        "one of the nine cells of the position words",
+    )
+    parser.add_argument(
         "--init",
         help="a toy folder whose VAE and transformer phase B starts from (phase A is skipped)",
     )
@@ -887,6 +910,7 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         eval_every=args.eval_every,
         shape_weight=args.shape_weight,
         partial=args.partial,
+        unpositioned=args.unpositioned,
         init=args.init,
         warmup=args.warmup,
     )

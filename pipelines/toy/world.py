@@ -61,8 +61,11 @@ _PHRASES: dict[str, str] = {
 MIN_HALF_SIZE = 0.12
 MAX_HALF_SIZE = 0.145
 JITTER = 0.005
-# An unpositioned shape may sit anywhere that keeps this margin from the edges.
+# An unpositioned shape may sit anywhere that keeps this margin from the edges ("anywhere"), or, in
+# the "cells" variant of the world, in one of the nine cells as a positioned shape does: the caption
+# leaves the place open, so a model must choose one of nine, not blur a continuum of places.
 _MARGIN = 0.02
+UNPOSITIONED = ("anywhere", "cells")
 
 
 @dataclass(frozen=True)
@@ -140,23 +143,27 @@ class Scene:
     half_size: float  # in fractions of the shorter side
 
 
-def scene_for(caption: Caption, rng: np.random.Generator) -> Scene:
-    """A layout for `caption`, drawn from `rng` (the same draws in the same order on every machine)."""
+def scene_for(caption: Caption, rng: np.random.Generator, *, unpositioned: str = "anywhere") -> Scene:
+    """A layout for `caption`, drawn from `rng` (the same draws in the same order on every machine);
+    `unpositioned` says where a caption without a position word may put its shape (`UNPOSITIONED`)."""
+    if unpositioned not in UNPOSITIONED:
+        raise ValueError(f"unpositioned must be one of {UNPOSITIONED}, not {unpositioned!r}")
     half = float(rng.uniform(MIN_HALF_SIZE, MAX_HALF_SIZE))
-    if caption.position is None:
+    if caption.position is None and unpositioned == "anywhere":
         low, high = half + _MARGIN, 1.0 - half - _MARGIN
         x, y = float(rng.uniform(low, high)), float(rng.uniform(low, high))
     else:
-        cx, cy = POSITIONS[caption.position]
+        cell = caption.position or list(POSITIONS)[int(rng.integers(len(POSITIONS)))]
+        cx, cy = POSITIONS[cell]
         x = cx + float(rng.uniform(-JITTER, JITTER))
         y = cy + float(rng.uniform(-JITTER, JITTER))
     return Scene(caption, x, y, half)
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
+def random_scene(rng: np.random.Generator, *, unpositioned: str = "anywhere") -> Scene:
     """A caption drawn uniformly from `all_captions()`, then its layout."""
     captions = all_captions()
-    return scene_for(captions[int(rng.integers(len(captions)))], rng)
+    return scene_for(captions[int(rng.integers(len(captions)))], rng, unpositioned=unpositioned)
 
 
 def signed_distance(scene: Scene, width: int, height: int) -> np.ndarray:

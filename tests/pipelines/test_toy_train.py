@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,34 @@ def test_a_partial_share_outside_zero_to_one_is_refused_by_the_command_line(
     with pytest.raises(SystemExit):
         train._arguments(["out", "--partial", bad])
     assert "--partial" in capsys.readouterr().err
+
+
+def test_the_pool_puts_unpositioned_shapes_where_the_run_says(capsys: pytest.CaptureFixture[str]) -> None:
+    vae = train.build_vae(TINY)
+    centres = torch.tensor([[v * 24 - 0.5 for v in c] for c in world.POSITIONS.values()])  # latent px
+
+    def offsets(unpositioned: str) -> torch.Tensor:
+        """How far each unpositioned circle's or square's mask centroid (a triangle's is off its
+        centre) lies from the nearest cell's centre, in latent pixels."""
+        pool = train.LatentPool(vae, np.random.default_rng(0), size=192, count=96, unpositioned=unpositioned)
+        found = []
+        for caption, mask in zip(pool.captions, pool.masks, strict=True):
+            if caption.position is None and caption.shape != "triangle":
+                ys, xs = torch.nonzero(mask[0], as_tuple=True)
+                centroid = torch.stack([xs.float().mean(), ys.float().mean()])
+                found.append((centres - centroid).norm(dim=1).min())
+        assert len(found) >= 4
+        return torch.stack(found)
+
+    # A mask is whole latent pixels, so a centred shape's centroid may sit half a pixel off per axis.
+    cells, anywhere = offsets("cells"), offsets("anywhere")
+    assert cells.max() <= 0.75 and anywhere.mean() > 2.0
+    assert offsets("anywhere").max() > 1.0
+    assert train._arguments(["out"])[0].unpositioned == "anywhere"
+    assert train._arguments(["out", "--unpositioned", "cells"])[0].unpositioned == "cells"
+    with pytest.raises(SystemExit):
+        train._arguments(["out", "--unpositioned", "nowhere"])
+    assert "--unpositioned" in capsys.readouterr().err
 
 
 def _after(seed: int, draws: int) -> torch.Generator:

@@ -65,3 +65,24 @@ def test_a_positioned_shape_stays_inside_its_third_of_the_image(position: str) -
         image = world.render(scene, 60, 90)  # not square: positions are fractions of each side
         ys, xs = np.nonzero((image != world.COLOURS["white"]).any(axis=-1))
         assert ys.min() > 0 and xs.min() > 0 and ys.max() < 89 and xs.max() < 59  # never touches the edge
+
+
+def test_the_cells_variant_puts_an_unpositioned_shape_in_one_of_the_nine_cells() -> None:
+    caption = world.Caption("circle", "red", "green")
+    rng = np.random.default_rng(5)
+    cells = set()
+    for _ in range(200):
+        scene = world.scene_for(caption, rng, unpositioned="cells")
+        nearest = min(world.POSITIONS.values(), key=lambda c: abs(c[0] - scene.x) + abs(c[1] - scene.y))
+        assert abs(scene.x - nearest[0]) <= world.JITTER and abs(scene.y - nearest[1]) <= world.JITTER
+        cells.add(nearest)
+    assert len(cells) == 9
+    # A positioned caption is drawn as before, and the default world still puts the shape anywhere.
+    positioned = world.Caption("circle", "red", "green", "top")
+    assert world.scene_for(positioned, np.random.default_rng(1), unpositioned="cells") == world.scene_for(
+        positioned, np.random.default_rng(1)
+    )
+    anywhere = [world.scene_for(caption, rng) for _ in range(50)]
+    assert len({(round(3 * s.x, 1), round(3 * s.y, 1)) for s in anywhere}) > 20
+    with pytest.raises(ValueError, match="unpositioned"):
+        world.scene_for(caption, rng, unpositioned="nowhere")
