@@ -919,9 +919,16 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, out, vae_only, vae_cache = _arguments(argv)
-    from pipelines.loading import quiet_libraries
+    from pipelines.loading import cpu_has_native_bf16, quiet_libraries
 
     quiet_libraries()
+    if cfg.autocast_bf16 and not cpu_has_native_bf16():
+        # Still run (a rerun of a recorded command must be possible anywhere), but say what it costs.
+        _stderr(
+            "warning: --bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): emulated bf16 "
+            "made a training step about 20x slower than fp32 on an AVX2 machine "
+            "(benchmarks/toy_train_step.py); drop --bf16 unless you are repeating a bf16 run"
+        )
     try:
         if vae_only:
             # Report the gate whatever its outcome: the exit status says whether it passed.
