@@ -62,8 +62,8 @@ MIN_HALF_SIZE = 0.12
 MAX_HALF_SIZE = 0.145
 JITTER = 0.005
 # An unpositioned shape may sit anywhere that keeps this margin from the edges ("anywhere"), or, in
-# the "cells" variant of the world, in one of the nine cells as a positioned shape does: the caption
-# leaves the place open, so a model must choose one of nine, not blur a continuum of places.
+# the "cells" variant of the world, in one of the nine cells as a positioned shape does: a model must
+# then choose one of nine places, not one of a continuum (a guess that did not pay: docs/toy.md §16).
 _MARGIN = 0.02
 UNPOSITIONED = ("anywhere", "cells")
 

@@ -119,7 +119,6 @@ def test_the_pool_puts_unpositioned_shapes_where_the_run_says(capsys: pytest.Cap
     # A mask is whole latent pixels, so a centred shape's centroid may sit half a pixel off per axis.
     cells, anywhere = offsets("cells"), offsets("anywhere")
     assert cells.max() <= 0.75 and anywhere.mean() > 2.0
-    assert offsets("anywhere").max() > 1.0
     assert train._arguments(["out"])[0].unpositioned == "anywhere"
     assert train._arguments(["out", "--unpositioned", "cells"])[0].unpositioned == "cells"
     with pytest.raises(SystemExit):
