@@ -24,6 +24,12 @@ Sections (`--only`, repeatable):
   along the difference between two captions that differ in the colour word alone), then over
   `--pairs` prompts without a position word at w = 0.5, 1, 1.5 (share of the colour's pixels, the
   judge's reading of the shape's colour, distance from w = 1, and the paired difference).
+- words: how far apart the conditioning of two captions lies when they differ in one attribute's
+  word alone (the shape's colour, the background, the shape's kind, the position), split by
+  whether the two captions are as long as each other. The toy's tokenizers (the tiny model's) have
+  one token per character, so a word of another length moves every later token; one of the same
+  length changes only its own. Set beside the adherence figures, it says whether a kind the model
+  does not draw is one its conditioning barely tells apart (docs/toy.md §16).
 - convergence: every sampler at 4/8/16/32 steps, PSNR against the exact reference (DPM++ 2M at
   `--reference-steps`, fp32) and against the same sampler at the reference step count. Samplers that
   draw fresh noise every step (ancestral, SDE) converge in distribution, not image by image, so only
@@ -74,6 +80,7 @@ SECTIONS = (
     "decided",
     "controls",
     "weights",
+    "words",
     "convergence",
     "settings",
     "approximations",
@@ -304,6 +311,67 @@ def weights(generator: SD3Generator, args: argparse.Namespace) -> None:
     _paired("w 0.5 − w 1.5", shares[0.5], shares[1.5])
 
 
+def _swaps(caption: world.Caption, attribute: str) -> list[world.Caption]:
+    """`caption` with `attribute` set to each other value the world allows (colours must differ)."""
+    values = {
+        "colour": world.COLOURS,
+        "background": world.COLOURS,
+        "shape": world.SHAPES,
+        "position": world.POSITIONS,
+    }[attribute]
+    swapped = []
+    for value in values:
+        if value == getattr(caption, attribute):
+            continue
+        try:
+            swapped.append(replace(caption, **{attribute: value}))
+        except ValueError:  # the shape's colour on a background of that colour
+            continue
+    return swapped
+
+
+def words(generator: SD3Generator, args: argparse.Namespace) -> None:
+    from pipelines.text import CLIP_CHUNK
+
+    pairs = quality.prompt_seed_pairs(args.word_captions, seed=args.seed + 5, positioned=1.0)
+    captions = [caption for caption, _ in pairs]
+    rows: list[list[object]] = []
+    for attribute in ("colour", "background", "shape", "position"):
+        found: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
+        for caption in captions:
+            one = generator.encode(caption.text)
+            for other in _swaps(caption, attribute):
+                two = generator.encode(other.text)
+                if one.context.shape != two.context.shape:  # a T5 part past its minimum length
+                    continue
+                apart = (one.context - two.context)[0].float()
+                context = float(apart.norm() / one.context.float().norm())
+                pooled = float((one.pooled - two.pooled).float().norm() / one.pooled.float().norm())
+                t5 = float((apart[CLIP_CHUNK:] ** 2).sum() / (apart**2).sum())
+                found[len(other.text) == len(caption.text)].append((context, pooled, t5))
+        for same, values in found.items():
+            if values:
+                ctx, pooled, t5 = np.array(values).T
+                length = "same length" if same else "other length"
+                rows.append([attribute, length, len(values), ctx.mean(), ctx.min(), pooled.mean(), t5.mean()])
+    print(
+        f"## Conditioning distance between captions that differ in one word ({len(captions)} captions "
+        "with a position word, each against every other value of the attribute)"
+    )
+    table(
+        [
+            "word",
+            "captions",
+            "swaps",
+            "|Δcontext| / |context|",
+            "smallest",
+            "|Δpooled| / |pooled|",
+            "T5 share of Δ²",
+        ],
+        rows,
+    )
+
+
 def convergence(generator: SD3Generator, args: argparse.Namespace) -> None:
     from schedulers.names import public_names, resolve
 
@@ -516,6 +584,7 @@ def main() -> None:
         help="adherence at the API defaults only (half the time)",
     )
     parser.add_argument("--probe-pairs", type=int, default=48, help="noised renders for `decided`")
+    parser.add_argument("--word-captions", type=int, default=24, help="base captions for `words`")
     parser.add_argument("--convergence-prompts", type=int, default=4)
     parser.add_argument("--reference-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -538,6 +607,8 @@ def main() -> None:
             controls(generator, args)
         elif section == "weights":
             weights(generator, args)
+        elif section == "words":
+            words(generator, args)
         elif section == "convergence":
             convergence(generator, args)
         elif section == "approximations":
