@@ -42,11 +42,13 @@ Sections (`--only`, repeatable):
   bf16, against the exact fp32 loop on the same `--pairs` prompt×seed pairs at the API's defaults:
   PSNR / SSIM to the exact image, adherence, the share of forwards whose later blocks were skipped,
   and the sampling speed-up (the variants alternate pair by pair, so the machine's noise falls on all).
-- few-step: a few-step LoRA (`--lora`, a folder written by `python -m pipelines.toy.distill`;
-  none is committed, docs/toy.md §15) at Euler with guidance 1, against its teacher (the
-  API's defaults) on `--pairs` pairs: PSNR / SSIM to the teacher's image from the same seed,
-  adherence, transformer forwards an image and the sampling speed-up, beside the base model at the
-  same step counts (4, and 10: the txt2img page's fewest) with and without guidance.
+- few-step: a LoRA for guidance 1 (`--lora`, a folder written by `python -m pipelines.toy.distill`;
+  none is committed, docs/toy.md §15, §17) run with `--few-sampler` (Euler unless told) at each of
+  `--few-steps` (4 and 10, the txt2img page's fewest, unless told), against its teacher (the API's
+  defaults) on `--pairs` pairs: PSNR / SSIM to the teacher's image from the same seed, adherence,
+  transformer forwards an image and the sampling speed-up, beside the base model at the same step
+  count with and without guidance, and at half the steps with guidance: the same forwards as the
+  LoRA's, so that the LoRA is set against plain few-step CFG at equal work.
 
 The model is `--model` (default `toy`, the committed weights) loaded through the serving code
 (`server.app.load_runtime`), so what is measured is what a client would receive.
@@ -88,7 +90,7 @@ SECTIONS = (
 )
 DEFAULTS = GenerationRequest(prompt="")  # the API's defaults: DPM++ 2M, 25 steps, CFG 5, shift 3
 CONVERGENCE_STEPS = (4, 8, 16, 32)
-FEW_STEPS = (4, 10)  # 10: the txt2img page's fewest steps
+FEW_STEPS = [4, 10]  # 10: the txt2img page's fewest steps
 
 
 def load(
@@ -525,16 +527,20 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
     student = load(model, lora=[lora])
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed + 6)
     teacher = distill.teacher_request(args.size)
+    sampler = args.few_sampler
     variants: dict[str, tuple[SD3Generator, GenerationRequest]] = {
         "teacher: API defaults": (generator, teacher)
     }
-    for steps in FEW_STEPS:
-        fast = distill.student_request(args.size, steps)
+    for steps in args.few_steps:
+        fast = replace(distill.student_request(args.size, steps), scheduler=sampler)
+        guided = replace(fast, guidance_scale=DEFAULTS.guidance_scale)
         variants |= {
-            f"base, Euler {steps}, CFG 5": (generator, replace(fast, guidance_scale=DEFAULTS.guidance_scale)),
-            f"base, Euler {steps}, CFG 1": (generator, fast),
-            f"LoRA, Euler {steps}, CFG 1": (student, fast),
+            f"base, {sampler} {steps}, CFG 5": (generator, guided),
+            f"base, {sampler} {steps}, CFG 1": (generator, fast),
+            f"LoRA, {sampler} {steps}, CFG 1": (student, fast),
         }
+        if steps % 2 == 0:  # the same work as the LoRA's: plain few-step CFG at half the steps
+            variants[f"base, {sampler} {steps // 2}, CFG 5"] = (generator, replace(guided, steps=steps // 2))
     images: dict[str, list[np.ndarray]] = {label: [] for label in variants}
     seconds = dict.fromkeys(variants, 0.0)
     for caption, seed in pairs:
@@ -593,6 +599,10 @@ def main() -> None:
         type=Path,
         help="the few-step LoRA that `few-step` measures (python -m pipelines.toy.distill)",
     )
+    parser.add_argument(
+        "--few-steps", type=int, nargs="+", default=FEW_STEPS, help="`few-step`: the step counts"
+    )
+    parser.add_argument("--few-sampler", default="Euler", help="`few-step`: the sampler of the fast variants")
     args = parser.parse_args()
     if "few-step" in (args.only or SECTIONS) and args.lora is None:
         parser.error("the few-step section needs --lora: a folder written by python -m pipelines.toy.distill")

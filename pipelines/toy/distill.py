@@ -1,18 +1,30 @@
-"""A few-step LoRA for the trained toy, distilled from the served defaults (issue 16's few-step mode).
+"""A LoRA for the trained toy that runs at guidance 1 what the served defaults run at CFG 5 (issue 16's
+few-step mode).
 
-The teacher is the toy as a client gets it at the API's defaults: DPM++ 2M, 25 steps, CFG 5 with the
-hosted negative window, two transformer forwards a step. The student is the same transformer with a
-LoRA, run at guidance 1 (one forward a step, the negative prompt unused) with Euler. It learns the
-teacher's own couplings: for a caption c and the start noise ε the server draws for a seed, x0 is the
-latent the teacher reaches from ε. At x_σ = (1−σ)·x0 + σ·ε the student's target is v = ε − x0, the
+The teacher is the toy as a client gets it at the API's defaults: CFG 5 with the hosted negative
+window, two transformer forwards a step. The student is the same transformer with a LoRA, run at
+guidance 1 (one forward a step, the negative prompt unused). Two ways to teach it (`--method`):
+
+**guidance** (guidance distillation, Meng et al. 2023): at a noised render x_σ = (1−σ)·x0 + σ·ε of the
+toy world, the student's target is the teacher's guided velocity there, v_u + 5·(v_c − v_u), with
+the negative the hosted window makes active at that σ. It learns the teacher's vector field, not its
+trajectories, so any sampler and step count at guidance 1 then does what it does on the base model at
+CFG 5, for half the forwards; and, being pointwise, it can be taught at several sizes at once
+(`--extra-size`).
+
+**reflow** (the default, as §15 of docs/toy.md measured it): the teacher's whole sampling run
+(DPM++ 2M, 25 steps) is the target, and the student, run with Euler, learns the teacher's own
+couplings: for a caption c and the start noise ε the server draws for a seed, x0 is the latent the
+teacher reaches from ε. At x_σ = (1−σ)·x0 + σ·ε the student's target is v = ε − x0, the
 straight line from ε to x0 (rectified flow's "reflow", Liu et al. 2022, with the guidance folded
 in as guidance distillation does). Every point of that line points at the same end, so a student that
 fitted it exactly would reach x0 in one Euler step; the fit is what the step count then buys back.
 
     python -m pipelines.toy.distill OUT --threads 2   # ~1 h on 2 cores: 28 min of pairs, 30 of steps
     sd3-server serve --model toy --lora OUT          # then: scheduler Euler, guidance_scale 1
+    python -m pipelines.toy.distill OUT --method guidance --extra-size 512   # then: guidance_scale 1
 
-The teacher's pairs are the slow part (1.7 s a pair on two cores at 256 px); they are kept in
+In reflow, the teacher's pairs are the slow part (1.7 s a pair on two cores at 256 px); they are kept in
 OUT/teacher-pairs.pt and reused by a rerun with the same pair settings and the same teacher weights (by
 content: a moved checkout reuses them, retrained weights do not). Fixed seeds and a fixed
 thread count give the same LoRA on a rerun up to float rounding (not always bit for bit: the CPU
@@ -23,6 +35,7 @@ measures the result (docs/toy.md §15).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -38,11 +51,13 @@ from pipelines.loading import ModelSpec, load_model
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from pipelines.toy import MODEL_DIR, world
-from pipelines.toy.train import file_hashes, velocity
+from pipelines.toy.train import CaptionBank, LatentPool, file_hashes, velocity
+from schedulers.guidance import NEGATIVE, ZERO_NEGATIVE, CondRange, negative_ranges
 from schedulers.noise import initial_noise
 from schedulers.sigmas import time_shift
 
-SCRIPT_VERSION = "1"
+SCRIPT_VERSION = "2"
+METHODS = ("reflow", "guidance")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PAIRS_FILE = "teacher-pairs.pt"
 # The layers a LoRA for SD3 usually covers (diffusers' SD3 DreamBooth-LoRA script, Hyper-SD3): both
@@ -68,8 +83,13 @@ SEED_BASE = 10**6
 @dataclass(frozen=True)
 class DistillConfig:
     model: str = str(MODEL_DIR)
-    pairs: int = 1024
+    method: str = "reflow"
+    pairs: int = 1024  # reflow: teacher runs
     size: int = 256
+    # guidance: more sizes, trained in turn, each at the batch that holds as many pixels as `batch`
+    # images at `size`; and how many scenes to render at `size` (as many pixels again at the others).
+    extra_sizes: tuple[int, ...] = ()
+    pool: int = 2048
     steps: int = 1200
     batch: int = 16
     rank: int = 16
@@ -84,15 +104,21 @@ class DistillConfig:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("pairs", "steps", "batch", "rank", "threads"):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.extra_sizes and self.method != "guidance":
+            raise ValueError("extra sizes are for --method guidance: reflow's pairs have one size")
+        for name in ("pairs", "steps", "batch", "rank", "threads", "pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.warmup < 0 or self.seed < 0:
             raise ValueError("warmup and seed must not be negative")
-        if self.size < 16 or self.size % 16:
-            raise ValueError(
-                f"size must be a positive multiple of 16 (SD3's 2x2 patches of an 8x latent), not {self.size}"
-            )
+        for size in (self.size, *self.extra_sizes):
+            if size < 16 or size % 16:
+                raise ValueError(
+                    f"a size must be a positive multiple of 16 (SD3's 2x2 patches of an 8x latent), "
+                    f"not {size}"
+                )
         # `not (0 < x)` also refuses NaN, which every comparison is false for.
         if not (0.0 < self.lr < math.inf) or not (0.0 < self.shift < math.inf):
             raise ValueError("lr and shift must be positive and finite")
@@ -109,6 +135,14 @@ class DistillConfig:
             "seed": self.seed,
         }
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (self.size, *self.extra_sizes)
+
+    def batch_at(self, size: int) -> int:
+        """The batch at `size` that holds about as many pixels as `batch` images at `size`."""
+        return max(1, round(self.batch * (self.size / size) ** 2))
+
 
 def teacher_digest(folder: Path) -> str:
     """One sha256 over the teacher folder's files and their names (its manifest excluded)."""
@@ -118,6 +152,60 @@ def teacher_digest(folder: Path) -> str:
 def teacher_request(size: int) -> GenerationRequest:
     """The served defaults (docs/contract.md §1.1) at `size`: what the student learns to reproduce."""
     return GenerationRequest(prompt="", width=size, height=size)
+
+
+def teacher_ranges(generator: SD3Generator, size: int) -> tuple[CondRange, ...]:
+    """Where the served defaults use the negative prompt and where the zeroed-out one, in σ."""
+    request, options = teacher_request(size), generator.options
+    return negative_ranges(
+        start=request.cond_start,
+        stop=request.cond_stop,
+        shift=request.shift,
+        wiring=options.negative_window_wiring,
+        rule=options.percent_rule,
+    )
+
+
+def guided_velocity(
+    teacher: Any,
+    x_t: torch.Tensor,
+    sigma: torch.Tensor,
+    positive: tuple[torch.Tensor, torch.Tensor],
+    negative: tuple[torch.Tensor, torch.Tensor],
+    *,
+    cfg: float,
+    ranges: tuple[CondRange, ...],
+) -> torch.Tensor:
+    """The teacher's CFG velocity at each sample's own σ, as `schedulers.guidance.GuidedDenoiser`
+    combines it: the uncond is the mean of the negatives active at that σ (`negative` is the negative
+    prompt's (context, pooled), one row; the zeroed-out negative is all zeros), or 0 where none is.
+    D = x − σ·v is affine in v, so combining velocities is combining denoised predictions."""
+    batch = x_t.shape[0]
+    v_cond = velocity(teacher, x_t, sigma, *positive)
+    uncond = torch.zeros_like(v_cond)
+    count = torch.zeros(batch)
+    for name in (NEGATIVE, ZERO_NEGATIVE):
+        entry = next((r for r in ranges if r.name == name), None)
+        if entry is None:
+            continue
+        rows = torch.tensor([entry.active(float(s)) for s in sigma])
+        if not rows.any():
+            continue
+        n = int(rows.sum())
+        context, pooled = negative
+        if name == ZERO_NEGATIVE:
+            context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        uncond[rows] += velocity(
+            teacher, x_t[rows], sigma[rows], context.expand(n, -1, -1), pooled.expand(n, -1)
+        )
+        count[rows] += 1
+    active = count > 0
+    s = sigma.view(-1, 1, 1, 1)
+    # Where no negative is active, upstream's uncond *denoised* is 0, so D = cfg·D_c.
+    gap = ((1.0 - cfg) * x_t + cfg * s * v_cond) / s
+    v_uncond = uncond / count.clamp(min=1).view(-1, 1, 1, 1)
+    guided = v_uncond + cfg * (v_cond - v_uncond)
+    return torch.where(active.view(-1, 1, 1, 1), guided, gap)
 
 
 def student_request(size: int, steps: int) -> GenerationRequest:
@@ -225,6 +313,73 @@ def train_student(cfg: DistillConfig, transformer: Any, data: dict[str, Any], lo
     return {"seconds_per_step": (time.perf_counter() - started) / cfg.steps}
 
 
+def train_guidance_student(cfg: DistillConfig, generator: SD3Generator, log: Any) -> dict[str, float]:
+    """Guidance distillation (module docstring): the student at guidance 1 fits the teacher's CFG
+    velocity on noised renders of the world, the sizes taken in turn."""
+    pipe = generator.pipe
+    transformer = pipe.transformer
+    teacher = copy.deepcopy(transformer).eval().requires_grad_(False)
+    rng = np.random.default_rng([cfg.seed, 13])
+    started = time.perf_counter()
+    pools = {}
+    for size in cfg.sizes:
+        count = max(cfg.batch_at(size), round(cfg.pool * (cfg.size / size) ** 2))
+        pools[size] = LatentPool(pipe.vae, rng, size=size, count=count)
+        log(f"pool {size} px: {count} scenes ({time.perf_counter() - started:.0f} s)")
+    pool_seconds = time.perf_counter() - started
+    bank = CaptionBank(pipe)
+    negative = (bank.empty_context[None], bank.empty_pooled[None])  # the default negative prompt, ""
+    guidance = teacher_request(cfg.size).guidance_scale
+    params = add_lora(transformer, cfg.rank, cfg.seed)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    transformer.train()
+    started = time.perf_counter()
+    recent: list[float] = []
+    for step in range(cfg.steps):
+        warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
+        decay = 0.5 * (1.0 + np.cos(np.pi * step / cfg.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * warm * decay
+        size = cfg.sizes[step % len(cfg.sizes)]
+        batch = cfg.batch_at(size)
+        captions, x0, _ = pools[size].draw(rng, batch)
+        positive = bank.get([c.text for c in captions])
+        eps = torch.randn(x0.shape, generator=gen)
+        t = torch.rand(batch, generator=gen)
+        t = torch.where(torch.rand(batch, generator=gen) < cfg.at_one, torch.ones_like(t), t)
+        sigma = time_shift(t, cfg.shift)
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1.0 - s) * x0 + s * eps
+        with torch.no_grad():
+            target = guided_velocity(
+                teacher,
+                x_t,
+                sigma,
+                positive,
+                negative,
+                cfg=guidance,
+                ranges=teacher_ranges(generator, size),
+            )
+        loss = torch.nn.functional.mse_loss(velocity(transformer, x_t, sigma, *positive), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        recent.append(loss.item())
+        if step % 50 == 0 or step == cfg.steps - 1:
+            log(
+                f"student step {step}: loss {np.mean(recent):.5f} "
+                f"({(time.perf_counter() - started) / (step + 1):.2f} s a step)"
+            )
+            recent = []
+    transformer.eval()
+    return {
+        "seconds_per_step": (time.perf_counter() - started) / cfg.steps,
+        "pool_seconds": pool_seconds,
+    }
+
+
 def save_lora(transformer: Any, out: Path) -> Path:
     from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
@@ -245,21 +400,31 @@ def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     generator = load_generator(cfg.model)
-    cached = out / PAIRS_FILE
-    data = torch.load(cached) if cached.exists() else None
-    if data is None or data["key"] != cfg.pair_key():
-        data = teacher_pairs(cfg, generator, log)
-        torch.save(data, cached)
+    if cfg.method == "guidance":
+        timings = train_guidance_student(cfg, generator, log)
+        roles = {
+            "teacher": "the API defaults' guidance: CFG 5 with the hosted negative window",
+            "student": "guidance 1, any sampler",
+        }
     else:
-        log(f"teacher pairs read from {cached}")
-    timings = train_student(cfg, generator.pipe.transformer, data, log)
+        cached = out / PAIRS_FILE
+        data = torch.load(cached) if cached.exists() else None
+        if data is None or data["key"] != cfg.pair_key():
+            data = teacher_pairs(cfg, generator, log)
+            torch.save(data, cached)
+        else:
+            log(f"teacher pairs read from {cached}")
+        timings = train_student(cfg, generator.pipe.transformer, data, log)
+        timings["seconds_per_pair"] = data["seconds_per_pair"]
+        roles = {
+            "teacher": "the API defaults: DPM++ 2M, 25 steps, CFG 5, shift 3, the hosted negative window",
+            "student": "Euler at guidance 1",
+        }
     weights = save_lora(generator.pipe.transformer, out)
     manifest = {
         "script_version": SCRIPT_VERSION,
         "config": asdict(cfg) | {"model": Path(cfg.model).name},
-        "teacher": "the API defaults: DPM++ 2M, 25 steps, CFG 5, shift 3, the hosted negative window",
-        "student": "Euler at guidance 1",
-        "seconds_per_pair": data["seconds_per_pair"],
+        **roles,
         **timings,
         "sha256": {WEIGHT_NAME: hashlib.sha256(weights.read_bytes()).hexdigest()},
     }
@@ -272,7 +437,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder for the LoRA (and the cached teacher pairs)")
     parser.add_argument("--model", default=defaults.model, help="the teacher: a toy diffusers folder")
-    for name in ("pairs", "size", "steps", "batch", "rank", "warmup", "seed", "threads"):
+    parser.add_argument(
+        "--method", choices=METHODS, default=defaults.method, help="see the module's docstring"
+    )
+    parser.add_argument(
+        "--extra-size",
+        type=int,
+        action="append",
+        default=[],
+        help="guidance: also train at this size (repeatable)",
+    )
+    for name in ("pairs", "size", "steps", "batch", "rank", "warmup", "seed", "threads", "pool"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     for name in ("lr", "shift", "at_one"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
@@ -280,8 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = DistillConfig(
             model=args.model,
+            method=args.method,
             pairs=args.pairs,
             size=args.size,
+            extra_sizes=tuple(args.extra_size),
+            pool=args.pool,
             steps=args.steps,
             batch=args.batch,
             rank=args.rank,

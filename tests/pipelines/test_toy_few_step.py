@@ -1,6 +1,7 @@
-"""The few-step distillation of the trained toy (pipelines/toy/distill.py): reproducible, and its
-LoRA is one the server merges. What such a LoRA does to images is measured by `python
-benchmarks/quality.py --only few-step --lora DIR` (docs/toy.md §15), not here: none is committed.
+"""The few-step distillation of the trained toy (pipelines/toy/distill.py): reproducible, its
+guidance teacher is the serving loop's CFG to float rounding, and its LoRA is one the server
+merges. What such a LoRA does to images is measured by `python benchmarks/quality.py --only
+few-step --lora DIR` (docs/toy.md §15, §17), not here: none is committed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 import pipelines.toy
-from pipelines.sd3 import SD3Generator
+from pipelines.sd3 import Conditioning, SD3Generator
 from pipelines.toy import distill
+from pipelines.toy.train import CaptionBank, velocity
+from schedulers.guidance import guided_denoiser
 from server.app import load_runtime
 from server.config import Settings
 
@@ -94,6 +97,10 @@ def test_a_distillation_is_reproducible_reuses_its_teacher_pairs_and_serves_thro
         {"lr": 0.0},
         {"shift": math.inf},
         {"at_one": 1.5},
+        {"pool": 0},
+        {"method": "progressive"},
+        {"extra_sizes": (512,)},  # reflow's teacher pairs have one size
+        {"method": "guidance", "extra_sizes": (500,)},
     ],
 )
 def test_settings_that_cannot_train_are_refused_before_any_work(bad: dict[str, float]) -> None:
@@ -118,3 +125,64 @@ def test_teacher_pairs_are_keyed_by_the_teacher_s_contents_not_its_path(tmp_path
     weights = next((moved / "transformer").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes() + b" ")
     assert replace(cfg, model=str(moved)).pair_key() != cfg.pair_key()
+
+
+def test_the_guidance_teacher_is_the_serving_loop_s_cfg_at_each_sample_s_own_sigma() -> None:
+    """What the guidance method fits is what `SD3Generator` computes at the API's defaults: CFG 5, the
+    negative prompt above the hosted window's σ and the zeroed-out one below it, one σ per row."""
+    generator = distill.load_generator(str(pipelines.toy.MODEL_DIR))
+    ranges = distill.teacher_ranges(generator, 64)
+    window = next(r for r in ranges if r.name == "negative").sigma_end
+    assert 0.9 < window < 1.0  # the first tenth of the defaults' sampling, in σ
+    bank = CaptionBank(generator.pipe)
+    positive = bank.get(
+        [
+            "a red circle on a blue background",
+            "a green square on a white background",
+            "a blue triangle on a black background",
+        ]
+    )
+    negative = (bank.empty_context[None], bank.empty_pooled[None])
+    x = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    # σ = 1 and just above the window use the negative prompt; below it, the zeroed-out one.
+    sigma = torch.tensor([1.0, window + 0.01, window - 0.3])
+    with torch.no_grad():
+        guided = distill.guided_velocity(
+            generator.pipe.transformer, x, sigma, positive, negative, cfg=5.0, ranges=ranges
+        )
+        for row, s in enumerate(sigma.tolist()):
+            conds = {
+                "positive": Conditioning(positive[0][row : row + 1], positive[1][row : row + 1]),
+                "negative": Conditioning(*negative),
+                "zero": Conditioning(torch.zeros_like(negative[0]), torch.zeros_like(negative[1])),
+            }
+            denoise = guided_denoiser(generator._predictor(conds), cfg=5.0, ranges=ranges)
+            denoised = denoise(x[row : row + 1], s)
+            expected = (x[row : row + 1] - denoised) / s  # D = x − σ·v
+            torch.testing.assert_close(guided[row : row + 1], expected, rtol=1e-4, atol=1e-4)
+        # Plain guidance 1 is not what it fits: the target really is the guided field.
+        plain = velocity(generator.pipe.transformer, x, sigma, *positive)
+        assert (guided - plain).abs().mean() > 0.1 * plain.abs().mean()
+
+
+@pytest.mark.slow
+def test_a_guidance_distillation_at_two_sizes_is_reproducible_and_serves_through_lora(tmp_path: Path) -> None:
+    cfg = distill.DistillConfig(
+        method="guidance", size=32, extra_sizes=(64,), steps=4, batch=4, pool=8, warmup=1
+    )
+    assert [cfg.batch_at(s) for s in cfg.sizes] == [4, 1]
+    logs: list[str] = []
+    manifest = distill.distill(cfg, tmp_path / "a", log=logs.append)
+    assert any(line.startswith("pool 64 px: 2 scenes") for line in logs)
+    assert manifest["student"] == "guidance 1, any sampler"
+    weights = tmp_path / "a" / distill.WEIGHT_NAME
+    assert manifest["sha256"][distill.WEIGHT_NAME] == _sha256(weights)
+    distill.distill(cfg, tmp_path / "b", log=logs.append)
+    first, again = load_file(weights), load_file(tmp_path / "b" / distill.WEIGHT_NAME)
+    for name, tensor in first.items():
+        torch.testing.assert_close(again[name], tensor, rtol=1e-2, atol=1e-6)
+    # The LoRA moved away from its zero start, and the server merges it.
+    assert any(t.abs().max() > 0 for n, t in first.items() if "lora_B" in n)
+    merged = _load(tmp_path / "merged", [str(tmp_path / "a")])
+    request = distill.student_request(64, 2)
+    assert merged.generate(request).images[0].shape == (64, 64, 3)
