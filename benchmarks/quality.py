@@ -49,6 +49,9 @@ Sections (`--only`, repeatable):
   transformer forwards an image and the sampling speed-up, beside the base model at the same step
   count with and without guidance, and at half the steps with guidance: the same forwards as the
   LoRA's, so that the LoRA is set against plain few-step CFG at equal work.
+- guidance-fit: how near a LoRA's velocity at guidance 1 (`--lora`) is to the teacher's CFG
+  velocity (what `python -m pipelines.toy.distill --method guidance` fits), σ by σ on 16 noised
+  renders at `--size`, beside the base model's at guidance 1: where a LoRA falls short of CFG.
 
 The model is `--model` (default `toy`, the committed weights) loaded through the serving code
 (`server.app.load_runtime`), so what is measured is what a client would receive.
@@ -87,7 +90,9 @@ SECTIONS = (
     "settings",
     "approximations",
     "few-step",
+    "guidance-fit",
 )
+LORA_SECTIONS = ("few-step", "guidance-fit")  # run by default only when --lora names one
 DEFAULTS = GenerationRequest(prompt="")  # the API's defaults: DPM++ 2M, 25 steps, CFG 5, shift 3
 CONVERGENCE_STEPS = (4, 8, 16, 32)
 FEW_STEPS = [4, 10]  # 10: the txt2img page's fewest steps
@@ -577,6 +582,40 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
     )
 
 
+GUIDANCE_FIT_SIGMAS = (1.0, 0.98, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2)
+
+
+@torch.no_grad()
+def guidance_fit(model: str, generator: SD3Generator, args: argparse.Namespace, *, count: int = 16) -> None:
+    """Mean squared error of each model's velocity at guidance 1 against the teacher's CFG velocity
+    (pipelines/toy/distill.py `guided_velocity`), at each σ on `count` renders noised with one draw."""
+    from pipelines.toy import distill
+    from pipelines.toy.train import CaptionBank, LatentPool, velocity
+
+    student, size = load(model, lora=[str(args.lora)]), args.size
+    pool = LatentPool(generator.pipe.vae, np.random.default_rng(5), size=size, count=count)
+    bank = CaptionBank(generator.pipe)
+    positive = bank.get([c.text for c in pool.captions])
+    negative = (bank.empty_context[None], bank.empty_pooled[None])
+    ranges = distill.teacher_ranges(generator, size)
+    eps = torch.randn(pool.latents.shape, generator=torch.Generator().manual_seed(1))
+    guidance = distill.teacher_request(size).guidance_scale
+    rows: list[list[object]] = []
+    for sigma in GUIDANCE_FIT_SIGMAS:
+        sigmas = torch.full((count,), sigma)
+        x = (1.0 - sigma) * pool.latents + sigma * eps
+        target = distill.guided_velocity(
+            generator.pipe.transformer, x, sigmas, positive, negative, cfg=guidance, ranges=ranges
+        )
+        errors = [
+            float((velocity(runner.pipe.transformer, x, sigmas, *positive) - target).pow(2).mean())
+            for runner in (generator, student)
+        ]
+        rows.append([sigma, float(target.pow(2).mean()), *errors])
+    print(f"## Velocity at guidance 1 against the teacher's CFG {guidance:g} velocity, {count} renders")
+    table(["σ", "target's mean square", "base: squared error", "LoRA: squared error"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="toy")
@@ -604,10 +643,14 @@ def main() -> None:
     )
     parser.add_argument("--few-sampler", default="Euler", help="`few-step`: the sampler of the fast variants")
     args = parser.parse_args()
-    if "few-step" in (args.only or SECTIONS) and args.lora is None:
-        parser.error("the few-step section needs --lora: a folder written by python -m pipelines.toy.distill")
+    sections = args.only or [s for s in SECTIONS if s not in LORA_SECTIONS or args.lora is not None]
+    if args.lora is None and set(sections) & set(LORA_SECTIONS):
+        parser.error(
+            "the few-step and guidance-fit sections need --lora: a folder written by "
+            "python -m pipelines.toy.distill"
+        )
     generator = load(args.model)
-    for section in args.only or SECTIONS:
+    for section in sections:
         started = time.perf_counter()
         if section == "adherence":
             adherence(generator, args)
@@ -625,6 +668,8 @@ def main() -> None:
             approximations(args.model, generator, args)
         elif section == "few-step":
             few_step(args.model, generator, args)
+        elif section == "guidance-fit":
+            guidance_fit(args.model, generator, args)
         else:
             settings(args.model, generator, args)
         print(f"({section}: {time.perf_counter() - started:.0f} s)\n", flush=True)
