@@ -276,6 +276,21 @@ def add_lora(transformer: Any, rank: int, seed: int) -> list[torch.nn.Parameter]
     return params
 
 
+def _schedule_lr(optimizer: torch.optim.Optimizer, cfg: DistillConfig, step: int) -> None:
+    """Linear warm-up, then a cosine to zero over the run."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
+    decay = 0.5 * (1.0 + np.cos(np.pi * step / cfg.steps))
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * warm * decay
+
+
+def _student_sigmas(cfg: DistillConfig, gen: torch.Generator, batch: int) -> torch.Tensor:
+    """The student's σ: uniform t through the time shift, with a share `at_one` at σ = 1."""
+    t = torch.rand(batch, generator=gen)
+    t = torch.where(torch.rand(batch, generator=gen) < cfg.at_one, torch.ones_like(t), t)
+    return time_shift(t, cfg.shift)
+
+
 def train_student(cfg: DistillConfig, transformer: Any, data: dict[str, Any], log: Any) -> dict[str, float]:
     params = add_lora(transformer, cfg.rank, cfg.seed)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -285,15 +300,10 @@ def train_student(cfg: DistillConfig, transformer: Any, data: dict[str, Any], lo
     started = time.perf_counter()
     recent: list[float] = []
     for step in range(cfg.steps):
-        warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
-        decay = 0.5 * (1.0 + np.cos(np.pi * step / cfg.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * warm * decay
+        _schedule_lr(optimizer, cfg, step)
         idx = torch.randint(0, count, (cfg.batch,), generator=gen)
         x0, eps = data["x0"][idx], data["eps"][idx]
-        t = torch.rand(cfg.batch, generator=gen)
-        t = torch.where(torch.rand(cfg.batch, generator=gen) < cfg.at_one, torch.ones_like(t), t)
-        sigma = time_shift(t, cfg.shift)
+        sigma = _student_sigmas(cfg, gen, cfg.batch)
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1.0 - s) * x0 + s * eps
         # fp32: no bf16 autocast as the toy's own training has. With the base weights frozen, torch
@@ -337,18 +347,13 @@ def train_guidance_student(cfg: DistillConfig, generator: SD3Generator, log: Any
     started = time.perf_counter()
     recent: list[float] = []
     for step in range(cfg.steps):
-        warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
-        decay = 0.5 * (1.0 + np.cos(np.pi * step / cfg.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * warm * decay
+        _schedule_lr(optimizer, cfg, step)
         size = cfg.sizes[step % len(cfg.sizes)]
         batch = cfg.batch_at(size)
         captions, x0, _ = pools[size].draw(rng, batch)
         positive = bank.get([c.text for c in captions])
         eps = torch.randn(x0.shape, generator=gen)
-        t = torch.rand(batch, generator=gen)
-        t = torch.where(torch.rand(batch, generator=gen) < cfg.at_one, torch.ones_like(t), t)
-        sigma = time_shift(t, cfg.shift)
+        sigma = _student_sigmas(cfg, gen, batch)
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1.0 - s) * x0 + s * eps
         with torch.no_grad():
