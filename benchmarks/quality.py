@@ -597,9 +597,9 @@ def guidance_fit(model: str, generator: SD3Generator, args: argparse.Namespace, 
     bank = CaptionBank(generator.pipe)
     positive = bank.get([c.text for c in pool.captions])
     negative = (bank.empty_context[None], bank.empty_pooled[None])
-    ranges = distill.teacher_ranges(generator, size)
+    teacher = distill.teacher_request(size)
+    guidance, ranges = teacher.guidance_scale, generator.negative_ranges(teacher)
     eps = torch.randn(pool.latents.shape, generator=torch.Generator().manual_seed(1))
-    guidance = distill.teacher_request(size).guidance_scale
     rows: list[list[object]] = []
     for sigma in GUIDANCE_FIT_SIGMAS:
         sigmas = torch.full((count,), sigma)

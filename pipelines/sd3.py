@@ -31,7 +31,7 @@ from pipelines.request import GenerationRequest, GenerationResult
 from pipelines.step_cache import StepCache, policy_for
 from pipelines.text import count_tokens, encode_prompt
 from schedulers import sample, sigmas_for
-from schedulers.guidance import guided_denoiser, negative_ranges, plain_negative
+from schedulers.guidance import CondRange, guided_denoiser, negative_ranges, plain_negative
 from schedulers.noise import initial_noise
 from schedulers.samplers import STOCHASTIC
 
@@ -353,17 +353,7 @@ class SD3Generator:
             self._predictor(conds, cache=cache),
             # The `_pp` spellings run their plain sampler at twice the guidance (schedulers/names.py).
             cfg=request.guidance_scale * spec.guidance_factor,
-            ranges=(
-                negative_ranges(
-                    start=request.cond_start,
-                    stop=request.cond_stop,
-                    shift=request.shift,
-                    wiring=self.options.negative_window_wiring,
-                    rule=self.options.percent_rule,
-                )
-                if request.negative_window
-                else plain_negative()
-            ),
+            ranges=self.negative_ranges(request),
         )
         x = sample(
             spec.sampler, denoiser, x, sigmas, seed=request.seed, shift=request.shift, callback=callback
@@ -373,6 +363,18 @@ class SD3Generator:
         if last > 0:
             x = x / (1.0 - last)
         return x
+
+    def negative_ranges(self, request: GenerationRequest) -> tuple[CondRange, ...]:
+        """Where in σ the request's negative prompt and the zeroed-out negative guide its sampling."""
+        if not request.negative_window:
+            return plain_negative()
+        return negative_ranges(
+            start=request.cond_start,
+            stop=request.cond_stop,
+            shift=request.shift,
+            wiring=self.options.negative_window_wiring,
+            rule=self.options.percent_rule,
+        )
 
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         vae = self.pipe.vae

@@ -52,7 +52,7 @@ from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from pipelines.toy import MODEL_DIR, world
 from pipelines.toy.train import CaptionBank, LatentPool, file_hashes, velocity
-from schedulers.guidance import NEGATIVE, ZERO_NEGATIVE, CondRange, negative_ranges
+from schedulers.guidance import NEGATIVE, ZERO_NEGATIVE, CondRange
 from schedulers.noise import initial_noise
 from schedulers.sigmas import time_shift
 
@@ -152,18 +152,6 @@ def teacher_digest(folder: Path) -> str:
 def teacher_request(size: int) -> GenerationRequest:
     """The served defaults (docs/contract.md §1.1) at `size`: what the student learns to reproduce."""
     return GenerationRequest(prompt="", width=size, height=size)
-
-
-def teacher_ranges(generator: SD3Generator, size: int) -> tuple[CondRange, ...]:
-    """Where the served defaults use the negative prompt and where the zeroed-out one, in σ."""
-    request, options = teacher_request(size), generator.options
-    return negative_ranges(
-        start=request.cond_start,
-        stop=request.cond_stop,
-        shift=request.shift,
-        wiring=options.negative_window_wiring,
-        rule=options.percent_rule,
-    )
 
 
 def guided_velocity(
@@ -291,12 +279,26 @@ def _student_sigmas(cfg: DistillConfig, gen: torch.Generator, batch: int) -> tor
     return time_shift(t, cfg.shift)
 
 
-def train_student(cfg: DistillConfig, transformer: Any, data: dict[str, Any], log: Any) -> dict[str, float]:
+def _student(cfg: DistillConfig, transformer: Any) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """A fresh LoRA on `transformer`, set to train, and its optimizer."""
     params = add_lora(transformer, cfg.rank, cfg.seed)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    transformer.train()
+    return params, torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+
+def _descend(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
+    """One optimizer step on `loss`, gradients clipped to norm 1; the loss as a number."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return loss.item()
+
+
+def train_student(cfg: DistillConfig, transformer: Any, data: dict[str, Any], log: Any) -> dict[str, float]:
+    params, optimizer = _student(cfg, transformer)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
     count = data["x0"].shape[0]
-    transformer.train()
     started = time.perf_counter()
     recent: list[float] = []
     for step in range(cfg.steps):
@@ -310,12 +312,7 @@ def train_student(cfg: DistillConfig, transformer: Any, data: dict[str, Any], lo
         # 2.13's CPU backward runs the bf16 input-gradient matmuls in its reference gemm, 25x slower
         # (41 s a step against fp32's 1.7 at 256 px, batch 16, 2 threads).
         v = velocity(transformer, x_t, sigma, data["context"][idx], data["pooled"][idx])
-        loss = torch.nn.functional.mse_loss(v, eps - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        recent.append(loss.item())
+        recent.append(_descend(optimizer, params, torch.nn.functional.mse_loss(v, eps - x0)))
         if step % 50 == 0 or step == cfg.steps - 1:
             log(f"student step {step}: loss {np.mean(recent):.5f}")
             recent = []
@@ -339,11 +336,10 @@ def train_guidance_student(cfg: DistillConfig, generator: SD3Generator, log: Any
     pool_seconds = time.perf_counter() - started
     bank = CaptionBank(pipe)
     negative = (bank.empty_context[None], bank.empty_pooled[None])  # the default negative prompt, ""
-    guidance = teacher_request(cfg.size).guidance_scale
-    params = add_lora(transformer, cfg.rank, cfg.seed)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    teacher_at = teacher_request(cfg.size)
+    guidance, ranges = teacher_at.guidance_scale, generator.negative_ranges(teacher_at)
+    params, optimizer = _student(cfg, transformer)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
-    transformer.train()
     started = time.perf_counter()
     recent: list[float] = []
     for step in range(cfg.steps):
@@ -357,21 +353,9 @@ def train_guidance_student(cfg: DistillConfig, generator: SD3Generator, log: Any
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1.0 - s) * x0 + s * eps
         with torch.no_grad():
-            target = guided_velocity(
-                teacher,
-                x_t,
-                sigma,
-                positive,
-                negative,
-                cfg=guidance,
-                ranges=teacher_ranges(generator, size),
-            )
+            target = guided_velocity(teacher, x_t, sigma, positive, negative, cfg=guidance, ranges=ranges)
         loss = torch.nn.functional.mse_loss(velocity(transformer, x_t, sigma, *positive), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        recent.append(loss.item())
+        recent.append(_descend(optimizer, params, loss))
         if step % 50 == 0 or step == cfg.steps - 1:
             log(
                 f"student step {step}: loss {np.mean(recent):.5f} "

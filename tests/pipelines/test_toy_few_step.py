@@ -131,7 +131,7 @@ def test_the_guidance_teacher_is_the_serving_loop_s_cfg_at_each_sample_s_own_sig
     """What the guidance method fits is what `SD3Generator` computes at the API's defaults: CFG 5, the
     negative prompt above the hosted window's σ and the zeroed-out one below it, one σ per row."""
     generator = distill.load_generator(str(pipelines.toy.MODEL_DIR))
-    ranges = distill.teacher_ranges(generator, 64)
+    ranges = generator.negative_ranges(distill.teacher_request(64))
     window = next(r for r in ranges if r.name == "negative").sigma_end
     assert 0.9 < window < 1.0  # the first tenth of the defaults' sampling, in σ
     bank = CaptionBank(generator.pipe)
