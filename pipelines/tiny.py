@@ -13,10 +13,12 @@ The model is written once as an ordinary diffusers folder and then loaded by
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -50,36 +52,80 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
-def clip_tokenizer(pad_token: str):  # type: ignore[no-untyped-def]
-    """A CLIP BPE tokenizer over the byte alphabet (no merges): one token per character.
+def _bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """`parts` merged as BPE merges them: the best-ranked adjacent pair first, until none applies."""
+    while len(parts) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(itertools.pairwise(parts)))
+        if rank == len(ranks):
+            break
+        parts = [*parts[:i], parts[i] + parts[i + 1], *parts[i + 2 :]]
+    return parts
 
-    The order of the vocabulary follows CLIP's (alphabet, alphabet + "</w>", specials), so "!" is
-    id 0 — the pad token of SD3's CLIP-G tokenizer — and the special tokens come last.
+
+def _word_merges(words: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """BPE merges that make each of `words` one token, and the tokens they make.
+
+    Each word's merges join, left to right, what the earlier words' merges already make of it
+    ("ri" from "right" inside "triangle"); a later merge ranks below every earlier one, so it
+    never changes how an earlier word is merged.
+    """
+    ranks: dict[tuple[str, str], int] = {}
+    made: list[str] = []
+    for word in dict.fromkeys(words):
+        parts = _bpe([*word[:-1], word[-1] + "</w>"], ranks)
+        while len(parts) > 1:
+            ranks.setdefault((parts[0], parts[1]), len(ranks))
+            parts = [parts[0] + parts[1], *parts[2:]]
+            made.append(parts[0])
+    return list(ranks), list(dict.fromkeys(made))
+
+
+def clip_tokenizer(pad_token: str, words: Sequence[str] = ()):  # type: ignore[no-untyped-def]
+    """A CLIP BPE tokenizer over the byte alphabet: one token per character, and one per word of `words`.
+
+    The order of the vocabulary follows CLIP's (alphabet, alphabet + "</w>", merged tokens,
+    specials), so "!" is id 0 — the pad token of SD3's CLIP-G tokenizer — and the special tokens
+    come last. `words` get merges as a BPE trained on a corpus of them would have learnt; any other
+    text still tokenizes, a character at a time.
     """
     from transformers import CLIPTokenizer
 
     alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    merges, made = _word_merges(words)
+    singles = alphabet + [c + "</w>" for c in alphabet]
+    tokens = singles + [t for t in made if t not in singles] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token)
+    # The annotation says strings; the tokenizers backend takes the pairs themselves.
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)  # type: ignore[arg-type]
     tok.model_max_length = MAX_CLIP_TOKENS
     return tok
 
 
-def t5_tokenizer():  # type: ignore[no-untyped-def]
-    """A SentencePiece-style unigram tokenizer with T5's special ids (pad 0, eos 1, unk 2)."""
+def t5_tokenizer(words: Sequence[str] = ()):  # type: ignore[no-untyped-def]
+    """A SentencePiece-style unigram tokenizer with T5's special ids (pad 0, eos 1, unk 2).
+
+    Characters, plus one piece per word of `words` (scored above any spelling of it in characters).
+    """
     from transformers import T5Tokenizer
 
     chars = [chr(c) for c in range(ord(" ") + 1, ord("~") + 1)]
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    pieces += [("▁" + w, -1.0) for w in dict.fromkeys(words)]
     tok = T5Tokenizer(vocab=pieces, extra_ids=0)
     tok.model_max_length = 512
     return tok
 
 
-def build_tiny_pipeline():  # type: ignore[no-untyped-def]
-    """Build the tiny SD3 pipeline in memory (random weights from a fixed seed, float32)."""
+def build_tiny_pipeline(words: Sequence[str] = (), residual_scale: float = 1.0):  # type: ignore[no-untyped-def]
+    """Build the tiny SD3 pipeline in memory (random weights from a fixed seed, float32).
+
+    The defaults are the tiny model. The toy (`pipelines.toy.train`) may ask for text encoders nearer
+    a trained one's habits: `words` each become one token in all three tokenizers, and
+    `residual_scale` multiplies the output projection of every attention and MLP branch of the
+    three encoders (as GPT-2 scales them at initialisation), so that at 0.5 a word's encoding stays
+    mostly at its own position instead of being spread over the whole sequence by random mixing.
+    """
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -88,9 +134,9 @@ def build_tiny_pipeline():  # type: ignore[no-untyped-def]
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    tokenizer = clip_tokenizer(pad_token="<|endoftext|>")  # SD3's CLIP-L pads with EOS
-    tokenizer_2 = clip_tokenizer(pad_token="!")  # SD3's CLIP-G pads with "!" = id 0
-    tokenizer_3 = t5_tokenizer()
+    tokenizer = clip_tokenizer(pad_token="<|endoftext|>", words=words)  # SD3's CLIP-L pads with EOS
+    tokenizer_2 = clip_tokenizer(pad_token="!", words=words)  # SD3's CLIP-G pads with "!" = id 0
+    tokenizer_3 = t5_tokenizer(words)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def clip(width: int, projection: int, seed: int) -> CLIPTextModelWithProjection:
@@ -134,6 +180,16 @@ def build_tiny_pipeline():  # type: ignore[no-untyped-def]
             decoder_start_token_id=0,  # type: ignore[call-arg]
         )
     ).eval()
+
+    if residual_scale != 1.0:
+        with torch.no_grad():
+            for clip_model in (text_encoder, text_encoder_2):
+                for layer in clip_model.text_model.encoder.layers:
+                    layer.self_attn.out_proj.weight.mul_(residual_scale)
+                    layer.mlp.fc2.weight.mul_(residual_scale)
+            for block in text_encoder_3.encoder.block:
+                block.layer[0].SelfAttention.o.weight.mul_(residual_scale)
+                block.layer[1].DenseReluDense.wo.weight.mul_(residual_scale)
 
     torch.manual_seed(_SEED + 3)
     transformer = SD3Transformer2DModel(

@@ -175,6 +175,12 @@ class TrainConfig:
     partial: float = 0.0
     # Where the transformer's scenes put a shape whose caption names no place (`world.UNPOSITIONED`).
     unpositioned: str = "anywhere"
+    # The text encoders stay random and frozen, but may be given two habits of trained ones: each word
+    # of the world's captions one token (`words`), and residual branches scaled down so that a word's
+    # encoding stays mostly at its own position (`text_residual_scale`; pipelines.tiny). A `(red:1.5)`
+    # weight moves only the word's own positions, so it can only steer a model that reads it there.
+    words: bool = False
+    text_residual_scale: float = 1.0
     # Progress is measured every `eval_every` steps (and at each phase's end) by generating
     # `eval_prompts` captions at the phase's size through the serving generator with the EMA weights
     # and reading them with the judge; it draws from its own seeds, so it never changes the weights.
@@ -708,7 +714,7 @@ def train(
         p.requires_grad_(False)
 
     # The tiny model's tokenizers and random, frozen text encoders: the toy replaces only what learns.
-    pipe = build_tiny_pipeline()
+    pipe = build_tiny_pipeline(world.vocabulary() if cfg.words else (), cfg.text_residual_scale)
     bank = CaptionBank(pipe)
     joint_attention_dim, pooled_dim = bank.widths
     if cfg.init is None:
@@ -864,6 +870,18 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         "one of the nine cells of the position words",
     )
     parser.add_argument(
+        "--words",
+        action="store_true",
+        help="tokenizers that make each word of the world's captions one token (default: one a character)",
+    )
+    parser.add_argument(
+        "--text-residual-scale",
+        type=float,
+        default=defaults.text_residual_scale,
+        help="scale of the random text encoders' residual branches; below 1 a word's encoding stays "
+        "more at its own position",
+    )
+    parser.add_argument(
         "--init",
         help="a toy folder whose VAE and transformer phase B starts from (phase A is skipped)",
     )
@@ -889,6 +907,8 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         help="go on to the transformer even if the VAE misses its gate (smoke tests of the script only)",
     )
     args = parser.parse_args(argv)
+    if not args.text_residual_scale > 0:
+        parser.error("--text-residual-scale must be positive")
     try:
         stages(args.phase or [])
     except ValueError as error:
@@ -911,6 +931,8 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         shape_weight=args.shape_weight,
         partial=args.partial,
         unpositioned=args.unpositioned,
+        words=args.words,
+        text_residual_scale=args.text_residual_scale,
         init=args.init,
         warmup=args.warmup,
     )

@@ -122,6 +122,13 @@ def all_captions() -> tuple[Caption, ...]:
     )
 
 
+def vocabulary() -> tuple[str, ...]:
+    """Every word of the captions and their partial prompts, sorted: the toy tokenizers' whole words."""
+    return tuple(
+        sorted({w for c in all_captions() for text in (c.text, *partial_texts(c)) for w in text.split()})
+    )
+
+
 def parse_caption(text: str) -> Caption:
     """The `Caption` whose `text` is exactly `text` (ValueError if it is not one of the set)."""
     found = _by_text().get(text)

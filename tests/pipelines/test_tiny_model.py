@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from pipelines.sd3 import SD3Generator
-from pipelines.tiny import ensure_tiny_model
+from pipelines.text import CLIP_CHUNK, encode_prompt
+from pipelines.tiny import build_tiny_pipeline, ensure_tiny_model
+from pipelines.toy import world
 from server.app import Runtime
 from server.config import Settings
+
+CPU = torch.device("cpu")
 
 
 def test_tiny_model_is_a_diffusers_folder_with_sd3_components(runtime: Runtime, settings: Settings) -> None:
@@ -58,3 +65,68 @@ def test_tiny_model_is_rebuilt_bit_identically(tmp_path: Path, settings: Setting
         ours = next((settings.tiny_model_dir / part).glob("*.safetensors")).read_bytes()
         theirs = next((rebuilt / part).glob("*.safetensors")).read_bytes()
         assert ours == theirs, part
+
+
+def _word_pipe(residual_scale: float = 1.0) -> Any:
+    return build_tiny_pipeline(world.vocabulary(), residual_scale)
+
+
+def test_the_toy_s_tokenizers_make_each_world_word_one_token_and_still_spell_anything_else(
+    tmp_path: Path,
+) -> None:
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    pipe = _word_pipe()
+    pipe.save_pretrained(tmp_path)
+    reloaded = (
+        CLIPTokenizer.from_pretrained(tmp_path / "tokenizer"),
+        CLIPTokenizer.from_pretrained(tmp_path / "tokenizer_2"),
+        T5Tokenizer.from_pretrained(tmp_path / "tokenizer_3"),
+    )
+    words = world.vocabulary()
+    # "triangle" holds "ri" of "right" and "an" of "an": merges built naively, word by word,
+    # left to right, split it once saved (BPE applies the best-ranked merge first).
+    assert {"triangle", "right", "an", "background", "orange"} <= set(words)
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3, *reloaded):
+        for word in words:
+            assert len(tokenizer.tokenize(word)) == 1, (word, tokenizer.tokenize(word))
+        # Text outside the world is spelt as before, a character at a time.
+        assert len(tokenizer.tokenize("a light blue cat")) >= len("lightcat")
+    caption = "an orange triangle at the top right on a purple background"
+    for ours, theirs in zip((pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3), reloaded, strict=True):
+        assert len(ours.tokenize(caption)) == len(caption.split())
+        assert ours(caption)["input_ids"] == theirs(caption)["input_ids"]
+    # SD3's pad conventions hold with the bigger vocabulary: "!" is still CLIP-G's pad, id 0.
+    assert pipe.tokenizer_2.pad_token_id == 0 and pipe.tokenizer.pad_token_id == pipe.tokenizer.eos_token_id
+
+
+def test_the_default_tokenizers_are_the_tiny_model_s_one_token_a_character() -> None:
+    pipe = build_tiny_pipeline()
+    assert pipe.tokenizer.tokenize("red") == ["r", "e", "d</w>"]
+    assert len(pipe.tokenizer_3.tokenize("red")) == 3
+
+
+def _own_share(pipe: Any) -> float:
+    """Over captions that differ in the shape's colour word alone, the mean share of the T5 part's
+    squared difference that lies at that word's own position."""
+    shares = []
+    for one, two in (("red", "green"), ("blue", "yellow"), ("white", "black"), ("orange", "purple")):
+        a, _ = encode_prompt(pipe, f"a {one} circle on a grey background", device=CPU, dtype=torch.float32)
+        b, _ = encode_prompt(pipe, f"a {two} circle on a grey background", device=CPU, dtype=torch.float32)
+        t5 = ((a - b)[0, CLIP_CHUNK:] ** 2).sum(-1)
+        shares.append(float(t5[1] / t5.sum()))
+    return sum(shares) / len(shares)
+
+
+def test_scaled_residual_branches_keep_a_word_at_its_own_position() -> None:
+    # A weight moves only the word's own positions (pipelines.text), so where the word's encoding
+    # lives decides how much a weight can do; random mixing spreads it over the whole sequence.
+    full, half = _own_share(_word_pipe(1.0)), _own_share(_word_pipe(0.5))
+    assert full < half and half > 0.95
+    # Only the residual branches are scaled: the embeddings (what a word is) are the same numbers.
+    a, b = _word_pipe(1.0), _word_pipe(0.5)
+    assert torch.equal(a.text_encoder_3.shared.weight, b.text_encoder_3.shared.weight)
+    assert torch.equal(
+        b.text_encoder.text_model.encoder.layers[0].mlp.fc2.weight,
+        0.5 * a.text_encoder.text_model.encoder.layers[0].mlp.fc2.weight,
+    )

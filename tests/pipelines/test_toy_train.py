@@ -99,6 +99,20 @@ def test_a_partial_share_outside_zero_to_one_is_refused_by_the_command_line(
     assert "--partial" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", ["0", "-0.5", "nan"])
+def test_the_text_encoder_recipe_is_chosen_on_the_command_line(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default = train._arguments(["out"])[0]
+    assert (default.words, default.text_residual_scale) == (False, 1.0)  # the tiny model's encoders
+    chosen = train._arguments(["out", "--words", "--text-residual-scale", "0.5"])[0]
+    assert (chosen.words, chosen.text_residual_scale) == (True, 0.5)
+    assert train.config_record(chosen)["words"] is True  # the manifest says which encoders it read
+    with pytest.raises(SystemExit):
+        train._arguments(["out", "--text-residual-scale", bad])
+    assert "--text-residual-scale" in capsys.readouterr().err
+
+
 def test_the_pool_puts_unpositioned_shapes_where_the_run_says(capsys: pytest.CaptureFixture[str]) -> None:
     vae = train.build_vae(TINY)
     centres = torch.tensor([[v * 24 - 0.5 for v in c] for c in world.POSITIONS.values()])  # latent px

@@ -86,3 +86,11 @@ def test_the_cells_variant_puts_an_unpositioned_shape_in_one_of_the_nine_cells()
     assert len({(round(3 * s.x, 1), round(3 * s.y, 1)) for s in anywhere}) > 20
     with pytest.raises(ValueError, match="unpositioned"):
         world.scene_for(caption, rng, unpositioned="nowhere")
+
+
+def test_the_vocabulary_is_every_word_a_caption_or_partial_prompt_uses() -> None:
+    words = world.vocabulary()
+    assert list(words) == sorted(set(words))
+    # Articles and prepositions of the captions ("an orange ...", "in the center") and the position words.
+    grammar = {"a", "an", "at", "in", "on", "the", "background", "top", "bottom", "left", "right", "center"}
+    assert set(words) == {*world.COLOURS, *world.SHAPES, *grammar}
