@@ -22,8 +22,9 @@ Sections (`--only`, repeatable):
   then each negative's effect on the share paired prompt by prompt, with its standard error.
 - weights: what a `(colour:w)` weight does, first to the conditioning (how far it moves the context
   along the difference between two captions that differ in the colour word alone), then over
-  `--pairs` prompts without a position word at w = 0.5, 1, 1.5 (share of the colour's pixels, the
-  judge's reading of the shape's colour, distance from w = 1, and the paired difference).
+  `--pairs` prompts without a position word at w = 0, 0.5, 1, 1.5 (share of the colour's pixels, the
+  judge's reading of the shape's colour, distance from w = 1, and the paired differences). At w = 0
+  the word's own positions are the empty prompt's, so a model that reads the colour there loses it.
 - words: how far apart the conditioning of two captions lies when they differ in one attribute's
   word alone (the shape's colour, the background, the shape's kind, the position), split by
   whether the two captions are as long as each other. The toy's tokenizers (the tiny model's) have
@@ -60,6 +61,7 @@ The model is `--model` (default `toy`, the committed weights) loaded through the
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import tempfile
@@ -264,6 +266,41 @@ def _weighted(caption: world.Caption, weight: float) -> str:
     return caption.text.replace(caption.colour, f"({caption.colour}:{weight})", 1)
 
 
+def _set_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The distance between two token sets under their best one-to-one matching. SD3's transformer
+    gives context tokens no positions, so it sees a context as this set, not as a sequence."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(a, b) ** 2
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return float(cost[rows, cols].sum().sqrt())
+
+
+def _where_words_live(context: Callable[[str], torch.Tensor], t5_start: int) -> None:
+    """Over pairs of colours: how much of the T5 part's difference between captions that differ in
+    the shape's colour lies at that word's own positions (the ones a weight moves), and how far
+    apart, as token sets, two captions lie that swap the shape's and the background's colours,
+    against two that change one colour. A weight can only steer a model through the first; the
+    model can only tell the shape's colour from the background's through the second."""
+    own, swap = [], []
+    colours = list(world.COLOURS)
+    for first, second in itertools.combinations(colours[:5], 2):
+        third = next(c for c in colours if c not in (first, second))
+        caption = world.Caption("circle", first, second, None)
+        plain = context(caption.text)
+        word = (context(_weighted(caption, 0.0)) - plain)[t5_start:].norm(dim=-1) > 0
+        apart = ((plain - context(replace(caption, colour=third).text))[t5_start:] ** 2).sum(-1)
+        own.append(float(apart[word].sum() / apart.sum()))
+        swapped = context(replace(caption, colour=second, background=first).text)
+        changed = context(replace(caption, background=third).text)
+        swap.append(_set_distance(plain, swapped) / _set_distance(plain, changed))
+    print(
+        f"Share of a shape-colour change's T5 difference at the word's own positions: {np.mean(own):.3f}; "
+        f"colours swapped against one changed, as token sets: {np.mean(swap):.3f} "
+        f"(means over {len(own)} colour pairs)"
+    )
+
+
 def weights(generator: SD3Generator, args: argparse.Namespace) -> None:
     from pipelines.text import CLIP_CHUNK
 
@@ -287,15 +324,16 @@ def weights(generator: SD3Generator, args: argparse.Namespace) -> None:
         along = float((moved * apart).sum() / (apart**2).sum())
         rows.append([weight, float(moved.norm() / apart.norm()), along])
     table(["w", "|moved| / |difference|", "moved along the difference"], rows)
+    _where_words_live(context, CLIP_CHUNK)
 
-    # Then the images: the shape colour's share and the judge's reading of it at three weights.
+    # Then the images: the shape colour's share and the judge's reading of it at four weights.
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed + 4, positioned=0.0)
     base = replace(DEFAULTS, width=args.size, height=args.size)
     images = {
         weight: [
             generator.generate(replace(base, prompt=_weighted(c, weight), seed=s)).images[0] for c, s in pairs
         ]
-        for weight in (0.5, 1.0, 1.5)
+        for weight in (0.0, 0.5, 1.0, 1.5)
     }
     shares = {
         w: np.array([quality.colour_share(im, c.colour) for im, (c, _) in zip(ims, pairs, strict=True)])
@@ -316,6 +354,7 @@ def weights(generator: SD3Generator, args: argparse.Namespace) -> None:
     )
     print("Paired share:")
     _paired("w 0.5 − w 1.5", shares[0.5], shares[1.5])
+    _paired("w 0 − w 1", shares[0.0], shares[1.0])
 
 
 def _swaps(caption: world.Caption, attribute: str) -> list[world.Caption]:
