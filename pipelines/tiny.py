@@ -123,8 +123,8 @@ def build_tiny_pipeline(words: Sequence[str] = (), residual_scale: float = 1.0):
     The defaults are the tiny model. The toy (`pipelines.toy.train`) may ask for text encoders nearer
     a trained one's habits: `words` each become one token in all three tokenizers, and
     `residual_scale` multiplies the output projection of every attention and MLP branch of the
-    three encoders (as GPT-2 scales them at initialisation), so that at 0.5 a word's encoding stays
-    mostly at its own position instead of being spread over the whole sequence by random mixing.
+    three encoders (as GPT-2 scales them at initialisation), so that below 1 less of the rest of the
+    sentence is mixed into each word's encoding (docs/toy.md §18 measures both).
     """
     from diffusers import (
         AutoencoderKL,
