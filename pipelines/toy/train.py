@@ -710,6 +710,13 @@ def train(
         vae, transformer = load_init(cfg)
         gate, timings = vae_gate(cfg, vae), {}
         log(f"init from {cfg.init}; vae gate: {json.dumps(gate)}")
+        if (read := _init_encoders(Path(cfg.init))) != (cfg.words, cfg.text_residual_scale):
+            # Allowed (run 16 did it on purpose), but a fine-tune that forgot --words would otherwise
+            # go unnoticed: the transformer has to learn to read the new conditioning.
+            log(
+                f"warning: {cfg.init} was trained on other text encoders (words={read[0]}, text "
+                f"residual scale {read[1]}); this run's transformer must relearn to read its own"
+            )
     for p in vae.parameters():
         p.requires_grad_(False)
 
@@ -767,6 +774,14 @@ def load_init(cfg: TrainConfig) -> tuple[Any, Any]:
         raise ValueError(f"{folder} has {blocks} blocks; pass --depth {blocks}")
     vae.eval()
     return vae, transformer
+
+
+def _init_encoders(folder: Path) -> tuple[bool, float]:
+    """The text-encoder settings the toy folder was trained on (the tiny model's where its manifest
+    predates them)."""
+    manifest = folder / MANIFEST
+    config = json.loads(manifest.read_text()).get("config", {}) if manifest.is_file() else {}
+    return bool(config.get("words", False)), float(config.get("text_residual_scale", 1.0))
 
 
 def _without_origin(cls: Any, folder: Path) -> Any:

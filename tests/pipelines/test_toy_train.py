@@ -324,3 +324,15 @@ def test_a_run_can_start_from_an_earlier_toy_folder(tmp_path: Path) -> None:
         assert "_name_or_path" not in json.loads((tmp_path / "b" / part / "config.json").read_text())
     with pytest.raises(ValueError, match="--depth 1"):
         train.train(dataclasses.replace(again, depth=2), tmp_path / "c", log=_quiet)
+
+
+def test_a_fine_tune_onto_other_text_encoders_says_so(tmp_path: Path) -> None:
+    train.train(TINY, tmp_path / "a", log=_quiet)
+    for cfg, warned in (
+        (TINY, False),
+        (dataclasses.replace(TINY, words=True), True),
+        (dataclasses.replace(TINY, text_residual_scale=0.5), True),
+    ):
+        lines: list[str] = []
+        train.train(dataclasses.replace(cfg, init=str(tmp_path / "a")), tmp_path / "b", log=lines.append)
+        assert any("other text encoders" in line for line in lines) is warned, cfg
