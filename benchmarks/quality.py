@@ -262,10 +262,6 @@ def _paired(label: str, a: Sequence[float] | np.ndarray, b: Sequence[float] | np
     print(f"  {label}: {diff.mean():+.3f} ± {error:.3f}; lower in {lower}/{len(diff)}")
 
 
-def _weighted(caption: world.Caption, weight: float) -> str:
-    return caption.text.replace(caption.colour, f"({caption.colour}:{weight})", 1)
-
-
 def _set_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """The distance between two token sets under their best one-to-one matching. SD3's transformer
     gives context tokens no positions, so it sees a context as this set, not as a sequence."""
@@ -287,10 +283,8 @@ def _where_words_live(context: Callable[[str], torch.Tensor], t5_start: int) -> 
     for first, second in itertools.combinations(colours[:5], 2):
         third = next(c for c in colours if c not in (first, second))
         caption = world.Caption("circle", first, second, None)
+        own.append(quality.own_position_share(context, caption, third, t5_start))
         plain = context(caption.text)
-        word = (context(_weighted(caption, 0.0)) - plain)[t5_start:].norm(dim=-1) > 0
-        apart = ((plain - context(replace(caption, colour=third).text))[t5_start:] ** 2).sum(-1)
-        own.append(float(apart[word].sum() / apart.sum()))
         swapped = context(replace(caption, colour=second, background=first).text)
         changed = context(replace(caption, background=third).text)
         swap.append(_set_distance(plain, swapped) / _set_distance(plain, changed))
@@ -320,7 +314,7 @@ def weights(generator: SD3Generator, args: argparse.Namespace) -> None:
     print(f"Share of their difference (squared norm) in the T5 part: {t5_share:.3f}")
     rows: list[list[object]] = []
     for weight in (0.0, 0.5, 1.5, 3.0):
-        moved = context(_weighted(red, weight)) - one
+        moved = context(quality.weighted_text(red, weight)) - one
         along = float((moved * apart).sum() / (apart**2).sum())
         rows.append([weight, float(moved.norm() / apart.norm()), along])
     table(["w", "|moved| / |difference|", "moved along the difference"], rows)
@@ -331,7 +325,8 @@ def weights(generator: SD3Generator, args: argparse.Namespace) -> None:
     base = replace(DEFAULTS, width=args.size, height=args.size)
     images = {
         weight: [
-            generator.generate(replace(base, prompt=_weighted(c, weight), seed=s)).images[0] for c, s in pairs
+            generator.generate(replace(base, prompt=quality.weighted_text(c, weight), seed=s)).images[0]
+            for c, s in pairs
         ]
         for weight in (0.0, 0.5, 1.0, 1.5)
     }

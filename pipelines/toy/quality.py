@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -131,3 +131,21 @@ def mean_psnr(images: Sequence[np.ndarray], references: Sequence[np.ndarray]) ->
     pairs = zip(images, references, strict=True)
     mse = float(np.mean([((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean() for a, b in pairs]))
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def weighted_text(caption: world.Caption, weight: float) -> str:
+    """The caption with its shape's colour word written `(colour:weight)`."""
+    return caption.text.replace(caption.colour, f"({caption.colour}:{weight})", 1)
+
+
+def own_position_share(
+    context: Callable[[str], torch.Tensor], caption: world.Caption, other: str, t5_start: int
+) -> float:
+    """How much of the T5 part's squared difference between `caption` and the same caption with the
+    shape's colour `other` lies at the colour word's own positions. Those are the positions a
+    `(colour:w)` weight moves (found as the ones that weighting the word by 0 changes), so this is
+    the most of the word a weight can reach. `context(text)` is the conditioning's context [L, D]."""
+    plain = context(caption.text)
+    word = (context(weighted_text(caption, 0.0)) - plain)[t5_start:].norm(dim=-1) > 0
+    apart = ((plain - context(replace(caption, colour=other).text))[t5_start:] ** 2).sum(-1)
+    return float(apart[word].sum() / apart.sum())

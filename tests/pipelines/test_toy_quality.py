@@ -111,7 +111,7 @@ def test_a_weight_on_the_colour_word_reaches_the_image_and_a_weight_of_one_is_th
     plain = image(caption.text)
     assert np.array_equal(image(caption.text.replace(caption.colour, f"({caption.colour}:1.0)", 1)), plain)
     for weight in (0.5, 1.5):
-        weighted = image(caption.text.replace(caption.colour, f"({caption.colour}:{weight})", 1))
+        weighted = image(quality.weighted_text(caption, weight))
         assert quality.psnr(weighted, plain) < 35.0, weight
 
 
