@@ -173,6 +173,10 @@ class TrainConfig:
     # Share of the captions kept whole that are replaced by one of `world.partial_texts` (drawn
     # uniformly), so that a bare "red" in a negative prompt means a red shape to the model.
     partial: float = 0.0
+    # Share of the captions kept whole whose pooled vector alone becomes the empty prompt's. The pooled
+    # CLIP vector sees the whole caption, and a model that reads the colours from it alone ignores a
+    # `(red:1.5)` weight, which moves only the word's own context tokens: this makes the tokens count.
+    drop_pooled: float = 0.0
     # Where the transformer's scenes put a shape whose caption names no place (`world.UNPOSITIONED`).
     unpositioned: str = "anywhere"
     # The text encoders stay random and frozen, but may be given two habits of trained ones: each word
@@ -437,8 +441,9 @@ def sample_sigmas(gen: torch.Generator, batch: int, shift: float = FLOW_SHIFT) -
 def condition_batch(
     bank: CaptionBank, captions: list[world.Caption], gen: torch.Generator, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's conditioning with caption dropout: some become the empty prompt, some all zeros, and
-    (with `cfg.partial`) some a shorter prompt that is still true of the image."""
+    """The batch's conditioning with caption dropout: some become the empty prompt, some all zeros, (with
+    `cfg.partial`) some a shorter prompt that is still true of the image, and (with `cfg.drop_pooled`)
+    some keep their context tokens with the empty prompt's pooled vector."""
     texts = [c.text for c in captions]
     draw = torch.rand(len(captions), generator=gen)
     if cfg.partial:
@@ -455,6 +460,10 @@ def condition_batch(
     zero = (draw >= cfg.drop_empty) & (draw < cfg.drop_empty + cfg.drop_zero)
     context[empty], pooled[empty] = bank.empty_context, bank.empty_pooled
     context[zero], pooled[zero] = 0.0, 0.0
+    if cfg.drop_pooled:
+        # Drawn only when asked for, as `partial` is, so that earlier runs keep their random stream.
+        alone = (torch.rand(len(captions), generator=gen) < cfg.drop_pooled) & ~empty & ~zero
+        pooled[alone] = bank.empty_pooled
     return context, pooled
 
 
@@ -878,6 +887,13 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         '("red", "a red circle", "a circle", "a blue background")',
     )
     parser.add_argument(
+        "--drop-pooled",
+        type=_share,
+        default=defaults.drop_pooled,
+        help="share of the (not dropped) captions trained with the empty prompt's pooled vector, so that "
+        "the context tokens, which a (word:1.5) weight moves, must carry the caption",
+    )
+    parser.add_argument(
         "--unpositioned",
         choices=world.UNPOSITIONED,
         default=defaults.unpositioned,
@@ -945,6 +961,7 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         eval_every=args.eval_every,
         shape_weight=args.shape_weight,
         partial=args.partial,
+        drop_pooled=args.drop_pooled,
         unpositioned=args.unpositioned,
         words=args.words,
         text_residual_scale=args.text_residual_scale,

@@ -89,14 +89,44 @@ def test_partial_prompts_replace_whole_captions_with_shorter_true_ones() -> None
     assert torch.equal(torch.rand(1, generator=gen), torch.rand(1, generator=_after(1, len(captions))))
 
 
+def test_dropping_the_pooled_vector_alone_keeps_the_context_tokens() -> None:
+    from pipelines.tiny import build_tiny_pipeline
+
+    bank = train.CaptionBank(build_tiny_pipeline())
+    captions = list(world.all_captions()[:64])
+    whole_context, whole_pooled = bank.get([c.text for c in captions])
+    always = dataclasses.replace(TINY, drop_empty=0, drop_zero=0, drop_pooled=1)
+    context, pooled = train.condition_batch(bank, captions, torch.Generator().manual_seed(0), always)
+    assert torch.equal(context, whole_context)
+    assert torch.equal(pooled, bank.empty_pooled.expand_as(pooled))
+    assert not torch.equal(whole_pooled, pooled)  # the captions' own pooled vectors are not the empty one
+    # A caption dropped to the empty prompt or to zeros stays so: the pooled drop applies to kept ones.
+    zero = dataclasses.replace(TINY, drop_empty=0, drop_zero=1, drop_pooled=1)
+    context, pooled = train.condition_batch(bank, captions, torch.Generator().manual_seed(0), zero)
+    assert not context.any() and not pooled.any()
+    # A share draws per caption: at ½, some of the 64 keep their pooled vector and some lose it.
+    half = dataclasses.replace(TINY, drop_empty=0, drop_zero=0, drop_pooled=0.5)
+    _, pooled = train.condition_batch(bank, captions, torch.Generator().manual_seed(0), half)
+    lost = [torch.equal(row, bank.empty_pooled) for row in pooled]
+    assert 16 < sum(lost) < 48
+    kept = [torch.equal(row, own) for row, own in zip(pooled, whole_pooled, strict=True)]
+    assert [not k for k in kept] == lost
+    # Without it a batch draws only the dropout's numbers, as runs before `drop_pooled` did.
+    gen = torch.Generator().manual_seed(1)
+    train.condition_batch(bank, captions, gen, dataclasses.replace(TINY, drop_pooled=0))
+    assert torch.equal(torch.rand(1, generator=gen), torch.rand(1, generator=_after(1, len(captions))))
+
+
+@pytest.mark.parametrize("flag", ["--partial", "--drop-pooled"])
 @pytest.mark.parametrize("bad", ["-0.1", "1.5", "nan", "inf", "a fifth"])
-def test_a_partial_share_outside_zero_to_one_is_refused_by_the_command_line(
-    bad: str, capsys: pytest.CaptureFixture[str]
+def test_a_share_outside_zero_to_one_is_refused_by_the_command_line(
+    flag: str, bad: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert train._arguments(["out", "--partial", "0.2"])[0].partial == 0.2
+    field = flag.removeprefix("--").replace("-", "_")
+    assert getattr(train._arguments(["out", flag, "0.2"])[0], field) == 0.2
     with pytest.raises(SystemExit):
-        train._arguments(["out", "--partial", bad])
-    assert "--partial" in capsys.readouterr().err
+        train._arguments(["out", flag, bad])
+    assert flag in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["0", "-0.5", "nan"])
