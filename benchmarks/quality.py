@@ -61,7 +61,6 @@ The model is `--model` (default `toy`, the committed weights) loaded through the
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import sys
 import tempfile
@@ -279,13 +278,10 @@ def _where_words_live(context: Callable[[str], torch.Tensor], t5_start: int) -> 
     against two that change one colour. A weight can only steer a model through the first; the
     model can only tell the shape's colour from the background's through the second."""
     own, swap = [], []
-    colours = list(world.COLOURS)
-    for first, second in itertools.combinations(colours[:5], 2):
-        third = next(c for c in colours if c not in (first, second))
-        caption = world.Caption("circle", first, second, None)
+    for caption, third in quality.colour_word_probes():
         own.append(quality.own_position_share(context, caption, third, t5_start))
         plain = context(caption.text)
-        swapped = context(replace(caption, colour=second, background=first).text)
+        swapped = context(replace(caption, colour=caption.background, background=caption.colour).text)
         changed = context(replace(caption, background=third).text)
         swap.append(_set_distance(plain, swapped) / _set_distance(plain, changed))
     print(

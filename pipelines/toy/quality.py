@@ -9,6 +9,7 @@ a client receives.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -136,6 +137,17 @@ def mean_psnr(images: Sequence[np.ndarray], references: Sequence[np.ndarray]) ->
 def weighted_text(caption: world.Caption, weight: float) -> str:
     """The caption with its shape's colour word written `(colour:weight)`."""
     return caption.text.replace(caption.colour, f"({caption.colour}:{weight})", 1)
+
+
+def colour_word_probes() -> list[tuple[world.Caption, str]]:
+    """Ten "a C1 circle on a C2 background" captions over the pairs of the first five colours, each
+    with a third colour to change one of them to: the captions on which where a colour word's
+    encoding lives is measured (`benchmarks/quality.py --only weights` and the tests use the same)."""
+    colours = list(world.COLOURS)
+    return [
+        (world.Caption("circle", first, second, None), next(c for c in colours if c not in (first, second)))
+        for first, second in itertools.combinations(colours[:5], 2)
+    ]
 
 
 def own_position_share(

@@ -11,7 +11,7 @@ import torch
 from pipelines.sd3 import SD3Generator
 from pipelines.text import CLIP_CHUNK, encode_prompt
 from pipelines.tiny import build_tiny_pipeline, ensure_tiny_model
-from pipelines.toy import world
+from pipelines.toy import quality, world
 from server.app import Runtime
 from server.config import Settings
 
@@ -107,15 +107,13 @@ def test_the_default_tokenizers_are_the_tiny_model_s_one_token_a_character() -> 
 
 
 def _own_share(pipe: Any) -> float:
-    """Over captions that differ in the shape's colour word alone, the mean share of the T5 part's
-    squared difference that lies at that word's own position."""
-    shares = []
-    for one, two in (("red", "green"), ("blue", "yellow"), ("white", "black"), ("orange", "purple")):
-        a, _ = encode_prompt(pipe, f"a {one} circle on a grey background", device=CPU, dtype=torch.float32)
-        b, _ = encode_prompt(pipe, f"a {two} circle on a grey background", device=CPU, dtype=torch.float32)
-        t5 = ((a - b)[0, CLIP_CHUNK:] ** 2).sum(-1)
-        shares.append(float(t5[1] / t5.sum()))
-    return sum(shares) / len(shares)
+    """The mean own-position share of a shape-colour change over the probes quality.py reports on."""
+
+    def context(text: str) -> torch.Tensor:
+        return encode_prompt(pipe, text, device=CPU, dtype=torch.float32)[0][0]
+
+    probes = quality.colour_word_probes()
+    return sum(quality.own_position_share(context, c, other, CLIP_CHUNK) for c, other in probes) / len(probes)
 
 
 def test_scaled_residual_branches_keep_a_word_at_its_own_position() -> None:
