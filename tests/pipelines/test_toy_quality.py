@@ -1,9 +1,8 @@
 """What the trained toy SD3 (`--model toy`, the committed weights) does, measured by the judge.
 
 Each test generates a handful of images through the serving code and checks a direction or a bound
-that `benchmarks/quality.py` measured over many more prompt×seed pairs (docs/toy.md §5 has those
-figures). They run once the trained weights are committed (docs/toy.md §5: run 1's were not); run 1's
-weights passed the guidance and negative-prompt tests.
+that `benchmarks/quality.py` measured over many more prompt×seed pairs (docs/toy.md §21 has those
+figures for the committed weights, run 19). They are skipped in a checkout without the weights.
 """
 
 from __future__ import annotations
@@ -65,9 +64,9 @@ def test_images_follow_their_prompts_at_the_api_defaults_at_512_px(toy: SD3Gener
     score = quality.adherence(toy, pairs, replace(DEFAULTS, width=512, height=512))
     assert score.background >= BOUNDS["background"], score
     assert score.colour >= BOUNDS["colour"], score
-    # The shape's kind is not learned yet (43 % over 100 pairs, nearly every shape a rounded square
-    # read as a circle: docs/toy.md §9): issue 13's 60 % is not asserted, and a bound near chance
-    # would be a test that cannot fail.
+    # The shape's kind is not learned at 512 px yet (34 % over 100 pairs, nearly every shape read as
+    # a circle: docs/toy.md §21): issue 13's 60 % is not asserted, and a bound near chance would be
+    # a test that cannot fail.
 
 
 def test_guidance_makes_images_follow_their_prompts_better_than_none(toy: SD3Generator) -> None:
@@ -75,7 +74,14 @@ def test_guidance_makes_images_follow_their_prompts_better_than_none(toy: SD3Gen
     base = replace(DEFAULTS, width=256, height=256)
     guided = quality.adherence(toy, pairs, base)
     unguided = quality.adherence(toy, pairs, replace(base, guidance_scale=1.0))
-    assert guided.background + guided.colour > unguided.background + unguided.colour, (guided, unguided)
+
+    # Over 100 pairs at 256 px (`quality.py --only adherence --size 256 --pairs 100`, docs/toy.md
+    # §21) CFG 5 reads background / shape colour / kind 1.00 / 1.00 / 0.53 and CFG 1 0.99 / 0.94 /
+    # 0.49: the colours alone nearly saturate, so the test sums all three.
+    def read(score: quality.Adherence) -> float:
+        return score.background + score.colour + score.shape
+
+    assert read(guided) > read(unguided), (guided, unguided)
 
 
 def test_a_negative_prompt_naming_the_shape_colour_lowers_its_share(toy: SD3Generator) -> None:
@@ -83,36 +89,37 @@ def test_a_negative_prompt_naming_the_shape_colour_lowers_its_share(toy: SD3Gene
     # the txt2img page's window (docs/sampling.md §5.2) the real negative is evaluated on only the first
     # 3 of 25 steps, above σ 0.964, where the toy has not yet chosen the shape's colour or place, and
     # the zero-out guides the rest: there the share moves by about a percent either way
-    # (docs/toy.md §13), which no test on 8 images can tell from noise.
-    pairs = quality.prompt_seed_pairs(8, seed=13, positioned=0.0)
+    # (docs/toy.md §13), which no test on 8 images can tell from noise. Under plain CFG the committed
+    # toy's share falls by a seventh (0.180 → 0.154 over 32 pairs, paired −0.026 ± 0.007, lower in 27:
+    # `quality.py --only controls --size 256 --pairs 256`, docs/toy.md §21), less than run 5's half;
+    # 16 pairs put that fall about 2.5 standard errors from zero, so the test asks for the direction.
+    pairs = quality.prompt_seed_pairs(16, seed=13, positioned=0.0)
     base = replace(DEFAULTS, width=256, height=256, negative_window=False)
     plain = _mean_share(toy, pairs, lambda c, s: replace(base, prompt=c.text, seed=s))
     negative = _mean_share(
         toy, pairs, lambda c, s: replace(base, prompt=c.text, seed=s, negative_prompt=c.colour)
     )
-    assert negative < 0.75 * plain, (negative, plain)
+    assert negative < plain, (negative, plain)
 
 
-def test_a_weight_on_the_colour_word_reaches_the_image_and_a_weight_of_one_is_the_plain_prompt(
+def test_a_heavier_weight_on_the_colour_word_gives_more_of_that_colour_and_a_weight_of_one_is_none(
     toy: SD3Generator,
 ) -> None:
-    # Which way a weight moves the toy's colour share is not asserted: over 32 pairs at 256 px
-    # (colour:1.5) and (colour:0.5) give the same share within the noise of single images, and a heavy
-    # weight lowers it. The toy's random T5 spreads a word over every token (96 % of the context's
-    # difference between "red" and "green" lies in the T5 part, across all 77 positions), so weighting
-    # the word's own tokens moves the context along that difference by 3 % per half unit of weight
-    # (docs/toy.md §14). What must hold is that the weight reaches the sampler, and that 1.0 is no weight.
-    caption, seed = quality.prompt_seed_pairs(1, seed=14, positioned=0.0)[0]
-    base = replace(DEFAULTS, width=256, height=256, seed=seed)
+    # The toy was trained with the pooled vector dropped in half the steps (docs/toy.md §19), so its
+    # colours are read from the context tokens that a weight scales. Over 32 pairs at 256 px
+    # (`quality.py --only weights --size 256 --pairs 32`, §21) the shape colour's share is 0.069 at
+    # w = 0.5 and 0.149 at 1.5, lower at 0.5 in 30 of the 32.
+    pairs = quality.prompt_seed_pairs(6, seed=14, positioned=0.0)
+    base = replace(DEFAULTS, width=256, height=256)
 
-    def image(prompt: str) -> np.ndarray:
-        return toy.generate(replace(base, prompt=prompt)).images[0]
+    def weighted(weight: float) -> Callable[[world.Caption, int], GenerationRequest]:
+        return lambda c, s: replace(base, prompt=quality.weighted_text(c, weight), seed=s)
 
-    plain = image(caption.text)
-    assert np.array_equal(image(quality.weighted_text(caption, 1.0)), plain)
-    for weight in (0.5, 1.5):
-        weighted = image(quality.weighted_text(caption, weight))
-        assert quality.psnr(weighted, plain) < 35.0, weight
+    light, heavy = _mean_share(toy, pairs, weighted(0.5)), _mean_share(toy, pairs, weighted(1.5))
+    assert heavy > light + 0.02, (light, heavy)
+    caption, seed = pairs[0]
+    plain = toy.generate(replace(base, prompt=caption.text, seed=seed)).images[0]
+    assert np.array_equal(toy.generate(weighted(1.0)(caption, seed)).images[0], plain)
 
 
 def _clipped(image: np.ndarray) -> float:
@@ -166,12 +173,10 @@ def test_batching_bf16_and_the_memory_modes_stay_close_to_the_exact_image(
 
 
 # Lower bounds. Adherence: issue 13's targets for background and shape colour, which the committed
-# toy (run 5) meets (at 512 px over these 16 pairs: 0.94 and 0.81, one image above the colour bound;
-# over 100 pairs at 256 px: 0.93 and 0.91, at 512 px: 0.96 and 0.87,
-# `python benchmarks/quality.py --only adherence --pairs 100 --size N`).
+# toy (run 19) meets with room (over 100 pairs at 256 px: 1.00 and 1.00, at 512 px: 1.00 and 0.97,
+# `python benchmarks/quality.py --only adherence --pairs 100 --size N`, docs/toy.md §21).
 # PSNR: first estimates, from the tiny model's run of benchmarks/quality.py at 64 px (batch 92 dB,
-# bf16 47 dB, tiling and slicing exact), which the toy passes too (bf16 45 dB over 100 pairs,
-# `--only approximations`).
+# bf16 47 dB, tiling and slicing exact), which the toy passes too (`--only approximations`).
 BOUNDS: dict[str, float] = {
     "background": 0.9,
     "colour": 0.8,
