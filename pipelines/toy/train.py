@@ -761,6 +761,8 @@ def train(
             "storage": storage,
             "files": file_hashes(staging),
         }
+        if cfg.init is not None:
+            manifest["parent"] = parent_record(Path(cfg.init))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -783,6 +785,19 @@ def load_init(cfg: TrainConfig) -> tuple[Any, Any]:
         raise ValueError(f"{folder} has {blocks} blocks; pass --depth {blocks}")
     vae.eval()
     return vae, transformer
+
+
+def parent_record(folder: Path) -> dict[str, Any]:
+    """What a fine-tune started from, for its manifest: the `--init` folder's own manifest (its
+    settings, its files' checksums and, nested, its own parent), less the progress reports. The
+    config's `init` is a path on the training machine; this is what lets a reader of the committed
+    folder alone retrace the chain of commands that made it."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return {"manifest": None}
+    record = json.loads(manifest.read_text())
+    record.pop("progress", None)
+    return record
 
 
 def _init_encoders(folder: Path) -> tuple[bool, float]:

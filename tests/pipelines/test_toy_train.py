@@ -342,6 +342,10 @@ def test_a_run_can_start_from_an_earlier_toy_folder(tmp_path: Path) -> None:
     again = dataclasses.replace(TINY, init=str(tmp_path / "a"), shape_weight=9.0)
     second = train.train(again, tmp_path / "b", log=_quiet)
     assert second["config"]["init"] == str(tmp_path / "a") and second["config"]["shape_weight"] == 9.0
+    # The parent's settings and checksums travel with the child, not only the path it lay at.
+    written = json.loads((tmp_path / "a" / train.MANIFEST).read_text())
+    assert second["parent"]["config"] == written["config"] and second["parent"]["files"] == first["files"]
+    assert "parent" not in first and "progress" not in second["parent"]
     assert (
         second["files"]["vae/diffusion_pytorch_model.safetensors"]
         == first["files"]["vae/diffusion_pytorch_model.safetensors"]
