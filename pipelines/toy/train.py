@@ -792,10 +792,7 @@ def parent_record(folder: Path) -> dict[str, Any]:
     settings, its files' checksums and, nested, its own parent), less the progress reports. The
     config's `init` is a path on the training machine; this is what lets a reader of the committed
     folder alone retrace the chain of commands that made it."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return {"manifest": None}
-    record = json.loads(manifest.read_text())
+    record = _read_manifest(folder)
     record.pop("progress", None)
     return record
 
@@ -803,9 +800,14 @@ def parent_record(folder: Path) -> dict[str, Any]:
 def _init_encoders(folder: Path) -> tuple[bool, float]:
     """The text-encoder settings the toy folder was trained on (the tiny model's where its manifest
     predates them)."""
-    manifest = folder / MANIFEST
-    config = json.loads(manifest.read_text()).get("config", {}) if manifest.is_file() else {}
+    config = _read_manifest(folder).get("config", {})
     return bool(config.get("words", False)), float(config.get("text_residual_scale", 1.0))
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """A toy folder's manifest, or {} for a folder without one."""
+    manifest = folder / MANIFEST
+    return dict(json.loads(manifest.read_text())) if manifest.is_file() else {}
 
 
 def _without_origin(cls: Any, folder: Path) -> Any:
