@@ -1,7 +1,7 @@
 """What the trained toy SD3 (`--model toy`, the committed weights) does, measured by the judge.
 
 Each test generates a handful of images through the serving code and checks a direction or a bound
-that `benchmarks/quality.py` measured over many more prompt×seed pairs (docs/toy.md §21 has those
+that `benchmarks/quality.py` measured over many more prompt×seed pairs (docs/toy.md §22 has those
 figures for the committed weights, run 21). They are skipped in a checkout without the weights.
 """
 
