@@ -160,6 +160,9 @@ class TrainConfig:
     # background's: a shape covers 3-8 % of a scene, so with plain MSE the flat background dominates
     # the gradient, and the shape's kind (decided by a few edge pixels) is the last thing learned.
     shape_weight: float = 0.0
+    # The loss within one latent pixel of the shape's outline weighs edge_weight more again: the kind
+    # (square, circle, triangle) is decided by those pixels alone, a ring round the shape's edge.
+    edge_weight: float = 0.0
     # Phase B may start from an earlier toy folder's transformer and VAE (phase A is then skipped, its
     # gate re-measured): a fine-tune is the earlier run's command plus this one's.
     init: str | None = None
@@ -487,12 +490,13 @@ def encode_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
 
 
 def shape_masks(scenes: list[world.Scene], *, size: int) -> torch.Tensor:
-    """[B, 1, size/8, size/8]: 1 where a latent pixel lies inside the shape or within one latent pixel
-    of its edge (the latent grid is the image's at 1/8, so distances come out in latent pixels)."""
+    """[B, 2, size/8, size/8]: channel 0 is 1 where a latent pixel lies inside the shape or within one
+    latent pixel of its edge, channel 1 where it lies within one latent pixel of the edge either side
+    (the latent grid is the image's at 1/8, so distances come out in latent pixels)."""
     side = size // 8
-    return torch.from_numpy(
-        np.stack([world.signed_distance(s, side, side) < 1.0 for s in scenes]).astype(np.float32)
-    ).unsqueeze(1)
+    distance = np.stack([world.signed_distance(s, side, side) for s in scenes])
+    masks = np.stack([distance < 1.0, np.abs(distance) < 1.0], axis=1)
+    return torch.from_numpy(masks.astype(np.float32))
 
 
 class LatentPool:
@@ -527,12 +531,17 @@ class LatentPool:
         return [self.captions[int(i)] for i in index], self.latents[index], self.masks[index]
 
 
-def flow_loss(v: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, shape_weight: float) -> torch.Tensor:
-    """The rectified-flow MSE, each latent pixel weighted 1 + shape_weight·mask (normalised by the
-    weights' mean, so the loss's scale stays that of plain MSE; shape_weight 0 is plain MSE)."""
-    if not shape_weight:
+def flow_loss(
+    v: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, shape_weight: float, edge_weight: float = 0.0
+) -> torch.Tensor:
+    """The rectified-flow MSE, each latent pixel weighted 1 + shape_weight·inside + edge_weight·edge
+    (`shape_masks`' two channels; normalised by the weights' mean, so the loss's scale stays that of
+    plain MSE; both weights 0 is plain MSE)."""
+    if not shape_weight and not edge_weight:
         return F.mse_loss(v.float(), target)
-    weight = 1.0 + shape_weight * mask
+    weight = 1.0 + shape_weight * masks[:, :1]
+    if edge_weight:
+        weight = weight + edge_weight * masks[:, 1:2]
     return ((v.float() - target).pow(2) * weight).mean() / weight.mean()
 
 
@@ -609,7 +618,7 @@ def train_transformer(
             x_t = (1.0 - s) * x0 + s * eps
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
                 v = velocity(transformer, x_t, sigma, context, pooled)
-            loss = flow_loss(v, eps - x0, mask, cfg.shape_weight)
+            loss = flow_loss(v, eps - x0, mask, cfg.shape_weight, cfg.edge_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -897,6 +906,12 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         help="extra loss weight inside the shape (0: plain MSE)",
     )
     parser.add_argument(
+        "--edge-weight",
+        type=float,
+        default=defaults.edge_weight,
+        help="extra loss weight within one latent pixel of the shape's outline, where its kind shows",
+    )
+    parser.add_argument(
         "--partial",
         type=_share,
         default=defaults.partial,
@@ -977,6 +992,7 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         enforce_gate=not args.no_gate,
         eval_every=args.eval_every,
         shape_weight=args.shape_weight,
+        edge_weight=args.edge_weight,
         partial=args.partial,
         drop_pooled=args.drop_pooled,
         unpositioned=args.unpositioned,

@@ -337,6 +337,21 @@ def test_the_shape_weight_leaves_plain_mse_at_zero_and_scales_the_shape_up() -> 
     assert float(weighted) > 5 * float(plain)  # the shape's error counts for more
 
 
+def test_the_edge_mask_is_a_ring_round_the_outline_and_its_weight_counts_there() -> None:
+    scene = world.Scene(world.parse_caption("a red square on a blue background"), 0.5, 0.5, 0.2)
+    masks = train.shape_masks([scene], size=256)  # the square 12.8 latent pixels across
+    ring = masks[0, 1]
+    distance = torch.from_numpy(world.signed_distance(scene, 32, 32))
+    assert ring[16, 16] == 0 and ring[0, 0] == 0  # neither the shape's middle nor the far background
+    assert bool(ring[distance.abs() < 0.5].all()) and not bool(ring[distance.abs() > 1.0].any())
+    error_on_ring = torch.zeros(1, 16, 32, 32)
+    error_on_ring[:, :, ring.bool()] = 1.0
+    zero = torch.zeros_like(error_on_ring)
+    plain, edged = (train.flow_loss(error_on_ring, zero, masks, 0.0, w) for w in (0.0, 4.0))
+    assert float(plain) == float(torch.nn.functional.mse_loss(error_on_ring, zero))
+    assert float(edged) > 2 * float(plain)
+
+
 def test_a_run_can_start_from_an_earlier_toy_folder(tmp_path: Path) -> None:
     first = train.train(TINY, tmp_path / "a", log=_quiet)
     again = dataclasses.replace(TINY, init=str(tmp_path / "a"), shape_weight=9.0)
