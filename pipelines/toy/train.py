@@ -610,7 +610,7 @@ def train_transformer(
             phase, pool = group[which], pools[which]
             for param_group in optimizer.param_groups:
                 param_group["lr"] = cfg.lr * _lr_factor(step, total=total, warmup=min(cfg.warmup, total))
-            batch_captions, x0, mask = pool.draw(rng, phase.batch)
+            batch_captions, x0, masks = pool.draw(rng, phase.batch)
             context, pooled = condition_batch(bank, batch_captions, gen, cfg)
             sigma = sample_sigmas(gen, phase.batch, phase.shift)
             eps = torch.randn(x0.shape, generator=gen)
@@ -618,7 +618,7 @@ def train_transformer(
             x_t = (1.0 - s) * x0 + s * eps
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
                 v = velocity(transformer, x_t, sigma, context, pooled)
-            loss = flow_loss(v, eps - x0, mask, cfg.shape_weight, cfg.edge_weight)
+            loss = flow_loss(v, eps - x0, masks, cfg.shape_weight, cfg.edge_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
