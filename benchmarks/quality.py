@@ -4,12 +4,16 @@ every sampler converges, and how far batching, bf16 and the memory modes move an
     python benchmarks/quality.py                       # everything, ~1 h on 2 CPU cores
     python benchmarks/quality.py --only adherence --pairs 120 --size 512
     python benchmarks/quality.py --only convergence --size 128
+    python benchmarks/quality.py --only adherence --pairs 100 --size 512 --no-cfg1 --save-images DIR
+    python benchmarks/quality.py --only adherence --pairs 100 --size 512 --no-cfg1 --rejudge DIR
 
 Sections (`--only`, repeatable):
 - adherence: over `--pairs` prompt×seed pairs (distinct captions, half naming a position), the share
   of images whose background colour, shape colour, shape kind and position the judge
   (`pipelines/toy/judge.py`) reads as captioned, at the API's defaults (DPM++ 2M, 25 steps, CFG 5,
-  shift 3) and at CFG 1 (no guidance) for comparison.
+  shift 3) and at CFG 1 (no guidance) for comparison. `--save-images DIR` also writes every image it
+  judged (PNG, with the pairs it answers); `--rejudge DIR` reads them back instead of generating, in
+  seconds and without the model, so that a change to the judge is re-measured on the same pixels.
 - decided: at which σ the model commits to each attribute. The judge reads the transformer's one-step
   estimate of x0 from `--probe-pairs` real renders noised to σ (pipelines/toy/probe.py): right at a
   small σ whatever was learnt; near σ = 1 only the caption can say what to draw, so where a share
@@ -61,7 +65,9 @@ The model is `--model` (default `toy`, the committed weights) loaded through the
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -146,7 +152,7 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def adherence(generator: SD3Generator, args: argparse.Namespace) -> None:
+def adherence(generator: SD3Generator | None, args: argparse.Namespace) -> None:
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed)
     rows = []
     settings = [("API defaults (CFG 5)", replace(DEFAULTS, width=args.size, height=args.size))]
@@ -155,7 +161,14 @@ def adherence(generator: SD3Generator, args: argparse.Namespace) -> None:
     kinds, split = {}, []
     for label, base in settings:
         started = time.perf_counter()
-        score = quality.adherence(generator, pairs, base)
+        folder = (args.rejudge or args.save_images or Path()) / _slug(label)
+        if generator is None:
+            images = _load_images(folder, pairs)
+        else:
+            images = [generator.generate(replace(base, prompt=c.text, seed=s)).images[0] for c, s in pairs]
+            if args.save_images is not None:
+                _save_images(folder, pairs, images)
+        score = quality.adherence_of(pairs, images)
         kinds[label] = score.kinds
         for group, shares in score.by_position.items():
             split.append(
@@ -183,11 +196,42 @@ def adherence(generator: SD3Generator, args: argparse.Namespace) -> None:
     table(["setting", "captions", "background", "shape colour", "shape", "position", "pairs"], split)
     read_as = [*world.SHAPES, None]
     for label, counts in kinds.items():
-        print(f"\nshape kind at {label}: captioned (rows) against read (columns; none: no shape found)")
+        print(f"\nshape kind at {label}: captioned (rows) against read (columns; none: no clean shape)")
         table(
             ["captioned", *[kind or "none" for kind in read_as]],
             [[asked, *[counts.get((asked, kind), 0) for kind in read_as]] for asked in world.SHAPES],
         )
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def _save_images(
+    folder: Path, pairs: Sequence[tuple[world.Caption, int]], images: Sequence[np.ndarray]
+) -> None:
+    """PNG (lossless, so a later judge reads the very pixels) and the pairs they answer, in order."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{k:04d}.png")
+    index = [{"prompt": caption.text, "seed": seed} for caption, seed in pairs]
+    (folder / "pairs.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
+def _load_images(folder: Path, pairs: Sequence[tuple[world.Caption, int]]) -> list[np.ndarray]:
+    from PIL import Image
+
+    index_file = folder / "pairs.json"
+    if not index_file.is_file():
+        sys.exit(f"--rejudge: {index_file} is missing; write it with --save-images")
+    saved = json.loads(index_file.read_text())
+    expected = [{"prompt": caption.text, "seed": seed} for caption, seed in pairs]
+    if saved != expected:
+        # Reading images against other captions would report a figure of nothing.
+        sys.exit(f"--rejudge: {folder} holds other pairs; pass the --pairs and --seed it was saved with")
+    return [np.asarray(Image.open(folder / f"{k:04d}.png").convert("RGB")) for k in range(len(saved))]
 
 
 def decided(generator: SD3Generator, args: argparse.Namespace) -> None:
@@ -658,6 +702,16 @@ def main() -> None:
         action="store_false",
         help="adherence at the API defaults only (half the time)",
     )
+    parser.add_argument(
+        "--save-images",
+        type=Path,
+        help="adherence: also write every image judged, as PNG, under DIR/<setting>/ with its pairs",
+    )
+    parser.add_argument(
+        "--rejudge",
+        type=Path,
+        help="adherence: read the images a --save-images run wrote under DIR instead of generating them",
+    )
     parser.add_argument("--probe-pairs", type=int, default=48, help="noised renders for `decided`")
     parser.add_argument("--word-captions", type=int, default=24, help="base captions for `words`")
     parser.add_argument("--convergence-prompts", type=int, default=4)
@@ -679,6 +733,11 @@ def main() -> None:
             "the few-step and guidance-fit sections need --lora: a folder written by "
             "python -m pipelines.toy.distill"
         )
+    if args.rejudge is not None:
+        if sections != ["adherence"]:
+            parser.error("--rejudge reads saved adherence images: use it with --only adherence")
+        adherence(None, args)  # no model loaded: the judge alone, on the saved pixels
+        return
     generator = load(args.model)
     for section in sections:
         started = time.perf_counter()

@@ -1,0 +1,35 @@
+"""`benchmarks/quality.py --save-images` keeps what adherence judged, and `--rejudge` reads it back to
+the same figures without the model, refusing images saved for other pairs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(SCRIPT), "--only", "adherence", "--size", "64", "--no-cfg1", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+
+def _table(stdout: str) -> list[str]:
+    # Every line of the report but the timing column's.
+    return [line.rsplit(None, 1)[0] for line in stdout.splitlines() if "API defaults" in line]
+
+
+def test_saved_images_are_rejudged_to_the_same_figures(tmp_path: Path) -> None:
+    saved = _run("--model", "tiny", "--pairs", "3", "--save-images", str(tmp_path))
+    assert saved.returncode == 0, saved.stderr
+    folder = tmp_path / "api-defaults-cfg-5"
+    assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png", "0002.png", "pairs.json"]
+
+    again = _run("--pairs", "3", "--rejudge", str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert _table(again.stdout) == _table(saved.stdout)
+
+    other = _run("--pairs", "3", "--seed", "4", "--rejudge", str(tmp_path))
+    assert other.returncode != 0
+    assert "holds other pairs" in other.stderr
