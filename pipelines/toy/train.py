@@ -182,6 +182,9 @@ class TrainConfig:
     drop_pooled: float = 0.0
     # Where the transformer's scenes put a shape whose caption names no place (`world.UNPOSITIONED`).
     unpositioned: str = "anywhere"
+    # Share of the transformer's scenes whose caption names no position (None: as in the caption set,
+    # a tenth). Those are the captions the model draws worst: it must choose a place itself.
+    unpositioned_share: float | None = None
     # The text encoders stay random and frozen, but may be given two habits of trained ones: each word
     # of the world's captions one token (`words`), and residual branches scaled down so that a word's
     # encoding stays mostly at its own position (`text_residual_scale`; pipelines.tiny). A `(red:1.5)`
@@ -210,10 +213,18 @@ def _stderr(message: str) -> None:
 
 # -- data ------------------------------------------------------------------------------------------
 def scene_batch(
-    rng: np.random.Generator, *, size: int, batch: int, unpositioned: str = "anywhere"
+    rng: np.random.Generator,
+    *,
+    size: int,
+    batch: int,
+    unpositioned: str = "anywhere",
+    unpositioned_share: float | None = None,
 ) -> tuple[list[world.Scene], torch.Tensor]:
     """`batch` random scenes and their renders as a [B, 3, size, size] tensor in [−1, 1]."""
-    scenes = [world.random_scene(rng, unpositioned=unpositioned) for _ in range(batch)]
+    scenes = [
+        world.random_scene(rng, unpositioned=unpositioned, unpositioned_share=unpositioned_share)
+        for _ in range(batch)
+    ]
     return scenes, to_tensor([world.render(s, size) for s in scenes])
 
 
@@ -511,12 +522,15 @@ class LatentPool:
         count: int,
         chunk: int = 16,
         unpositioned: str = "anywhere",
+        unpositioned_share: float | None = None,
     ) -> None:
         captions: list[world.Caption] = []
         latents, masks = [], []
         for start in range(0, count, chunk):
             batch = min(chunk, count - start)
-            scenes, images = scene_batch(rng, size=size, batch=batch, unpositioned=unpositioned)
+            scenes, images = scene_batch(
+                rng, size=size, batch=batch, unpositioned=unpositioned, unpositioned_share=unpositioned_share
+            )
             captions += [s.caption for s in scenes]
             latents.append(encode_latents(vae, images))
             masks.append(shape_masks(scenes, size=size))
@@ -601,7 +615,14 @@ def train_transformer(
         for phase in group:
             pool_clock = _Clock()
             pools.append(
-                LatentPool(vae, rng, size=phase.size, count=phase.pool, unpositioned=cfg.unpositioned)
+                LatentPool(
+                    vae,
+                    rng,
+                    size=phase.size,
+                    count=phase.pool,
+                    unpositioned=cfg.unpositioned,
+                    unpositioned_share=cfg.unpositioned_share,
+                )
             )
             timings.update(pool_clock.per_step(f"pool_{phase.size}px", phase.pool))
         clock = _Clock()
@@ -933,6 +954,13 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         "one of the nine cells of the position words",
     )
     parser.add_argument(
+        "--unpositioned-share",
+        type=float,
+        default=defaults.unpositioned_share,
+        help="share of the transformer's scenes whose caption names no position (default: as in the "
+        "caption set, a tenth)",
+    )
+    parser.add_argument(
         "--words",
         action="store_true",
         help="tokenizers that make each word of the world's captions one token (default: one a character)",
@@ -972,6 +1000,8 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
     args = parser.parse_args(argv)
     if not args.text_residual_scale > 0:
         parser.error("--text-residual-scale must be positive")
+    if args.unpositioned_share is not None and not 0.0 <= args.unpositioned_share <= 1.0:
+        parser.error("--unpositioned-share must lie in [0, 1]")
     try:
         stages(args.phase or [])
     except ValueError as error:
@@ -996,6 +1026,7 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         partial=args.partial,
         drop_pooled=args.drop_pooled,
         unpositioned=args.unpositioned,
+        unpositioned_share=args.unpositioned_share,
         words=args.words,
         text_residual_scale=args.text_residual_scale,
         init=args.init,

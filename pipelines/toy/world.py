@@ -167,9 +167,18 @@ def scene_for(caption: Caption, rng: np.random.Generator, *, unpositioned: str =
     return Scene(caption, x, y, half)
 
 
-def random_scene(rng: np.random.Generator, *, unpositioned: str = "anywhere") -> Scene:
-    """A caption drawn uniformly from `all_captions()`, then its layout."""
+def random_scene(
+    rng: np.random.Generator, *, unpositioned: str = "anywhere", unpositioned_share: float | None = None
+) -> Scene:
+    """A caption drawn uniformly from `all_captions()` (a tenth of which name no position), or, with
+    `unpositioned_share`, from those naming no position with that probability and from the others
+    otherwise; then its layout."""
     captions = all_captions()
+    if unpositioned_share is not None:
+        if not 0.0 <= unpositioned_share <= 1.0:
+            raise ValueError(f"unpositioned_share must lie in [0, 1], not {unpositioned_share}")
+        without = rng.random() < unpositioned_share
+        captions = tuple(c for c in captions if (c.position is None) == without)
     return scene_for(captions[int(rng.integers(len(captions)))], rng, unpositioned=unpositioned)
 
 

@@ -38,6 +38,19 @@ def test_a_seed_fixes_the_scene_and_the_pixels() -> None:
     assert np.array_equal(world.render(first[0], 96), world.render(first[1], 96))
 
 
+def test_the_share_of_unpositioned_scenes_can_be_set_and_is_a_tenth_otherwise() -> None:
+    def share(unpositioned_share: float | None = None) -> float:
+        rng = np.random.default_rng(3)
+        scenes = [world.random_scene(rng, unpositioned_share=unpositioned_share) for _ in range(2000)]
+        return float(np.mean([scene.caption.position is None for scene in scenes]))
+
+    assert 0.08 < share() < 0.12
+    assert 0.47 < share(0.5) < 0.53
+    assert share(1.0) == 1.0 and share(0.0) == 0.0
+    with pytest.raises(ValueError, match="unpositioned_share"):
+        world.random_scene(np.random.default_rng(0), unpositioned_share=1.5)
+
+
 def test_renders_are_flat_colours_blended_only_along_the_edge() -> None:
     scene = world.scene_for(world.Caption("triangle", "yellow", "purple", "center"), np.random.default_rng(0))
     image = world.render(scene, 128).reshape(-1, 3).astype(int)
