@@ -3,7 +3,12 @@
 Accuracy pinned here, over random scenes of the whole caption set:
 - clean renders at 64, 128 and 256 px: ≥ 99 % on every attribute (100 % when this was written);
 - Gaussian blur of radius side/64 px (a VAE's softening) at 64 and 128 px: ≥ 98 %;
-- JPEG at quality 40 at 128 px (4:2:0 chroma, blocking): ≥ 98 %.
+- JPEG at quality 40 at 64 and 128 px (4:2:0 chroma, blocking): ≥ 98 % (100 % when this was written;
+  the kind rule before docs/toy.md §27 read 87 % of the kinds at 64 px).
+
+And on renders spoiled the way a model spoils them (docs/toy.md §26), at 256 px: a sliver beside an
+edge and a dark rim leave the kind as drawn; ragged sides leave it mostly (a ragged circle can pass
+for a rounded square), never "no clean shape"; fragments scattered over a patch are no clean shape.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
+from scipy import ndimage
 
 from pipelines.toy import judge, quality, world
 
@@ -54,8 +60,9 @@ def test_judge_reads_blurred_renders(size: int) -> None:
     assert min(accuracy.values()) >= 0.98, accuracy
 
 
-def test_judge_reads_jpeg_compressed_renders() -> None:
-    accuracy = _accuracy(128, _jpeg, seed=2)
+@pytest.mark.parametrize("size", [64, 128])
+def test_judge_reads_jpeg_compressed_renders(size: int) -> None:
+    accuracy = _accuracy(size, _jpeg, seed=2)
     assert min(accuracy.values()) >= 0.98, accuracy
 
 
@@ -110,3 +117,88 @@ def test_adherence_splits_its_shares_by_whether_the_caption_names_a_position() -
     }
     assert score.by_position["without"] == {"background": 0.5, "colour": 0.5, "shape": 0.5, "count": 2}
     assert score.background == pytest.approx(2 / 3)
+
+
+def _paint(scene: world.Scene, coverage: np.ndarray) -> np.ndarray:
+    background = np.array(world.COLOURS[scene.caption.background], dtype=np.float64)
+    colour = np.array(world.COLOURS[scene.caption.colour], dtype=np.float64)
+    return np.rint(background + np.clip(coverage, 0.0, 1.0)[..., None] * (colour - background)).astype(
+        np.uint8
+    )
+
+
+def _sliver(scene: world.Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A strip of the shape's colour, 1.2 % of the side wide, 1 % off the shape's right edge."""
+    coverage = np.clip(0.5 - world.signed_distance(scene, size, size), 0.0, 1.0)
+    left = int((scene.x + scene.half_size + 0.01) * size)
+    top, bottom = (int((scene.y + f * scene.half_size) * size) for f in (-0.5, 0.5))
+    coverage[top:bottom, left : left + max(1, int(0.012 * size))] = 1.0
+    return _paint(scene, coverage)
+
+
+def _dark_rim(scene: world.Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Every pixel within 1.2 % of the side of the outline at 45 % of its brightness."""
+    image = world.render(scene, size).astype(np.float64)
+    image[np.abs(world.signed_distance(scene, size, size)) < 0.012 * size] *= 0.45
+    return np.rint(image).astype(np.uint8)
+
+
+def _ragged(scene: world.Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The outline moved in and out by smooth noise of 2 % of the side (flame-like sides)."""
+    noise = ndimage.gaussian_filter(rng.standard_normal((size, size)), 0.015 * size)
+    distance = world.signed_distance(scene, size, size) + 0.02 * size * noise / noise.std()
+    return _paint(scene, np.clip(0.5 - distance, 0.0, 1.0))
+
+
+def _fragments(scene: world.Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Seven discs of 3–6 % of the side, apart from each other, within 22 % of the side of the
+    shape's centre: a scatter, not one blob."""
+    discs: list[tuple[float, float, float]] = []
+    while len(discs) < 7:
+        x, y = (c + rng.uniform(-0.22, 0.22) for c in (scene.x, scene.y))
+        radius = rng.uniform(0.03, 0.06)
+        if all(np.hypot(x - a, y - b) > radius + r + 0.02 for a, b, r in discs):
+            discs.append((x, y, radius))
+    ys, xs = np.indices((size, size)) + 0.5
+    coverage = np.zeros((size, size))
+    for x, y, radius in discs:
+        disc = 0.5 + size * radius - np.hypot(xs - size * x, ys - size * y)
+        coverage = np.maximum(coverage, np.clip(disc, 0.0, 1.0))
+    return _paint(scene, coverage)
+
+
+def _kinds_read(
+    spoil: Callable[[world.Scene, int, np.random.Generator], np.ndarray], seed: int
+) -> list[tuple[str, str | None]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for kind in world.SHAPES:
+        for _ in range(10):
+            colour, background = rng.choice(list(world.COLOURS), size=2, replace=False)
+            scene = world.scene_for(world.Caption(kind, str(colour), str(background)), rng)
+            out.append((kind, judge.read(spoil(scene, 256, rng)).shape))
+    return out
+
+
+@pytest.mark.parametrize("spoil", [_sliver, _dark_rim], ids=["sliver", "dark rim"])
+def test_a_sliver_or_a_dark_rim_leaves_the_kind_as_drawn(
+    spoil: Callable[[world.Scene, int, np.random.Generator], np.ndarray],
+) -> None:
+    read = _kinds_read(spoil, seed=20)
+    assert all(asked == got for asked, got in read), read
+
+
+def test_ragged_sides_leave_a_clean_shape_mostly_of_its_kind() -> None:
+    read = _kinds_read(_ragged, seed=21)
+    assert all(got is not None for _, got in read), read
+    assert sum(asked == got for asked, got in read) >= 0.8 * len(read), read
+
+
+def test_scattered_fragments_are_no_clean_shape() -> None:
+    read = _kinds_read(_fragments, seed=22)
+    assert all(got is None for _, got in read), read
+    # ... though the judge still reads their colour and where the largest one lies.
+    rng = np.random.default_rng(23)
+    scene = world.scene_for(world.Caption("square", "red", "blue", "top left"), rng)
+    reading = judge.read(_fragments(scene, 256, rng))
+    assert (reading.background, reading.colour, reading.shape) == ("blue", "red", None)

@@ -64,16 +64,22 @@ def test_images_follow_their_prompts_at_the_api_defaults_at_512_px(toy: SD3Gener
     score = quality.adherence(toy, pairs, replace(DEFAULTS, width=512, height=512))
     assert score.background >= BOUNDS["background"], score
     assert score.colour >= BOUNDS["colour"], score
-    # The shape's kind is right 58 % of the time at 512 px over 100 pairs (docs/toy.md §24; squares
-    # are still read as circles): issue 13's 60 % is not reached, so it is not asserted, and a bound
-    # near chance would be a test that cannot fail.
+    # The shape's kind, as the judge reads it (docs/toy.md §27), is right 0.56 / 0.52 of the time at
+    # 512 px over two sets of 100 pairs (`quality.py --only adherence --pairs 100 --size 512 --seed
+    # 0/1`): 0.94 / 0.92 with a position word, and 0.18 / 0.12 without one, where the toy mostly
+    # draws ragged clumps. Issue 13's 60 % over all captions is not reached, so only the positioned
+    # share is asserted: 8 of these 16 pairs name a position, and 6 of 8 is the bound (at 0.93 a
+    # draw of 8 falls under it about 1.5 % of the time; the pairs and seeds are fixed, so this is run
+    # 24's fixed answer, checked here against regressions of the weights or the judge).
+    assert score.by_position["with"]["count"] == 8
+    assert score.by_position["with"]["shape"] >= 0.75, score
 
 
 def test_guidance_makes_images_follow_their_prompts_better_than_none(toy: SD3Generator) -> None:
     # Over 100 pairs at 256 px (`quality.py --only adherence --size 256 --pairs 100`, docs/toy.md
-    # §24) CFG 5 reads background / shape colour / kind 0.98 / 0.97 / 0.64 and CFG 1 0.95 / 0.95 /
-    # 0.57: the colours alone nearly saturate on some weights (run 19: 1.00 / 1.00 at CFG 5), so the
-    # test sums all three. That sum differs by about 0.12, and a pair's sum moves in steps of a
+    # §27) CFG 5 reads background / shape colour / kind 0.98 / 0.97 / 0.54 and CFG 1 0.95 / 0.95 /
+    # 0.51: the colours alone nearly saturate on some weights (run 19: 1.00 / 1.00 at CFG 5), so the
+    # test sums all three. That sum differs by about 0.08, and a pair's sum moves in steps of a
     # third: 16 pairs are about one standard error of it (on them run 21 read 2.25 against 2.38),
     # so the test takes 48.
     pairs = quality.prompt_seed_pairs(48, seed=12)
@@ -200,8 +206,10 @@ def test_the_probe_reads_a_lightly_noised_render_right_and_a_pure_noise_one_from
     # At σ = 0.1 the render shows through: every attribute reads as captioned.
     light = scores[0.1]
     assert (light.background, light.colour, light.shape, light.position) == (1.0, 1.0, 1.0, 1.0)
-    # At σ = 1 the input is noise alone: the estimate is the caption's average image, a blur of every
-    # layout it allows, in which the judge finds no one shape (none of the six at 128 px).
-    assert scores[1.0].shape < 0.5
+    # At σ = 1 the input is noise alone: the estimate is the caption's average image over every layout
+    # it allows. A position word pins the layout to its cell, so the place is read from the caption
+    # alone (the kind, blurred by the spread of sizes, too: 3 of 3 at 128 px; without a position word
+    # the average is a wide blur, read as a kind 1 time of 3).
+    assert scores[1.0].by_position["with"]["position"] == 1.0
     # The layouts and the noise are the pairs' own: the same pairs read the same.
     assert probe.readable_at(toy, pairs, (1.0,), size=128)[1.0].as_dict() == scores[1.0].as_dict()
