@@ -165,7 +165,7 @@ def adherence(generator: SD3Generator | None, args: argparse.Namespace) -> None:
         if generator is None:
             images = _load_images(folder, pairs)
         else:
-            images = [generator.generate(replace(base, prompt=c.text, seed=s)).images[0] for c, s in pairs]
+            images = quality.generate(generator, pairs, base)
             if args.save_images is not None:
                 _save_images(folder, pairs, images)
         score = quality.adherence_of(pairs, images)

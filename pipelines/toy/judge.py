@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from pipelines.toy.world import COLOURS, POSITIONS, SHAPES, Caption, Scene, signed_distance
+from pipelines.toy.world import COLOURS, POSITIONS, SHAPES, Caption, Scene, coverage, signed_distance
 
 _NAMES = tuple(COLOURS)
 _TABLE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32)
@@ -104,20 +104,18 @@ def read(image: np.ndarray) -> Reading:
     # A blur moves coverage around but keeps its sum, so the area and centroid read from it survive
     # the VAE's softening of the rim, which a hard mask's area would not.
     reach = max(1, round(0.02 * min(height, width)))
-    coverage = _coverage(image, _TABLE[background], _TABLE[colour])
-    alpha = np.where(ndimage.binary_dilation(mask, iterations=reach), coverage, 0.0)
-    total = float(alpha.sum())
-    if total <= 0.0:
+    covered = _coverage(image, _TABLE[background], _TABLE[colour])
+    alpha = np.where(ndimage.binary_dilation(mask, iterations=reach), covered, 0.0)
+    if alpha.sum() <= 0.0:
         return Reading(_NAMES[background], _NAMES[colour], None, None)
-    ys, xs = np.indices(alpha.shape)
-    cx = (float((alpha * xs).sum()) / total + 0.5) / width
-    cy = (float((alpha * ys).sum()) / total + 0.5) / height
-    position = _GRID[(min(int(3 * cx), 2), min(int(3 * cy), 2))]
+    cx, cy = _centroid(alpha)
+    position = _GRID[(min(int(3 * cx / width), 2), min(int(3 * cy / height), 2))]
 
     # The kind is read from all of the colour's coverage, not the largest region's alone, so that a
     # shape broken into fragments is seen as the scatter it is.
-    everywhere = np.where(ndimage.binary_dilation(labels == colour, iterations=reach), coverage, 0.0)
-    fits = {kind: _fit(everywhere, kind) for kind in SHAPES}
+    everywhere = np.where(ndimage.binary_dilation(labels == colour, iterations=reach), covered, 0.0)
+    centre = _centroid(everywhere)
+    fits = {kind: _fit(everywhere, kind, centre) for kind in SHAPES}
     best = max(fits, key=fits.__getitem__)
     shape = best if fits[best] >= CLEAN_FIT else None
     return Reading(_NAMES[background], _NAMES[colour], shape, position, fit=round(fits[best], 4))
@@ -129,20 +127,22 @@ def _coverage(image: np.ndarray, background: np.ndarray, colour: np.ndarray) -> 
     return np.clip(projected, 0.0, 1.0)
 
 
-def _fit(alpha: np.ndarray, kind: str) -> float:
-    """The largest overlap (intersection over union of coverages) of `kind`, drawn as the world draws
-    it, with `alpha`: started at `alpha`'s area and centroid, then nudged in x, y and size by halving
-    steps while the overlap grows (a shape with a sliver beside it, or a dark rim, has its centroid or
-    area a little off its body's), within half a half-size of the start and a factor 0.6–1.5 in size."""
+def _centroid(alpha: np.ndarray) -> tuple[float, float]:
+    """The alpha-weighted centre (x, y) in pixels, pixel centres at half-integers."""
     total = float(alpha.sum())
-    ys, xs = np.indices(alpha.shape)
-    start = np.array(
-        [
-            float((alpha * (xs + 0.5)).sum()) / total,
-            float((alpha * (ys + 0.5)).sum()) / total,
-            float(np.sqrt(total / _AREA[kind])),
-        ]
-    )
+    rows, cols = alpha.sum(axis=1), alpha.sum(axis=0)
+    x = float(cols @ (np.arange(alpha.shape[1]) + 0.5)) / total
+    y = float(rows @ (np.arange(alpha.shape[0]) + 0.5)) / total
+    return x, y
+
+
+def _fit(alpha: np.ndarray, kind: str, centre: tuple[float, float]) -> float:
+    """The largest overlap (intersection over union of coverages) of `kind`, drawn as the world draws
+    it, with `alpha`: started at `alpha`'s area and centroid (`centre`), then nudged in x, y and size
+    by halving steps while the overlap grows (a shape with a sliver beside it, or a dark rim, has its
+    centroid or area a little off its body's), within half a half-size of the start and a factor
+    0.6–1.5 in size."""
+    start = np.array([*centre, float(np.sqrt(float(alpha.sum()) / _AREA[kind]))])
     half = float(start[2])
     low = start - [0.5 * half, 0.5 * half, 0.4 * half]
     high = start + [0.5 * half, 0.5 * half, 0.5 * half]
@@ -163,7 +163,7 @@ def _fit(alpha: np.ndarray, kind: str) -> float:
             (y - _CENTROID_BELOW[kind] * s) / window_h,
             s / min(window_h, window_w),
         )
-        drawn = np.clip(0.5 - signed_distance(scene, window_w, window_h), 0.0, 1.0)
+        drawn = coverage(signed_distance(scene, window_w, window_h))
         return float(np.minimum(window, drawn).sum() / np.maximum(window, drawn).sum())
 
     point, best = start, overlap(start)

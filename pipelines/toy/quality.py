@@ -72,8 +72,14 @@ def adherence(
 ) -> Adherence:
     """Generate each (caption, seed) with `base`'s other settings and read it with the judge."""
     pairs = list(pairs)
-    images = [generator.generate(replace(base, prompt=c.text, seed=seed)).images[0] for c, seed in pairs]
-    return adherence_of(pairs, images)
+    return adherence_of(pairs, generate(generator, pairs, base))
+
+
+def generate(
+    generator: Generates, pairs: Iterable[tuple[world.Caption, int]], base: GenerationRequest
+) -> list[np.ndarray]:
+    """The image of each (caption, seed), with `base`'s other settings."""
+    return [generator.generate(replace(base, prompt=c.text, seed=seed)).images[0] for c, seed in pairs]
 
 
 def adherence_of(pairs: Sequence[tuple[world.Caption, int]], images: Sequence[np.ndarray]) -> Adherence:

@@ -203,11 +203,20 @@ def signed_distance(scene: Scene, width: int, height: int) -> np.ndarray:
     return np.maximum(np.maximum(right, left), base)
 
 
+def coverage(distance: np.ndarray) -> np.ndarray:
+    """How much of each pixel a shape covers, from its signed distance: one pixel of anti-aliasing."""
+    return np.clip(0.5 - distance, 0.0, 1.0)
+
+
+def paint(scene: Scene, covered: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 RGB: the scene's shape colour over its background, blended by `covered` [H, W]."""
+    background = np.array(COLOURS[scene.caption.background], dtype=np.float64)
+    colour = np.array(COLOURS[scene.caption.colour], dtype=np.float64)
+    pixels = background + np.clip(covered, 0.0, 1.0)[..., None] * (colour - background)
+    return np.rint(pixels).astype(np.uint8)
+
+
 def render(scene: Scene, width: int, height: int | None = None) -> np.ndarray:
     """The scene as an [H, W, 3] uint8 RGB image."""
     height = width if height is None else height
-    coverage = np.clip(0.5 - signed_distance(scene, width, height), 0.0, 1.0)[..., None]
-    background = np.array(COLOURS[scene.caption.background], dtype=np.float64)
-    colour = np.array(COLOURS[scene.caption.colour], dtype=np.float64)
-    pixels = background + coverage * (colour - background)
-    return np.rint(pixels).astype(np.uint8)
+    return paint(scene, coverage(signed_distance(scene, width, height)))

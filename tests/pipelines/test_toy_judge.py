@@ -119,21 +119,13 @@ def test_adherence_splits_its_shares_by_whether_the_caption_names_a_position() -
     assert score.background == pytest.approx(2 / 3)
 
 
-def _paint(scene: world.Scene, coverage: np.ndarray) -> np.ndarray:
-    background = np.array(world.COLOURS[scene.caption.background], dtype=np.float64)
-    colour = np.array(world.COLOURS[scene.caption.colour], dtype=np.float64)
-    return np.rint(background + np.clip(coverage, 0.0, 1.0)[..., None] * (colour - background)).astype(
-        np.uint8
-    )
-
-
 def _sliver(scene: world.Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     """A strip of the shape's colour, 1.2 % of the side wide, 1 % off the shape's right edge."""
-    coverage = np.clip(0.5 - world.signed_distance(scene, size, size), 0.0, 1.0)
+    coverage = world.coverage(world.signed_distance(scene, size, size))
     left = int((scene.x + scene.half_size + 0.01) * size)
     top, bottom = (int((scene.y + f * scene.half_size) * size) for f in (-0.5, 0.5))
     coverage[top:bottom, left : left + max(1, int(0.012 * size))] = 1.0
-    return _paint(scene, coverage)
+    return world.paint(scene, coverage)
 
 
 def _dark_rim(scene: world.Scene, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -147,7 +139,7 @@ def _ragged(scene: world.Scene, size: int, rng: np.random.Generator) -> np.ndarr
     """The outline moved in and out by smooth noise of 2 % of the side (flame-like sides)."""
     noise = ndimage.gaussian_filter(rng.standard_normal((size, size)), 0.015 * size)
     distance = world.signed_distance(scene, size, size) + 0.02 * size * noise / noise.std()
-    return _paint(scene, np.clip(0.5 - distance, 0.0, 1.0))
+    return world.paint(scene, world.coverage(distance))
 
 
 def _fragments(scene: world.Scene, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -162,9 +154,9 @@ def _fragments(scene: world.Scene, size: int, rng: np.random.Generator) -> np.nd
     ys, xs = np.indices((size, size)) + 0.5
     coverage = np.zeros((size, size))
     for x, y, radius in discs:
-        disc = 0.5 + size * radius - np.hypot(xs - size * x, ys - size * y)
-        coverage = np.maximum(coverage, np.clip(disc, 0.0, 1.0))
-    return _paint(scene, coverage)
+        distance = np.hypot(xs - size * x, ys - size * y) - size * radius
+        coverage = np.maximum(coverage, world.coverage(distance))
+    return world.paint(scene, coverage)
 
 
 def _kinds_read(
