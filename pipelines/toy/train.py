@@ -185,6 +185,9 @@ class TrainConfig:
     # Share of the transformer's scenes whose caption names no position (None: as in the caption set,
     # a tenth). Those are the captions the model draws worst: it must choose a place itself.
     unpositioned_share: float | None = None
+    # How much larger than a positioned shape an unpositioned one is drawn (its half-size, 1: the same).
+    # A larger shape spans more latent cells, so its kind is legible in more of them (docs/toy.md §29).
+    unpositioned_scale: float = 1.0
     # The text encoders stay random and frozen, but may be given two habits of trained ones: each word
     # of the world's captions one token (`words`), and residual branches scaled down so that a word's
     # encoding stays mostly at its own position (`text_residual_scale`; pipelines.tiny). A `(red:1.5)`
@@ -219,10 +222,16 @@ def scene_batch(
     batch: int,
     unpositioned: str = "anywhere",
     unpositioned_share: float | None = None,
+    unpositioned_scale: float = 1.0,
 ) -> tuple[list[world.Scene], torch.Tensor]:
     """`batch` random scenes and their renders as a [B, 3, size, size] tensor in [−1, 1]."""
     scenes = [
-        world.random_scene(rng, unpositioned=unpositioned, unpositioned_share=unpositioned_share)
+        world.random_scene(
+            rng,
+            unpositioned=unpositioned,
+            unpositioned_share=unpositioned_share,
+            unpositioned_scale=unpositioned_scale,
+        )
         for _ in range(batch)
     ]
     return scenes, to_tensor([world.render(s, size) for s in scenes])
@@ -523,13 +532,19 @@ class LatentPool:
         chunk: int = 16,
         unpositioned: str = "anywhere",
         unpositioned_share: float | None = None,
+        unpositioned_scale: float = 1.0,
     ) -> None:
         captions: list[world.Caption] = []
         latents, masks = [], []
         for start in range(0, count, chunk):
             batch = min(chunk, count - start)
             scenes, images = scene_batch(
-                rng, size=size, batch=batch, unpositioned=unpositioned, unpositioned_share=unpositioned_share
+                rng,
+                size=size,
+                batch=batch,
+                unpositioned=unpositioned,
+                unpositioned_share=unpositioned_share,
+                unpositioned_scale=unpositioned_scale,
             )
             captions += [s.caption for s in scenes]
             latents.append(encode_latents(vae, images))
@@ -622,6 +637,7 @@ def train_transformer(
                     count=phase.pool,
                     unpositioned=cfg.unpositioned,
                     unpositioned_share=cfg.unpositioned_share,
+                    unpositioned_scale=cfg.unpositioned_scale,
                 )
             )
             timings.update(pool_clock.per_step(f"pool_{phase.size}px", phase.pool))
@@ -961,6 +977,13 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         "caption set, a tenth)",
     )
     parser.add_argument(
+        "--unpositioned-scale",
+        type=float,
+        default=defaults.unpositioned_scale,
+        help="how much larger (in half-size) than a positioned shape a shape whose caption names no "
+        "position is drawn (default 1: the same)",
+    )
+    parser.add_argument(
         "--words",
         action="store_true",
         help="tokenizers that make each word of the world's captions one token (default: one a character)",
@@ -1003,6 +1026,10 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
     if args.unpositioned_share is not None and not 0.0 <= args.unpositioned_share <= 1.0:
         parser.error("--unpositioned-share must lie in [0, 1]")
     try:
+        world.check_unpositioned_scale(args.unpositioned_scale, args.unpositioned)
+    except ValueError as error:
+        parser.error(f"--unpositioned-scale: {error}")
+    try:
         stages(args.phase or [])
     except ValueError as error:
         parser.error(f"--phase: {error} (drop its +)")
@@ -1027,6 +1054,7 @@ def _arguments(argv: list[str] | None) -> tuple[TrainConfig, Path, bool, Path | 
         drop_pooled=args.drop_pooled,
         unpositioned=args.unpositioned,
         unpositioned_share=args.unpositioned_share,
+        unpositioned_scale=args.unpositioned_scale,
         words=args.words,
         text_residual_scale=args.text_residual_scale,
         init=args.init,

@@ -150,12 +150,22 @@ class Scene:
     half_size: float  # in fractions of the shorter side
 
 
-def scene_for(caption: Caption, rng: np.random.Generator, *, unpositioned: str = "anywhere") -> Scene:
+def scene_for(
+    caption: Caption,
+    rng: np.random.Generator,
+    *,
+    unpositioned: str = "anywhere",
+    unpositioned_scale: float = 1.0,
+) -> Scene:
     """A layout for `caption`, drawn from `rng` (the same draws in the same order on every machine);
-    `unpositioned` says where a caption without a position word may put its shape (`UNPOSITIONED`)."""
+    `unpositioned` says where a caption without a position word may put its shape (`UNPOSITIONED`), and
+    `unpositioned_scale` how much larger than a positioned one it is drawn."""
     if unpositioned not in UNPOSITIONED:
         raise ValueError(f"unpositioned must be one of {UNPOSITIONED}, not {unpositioned!r}")
+    check_unpositioned_scale(unpositioned_scale, unpositioned)
     half = float(rng.uniform(MIN_HALF_SIZE, MAX_HALF_SIZE))
+    if caption.position is None:
+        half *= unpositioned_scale
     if caption.position is None and unpositioned == "anywhere":
         low, high = half + _MARGIN, 1.0 - half - _MARGIN
         x, y = float(rng.uniform(low, high)), float(rng.uniform(low, high))
@@ -167,8 +177,22 @@ def scene_for(caption: Caption, rng: np.random.Generator, *, unpositioned: str =
     return Scene(caption, x, y, half)
 
 
+def check_unpositioned_scale(scale: float, unpositioned: str = "anywhere") -> None:
+    """Raise unless an unpositioned shape `scale` times the largest half-size still fits its place:
+    inside the margin anywhere, or inside its cell (scaling is for the "anywhere" world only)."""
+    if unpositioned == "cells" and scale != 1.0:
+        raise ValueError("unpositioned_scale applies to the 'anywhere' world only")
+    limit = (0.5 - _MARGIN) / MAX_HALF_SIZE
+    if not 0.5 <= scale <= limit:
+        raise ValueError(f"unpositioned_scale must lie in [0.5, {limit:.2f}], not {scale}")
+
+
 def random_scene(
-    rng: np.random.Generator, *, unpositioned: str = "anywhere", unpositioned_share: float | None = None
+    rng: np.random.Generator,
+    *,
+    unpositioned: str = "anywhere",
+    unpositioned_share: float | None = None,
+    unpositioned_scale: float = 1.0,
 ) -> Scene:
     """A caption drawn uniformly from `all_captions()` (a tenth of which name no position), or, with
     `unpositioned_share`, from those naming no position with that probability and from the others
@@ -179,7 +203,8 @@ def random_scene(
             raise ValueError(f"unpositioned_share must lie in [0, 1], not {unpositioned_share}")
         without = rng.random() < unpositioned_share
         captions = tuple(c for c in captions if (c.position is None) == without)
-    return scene_for(captions[int(rng.integers(len(captions)))], rng, unpositioned=unpositioned)
+    caption = captions[int(rng.integers(len(captions)))]
+    return scene_for(caption, rng, unpositioned=unpositioned, unpositioned_scale=unpositioned_scale)
 
 
 def signed_distance(scene: Scene, width: int, height: int) -> np.ndarray:

@@ -169,6 +169,18 @@ def test_the_pool_puts_unpositioned_shapes_where_the_run_says(capsys: pytest.Cap
         train._arguments(["out", "--unpositioned", "nowhere"])
     assert "--unpositioned" in capsys.readouterr().err
 
+    # A larger unpositioned shape reaches the pool, and so the loss's shape masks.
+    def areas(scale: float) -> list[float]:
+        pool = train.LatentPool(vae, np.random.default_rng(0), size=96, count=48, unpositioned_scale=scale)
+        pairs = zip(pool.captions, pool.masks, strict=True)
+        return [float(m[0].sum()) for c, m in pairs if c.position is None]
+
+    assert all(big > 1.8 * small for small, big in zip(areas(1.0), areas(2.0), strict=True))
+    assert train._arguments(["out", "--unpositioned-scale", "2"])[0].unpositioned_scale == 2.0
+    with pytest.raises(SystemExit):
+        train._arguments(["out", "--unpositioned-scale", "5"])
+    assert "--unpositioned-scale" in capsys.readouterr().err
+
 
 def _after(seed: int, draws: int) -> torch.Generator:
     gen = torch.Generator().manual_seed(seed)

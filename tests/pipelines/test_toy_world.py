@@ -51,6 +51,29 @@ def test_the_share_of_unpositioned_scenes_can_be_set_and_is_a_tenth_otherwise() 
         world.random_scene(np.random.default_rng(0), unpositioned_share=1.5)
 
 
+def test_an_unpositioned_shape_can_be_drawn_larger_and_still_fits_the_image() -> None:
+    def scenes(scale: float) -> list[world.Scene]:
+        rng = np.random.default_rng(11)
+        return [world.random_scene(rng, unpositioned_share=0.5, unpositioned_scale=scale) for _ in range(400)]
+
+    plain, large = scenes(1.0), scenes(2.0)
+    # The same captions in the same order (the scale draws nothing), positioned layouts untouched ...
+    assert [s.caption for s in plain] == [s.caption for s in large]
+    assert [s for s in plain if s.caption.position] == [s for s in large if s.caption.position]
+    # ... and each unpositioned shape twice the half-size, still clear of every edge.
+    unpositioned = [(p, s) for p, s in zip(plain, large, strict=True) if s.caption.position is None]
+    assert unpositioned
+    for p, s in unpositioned:
+        assert s.half_size == pytest.approx(2.0 * p.half_size)
+        covered = world.coverage(world.signed_distance(s, 96, 96)) > 0
+        assert not (covered[0].any() or covered[-1].any() or covered[:, 0].any() or covered[:, -1].any())
+    for bad in (0.2, 4.0):
+        with pytest.raises(ValueError, match="unpositioned_scale"):
+            world.random_scene(np.random.default_rng(0), unpositioned_scale=bad)
+    with pytest.raises(ValueError, match="anywhere"):
+        world.random_scene(np.random.default_rng(0), unpositioned="cells", unpositioned_scale=2.0)
+
+
 def test_renders_are_flat_colours_blended_only_along_the_edge() -> None:
     scene = world.scene_for(world.Caption("triangle", "yellow", "purple", "center"), np.random.default_rng(0))
     image = world.render(scene, 128).reshape(-1, 3).astype(int)
