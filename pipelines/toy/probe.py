@@ -29,9 +29,15 @@ if TYPE_CHECKING:
 PROBE_SIGMAS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)
 
 
-def scenes_for(pairs: Sequence[tuple[world.Caption, int]]) -> list[world.Scene]:
-    """A layout for each (caption, seed) pair, drawn from the pair's own seed."""
-    return [world.scene_for(caption, np.random.default_rng([seed, 11])) for caption, seed in pairs]
+def scenes_for(
+    pairs: Sequence[tuple[world.Caption, int]], *, unpositioned_scale: float = 1.0
+) -> list[world.Scene]:
+    """A layout for each (caption, seed) pair, drawn from the pair's own seed, in the world whose
+    unpositioned shapes are `unpositioned_scale` times as large (`world.scene_for`)."""
+    return [
+        world.scene_for(caption, np.random.default_rng([seed, 11]), unpositioned_scale=unpositioned_scale)
+        for caption, seed in pairs
+    ]
 
 
 @torch.no_grad()
@@ -41,8 +47,11 @@ def readable_at(
     sigmas: Sequence[float] = PROBE_SIGMAS,
     *,
     size: int,
+    unpositioned_scale: float = 1.0,
 ) -> dict[float, quality.Adherence]:
-    """Per σ, the judge's reading of each pair's one-step estimate of x0, against its caption.
+    """Per σ, the judge's reading of each pair's one-step estimate of x0, against its caption. The
+    renders are of the world the model was trained on: pass its `unpositioned_scale`
+    (`pipelines.toy.train.trained_unpositioned_scale`).
 
     Each pair's render is noised with the pair's own noise (seeded by its seed), the same noise at
     every σ, so the rows differ only by how much of the render the noise hides.
@@ -50,7 +59,9 @@ def readable_at(
     transformer = generator.pipe.transformer
     dtype = next(transformer.parameters()).dtype
     estimates: dict[float, list[np.ndarray]] = {float(s): [] for s in sigmas}
-    for scene, (caption, seed) in zip(scenes_for(pairs), pairs, strict=True):
+    for scene, (caption, seed) in zip(
+        scenes_for(pairs, unpositioned_scale=unpositioned_scale), pairs, strict=True
+    ):
         x0 = generator.encode_image(world.render(scene, size))
         noise = initial_noise(seed, tuple(x0.shape)).to(x0.device)
         cond = generator.encode(caption.text)

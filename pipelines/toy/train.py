@@ -850,6 +850,12 @@ def _init_encoders(folder: Path) -> tuple[bool, float]:
     return bool(config.get("words", False)), float(config.get("text_residual_scale", 1.0))
 
 
+def trained_unpositioned_scale(folder: Path) -> float:
+    """How much larger the folder's training drew a shape whose caption names no position (1 where
+    its manifest predates the switch, or where the folder has none): what a render of its world is."""
+    return float(_read_manifest(folder).get("config", {}).get("unpositioned_scale", 1.0))
+
+
 def _read_manifest(folder: Path) -> dict[str, Any]:
     """A toy folder's manifest, or {} for a folder without one."""
     manifest = folder / MANIFEST

@@ -1,7 +1,8 @@
 """The judge reads background colour, shape colour, kind and position back from rendered pixels.
 
 Accuracy pinned here, over random scenes of the whole caption set:
-- clean renders at 64, 128 and 256 px: ≥ 99 % on every attribute (100 % when this was written);
+- clean renders at 64, 128 and 256 px: ≥ 99 % on every attribute (100 % when this was written), and
+  so are renders of unpositioned shapes drawn twice as large (the committed toy's world);
 - Gaussian blur of radius side/64 px (a VAE's softening) at 64 and 128 px: ≥ 98 %;
 - JPEG at quality 40 at 64 and 128 px (4:2:0 chroma, blocking): ≥ 98 % (100 % when this was written;
   the kind rule before docs/toy.md §27 read 87 % of the kinds at 64 px).
@@ -25,16 +26,24 @@ from pipelines.toy import judge, quality, world
 
 
 def _accuracy(
-    size: int, spoil: Callable[[np.ndarray], np.ndarray], n: int = 120, seed: int = 0
+    size: int,
+    spoil: Callable[[np.ndarray], np.ndarray],
+    n: int = 120,
+    seed: int = 0,
+    *,
+    unpositioned_share: float | None = None,
+    unpositioned_scale: float = 1.0,
 ) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     hits: dict[str, list[bool]] = {"background": [], "colour": [], "shape": [], "position": []}
     for _ in range(n):
-        scene = world.random_scene(rng)
+        scene = world.random_scene(
+            rng, unpositioned_share=unpositioned_share, unpositioned_scale=unpositioned_scale
+        )
         reading = judge.read(spoil(world.render(scene, size)))
         for key, ok in reading.agrees_with(scene.caption).items():
             hits[key].append(ok)
-    return {key: float(np.mean(v)) for key, v in hits.items()}
+    return {key: float(np.mean(v)) for key, v in hits.items() if v}  # no position for unpositioned draws
 
 
 def _blur(image: np.ndarray) -> np.ndarray:
@@ -52,6 +61,15 @@ def _jpeg(image: np.ndarray) -> np.ndarray:
 def test_judge_reads_clean_renders(size: int) -> None:
     accuracy = _accuracy(size, lambda image: image, n=60 if size == 256 else 120)
     assert min(accuracy.values()) >= 0.99, accuracy
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_judge_reads_the_larger_unpositioned_shapes_the_committed_toy_was_trained_on(size: int) -> None:
+    # `--unpositioned-scale 2` (docs/toy.md §29): a shape up to 58 % of the side across.
+    accuracy = _accuracy(
+        size, lambda image: image, n=60, seed=3, unpositioned_share=1.0, unpositioned_scale=2.0
+    )
+    assert "position" not in accuracy and min(accuracy.values()) >= 0.99, accuracy
 
 
 @pytest.mark.parametrize("size", [64, 128])

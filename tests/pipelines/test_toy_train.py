@@ -208,10 +208,13 @@ def test_the_command_writes_a_diffusers_folder_with_a_manifest(tmp_path: Path) -
     status = train.main(
         [str(out), "--vae-steps", "2", "--vae-size", "16", "--vae-batch", "2", "--depth", "2"]
         + ["--phase", "32:2:2", "--phase", "+48:1:1:3@6", "--no-gate", "--eval-every", "0"]
+        + ["--unpositioned-scale", "1.5"]
     )
     assert status == 0
     manifest = json.loads((out / train.MANIFEST).read_text())
     assert manifest["script_version"] == train.SCRIPT_VERSION
+    # The world it was trained on is read back from the manifest (1 for a folder without one).
+    assert train.trained_unpositioned_scale(out) == 1.5 and train.trained_unpositioned_scale(tmp_path) == 1.0
     assert manifest["config"]["phases"] == [
         # The pool defaults to a quarter of the draws; "+" runs 48 px interleaved with 32 px.
         {"size": 32, "steps": 2, "batch": 2, "pool": 2, "interleave": False, "shift": 3.0},
