@@ -235,12 +235,11 @@ def _load_images(folder: Path, pairs: Sequence[tuple[world.Caption, int]]) -> li
 
 
 def decided(generator: SD3Generator, args: argparse.Namespace) -> None:
-    from pipelines.toy import MODEL_DIR, probe
+    from pipelines.toy import folder_of, probe
     from pipelines.toy.train import trained_unpositioned_scale
 
     pairs = quality.prompt_seed_pairs(args.probe_pairs, seed=args.seed)
-    folder = MODEL_DIR if args.model == "toy" else Path(args.model)
-    scale = trained_unpositioned_scale(folder)  # renders of the world it was trained on
+    scale = trained_unpositioned_scale(folder_of(args.model))  # renders of the world it was trained on
     scores = probe.readable_at(generator, pairs, size=args.size, unpositioned_scale=scale)
     print(f"## What the one-step estimate of x0 shows at {args.size} px, {args.probe_pairs} noised renders")
     rows: list[list[object]] = [

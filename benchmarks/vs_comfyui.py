@@ -197,7 +197,7 @@ def build_pipeline(model: str) -> tuple[Any, str]:
     if model == "auto":
         model = "toy" if (pipelines.toy.MODEL_DIR / "model_index.json").is_file() else "random:4"
     if model == "toy" or Path(model).is_dir():
-        folder = pipelines.toy.MODEL_DIR if model == "toy" else Path(model)
+        folder = pipelines.toy.folder_of(model)
         if not (folder / "model_index.json").is_file():
             sys.exit(
                 f"--model {model}: no diffusers folder at {folder} (train the toy, or use random:DEPTH)."

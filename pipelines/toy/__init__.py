@@ -10,3 +10,8 @@ from pathlib import Path
 # from here, through the same code as any downloaded diffusers folder. It is written by
 # `python -m pipelines.toy.train pipelines/toy/model` and committed with its manifest.
 MODEL_DIR = Path(__file__).resolve().parent / "model"
+
+
+def folder_of(model: str) -> Path:
+    """The folder a `--model` value names where it names a folder: "toy" is `MODEL_DIR`."""
+    return MODEL_DIR if model == "toy" else Path(model)

@@ -178,8 +178,8 @@ def scene_for(
 
 
 def check_unpositioned_scale(scale: float, unpositioned: str = "anywhere") -> None:
-    """Raise unless an unpositioned shape `scale` times the largest half-size still fits its place:
-    inside the margin anywhere, or inside its cell (scaling is for the "anywhere" world only)."""
+    """Raise unless an unpositioned shape `scale` times the largest half-size still keeps the margin
+    from every edge; the "cells" world, whose shapes sit in a cell, takes no scale."""
     if unpositioned == "cells" and scale != 1.0:
         raise ValueError("unpositioned_scale applies to the 'anywhere' world only")
     limit = (0.5 - _MARGIN) / MAX_HALF_SIZE
