@@ -23,7 +23,9 @@ Sections (`--only`, repeatable):
   the first ~10 % of the schedule; a zero-out negative covers [start, stop]; outside both,
   D = cfg·D_cond, which over-saturates), and the negative under plain CFG on every step (the SD3.5
   pages'): mean share of the named colour's pixels, and the image's distance from the default setting;
-  then each negative's effect on the share paired prompt by prompt, with its standard error.
+  then each negative's effect on the share paired prompt by prompt, with its standard error; and,
+  with a prompt that names the shape's kind alone ("a circle"), how often a negative naming the
+  colour that seed draws changes it, under the hosted window and under plain CFG.
 - weights: what a `(colour:w)` weight does, first to the conditioning (how far it moves the context
   along the difference between two captions that differ in the colour word alone), then over
   `--pairs` prompts without a position word at w = 0, 0.5, 1, 1.5 (share of the colour's pixels, the
@@ -297,6 +299,34 @@ def controls(generator: SD3Generator, args: argparse.Namespace) -> None:
         ("plain CFG (no window), negative = colour", "plain CFG (no window), no negative"),
     ):
         _paired(f"{label} − {than}", shares[label], shares[than])
+    _open_colour(generator, base, count=len(pairs), seed=args.seed + 1)
+
+
+def _open_colour(generator: SD3Generator, base: GenerationRequest, *, count: int, seed: int) -> None:
+    # The negatives above name a colour the prompt asks for, so the two pull against each other;
+    # here the prompt leaves the colour open and the negative names the one each seed would draw.
+    prompts = quality.open_colour_prompts(count, seed=seed)
+    print(f"## A negative prompt naming the colour that a kind-only prompt draws ({count} prompts)")
+    rows: list[list[object]] = []
+    settings = {"hosted window": base, "plain CFG (no window)": replace(base, negative_window=False)}
+    for label, setting in settings.items():
+        steering = quality.negative_steering(generator, prompts, setting)
+        change, error, fell = steering.paired()
+        rows.append(
+            [
+                label,
+                steering.read,
+                f"{steering.kept}/{steering.read}",
+                float(np.mean(steering.before)),
+                float(np.mean(steering.after)),
+                f"{change:+.3f} ± {error:.3f}",
+                f"{fell}/{steering.read}",
+            ]
+        )
+    table(
+        ["setting", "shapes read", "colour kept", "share before", "share after", "paired change", "lower in"],
+        rows,
+    )
 
 
 def _paired(label: str, a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> None:

@@ -167,3 +167,49 @@ def own_position_share(
     word = (context(weighted_text(caption, 0.0)) - plain)[t5_start:].norm(dim=-1) > 0
     apart = ((plain - context(replace(caption, colour=other).text))[t5_start:] ** 2).sum(-1)
     return float(apart[word].sum() / apart.sum())
+
+
+def open_colour_prompts(count: int, *, seed: int = 0) -> list[tuple[str, int]]:
+    """`count` (prompt, seed) pairs whose prompt names the shape's kind alone ("a circle", one of
+    `world.partial_texts`, which the toy was trained on): the prompt leaves the colours to the seed."""
+    return [(f"a {world.SHAPES[k % len(world.SHAPES)]}", 1000 * seed + k) for k in range(count)]
+
+
+@dataclass(frozen=True)
+class Steering:
+    """What a negative prompt naming the colour an image would be drawn in does to that image."""
+
+    read: int  # images in which the judge found a shape without the negative (the others are skipped)
+    kept: int  # ... whose shape is still read in that colour with it
+    before: tuple[float, ...]  # the colour's share of the pixels without the negative, per image
+    after: tuple[float, ...]  # ... and with it
+
+    def paired(self) -> tuple[float, float, int]:
+        """Mean change of the share, its standard error, and the images in which it fell."""
+        change = np.subtract(self.after, self.before)
+        error = float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else math.nan
+        return float(change.mean()), error, int((change < 0).sum())
+
+
+def negative_steering(
+    generator: Generates, prompts: Iterable[tuple[str, int]], base: GenerationRequest
+) -> Steering:
+    """For each (prompt, seed): the image with `base`'s settings, the shape colour the judge reads in
+    it, and the same request with that colour as its negative prompt. A prompt that names the colour
+    itself pulls against its negative, so the prompts here should leave it open
+    (`open_colour_prompts`): then the negative decides between colours the model may draw, which is
+    what a user's negative prompt is for."""
+    read = kept = 0
+    before, after = [], []
+    for prompt, seed in prompts:
+        request = replace(base, prompt=prompt, seed=seed)
+        image = generator.generate(request).images[0]
+        colour = judge.read(image).colour
+        if colour is None:
+            continue
+        steered = generator.generate(replace(request, negative_prompt=colour)).images[0]
+        read += 1
+        kept += judge.read(steered).colour == colour
+        before.append(colour_share(image, colour))
+        after.append(colour_share(steered, colour))
+    return Steering(read=read, kept=kept, before=tuple(before), after=tuple(after))
