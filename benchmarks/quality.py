@@ -331,10 +331,8 @@ def _open_colour(generator: SD3Generator, base: GenerationRequest, *, count: int
 
 def _paired(label: str, a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> None:
     """Print the mean of a − b pair by pair, its standard error, and in how many pairs a is lower."""
-    diff = np.asarray(a) - np.asarray(b)
-    error = float(diff.std(ddof=1) / math.sqrt(len(diff)))
-    lower = int((diff < 0).sum())
-    print(f"  {label}: {diff.mean():+.3f} ± {error:.3f}; lower in {lower}/{len(diff)}")
+    mean, error, lower = quality.paired_difference(a, b)
+    print(f"  {label}: {mean:+.3f} ± {error:.3f}; lower in {lower}/{len(a)}")
 
 
 def _set_distance(a: torch.Tensor, b: torch.Tensor) -> float:

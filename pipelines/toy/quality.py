@@ -186,9 +186,17 @@ class Steering:
 
     def paired(self) -> tuple[float, float, int]:
         """Mean change of the share, its standard error, and the images in which it fell."""
-        change = np.subtract(self.after, self.before)
-        error = float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else math.nan
-        return float(change.mean()), error, int((change < 0).sum())
+        return paired_difference(self.after, self.before)
+
+
+def paired_difference(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray
+) -> tuple[float, float, int]:
+    """a − b pair by pair: its mean, the mean's standard error (NaN for fewer than two pairs), and in
+    how many pairs a is lower."""
+    diff = np.subtract(a, b)
+    error = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+    return float(diff.mean()), error, int((diff < 0).sum())
 
 
 def negative_steering(
