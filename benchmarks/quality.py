@@ -6,6 +6,7 @@ every sampler converges, and how far batching, bf16 and the memory modes move an
     python benchmarks/quality.py --only convergence --size 128
     python benchmarks/quality.py --only adherence --pairs 100 --size 512 --no-cfg1 --save-images DIR
     python benchmarks/quality.py --only adherence --pairs 100 --size 512 --no-cfg1 --rejudge DIR
+    python benchmarks/quality.py --only adherence --pairs 100 --no-cfg1 --rejudge DIR --judge-size 128
 
 Sections (`--only`, repeatable):
 - adherence: over `--pairs` prompt×seed pairs (distinct captions, half naming a position), the share
@@ -13,7 +14,9 @@ Sections (`--only`, repeatable):
   (`pipelines/toy/judge.py`) reads as captioned, at the API's defaults (DPM++ 2M, 25 steps, CFG 5,
   shift 3) and at CFG 1 (no guidance) for comparison. `--save-images DIR` also writes every image it
   judged (PNG, with the pairs it answers); `--rejudge DIR` reads them back instead of generating, in
-  seconds and without the model, so that a change to the judge is re-measured on the same pixels.
+  seconds and without the model, so that a change to the judge is re-measured on the same pixels;
+  with `--judge-size N` it reads them resized to N px, so a gap between two sizes can be told apart
+  into the drawing's and the judge's. `--shift` samples at another shift than the API's 3.
 - decided: at which σ the model commits to each attribute. The judge reads the transformer's one-step
   estimate of x0 from `--probe-pairs` real renders noised to σ (pipelines/toy/probe.py): right at a
   small σ whatever was learnt; near σ = 1 only the caption can say what to draw, so where a share
@@ -157,15 +160,16 @@ def _fmt(value: object) -> str:
 def adherence(generator: SD3Generator | None, args: argparse.Namespace) -> None:
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed)
     rows = []
-    settings = [("API defaults (CFG 5)", replace(DEFAULTS, width=args.size, height=args.size))]
+    base = replace(DEFAULTS, width=args.size, height=args.size, shift=args.shift)
+    settings = [("API defaults (CFG 5)", base)]
     if args.cfg1:
-        settings.append(("CFG 1", replace(DEFAULTS, width=args.size, height=args.size, guidance_scale=1.0)))
+        settings.append(("CFG 1", replace(base, guidance_scale=1.0)))
     kinds, split = {}, []
     for label, base in settings:
         started = time.perf_counter()
         folder = (args.rejudge or args.save_images or Path()) / _slug(label)
         if generator is None:
-            images = _load_images(folder, pairs)
+            images = _load_images(folder, pairs, size=args.judge_size)
         else:
             images = quality.generate(generator, pairs, base)
             if args.save_images is not None:
@@ -193,6 +197,10 @@ def adherence(generator: SD3Generator | None, args: argparse.Namespace) -> None:
             ]
         )
     print(f"## Adherence at {args.size} px over {args.pairs} prompt×seed pairs")
+    if args.shift != DEFAULTS.shift:
+        print(f"(sampled at shift {args.shift:g}, not the API's {DEFAULTS.shift:g})")
+    if args.judge_size is not None:
+        print(f"(the saved images read at {args.judge_size} px)")
     table(["setting", "background", "shape colour", "shape", "position", "pairs", "seconds"], rows)
     print("\nby whether the caption names a position (without one, the shape may sit anywhere)")
     table(["setting", "captions", "background", "shape colour", "shape", "position", "pairs"], split)
@@ -222,7 +230,12 @@ def _save_images(
     (folder / "pairs.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
-def _load_images(folder: Path, pairs: Sequence[tuple[world.Caption, int]]) -> list[np.ndarray]:
+def _load_images(
+    folder: Path, pairs: Sequence[tuple[world.Caption, int]], *, size: int | None = None
+) -> list[np.ndarray]:
+    """The saved images, in order; with `size`, each box-filtered down (or up) to size × size, so
+    that one set of pixels is judged at another resolution (is a gap between sizes the drawing's or
+    the judge's?)."""
     from PIL import Image
 
     index_file = folder / "pairs.json"
@@ -233,7 +246,10 @@ def _load_images(folder: Path, pairs: Sequence[tuple[world.Caption, int]]) -> li
     if saved != expected:
         # Reading images against other captions would report a figure of nothing.
         sys.exit(f"--rejudge: {folder} holds other pairs; pass the --pairs and --seed it was saved with")
-    return [np.asarray(Image.open(folder / f"{k:04d}.png").convert("RGB")) for k in range(len(saved))]
+    images = [Image.open(folder / f"{k:04d}.png").convert("RGB") for k in range(len(saved))]
+    if size is not None:
+        images = [image.resize((size, size), Image.Resampling.BOX) for image in images]
+    return [np.asarray(image) for image in images]
 
 
 def decided(generator: SD3Generator, args: argparse.Namespace) -> None:
@@ -742,6 +758,17 @@ def main() -> None:
         type=Path,
         help="adherence: read the images a --save-images run wrote under DIR instead of generating them",
     )
+    parser.add_argument(
+        "--judge-size",
+        type=int,
+        help="with --rejudge: resize each saved image to N × N px (box filter) before the judge reads it",
+    )
+    parser.add_argument(
+        "--shift",
+        type=float,
+        default=DEFAULTS.shift,
+        help="adherence: the sampling shift (modelsamplingsd3_shift; the API's default unless told)",
+    )
     parser.add_argument("--probe-pairs", type=int, default=48, help="noised renders for `decided`")
     parser.add_argument("--word-captions", type=int, default=24, help="base captions for `words`")
     parser.add_argument("--convergence-prompts", type=int, default=4)
@@ -763,6 +790,8 @@ def main() -> None:
             "the few-step and guidance-fit sections need --lora: a folder written by "
             "python -m pipelines.toy.distill"
         )
+    if args.judge_size is not None and (args.rejudge is None or args.judge_size < 16):
+        parser.error("--judge-size resizes the images --rejudge reads: use it with --rejudge, N ≥ 16")
     if args.rejudge is not None:
         if sections != ["adherence"]:
             parser.error("--rejudge reads saved adherence images: use it with --only adherence")

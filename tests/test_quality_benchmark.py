@@ -33,3 +33,19 @@ def test_saved_images_are_rejudged_to_the_same_figures(tmp_path: Path) -> None:
     other = _run("--pairs", "3", "--seed", "4", "--rejudge", str(tmp_path))
     assert other.returncode != 0
     assert "holds other pairs" in other.stderr
+
+
+def test_rejudging_at_another_size_reads_the_same_pixels_resized(tmp_path: Path) -> None:
+    saved = _run("--model", "tiny", "--pairs", "2", "--save-images", str(tmp_path))
+    assert saved.returncode == 0, saved.stderr
+    smaller = _run("--pairs", "2", "--rejudge", str(tmp_path), "--judge-size", "32")
+    assert smaller.returncode == 0, smaller.stderr
+    assert "(the saved images read at 32 px)" in smaller.stdout
+    assert len(_table(smaller.stdout)) == len(_table(saved.stdout))
+
+    # The size is only for saved images: generating takes --size, and a thumbnail is no reading.
+    alone = _run("--model", "tiny", "--pairs", "2", "--judge-size", "32")
+    assert alone.returncode != 0
+    assert "--judge-size" in alone.stderr
+    tiny = _run("--pairs", "2", "--rejudge", str(tmp_path), "--judge-size", "8")
+    assert tiny.returncode != 0
