@@ -160,10 +160,10 @@ def _fmt(value: object) -> str:
 def adherence(generator: SD3Generator | None, args: argparse.Namespace) -> None:
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed)
     rows = []
-    base = replace(DEFAULTS, width=args.size, height=args.size, shift=args.shift)
-    settings = [("API defaults (CFG 5)", base)]
+    guided = replace(DEFAULTS, width=args.size, height=args.size, shift=args.shift)
+    settings = [("API defaults (CFG 5)", guided)]
     if args.cfg1:
-        settings.append(("CFG 1", replace(base, guidance_scale=1.0)))
+        settings.append(("CFG 1", replace(guided, guidance_scale=1.0)))
     kinds, split = {}, []
     for label, base in settings:
         started = time.perf_counter()
