@@ -1,0 +1,84 @@
+"""The recipe behind the committed toy (`python -m pipelines.toy.recipe`) against what the committed
+folder records about its own training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import pipelines.toy
+from pipelines.toy import recipe, train
+
+needs_weights = pytest.mark.skipif(
+    not (pipelines.toy.MODEL_DIR / train.MANIFEST).exists(),
+    reason="the toy's weights are not in this checkout",
+)
+
+
+@needs_weights
+def test_every_recorded_run_of_the_committed_chain_is_the_recipes_command() -> None:
+    # The committed manifest nests its parents back to run 19; run 17, the run from nothing, is
+    # recorded only in docs/toy.md §19.
+    chain = recipe.recorded_chain()
+    assert len(chain) == len(recipe.STAGES) - 1
+    for index, recorded in enumerate(chain, start=1):
+        stage = recipe.STAGES[index]
+        assert recipe.differences(recorded, recipe.argv(index, Path("out"))) == {}, stage.name
+
+
+@needs_weights
+def test_a_changed_setting_is_a_difference_and_a_later_default_is_not() -> None:
+    last = len(recipe.STAGES) - 1
+    recorded = recipe.recorded_chain()[-1]
+    arguments = recipe.argv(last, Path("out"))
+    assert recipe.differences({**recorded, "seed": recorded["seed"] + 1}, arguments) == {
+        "seed": (recorded["seed"] + 1, recorded["seed"])
+    }
+    # Run 19 was recorded before `--edge-weight` existed; left at its default it trains as before.
+    first_fine_tune = recipe.recorded_chain()[0]
+    assert "edge_weight" not in first_fine_tune
+    assert recipe.differences(first_fine_tune, recipe.argv(1, Path("out"))) == {}
+    assert recipe.differences(first_fine_tune, [*recipe.argv(1, Path("out")), "--edge-weight", "2"]) == {
+        "edge_weight": (None, 2.0)
+    }
+
+
+def test_each_stage_starts_from_the_one_before_and_only_the_first_trains_the_vae(tmp_path: Path) -> None:
+    for index, stage in enumerate(recipe.STAGES):
+        arguments = recipe.argv(index, tmp_path)
+        assert arguments[0] == str(tmp_path / stage.name)
+        if index == 0:
+            assert "--init" not in arguments
+            assert arguments[arguments.index("--vae-cache") + 1] == str(tmp_path / "vae-cache")
+        else:
+            assert arguments[arguments.index("--init") + 1] == str(tmp_path / recipe.STAGES[index - 1].name)
+        recipe.settings(arguments)  # every command parses
+
+
+def test_a_stage_is_finished_only_when_its_folder_holds_a_complete_run_of_its_settings(
+    tmp_path: Path,
+) -> None:
+    index = 2
+    folder = tmp_path / recipe.STAGES[index].name
+    assert not recipe.finished(index, tmp_path)
+    folder.mkdir()
+    own = recipe.settings(recipe.argv(index, tmp_path))
+    # A manifest without file checksums is a run that did not get to the end.
+    (folder / train.MANIFEST).write_text(json.dumps({"config": own}))
+    assert not recipe.finished(index, tmp_path)
+    (folder / train.MANIFEST).write_text(json.dumps({"config": own, "files": {}}))
+    assert recipe.finished(index, tmp_path)
+    (folder / train.MANIFEST).write_text(json.dumps({"config": {**own, "lr": 1.0}, "files": {}}))
+    assert not recipe.finished(index, tmp_path)
+
+
+def test_print_lists_the_seven_commands_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert recipe.main([str(tmp_path), "--print"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert len(commands) == len(recipe.STAGES)
+    assert all("-m pipelines.toy.train" in line for line in commands)
+    assert list(tmp_path.iterdir()) == []
