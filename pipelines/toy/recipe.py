@@ -30,6 +30,8 @@ from typing import Any
 
 from pipelines.toy import MODEL_DIR, train
 
+_REPOSITORY = Path(__file__).resolve().parents[2]  # where `-m pipelines.toy.train` resolves
+
 # What the fine-tunes share: word tokens (§18) and the pooled vector dropped in half the steps (§19);
 # from run 21 on, one thread, a quarter of the captions as shorter prompts (§13, §22) and a shape
 # weight of 2; from run 31 on, the outline weight (§23) at a lower rate, and half the captions
@@ -193,7 +195,7 @@ def main(args: Sequence[str] | None = None) -> int:
         if finished(index, root):
             print(f"# {stage.name}: already done, skipped", flush=True)
             continue
-        status = subprocess.call(command)
+        status = subprocess.call(command, cwd=_REPOSITORY)
         if status != 0:
             print(f"# {stage.name} failed (exit status {status}); rerun to resume from it", file=sys.stderr)
             return status

@@ -82,3 +82,27 @@ def test_print_lists_the_seven_commands_and_runs_nothing(
     assert len(commands) == len(recipe.STAGES)
     assert all("-m pipelines.toy.train" in line for line in commands)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_chain_runs_each_stage_from_the_one_before_and_a_rerun_skips_finished_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two stages at a size that trains in seconds, through the real subprocess calls.
+    tiny = ("--vae-steps", "2", "--vae-size", "16", "--vae-batch", "2", "--depth", "2", "--no-gate")
+    tiny += ("--eval-every", "0", "--threads", "1")
+    stages = (
+        recipe.Stage("first", "§0", 1, (*tiny, "--phase", "32:2:2")),
+        recipe.Stage("second", "§0", 1, (*tiny, "--seed", "3", "--phase", "32:1:2")),
+    )
+    monkeypatch.setattr(recipe, "STAGES", stages)
+    assert recipe.main([str(tmp_path)]) == 0
+    first = json.loads((tmp_path / "first" / train.MANIFEST).read_text())
+    second = json.loads((tmp_path / "second" / train.MANIFEST).read_text())
+    assert second["config"]["init"] == str(tmp_path / "first") and second["config"]["seed"] == 3
+    assert second["parent"]["files"] == first["files"]
+    out = capsys.readouterr().out
+    assert "differs from the committed folder" in out and "already done" not in out
+    made = (tmp_path / "second" / train.MANIFEST).stat().st_mtime_ns
+    assert recipe.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("already done, skipped") == 2
+    assert (tmp_path / "second" / train.MANIFEST).stat().st_mtime_ns == made
