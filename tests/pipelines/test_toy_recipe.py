@@ -88,8 +88,8 @@ def test_the_chain_runs_each_stage_from_the_one_before_and_a_rerun_skips_finishe
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Two stages at a size that trains in seconds, through the real subprocess calls.
-    tiny = ("--vae-steps", "2", "--vae-size", "16", "--vae-batch", "2", "--depth", "2", "--no-gate")
-    tiny += ("--eval-every", "0", "--threads", "1")
+    vae = ("--vae-steps", "2", "--vae-size", "16", "--vae-batch", "2")
+    tiny = (*vae, "--depth", "2", "--no-gate", "--eval-every", "0", "--threads", "1")
     stages = (
         recipe.Stage("first", "§0", 1, (*tiny, "--phase", "32:2:2")),
         recipe.Stage("second", "§0", 1, (*tiny, "--seed", "3", "--phase", "32:1:2")),
