@@ -163,11 +163,15 @@ def recorded_chain(folder: Path = MODEL_DIR) -> list[dict[str, Any]]:
 
 
 def finished(index: int, root: Path) -> bool:
-    """Whether stage `index`'s folder holds a complete run of its own settings."""
-    folder = root / STAGES[index].name
-    manifest = train._read_manifest(folder)
+    """Whether stage `index`'s folder holds a complete run of its own settings, started from the
+    files the stage before it holds now (a stage before it that was rerun makes it stale)."""
+    manifest = train._read_manifest(root / STAGES[index].name)
     if not manifest or "files" not in manifest:
         return False
+    if index > 0:
+        before = train._read_manifest(root / STAGES[index - 1].name).get("files")
+        if manifest.get("parent", {}).get("files") != before:
+            return False
     return not differences(manifest.get("config", {}), argv(index, root))
 
 
@@ -183,7 +187,8 @@ def main(args: Sequence[str] | None = None) -> int:
     parser.add_argument("root", type=Path, help="a folder for the stages (OUT/run17 ... OUT/run35)")
     parser.add_argument("--print", dest="print_only", action="store_true", help="print the commands only")
     parsed = parser.parse_args(args)
-    root: Path = parsed.root
+    # Absolute: the stages run from the repository root, wherever this was started.
+    root: Path = parsed.root.resolve()
     total = sum(stage.minutes for stage in STAGES)
     print(f"# {len(STAGES)} stages, about {total / 60:.1f} h on 2 CPU cores (docs/toy.md)", flush=True)
     for index, stage in enumerate(STAGES):

@@ -61,16 +61,25 @@ def test_a_stage_is_finished_only_when_its_folder_holds_a_complete_run_of_its_se
     tmp_path: Path,
 ) -> None:
     index = 2
-    folder = tmp_path / recipe.STAGES[index].name
+    before, folder = (tmp_path / recipe.STAGES[i].name for i in (index - 1, index))
     assert not recipe.finished(index, tmp_path)
+    before.mkdir()
     folder.mkdir()
+    (before / train.MANIFEST).write_text(json.dumps({"files": {"weights": "1"}}))
     own = recipe.settings(recipe.argv(index, tmp_path))
+    parent = {"files": {"weights": "1"}}
     # A manifest without file checksums is a run that did not get to the end.
-    (folder / train.MANIFEST).write_text(json.dumps({"config": own}))
+    (folder / train.MANIFEST).write_text(json.dumps({"config": own, "parent": parent}))
     assert not recipe.finished(index, tmp_path)
-    (folder / train.MANIFEST).write_text(json.dumps({"config": own, "files": {}}))
+    (folder / train.MANIFEST).write_text(json.dumps({"config": own, "parent": parent, "files": {}}))
     assert recipe.finished(index, tmp_path)
-    (folder / train.MANIFEST).write_text(json.dumps({"config": {**own, "lr": 1.0}, "files": {}}))
+    (folder / train.MANIFEST).write_text(
+        json.dumps({"config": {**own, "lr": 1.0}, "parent": parent, "files": {}})
+    )
+    assert not recipe.finished(index, tmp_path)
+    # Started from other files than the stage before now holds (it was rerun since): stale.
+    (before / train.MANIFEST).write_text(json.dumps({"files": {"weights": "2"}}))
+    (folder / train.MANIFEST).write_text(json.dumps({"config": own, "parent": parent, "files": {}}))
     assert not recipe.finished(index, tmp_path)
 
 
