@@ -11,10 +11,10 @@ and is checked only against docs/toy.md §19).
     python -m pipelines.toy.recipe OUT            # all seven stages, OUT/run17 ... OUT/run35
     python -m pipelines.toy.recipe OUT --print    # the commands only
 
-A stage whose folder already holds a manifest with the stage's own settings is skipped, so an
-interrupted chain resumes where it stopped. At the end the last stage's files are compared, by their
-sha256, with the committed folder's: they match only on the machine type and torch build the
-committed run used (docs/toy.md §3).
+A stage whose folder already holds a finished run of the stage's own settings, started from the
+files the stage before it holds now, is skipped, so an interrupted chain resumes where it stopped.
+At the end the last stage's files are compared, by their sha256, with the committed folder's: they
+match only on the machine type and torch build the committed run used (docs/toy.md §3).
 """
 
 from __future__ import annotations
