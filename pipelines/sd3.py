@@ -16,7 +16,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +30,8 @@ from pipelines.prompt_cache import PromptCache
 from pipelines.request import GenerationRequest, GenerationResult
 from pipelines.step_cache import StepCache, policy_for
 from pipelines.text import count_tokens, encode_prompt
-from schedulers import sample, sigmas_for
-from schedulers.guidance import CondRange, guided_denoiser, negative_ranges, plain_negative
+from schedulers import denoiser_calls, sample, sigmas_for
+from schedulers.guidance import CondRange, GuidedDenoiser, guided_denoiser, negative_ranges, plain_negative
 from schedulers.noise import initial_noise
 from schedulers.samplers import STOCHASTIC
 
@@ -243,6 +243,47 @@ class SD3Generator:
             raise ValueError("prompts of different token lengths cannot share a batch")
         return self._denoise(requests, conds, callback=None)[0]
 
+    @torch.inference_mode()
+    def sample_trajectory(self, requests: list[GenerationRequest], stops: Sequence[float]) -> torch.Tensor:
+        """The latents the requests' sampling passes through at each σ of `stops`, stacked on a new
+        dim 1 in the order given: what a phased step distillation teaches a student to step between
+        (pipelines/toy/distill.py). σ = 0 is the final latent.
+
+        The stops are merged into the request's own schedule, so the sampler steps onto each of them;
+        a stop already in it changes nothing. Only for a sampler that calls the model once a step, at
+        the step's own σ (Euler, DPM++ 2M, ...): the state a step starts from is then the one the
+        model sees, and no stage of a step in between is mistaken for it.
+        """
+        _check_batch(requests)
+        first = requests[0]
+        spec = first.sampling_spec()
+        wanted = torch.tensor(list(stops), dtype=torch.float32)
+        schedule = self._sigmas(first).cpu()
+        sigmas = torch.unique(torch.cat([schedule, wanted])).flip(0)
+        if first.init_image is not None or len(schedule) < 2 or wanted.numel() == 0:
+            raise ValueError("a trajectory is of a txt2img request with steps, at one stop or more")
+        low, high = float(schedule[-1]), float(schedule[0])
+        if not (low <= float(wanted.min()) and float(wanted.max()) <= high):
+            raise ValueError(f"the stops must lie within the schedule's σ range, {low} to {high}")
+        if denoiser_calls(spec.sampler, tuple(float(s) for s in sigmas)) != len(sigmas) - 1:
+            raise ValueError(f"sampler {spec.sampler!r} does not call the model once a step")
+        conds = self._conditionings(requests)
+        if conds is None:
+            raise ValueError("prompts of different token lengths cannot share a batch")
+        guided = self._guided(first, conds)
+        states: list[torch.Tensor] = []
+
+        def observed(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            states.append(x.clone())
+            return guided(x, sigma)
+
+        x = self._initial_latents(requests, sigmas)
+        states.append(
+            sample(spec.sampler, observed, x, sigmas.to(self.device), seed=first.seed, shift=first.shift)
+        )
+        index = {float(s): i for i, s in enumerate(sigmas)}
+        return torch.stack([states[index[float(s)]] for s in wanted], dim=1)
+
     def _denoise(
         self,
         requests: list[GenerationRequest],
@@ -348,21 +389,30 @@ class SD3Generator:
         callback: StepCallback | None,
     ) -> torch.Tensor:
         """Run the request's sampler from `x` at sigmas[0]; `request` carries the batch's shared settings."""
-        spec = request.sampling_spec()
-        denoiser = guided_denoiser(
-            self._predictor(conds, cache=cache),
-            # The `_pp` spellings run their plain sampler at twice the guidance (schedulers/names.py).
-            cfg=request.guidance_scale * spec.guidance_factor,
-            ranges=self.negative_ranges(request),
-        )
         x = sample(
-            spec.sampler, denoiser, x, sigmas, seed=request.seed, shift=request.shift, callback=callback
+            request.sampling_spec().sampler,
+            self._guided(request, conds, cache=cache),
+            x,
+            sigmas,
+            seed=request.seed,
+            shift=request.shift,
+            callback=callback,
         )
         # inverse_noise_scaling: identity for the usual last σ = 0 (docs/sampling.md §1).
         last = float(sigmas[-1])
         if last > 0:
             x = x / (1.0 - last)
         return x
+
+    def _guided(
+        self, request: GenerationRequest, conds: dict[str, Conditioning], *, cache: StepCache | None = None
+    ) -> GuidedDenoiser:
+        return guided_denoiser(
+            self._predictor(conds, cache=cache),
+            # The `_pp` spellings run their plain sampler at twice the guidance (schedulers/names.py).
+            cfg=request.guidance_scale * request.sampling_spec().guidance_factor,
+            ranges=self.negative_ranges(request),
+        )
 
     def negative_ranges(self, request: GenerationRequest) -> tuple[CondRange, ...]:
         """Where in σ the request's negative prompt and the zeroed-out negative guide its sampling."""

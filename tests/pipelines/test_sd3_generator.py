@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import schedulers
 from pipelines.request import GenerationCancelled, GenerationRequest
 from pipelines.sd3 import GenerationError, SD3Generator
 from schedulers.names import resolve
@@ -129,6 +130,52 @@ def test_sample_latents_refuse_requests_that_cannot_share_a_batch(generator: SD3
     first = GenerationRequest(prompt="a dog", seed=3, **SMALL)
     with pytest.raises(ValueError, match="batch key"):
         generator.sample_latents([first, replace(first, steps=12)])
+
+
+def test_a_trajectory_holds_the_states_at_its_stops_and_stops_on_the_schedule_change_nothing(
+    generator: SD3Generator,
+) -> None:
+    # What a phased distillation's teacher pairs hold (pipelines/toy/distill.py).
+    requests = [GenerationRequest(prompt="a dog", seed=seed, **SMALL) for seed in (3, 4)]
+    spec = requests[0].sampling_spec()
+    # The schedule as the generator builds it (the package-level sigmas_for, which knows the sampler).
+    schedule = schedulers.sigmas_for(
+        spec.schedule, SMALL["steps"], shift=3.0, denoise=1.0, sampler=spec.sampler
+    )
+    final = generator.sample_latents(requests)
+    on = generator.sample_trajectory(requests, [float(schedule[0]), float(schedule[4]), 0.0])
+    assert on.shape == (2, 3, generator.latent_channels, 64, 64)
+    noise = torch.cat([initial_noise(seed, (1, generator.latent_channels, 64, 64)) for seed in (3, 4)])
+    assert torch.equal(on[:, 0], noise)  # σ0 = 1: the start is the seed's noise itself
+    assert torch.equal(on[:, 2], final)  # the stops were the schedule's own: the same run
+
+    # A stop between two of the schedule's σ's is stepped onto. The run is a slightly different
+    # discretisation of the same ODE, so it ends near the schedule's own end, not on it.
+    between = 0.5 * float(schedule[4] + schedule[5])
+    off = generator.sample_trajectory(requests, [between, 0.0])
+    assert torch.isfinite(off).all() and not torch.equal(off[:, 1], final)
+    assert (off[:, 1] - final).pow(2).mean() < 0.01 * final.pow(2).mean()
+    # ...and its state there lies between the schedule's states either side of it.
+    around = generator.sample_trajectory(requests, [float(schedule[4]), float(schedule[5])])
+    gap = (around[:, 1] - around[:, 0]).pow(2).mean()
+    assert (off[:, 0] - around[:, 0]).pow(2).mean() < gap
+    assert (off[:, 0] - around[:, 1]).pow(2).mean() < gap
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "stops", "message"),
+    [
+        ("Heun", [0.5], "once a step"),  # two model calls a step
+        ("DPM++ 2M", [1.5], "within the schedule"),
+        ("DPM++ 2M", [], "one stop or more"),
+    ],
+)
+def test_a_trajectory_is_refused_where_its_states_would_not_be_the_sampler_s(
+    generator: SD3Generator, scheduler: str, stops: list[float], message: str
+) -> None:
+    request = GenerationRequest(prompt="a dog", seed=3, scheduler=scheduler, **SMALL)
+    with pytest.raises(ValueError, match=message):
+        generator.sample_trajectory([request], stops)
 
 
 def test_odd_latent_sizes_are_padded_and_cropped(generator: SD3Generator) -> None:
