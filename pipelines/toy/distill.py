@@ -3,7 +3,7 @@ few-step mode).
 
 The teacher is the toy as a client gets it at the API's defaults: CFG 5 with the hosted negative
 window, two transformer forwards a step. The student is the same transformer with a LoRA, run at
-guidance 1 (one forward a step, the negative prompt unused). Two ways to teach it (`--method`):
+guidance 1 (one forward a step, the negative prompt unused). Three ways to teach it (`--method`):
 
 **guidance** (guidance distillation, Meng et al. 2023): at a noised render x_σ = (1−σ)·x0 + σ·ε of the
 toy world, the student's target is the teacher's guided velocity there, v_u + 5·(v_c − v_u), with
@@ -20,13 +20,24 @@ straight line from ε to x0 (rectified flow's "reflow", Liu et al. 2022, with th
 in as guidance distillation does). Every point of that line points at the same end, so a student that
 fitted it exactly would reach x0 in one Euler step; the fit is what the step count then buys back.
 
+**phased** (a fixed few-step schedule, as progressive distillation, Salimans & Ho 2022, and
+Hyper-SD's segments target one): the student learns only the `--phases` Euler steps a client of the
+few-step mode runs (Euler, sgm_uniform, shift 3, `--phases` steps). The teacher's run is recorded at
+each σ of that schedule (`SD3Generator.sample_trajectory` adds them to its own 25 steps), and from
+the teacher's state x_k at σ_k the student's one Euler step should land on the teacher's x_{k+1}:
+the target velocity is the secant (x_{k+1} − x_k)/(σ_{k+1} − σ_k), and the loss is the miss in the
+latent. Reflow asks one straight line to reach the end from anywhere on it; this asks K short ones,
+each from a point the student will start from, so it fits what is measured (the image after K
+steps) and nothing else: the LoRA is for that step count only.
+
     python -m pipelines.toy.distill OUT --threads 2   # ~1 h on 2 cores: 28 min of pairs, 30 of steps
     sd3-server serve --model toy --lora OUT          # then: scheduler Euler, guidance_scale 1
     python -m pipelines.toy.distill OUT --method guidance --extra-size 512   # then: guidance_scale 1
+    python -m pipelines.toy.distill OUT --method phased --phases 4   # then: Euler, 4 steps, guidance 1
 
-In reflow, the teacher's pairs are the slow part (1.7 s a pair on two cores at 256 px); they are kept in
-OUT/teacher-pairs.pt and reused by a rerun with the same pair settings and the same teacher weights (by
-content: a moved checkout reuses them, retrained weights do not). Fixed seeds and a fixed
+In reflow and phased, the teacher's pairs are the slow part (1.7 s a pair on two cores at 256 px); they
+are kept in OUT/teacher-pairs.pt and reused by a rerun with the same pair settings and the same teacher
+weights (by content: a moved checkout reuses them, retrained weights do not). Fixed seeds and a fixed
 thread count give the same LoRA on a rerun up to float rounding (not always bit for bit: the CPU
 kernels' last bits vary from run to run here). `python benchmarks/quality.py --only few-step --lora OUT`
 measures the result (docs/toy.md §15).
@@ -52,12 +63,13 @@ from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from pipelines.toy import MODEL_DIR, world
 from pipelines.toy.train import CaptionBank, LatentPool, file_hashes, velocity
+from schedulers import sigmas_for
 from schedulers.guidance import NEGATIVE, ZERO_NEGATIVE, CondRange
 from schedulers.noise import initial_noise
 from schedulers.sigmas import time_shift
 
-SCRIPT_VERSION = "2"
-METHODS = ("reflow", "guidance")
+SCRIPT_VERSION = "3"
+METHODS = ("reflow", "guidance", "phased")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PAIRS_FILE = "teacher-pairs.pt"
 # The layers a LoRA for SD3 usually covers (diffusers' SD3 DreamBooth-LoRA script, Hyper-SD3): both
@@ -84,7 +96,8 @@ SEED_BASE = 10**6
 class DistillConfig:
     model: str = str(MODEL_DIR)
     method: str = "reflow"
-    pairs: int = 1024  # reflow: teacher runs
+    pairs: int = 1024  # reflow and phased: teacher runs
+    phases: int = 4  # phased: the student's Euler steps, the only step count it is taught
     size: int = 256
     # guidance: more sizes, trained in turn, each at the batch that holds as many pixels as `batch`
     # images at `size`; and how many scenes to render at `size` (as many pixels again at the others).
@@ -107,8 +120,8 @@ class DistillConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.extra_sizes and self.method != "guidance":
-            raise ValueError("extra sizes are for --method guidance: reflow's pairs have one size")
-        for name in ("pairs", "steps", "batch", "rank", "threads", "pool"):
+            raise ValueError("extra sizes are for --method guidance: the teacher's pairs have one size")
+        for name in ("pairs", "steps", "batch", "rank", "threads", "pool", "phases"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.warmup < 0 or self.seed < 0:
@@ -128,12 +141,14 @@ class DistillConfig:
     def pair_key(self) -> dict[str, Any]:
         """What the teacher pairs depend on. The teacher is named by its files' contents, not its path,
         so a moved checkout reuses its pairs and retrained weights do not."""
-        return {
+        key = {
             "teacher": teacher_digest(Path(self.model)),
             "pairs": self.pairs,
             "size": self.size,
             "seed": self.seed,
         }
+        # Reflow's key predates the other methods and stays as it was, so its cached pairs still serve.
+        return key | {"method": self.method, "phases": self.phases} if self.method == "phased" else key
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -203,6 +218,15 @@ def student_request(size: int, steps: int) -> GenerationRequest:
     )
 
 
+def student_sigmas(size: int, steps: int) -> torch.Tensor:
+    """The schedule a client of the few-step mode samples down: `student_request`'s sigmas."""
+    request = student_request(size, steps)
+    spec = request.sampling_spec()
+    return sigmas_for(
+        spec.schedule, steps, shift=request.shift, denoise=request.denoise, sampler=spec.sampler
+    )
+
+
 def training_pairs(cfg: DistillConfig) -> list[tuple[world.Caption, int]]:
     """Distinct captions from the whole set, each with its own image seed."""
     captions = world.all_captions()
@@ -217,16 +241,22 @@ def load_generator(model: str) -> SD3Generator:
 
 
 def teacher_pairs(cfg: DistillConfig, generator: SD3Generator, log: Any, *, batch: int = 8) -> dict[str, Any]:
-    """Noise, conditioning and the teacher's final latent of every training pair."""
+    """Noise, conditioning and the teacher's final latent of every training pair; for phased, also the
+    teacher's states at the student's σ's (`states`, [pairs, phases + 1, C, h, w], and `sigmas`)."""
     pairs = training_pairs(cfg)
     base = teacher_request(cfg.size)
     latent = (generator.latent_channels, cfg.size // 8, cfg.size // 8)
-    x0, eps, contexts, pooled = [], [], [], []
+    stops = student_sigmas(cfg.size, cfg.phases) if cfg.method == "phased" else None
+    x0, eps, contexts, pooled, states = [], [], [], [], []
     started = time.perf_counter()
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
         requests = [replace(base, prompt=c.text, seed=s) for c, s in chunk]
-        x0.append(generator.sample_latents(requests))
+        if stops is None:
+            x0.append(generator.sample_latents(requests))
+        else:
+            states.append(generator.sample_trajectory(requests, stops.tolist()))
+            x0.append(states[-1][:, -1])
         # The noise the server draws for each seed (σ0 = 1, so it is the start latent itself).
         eps.append(torch.cat([initial_noise(s, (1, *latent)) for _, s in chunk]))
         for caption, _ in chunk:
@@ -238,7 +268,7 @@ def teacher_pairs(cfg: DistillConfig, generator: SD3Generator, log: Any, *, batc
     final = torch.cat(x0)
     if not torch.isfinite(final).all():
         raise RuntimeError("the teacher produced non-finite latents")
-    return {
+    data = {
         "key": cfg.pair_key(),
         "x0": final,
         "eps": torch.cat(eps),
@@ -246,6 +276,9 @@ def teacher_pairs(cfg: DistillConfig, generator: SD3Generator, log: Any, *, batc
         "pooled": torch.cat(pooled),
         "seconds_per_pair": (time.perf_counter() - started) / len(pairs),
     }
+    if stops is not None:
+        data |= {"states": torch.cat(states), "sigmas": stops}
+    return data
 
 
 def add_lora(transformer: Any, rank: int, seed: int) -> list[torch.nn.Parameter]:
@@ -315,6 +348,37 @@ def train_student(cfg: DistillConfig, transformer: Any, data: dict[str, Any], lo
         recent.append(_descend(optimizer, params, torch.nn.functional.mse_loss(v, eps - x0)))
         if step % 50 == 0 or step == cfg.steps - 1:
             log(f"student step {step}: loss {np.mean(recent):.5f}")
+            recent = []
+    transformer.eval()
+    return {"seconds_per_step": (time.perf_counter() - started) / cfg.steps}
+
+
+def train_phased_student(
+    cfg: DistillConfig, transformer: Any, data: dict[str, Any], log: Any
+) -> dict[str, float]:
+    """Phased (module docstring): from the teacher's state at a random one of the student's σ's, the
+    student's Euler step should land on the teacher's state at the next."""
+    params, optimizer = _student(cfg, transformer)
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    states, sigmas = data["states"], data["sigmas"]
+    count, phases = states.shape[0], states.shape[1] - 1
+    started = time.perf_counter()
+    recent: list[float] = []
+    for step in range(cfg.steps):
+        _schedule_lr(optimizer, cfg, step)
+        idx = torch.randint(0, count, (cfg.batch,), generator=gen)
+        k = torch.randint(0, phases, (cfg.batch,), generator=gen)
+        x, reached = states[idx, k], states[idx, k + 1]
+        dt = (sigmas[k + 1] - sigmas[k]).view(-1, 1, 1, 1)
+        v = velocity(transformer, x, sigmas[k], data["context"][idx], data["pooled"][idx])
+        # The miss in the latent, not in v: the last step's Δσ is five times the first's, and an error
+        # in v costs Δσ times as much in the image there.
+        recent.append(_descend(optimizer, params, torch.nn.functional.mse_loss(x + dt * v, reached)))
+        if step % 50 == 0 or step == cfg.steps - 1:
+            log(
+                f"student step {step}: loss {np.mean(recent):.6f} "
+                f"({(time.perf_counter() - started) / (step + 1):.2f} s a step)"
+            )
             recent = []
     transformer.eval()
     return {"seconds_per_step": (time.perf_counter() - started) / cfg.steps}
@@ -391,7 +455,7 @@ def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any
     generator = load_generator(cfg.model)
     if cfg.method == "guidance":
         timings = train_guidance_student(cfg, generator, log)
-        roles = {
+        roles: dict[str, Any] = {
             "teacher": "the API defaults' guidance: CFG 5 with the hosted negative window",
             "student": "guidance 1, any sampler",
         }
@@ -403,12 +467,18 @@ def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any
             torch.save(data, cached)
         else:
             log(f"teacher pairs read from {cached}")
-        timings = train_student(cfg, generator.pipe.transformer, data, log)
+        teacher = "the API defaults: DPM++ 2M, 25 steps, CFG 5, shift 3, the hosted negative window"
+        if cfg.method == "phased":
+            timings = train_phased_student(cfg, generator.pipe.transformer, data, log)
+            roles = {
+                "teacher": f"{teacher}, with the student's σ's added to its schedule",
+                "student": f"Euler (sgm_uniform, shift 3) at guidance 1, exactly {cfg.phases} steps",
+                "student_sigmas": [float(s) for s in data["sigmas"]],
+            }
+        else:
+            timings = train_student(cfg, generator.pipe.transformer, data, log)
+            roles = {"teacher": teacher, "student": "Euler at guidance 1"}
         timings["seconds_per_pair"] = data["seconds_per_pair"]
-        roles = {
-            "teacher": "the API defaults: DPM++ 2M, 25 steps, CFG 5, shift 3, the hosted negative window",
-            "student": "Euler at guidance 1",
-        }
     weights = save_lora(generator.pipe.transformer, out)
     manifest = {
         "script_version": SCRIPT_VERSION,
@@ -436,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="guidance: also train at this size (repeatable)",
     )
-    for name in ("pairs", "size", "steps", "batch", "rank", "warmup", "seed", "threads", "pool"):
+    for name in ("pairs", "phases", "size", "steps", "batch", "rank", "warmup", "seed", "threads", "pool"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     for name in ("lr", "shift", "at_one"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
@@ -446,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             method=args.method,
             pairs=args.pairs,
+            phases=args.phases,
             size=args.size,
             extra_sizes=tuple(args.extra_size),
             pool=args.pool,

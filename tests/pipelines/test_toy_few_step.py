@@ -1,7 +1,8 @@
 """The few-step distillation of the trained toy (pipelines/toy/distill.py): reproducible, its
-guidance teacher is the serving loop's CFG to float rounding, and its LoRA is one the server
-merges. What such a LoRA does to images is measured by `python benchmarks/quality.py --only
-few-step --lora DIR` (docs/toy.md §15, §17), not here: none is committed.
+guidance teacher is the serving loop's CFG to float rounding, its phased targets are the steps the
+served few-step request takes, and its LoRA is one the server merges. What such a LoRA does to
+images is measured by `python benchmarks/quality.py --only few-step --lora DIR` (docs/toy.md §15,
+§17, §35), not here: none is committed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import pipelines.toy
+import schedulers
 from pipelines.sd3 import Conditioning, SD3Generator
 from pipelines.toy import distill
 from pipelines.toy.train import CaptionBank, velocity
@@ -101,6 +103,8 @@ def test_a_distillation_is_reproducible_reuses_its_teacher_pairs_and_serves_thro
         {"method": "progressive"},
         {"extra_sizes": (512,)},  # reflow's teacher pairs have one size
         {"method": "guidance", "extra_sizes": (500,)},
+        {"method": "phased", "phases": 0},
+        {"method": "phased", "extra_sizes": (512,)},
     ],
 )
 def test_settings_that_cannot_train_are_refused_before_any_work(bad: dict[str, float]) -> None:
@@ -186,3 +190,56 @@ def test_a_guidance_distillation_at_two_sizes_is_reproducible_and_serves_through
     merged = _load(tmp_path / "merged", [str(tmp_path / "a")])
     request = distill.student_request(64, 2)
     assert merged.generate(request).images[0].shape == (64, 64, 3)
+
+
+def test_phased_targets_are_the_steps_the_served_few_step_request_takes() -> None:
+    """A student that gave the phased secants exactly would reach the teacher's final latent by the
+    served few-step request's own Euler loop: the σ's it is taught at are the ones the server runs,
+    and the secant is a velocity in the sign the samplers use."""
+    generator = distill.load_generator(str(pipelines.toy.MODEL_DIR))
+    served = generator._sigmas(distill.student_request(64, 3))
+    assert torch.equal(distill.student_sigmas(64, 3), served)
+    requests = [
+        replace(distill.teacher_request(64), prompt="a red circle on a blue background", seed=seed)
+        for seed in (5, 6)
+    ]
+    states = generator.sample_trajectory(requests, served.tolist())
+    sigmas = served.tolist()
+
+    def secant(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        k = sigmas.index(sigma)
+        torch.testing.assert_close(x, states[:, k])  # the loop starts each step where the teacher was
+        v = (states[:, k + 1] - states[:, k]) / (sigmas[k + 1] - sigmas[k])
+        return x - sigma * v  # D = x − σ·v
+
+    spec = distill.student_request(64, 3).sampling_spec()
+    reached = schedulers.sample(spec.sampler, secant, states[:, 0], served)
+    torch.testing.assert_close(reached, states[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_phased_distillation_keys_its_pairs_by_its_phases_and_serves_through_lora(tmp_path: Path) -> None:
+    cfg = distill.DistillConfig(method="phased", phases=2, pairs=3, size=32, steps=3, batch=2, warmup=1)
+    logs: list[str] = []
+    manifest = distill.distill(cfg, tmp_path / "a", log=logs.append)
+    assert any(line.startswith("teacher pairs 3/3") for line in logs)
+    assert manifest["student"].endswith("exactly 2 steps")
+    assert manifest["student_sigmas"] == distill.student_sigmas(32, 2).tolist()
+    pairs = torch.load(tmp_path / "a" / distill.PAIRS_FILE)
+    assert pairs["states"].shape == (3, 3, 16, 4, 4)
+    torch.testing.assert_close(pairs["states"][:, -1], pairs["x0"])
+    # The same pairs serve a rerun; another step count needs its own teacher states.
+    logs.clear()
+    distill.distill(cfg, tmp_path / "a", log=logs.append)
+    assert any(line.startswith("teacher pairs read") for line in logs)
+    logs.clear()
+    distill.distill(replace(cfg, phases=3), tmp_path / "a", log=logs.append)
+    assert any(line.startswith("teacher pairs 3/3") for line in logs)
+    assert torch.load(tmp_path / "a" / distill.PAIRS_FILE)["states"].shape[1] == 4
+    # Reflow's key is what it was before the phased method, so its cached pairs still serve.
+    assert "phases" not in distill.DistillConfig().pair_key()
+
+    weights = load_file(tmp_path / "a" / distill.WEIGHT_NAME)
+    assert any(t.abs().max() > 0 for n, t in weights.items() if "lora_B" in n)
+    merged = _load(tmp_path / "merged", [str(tmp_path / "a")])
+    assert merged.generate(distill.student_request(32, 3)).images[0].shape == (32, 32, 3)
