@@ -250,15 +250,23 @@ class SD3Generator:
         (pipelines/toy/distill.py). σ = 0 is the final latent.
 
         The stops are merged into the request's own schedule, so the sampler steps onto each of them;
-        a stop already in it changes nothing. Only for a sampler that calls the model once a step, at
-        the step's own σ (Euler, DPM++ 2M, ...): the state a step starts from is then the one the
-        model sees, and no stage of a step in between is mistaken for it.
+        a stop already in it (to float rounding) changes nothing. Only for a sampler that calls the
+        model once a step, at the step's own σ (Euler, DPM++ 2M, ...): the state a step starts from is
+        then the one the model sees, and no stage of a step in between is mistaken for it.
         """
         _check_batch(requests)
         first = requests[0]
         spec = first.sampling_spec()
         wanted = torch.tensor(list(stops), dtype=torch.float32)
         schedule = self._sigmas(first).cpu()
+        # A stop that is one of the schedule's σ's up to float rounding (another step count's schedule
+        # computes some of the same σ's in another order) is that σ. Added as a second point a few ulp
+        # away, it would make a step of nearly nothing, and a multistep sampler's next extrapolation
+        # divides by that step: DPM++ 2M's then amplifies rounding into a visible error.
+        if wanted.numel() and schedule.numel():
+            nearest = (wanted[:, None] - schedule[None, :]).abs().argmin(dim=1)
+            close = torch.isclose(wanted, schedule[nearest], rtol=1e-5, atol=1e-7)
+            wanted = torch.where(close, schedule[nearest], wanted)
         sigmas = torch.unique(torch.cat([schedule, wanted])).flip(0)
         if first.init_image is not None or len(schedule) < 2 or wanted.numel() == 0:
             raise ValueError("a trajectory is of a txt2img request with steps, at one stop or more")

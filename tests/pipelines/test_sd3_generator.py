@@ -148,6 +148,9 @@ def test_a_trajectory_holds_the_states_at_its_stops_and_stops_on_the_schedule_ch
     noise = torch.cat([initial_noise(seed, (1, generator.latent_channels, 64, 64)) for seed in (3, 4)])
     assert torch.equal(on[:, 0], noise)  # σ0 = 1: the start is the seed's noise itself
     assert torch.equal(on[:, 2], final)  # the stops were the schedule's own: the same run
+    # So are σ's a rounding away from the schedule's (as another step count's schedule computes them).
+    nudged = [float(torch.nextafter(schedule[k], torch.tensor(2.0))) for k in (3, 6)]
+    assert torch.equal(generator.sample_trajectory(requests, [*nudged, 0.0])[:, 2], final)
 
     # A stop between two of the schedule's σ's is stepped onto. The run is a slightly different
     # discretisation of the same ODE, so it ends near the schedule's own end, not on it.
