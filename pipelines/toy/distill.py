@@ -33,7 +33,9 @@ steps) and nothing else: the LoRA is for that step count only.
     python -m pipelines.toy.distill OUT --threads 2   # ~1 h on 2 cores: 28 min of pairs, 30 of steps
     sd3-server serve --model toy --lora OUT          # then: scheduler Euler, guidance_scale 1
     python -m pipelines.toy.distill OUT --method guidance --extra-size 512   # then: guidance_scale 1
-    python -m pipelines.toy.distill OUT --method phased --phases 4   # then: Euler, 4 steps, guidance 1
+    python -m pipelines.toy.distill OUT --method phased --phases 4 --rank 32 --pairs 768 --steps 1000
+        # ~1 h 25 min on one core: 40 min of pairs, 43 of steps; then: Euler, 4 steps, guidance 1.
+        # pipelines/toy/few-step-4 is this run's LoRA (docs/toy.md §35).
 
 In reflow and phased, the teacher's pairs are the slow part (1.7 s a pair on two cores at 256 px); they
 are kept in OUT/teacher-pairs.pt and reused by a rerun with the same pair settings and the same teacher
@@ -108,9 +110,10 @@ class DistillConfig:
     rank: int = 16
     lr: float = 1e-3
     warmup: int = 50
-    # The student's σ: t uniform, time-shifted by the served default shift, so it trains where the
-    # few-step schedules put their steps; this share of each batch sits at σ = 1, the first step of
-    # every schedule and the one that decides the image.
+    # Reflow and guidance (phased takes its σ's from the schedule it is taught): the student's σ, t
+    # uniform, time-shifted by the served default shift, so it trains where the few-step schedules put
+    # their steps; this share of each batch sits at σ = 1, the first step of every schedule and the
+    # one that decides the image.
     shift: float = 3.0
     at_one: float = 0.1
     seed: int = 0
@@ -483,6 +486,9 @@ def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any
     manifest = {
         "script_version": SCRIPT_VERSION,
         "config": asdict(cfg) | {"model": Path(cfg.model).name},
+        # The teacher by content (as the pairs' key names it): a LoRA is only for the weights it was
+        # distilled from, and a retrained toy makes a committed one stale.
+        "teacher_digest": teacher_digest(Path(cfg.model)),
         **roles,
         **timings,
         "sha256": {WEIGHT_NAME: hashlib.sha256(weights.read_bytes()).hexdigest()},
