@@ -259,17 +259,16 @@ class SD3Generator:
         spec = first.sampling_spec()
         wanted = torch.tensor(list(stops), dtype=torch.float32)
         schedule = self._sigmas(first).cpu()
+        if first.init_image is not None or len(schedule) < 2 or wanted.numel() == 0:
+            raise ValueError("a trajectory is of a txt2img request with steps, at one stop or more")
         # A stop that is one of the schedule's σ's up to float rounding (another step count's schedule
         # computes some of the same σ's in another order) is that σ. Added as a second point a few ulp
         # away, it would make a step of nearly nothing, and a multistep sampler's next extrapolation
         # divides by that step: DPM++ 2M's then amplifies rounding into a visible error.
-        if wanted.numel() and schedule.numel():
-            nearest = (wanted[:, None] - schedule[None, :]).abs().argmin(dim=1)
-            close = torch.isclose(wanted, schedule[nearest], rtol=1e-5, atol=1e-7)
-            wanted = torch.where(close, schedule[nearest], wanted)
+        nearest = (wanted[:, None] - schedule[None, :]).abs().argmin(dim=1)
+        close = torch.isclose(wanted, schedule[nearest], rtol=1e-5, atol=1e-7)
+        wanted = torch.where(close, schedule[nearest], wanted)
         sigmas = torch.unique(torch.cat([schedule, wanted])).flip(0)
-        if first.init_image is not None or len(schedule) < 2 or wanted.numel() == 0:
-            raise ValueError("a trajectory is of a txt2img request with steps, at one stop or more")
         low, high = float(schedule[-1]), float(schedule[0])
         if not (low <= float(wanted.min()) and float(wanted.max()) <= high):
             raise ValueError(f"the stops must lie within the schedule's σ range, {low} to {high}")
