@@ -331,12 +331,31 @@ def _descend(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
     return loss.item()
 
 
+class _Progress:
+    """The student's loss, logged as its mean over every 50 steps, with the time a step has taken."""
+
+    def __init__(self, log: Any, steps: int) -> None:
+        self.log, self.steps, self.started = log, steps, time.perf_counter()
+        self.recent: list[float] = []
+
+    def add(self, step: int, loss: float) -> None:
+        self.recent.append(loss)
+        if step % 50 == 0 or step == self.steps - 1:
+            self.log(
+                f"student step {step}: loss {np.mean(self.recent):.6f} "
+                f"({self.seconds_per_step(step + 1):.2f} s a step)"
+            )
+            self.recent = []
+
+    def seconds_per_step(self, done: int | None = None) -> float:
+        return (time.perf_counter() - self.started) / (done or self.steps)
+
+
 def train_student(cfg: DistillConfig, transformer: Any, data: dict[str, Any], log: Any) -> dict[str, float]:
     params, optimizer = _student(cfg, transformer)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
     count = data["x0"].shape[0]
-    started = time.perf_counter()
-    recent: list[float] = []
+    progress = _Progress(log, cfg.steps)
     for step in range(cfg.steps):
         _schedule_lr(optimizer, cfg, step)
         idx = torch.randint(0, count, (cfg.batch,), generator=gen)
@@ -348,12 +367,9 @@ def train_student(cfg: DistillConfig, transformer: Any, data: dict[str, Any], lo
         # 2.13's CPU backward runs the bf16 input-gradient matmuls in its reference gemm, 25x slower
         # (41 s a step against fp32's 1.7 at 256 px, batch 16, 2 threads).
         v = velocity(transformer, x_t, sigma, data["context"][idx], data["pooled"][idx])
-        recent.append(_descend(optimizer, params, torch.nn.functional.mse_loss(v, eps - x0)))
-        if step % 50 == 0 or step == cfg.steps - 1:
-            log(f"student step {step}: loss {np.mean(recent):.5f}")
-            recent = []
+        progress.add(step, _descend(optimizer, params, torch.nn.functional.mse_loss(v, eps - x0)))
     transformer.eval()
-    return {"seconds_per_step": (time.perf_counter() - started) / cfg.steps}
+    return {"seconds_per_step": progress.seconds_per_step()}
 
 
 def train_phased_student(
@@ -365,8 +381,7 @@ def train_phased_student(
     gen = torch.Generator().manual_seed(cfg.seed + 5)
     states, sigmas = data["states"], data["sigmas"]
     count, phases = states.shape[0], states.shape[1] - 1
-    started = time.perf_counter()
-    recent: list[float] = []
+    progress = _Progress(log, cfg.steps)
     for step in range(cfg.steps):
         _schedule_lr(optimizer, cfg, step)
         idx = torch.randint(0, count, (cfg.batch,), generator=gen)
@@ -376,15 +391,9 @@ def train_phased_student(
         v = velocity(transformer, x, sigmas[k], data["context"][idx], data["pooled"][idx])
         # The miss in the latent, not in v: the last step's Δσ is five times the first's, and an error
         # in v costs Δσ times as much in the image there.
-        recent.append(_descend(optimizer, params, torch.nn.functional.mse_loss(x + dt * v, reached)))
-        if step % 50 == 0 or step == cfg.steps - 1:
-            log(
-                f"student step {step}: loss {np.mean(recent):.6f} "
-                f"({(time.perf_counter() - started) / (step + 1):.2f} s a step)"
-            )
-            recent = []
+        progress.add(step, _descend(optimizer, params, torch.nn.functional.mse_loss(x + dt * v, reached)))
     transformer.eval()
-    return {"seconds_per_step": (time.perf_counter() - started) / cfg.steps}
+    return {"seconds_per_step": progress.seconds_per_step()}
 
 
 def train_guidance_student(cfg: DistillConfig, generator: SD3Generator, log: Any) -> dict[str, float]:
@@ -407,8 +416,7 @@ def train_guidance_student(cfg: DistillConfig, generator: SD3Generator, log: Any
     guidance, ranges = teacher_at.guidance_scale, generator.negative_ranges(teacher_at)
     params, optimizer = _student(cfg, transformer)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
-    started = time.perf_counter()
-    recent: list[float] = []
+    progress = _Progress(log, cfg.steps)
     for step in range(cfg.steps):
         _schedule_lr(optimizer, cfg, step)
         size = cfg.sizes[step % len(cfg.sizes)]
@@ -422,18 +430,9 @@ def train_guidance_student(cfg: DistillConfig, generator: SD3Generator, log: Any
         with torch.no_grad():
             target = guided_velocity(teacher, x_t, sigma, positive, negative, cfg=guidance, ranges=ranges)
         loss = torch.nn.functional.mse_loss(velocity(transformer, x_t, sigma, *positive), target)
-        recent.append(_descend(optimizer, params, loss))
-        if step % 50 == 0 or step == cfg.steps - 1:
-            log(
-                f"student step {step}: loss {np.mean(recent):.5f} "
-                f"({(time.perf_counter() - started) / (step + 1):.2f} s a step)"
-            )
-            recent = []
+        progress.add(step, _descend(optimizer, params, loss))
     transformer.eval()
-    return {
-        "seconds_per_step": (time.perf_counter() - started) / cfg.steps,
-        "pool_seconds": pool_seconds,
-    }
+    return {"seconds_per_step": progress.seconds_per_step(), "pool_seconds": pool_seconds}
 
 
 def save_lora(transformer: Any, out: Path) -> Path:
