@@ -28,7 +28,11 @@ the teacher's state x_k at σ_k the student's one Euler step should land on the 
 the target velocity is the secant (x_{k+1} − x_k)/(σ_{k+1} − σ_k), and the loss is the miss in the
 latent. Reflow asks one straight line to reach the end from anywhere on it; this asks K short ones,
 each from a point the student will start from, so it fits what is measured (the image after K
-steps) and nothing else: the LoRA is for that step count only.
+steps) and nothing else: the LoRA is for that step count only. Taught only from the teacher's states
+(teacher forcing), the student never sees where its own earlier steps put it; `--student-states F`
+starts a share F of each batch from the student's own state at σ_k instead (its Euler steps from the
+teacher's noise, taken without gradients), with the same target, the teacher's x_{k+1}, so it learns
+to step back onto the teacher's path. `--init DIR` goes on from a saved LoRA, e.g. a teacher-forced one.
 
     python -m pipelines.toy.distill OUT --threads 2   # ~1 h on 2 cores: 28 min of pairs, 30 of steps
     sd3-server serve --model toy --lora OUT          # then: scheduler Euler, guidance_scale 1
@@ -100,6 +104,11 @@ class DistillConfig:
     method: str = "reflow"
     pairs: int = 1024  # reflow and phased: teacher runs
     phases: int = 4  # phased: the student's Euler steps, the only step count it is taught
+    # phased: the share of each batch that starts from the student's own state at σ_k (its Euler
+    # steps from the teacher's noise) rather than the teacher's; the target is still the teacher's
+    # next state, so the student learns to steer back onto the trajectory it drifts off.
+    student_states: float = 0.0
+    init: str | None = None  # a LoRA folder (of the same rank) to start from instead of B = 0
     size: int = 256
     # guidance: more sizes, trained in turn, each at the batch that holds as many pixels as `batch`
     # images at `size`; and how many scenes to render at `size` (as many pixels again at the others).
@@ -138,8 +147,13 @@ class DistillConfig:
         # `not (0 < x)` also refuses NaN, which every comparison is false for.
         if not (0.0 < self.lr < math.inf) or not (0.0 < self.shift < math.inf):
             raise ValueError("lr and shift must be positive and finite")
-        if not 0.0 <= self.at_one <= 1.0:
-            raise ValueError(f"at_one is a share between 0 and 1, not {self.at_one}")
+        for name in ("at_one", "student_states"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share between 0 and 1, not {getattr(self, name)}")
+        if self.init is not None and not (Path(self.init) / WEIGHT_NAME).is_file():
+            raise ValueError(f"--init names a folder with {WEIGHT_NAME}, and {self.init} has none")
+        if self.student_states and self.method != "phased":
+            raise ValueError("student states are for --method phased: the others have no steps to roll")
 
     def pair_key(self) -> dict[str, Any]:
         """What the teacher pairs depend on. The teacher is named by its files' contents, not its path,
@@ -315,9 +329,30 @@ def _student_sigmas(cfg: DistillConfig, gen: torch.Generator, batch: int) -> tor
     return time_shift(t, cfg.shift)
 
 
+def load_init(transformer: Any, folder: Path) -> None:
+    """Set the LoRA that `add_lora` made to the one saved in `folder` (by `save_lora`, same rank)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(folder / WEIGHT_NAME)
+    # save_lora_weights prefixes every key with the pipeline component's name.
+    state = {k.removeprefix("transformer."): v.to(torch.float32) for k, v in saved.items()}
+    try:
+        result: Any = set_peft_model_state_dict(transformer, state, adapter_name="default")
+    except RuntimeError as exc:  # torch's size mismatch: a LoRA of another rank
+        raise ValueError(f"{folder} is not a LoRA of the student's rank: {exc}") from exc
+    if result.unexpected_keys:
+        raise ValueError(f"{folder} is not a LoRA of this shape: {sorted(result.unexpected_keys)[:3]}")
+    ours = {n for n, _ in transformer.named_parameters() if "lora_" in n}
+    if len(state) != len(ours):
+        raise ValueError(f"{folder} covers {len(state)} LoRA tensors, the student has {len(ours)}")
+
+
 def _student(cfg: DistillConfig, transformer: Any) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
-    """A fresh LoRA on `transformer`, set to train, and its optimizer."""
+    """A LoRA on `transformer` (fresh, or `cfg.init`), set to train, and its optimizer."""
     params = add_lora(transformer, cfg.rank, cfg.seed)
+    if cfg.init is not None:
+        load_init(transformer, Path(cfg.init))
     transformer.train()
     return params, torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
@@ -372,6 +407,27 @@ def train_student(cfg: DistillConfig, transformer: Any, data: dict[str, Any], lo
     return {"seconds_per_step": progress.seconds_per_step()}
 
 
+def rolled_states(
+    transformer: Any,
+    start: torch.Tensor,
+    sigmas: torch.Tensor,
+    k: torch.Tensor,
+    context: torch.Tensor,
+    pooled: torch.Tensor,
+) -> torch.Tensor:
+    """Where the student's own Euler steps from `start` (at sigmas[0]) are at sigmas[k], row by row,
+    without gradients: a row leaves the batch once it has taken its k steps, so the cost is sum(k)
+    single-row forwards."""
+    x = start.clone()
+    with torch.no_grad():
+        for j in range(int(k.max()) if len(k) else 0):
+            rows = k > j
+            n = int(rows.sum())
+            v = velocity(transformer, x[rows], sigmas[j].expand(n), context[rows], pooled[rows])
+            x[rows] = x[rows] + (sigmas[j + 1] - sigmas[j]) * v
+    return x
+
+
 def train_phased_student(
     cfg: DistillConfig, transformer: Any, data: dict[str, Any], log: Any
 ) -> dict[str, float]:
@@ -387,8 +443,15 @@ def train_phased_student(
         idx = torch.randint(0, count, (cfg.batch,), generator=gen)
         k = torch.randint(0, phases, (cfg.batch,), generator=gen)
         x, reached = states[idx, k], states[idx, k + 1]
+        context, pooled = data["context"][idx], data["pooled"][idx]
+        if cfg.student_states:  # drawn only then, so that a teacher-forced run's stream is unchanged
+            own = torch.rand(cfg.batch, generator=gen) < cfg.student_states
+            x = x.clone()
+            x[own] = rolled_states(
+                transformer, states[idx[own], 0], sigmas, k[own], context[own], pooled[own]
+            )
         dt = (sigmas[k + 1] - sigmas[k]).view(-1, 1, 1, 1)
-        v = velocity(transformer, x, sigmas[k], data["context"][idx], data["pooled"][idx])
+        v = velocity(transformer, x, sigmas[k], context, pooled)
         # The miss in the latent, not in v: the last step's Δσ is five times the first's, and an error
         # in v costs Δσ times as much in the image there.
         progress.add(step, _descend(optimizer, params, torch.nn.functional.mse_loss(x + dt * v, reached)))
@@ -485,6 +548,11 @@ def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any
     manifest = {
         "script_version": SCRIPT_VERSION,
         "config": asdict(cfg) | {"model": Path(cfg.model).name},
+        **(
+            {"init_sha256": hashlib.sha256((Path(cfg.init) / WEIGHT_NAME).read_bytes()).hexdigest()}
+            if cfg.init
+            else {}
+        ),
         # The teacher by content (as the pairs' key names it): a LoRA is only for the weights it was
         # distilled from, and a retrained toy makes a committed one stale.
         "teacher_digest": teacher_digest(Path(cfg.model)),
@@ -513,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("pairs", "phases", "size", "steps", "batch", "rank", "warmup", "seed", "threads", "pool"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    for name in ("lr", "shift", "at_one"):
+    parser.add_argument("--init", help="a LoRA folder (same rank) to start from, e.g. a teacher-forced run's")
+    for name in ("lr", "shift", "at_one", "student_states"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     args = parser.parse_args(argv)
     try:
@@ -532,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
             warmup=args.warmup,
             shift=args.shift,
             at_one=args.at_one,
+            student_states=args.student_states,
+            init=args.init,
             seed=args.seed,
             threads=args.threads,
         )

@@ -108,6 +108,10 @@ def test_a_distillation_is_reproducible_reuses_its_teacher_pairs_and_serves_thro
         {"method": "guidance", "extra_sizes": (500,)},
         {"method": "phased", "phases": 0},
         {"method": "phased", "extra_sizes": (512,)},
+        {"method": "phased", "student_states": 1.5},
+        {"method": "phased", "student_states": math.nan},
+        {"student_states": 0.5},  # reflow's student takes no steps of its own
+        {"init": "no-such-lora"},
     ],
 )
 def test_settings_that_cannot_train_are_refused_before_any_work(bad: dict[str, float]) -> None:
@@ -220,6 +224,60 @@ def test_phased_targets_are_the_steps_the_served_few_step_request_takes() -> Non
     torch.testing.assert_close(reached, states[:, -1], rtol=1e-5, atol=1e-5)
 
 
+class _SecantOracle(torch.nn.Module):
+    """A stand-in transformer whose velocity for pair i at the k-th σ is that pair's k-th secant of
+    `states` (the pair's index rides in its context), so the student's own steps retrace the states."""
+
+    def __init__(self, states: torch.Tensor, sigmas: torch.Tensor) -> None:
+        super().__init__()
+        self.secants = (states[:, 1:] - states[:, :-1]) / (sigmas[1:] - sigmas[:-1]).view(-1, 1, 1, 1)
+        self.sigmas = sigmas
+        self.batches: list[int] = []
+
+    def forward(
+        self,
+        *,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        **_: object,
+    ) -> tuple[torch.Tensor]:
+        self.batches.append(hidden_states.shape[0])
+        k = [int(torch.argmin((1000.0 * self.sigmas - t).abs())) for t in timestep]
+        pair = encoder_hidden_states[:, 0, 0].long().tolist()
+        return (torch.stack([self.secants[i, j] for i, j in zip(pair, k, strict=True)]),)
+
+
+def test_student_states_are_the_student_s_own_euler_steps_row_by_row() -> None:
+    sigmas = distill.student_sigmas(32, 4)
+    states = torch.randn(3, 5, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    oracle = _SecantOracle(states, sigmas)
+    k = torch.tensor([3, 0, 2])
+    context = torch.arange(3.0).view(3, 1, 1).expand(3, 2, 8)
+    pooled = torch.zeros(3, 8)
+    rolled = distill.rolled_states(oracle, states[:, 0], sigmas, k, context, pooled)
+    torch.testing.assert_close(rolled, states[torch.arange(3), k])
+    assert oracle.batches == [2, 2, 1]  # sum(k) row-forwards: a row leaves once it has its k steps
+    unrolled = distill.rolled_states(oracle, states[1:2, 0], sigmas, k[1:2], context[1:2], pooled[1:2])
+    assert torch.equal(unrolled, states[1:2, 0])
+
+
+def test_a_student_started_from_a_saved_lora_is_that_lora() -> None:
+    generator = distill.load_generator(str(pipelines.toy.MODEL_DIR))
+    transformer = generator.pipe.transformer
+    distill.add_lora(transformer, 32, seed=0)
+    distill.load_init(transformer, pipelines.toy.FEW_STEP_DIR)
+    saved = load_file(pipelines.toy.FEW_STEP_DIR / distill.WEIGHT_NAME)
+    ours = dict(transformer.named_parameters())
+    for name, tensor in saved.items():
+        peft_name = name.removeprefix("transformer.").replace(".weight", ".default.weight")
+        torch.testing.assert_close(ours[peft_name], tensor.float())
+    other = distill.load_generator(str(pipelines.toy.MODEL_DIR)).pipe.transformer
+    distill.add_lora(other, 16, seed=0)
+    with pytest.raises(ValueError, match="rank"):
+        distill.load_init(other, pipelines.toy.FEW_STEP_DIR)
+
+
 @pytest.mark.slow
 def test_a_phased_distillation_keys_its_pairs_by_its_phases_and_serves_through_lora(tmp_path: Path) -> None:
     cfg = distill.DistillConfig(method="phased", phases=2, pairs=3, size=32, steps=3, batch=2, warmup=1)
@@ -244,6 +302,11 @@ def test_a_phased_distillation_keys_its_pairs_by_its_phases_and_serves_through_l
 
     weights = load_file(tmp_path / "a" / distill.WEIGHT_NAME)
     assert any(t.abs().max() > 0 for n, t in weights.items() if "lora_B" in n)
+    # Going on from that LoRA on the student's own states: the manifest names what it started from.
+    on = replace(cfg, phases=3, init=str(tmp_path / "a"), student_states=1.0)
+    tuned = distill.distill(on, tmp_path / "b", log=logs.append)
+    assert tuned["init_sha256"] == _sha256(tmp_path / "a" / distill.WEIGHT_NAME)
+    assert load_file(tmp_path / "b" / distill.WEIGHT_NAME).keys() == weights.keys()
     merged = _load(tmp_path / "merged", [str(tmp_path / "a")])
     assert merged.generate(distill.student_request(32, 3)).images[0].shape == (32, 32, 3)
 
