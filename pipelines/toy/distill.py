@@ -446,7 +446,7 @@ def train_phased_student(
         context, pooled = data["context"][idx], data["pooled"][idx]
         if cfg.student_states:  # drawn only then, so that a teacher-forced run's stream is unchanged
             own = torch.rand(cfg.batch, generator=gen) < cfg.student_states
-            x = x.clone()
+            # x is the batch's own copy (advanced indexing): the cached states are not written.
             x[own] = rolled_states(
                 transformer, states[idx[own], 0], sigmas, k[own], context[own], pooled[own]
             )
