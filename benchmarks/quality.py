@@ -52,13 +52,15 @@ Sections (`--only`, repeatable):
   bf16, against the exact fp32 loop on the same `--pairs` prompt×seed pairs at the API's defaults:
   PSNR / SSIM to the exact image, adherence, the share of forwards whose later blocks were skipped,
   and the sampling speed-up (the variants alternate pair by pair, so the machine's noise falls on all).
-- few-step: a LoRA for guidance 1 (`--lora`, a folder written by `python -m pipelines.toy.distill`;
-  none is committed, docs/toy.md §15, §17) run with `--few-sampler` (Euler unless told) at each of
+- few-step: a LoRA for guidance 1 (`--lora`, a folder written by `python -m pipelines.toy.distill`,
+  e.g. the committed pipelines/toy/few-step-4; docs/toy.md §15, §17, §35) run with `--few-sampler` (Euler unless told) at each of
   `--few-steps` (4 and 10, the txt2img page's fewest, unless told), against its teacher (the API's
   defaults) on `--pairs` pairs: PSNR / SSIM to the teacher's image from the same seed, adherence,
   transformer forwards an image and the sampling speed-up, beside the base model at the same step
   count with and without guidance, and at half the steps with guidance: the same forwards as the
-  LoRA's, so that the LoRA is set against plain few-step CFG at equal work.
+  LoRA's, so that the LoRA is set against plain few-step CFG at equal work. `--also-lora DIR`
+  (repeatable) adds more LoRAs at the same steps, each with its PSNR's paired difference from
+  `--lora`'s: mean, standard error, and in how many pairs it is lower.
 - guidance-fit: how near a LoRA's velocity at guidance 1 (`--lora`) is to the teacher's CFG
   velocity (what `python -m pipelines.toy.distill --method guidance` fits), σ by σ on 16 noised
   renders at `--size`, beside the base model's at guidance 1: where a LoRA falls short of CFG.
@@ -650,6 +652,7 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
 
     lora = str(args.lora)
     student = load(model, lora=[lora])
+    others = {Path(o).name: load(model, lora=[str(o)]) for o in args.also_lora}
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed + 6)
     teacher = distill.teacher_request(args.size)
     sampler = args.few_sampler
@@ -664,6 +667,7 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
             f"base, {sampler} {steps}, CFG 1": (generator, fast),
             f"LoRA, {sampler} {steps}, CFG 1": (student, fast),
         }
+        variants |= {f"LoRA {name}, {sampler} {steps}, CFG 1": (o, fast) for name, o in others.items()}
         if steps % 2 == 0:  # the same work as the LoRA's: plain few-step CFG at half the steps
             variants[f"base, {sampler} {steps // 2}, CFG 5"] = (generator, replace(guided, steps=steps // 2))
     images: dict[str, list[np.ndarray]] = {label: [] for label in variants}
@@ -700,6 +704,18 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
         ],
         rows,
     )
+    if others:
+
+        def per_pair(label: str) -> list[float]:
+            return [quality.psnr(a, b) for a, b in zip(images[label], exact, strict=True)]
+
+        print(f"PSNR (dB) to the teacher's image, pair by pair, against {lora}'s:")
+        for steps in args.few_steps:
+            ours = per_pair(f"LoRA, {sampler} {steps}, CFG 1")
+            for name in others:
+                _paired(
+                    f"{name} − it, {steps} steps", per_pair(f"LoRA {name}, {sampler} {steps}, CFG 1"), ours
+                )
 
 
 GUIDANCE_FIT_SIGMAS = (1.0, 0.98, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2)
@@ -778,6 +794,13 @@ def main() -> None:
         "--lora",
         type=Path,
         help="the few-step LoRA that `few-step` measures (python -m pipelines.toy.distill)",
+    )
+    parser.add_argument(
+        "--also-lora",
+        type=Path,
+        action="append",
+        default=[],
+        help="`few-step`: another LoRA beside --lora's (repeatable), with its paired PSNR difference",
     )
     parser.add_argument(
         "--few-steps", type=int, nargs="+", default=FEW_STEPS, help="`few-step`: the step counts"
