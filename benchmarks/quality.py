@@ -53,14 +53,14 @@ Sections (`--only`, repeatable):
   PSNR / SSIM to the exact image, adherence, the share of forwards whose later blocks were skipped,
   and the sampling speed-up (the variants alternate pair by pair, so the machine's noise falls on all).
 - few-step: a LoRA for guidance 1 (`--lora`, a folder written by `python -m pipelines.toy.distill`,
-  e.g. the committed pipelines/toy/few-step-4; docs/toy.md §15, §17, §35) run with `--few-sampler` (Euler unless told) at each of
-  `--few-steps` (4 and 10, the txt2img page's fewest, unless told), against its teacher (the API's
-  defaults) on `--pairs` pairs: PSNR / SSIM to the teacher's image from the same seed, adherence,
-  transformer forwards an image and the sampling speed-up, beside the base model at the same step
-  count with and without guidance, and at half the steps with guidance: the same forwards as the
-  LoRA's, so that the LoRA is set against plain few-step CFG at equal work. `--also-lora DIR`
-  (repeatable) adds more LoRAs at the same steps, each with its PSNR's paired difference from
-  `--lora`'s: mean, standard error, and in how many pairs it is lower.
+  e.g. the committed pipelines/toy/few-step-4; docs/toy.md §15, §17, §35) run with `--few-sampler`
+  (Euler unless told) at each of `--few-steps` (4 and 10, the txt2img page's fewest, unless told),
+  against its teacher (the API's defaults) on `--pairs` pairs: PSNR / SSIM to the teacher's image
+  from the same seed, adherence, transformer forwards an image and the sampling speed-up, beside the
+  base model at the same step count with and without guidance, and at half the steps with guidance:
+  the same forwards as the LoRA's, so that the LoRA is set against plain few-step CFG at equal work.
+  `--also-lora DIR` (repeatable) adds more LoRAs at the same steps, each with its PSNR's paired
+  difference from `--lora`'s: mean, standard error, and in how many pairs it is lower.
 - guidance-fit: how near a LoRA's velocity at guidance 1 (`--lora`) is to the teacher's CFG
   velocity (what `python -m pipelines.toy.distill --method guidance` fits), σ by σ on 16 noised
   renders at `--size`, beside the base model's at guidance 1: where a LoRA falls short of CFG.

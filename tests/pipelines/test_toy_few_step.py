@@ -327,7 +327,7 @@ def test_the_committed_four_step_lora_was_distilled_from_the_committed_toy_for_t
 def test_the_committed_four_step_lora_is_nearer_its_teacher_than_plain_cfg_at_the_same_work(
     tmp_path: Path,
 ) -> None:
-    """docs/toy.md §35, over 100 pairs at 256 px: 19.7 dB from the defaults' image in 4 forwards,
+    """docs/toy.md §35–36, over 100 pairs at 256 px: 20.0 dB from the defaults' image in 4 forwards,
     against 15.1 dB for Euler 2 at CFG 5 (the same 4 forwards), 16.1 dB for the base model's own 4
     steps at guidance 1, and 18.3 dB for Euler 4 at CFG 5 (8 forwards). Here on pairs of their own."""
     base = _load(tmp_path / "base", [])
@@ -346,6 +346,6 @@ def test_the_committed_four_step_lora_is_nearer_its_teacher_than_plain_cfg_at_th
     closeness = {
         name: quality.mean_psnr(images[name], images["teacher"]) for name in variants if name != "teacher"
     }
-    # Three sets of 6 pairs gave margins of 1.9–6.7 dB and 1.3–3.4 dB: the bars hold on each.
+    # Three sets of 6 pairs gave margins of 1.9–7.0 dB and 1.3–3.4 dB: the bars hold on each.
     assert closeness["lora"] > closeness["same work"] + 1.5, closeness
     assert closeness["lora"] > closeness["guidance 1"] + 1.0, closeness
