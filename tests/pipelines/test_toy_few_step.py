@@ -311,15 +311,18 @@ def test_a_phased_distillation_keys_its_pairs_by_its_phases_and_serves_through_l
     assert merged.generate(distill.student_request(32, 3)).images[0].shape == (32, 32, 3)
 
 
-def test_the_committed_four_step_lora_was_distilled_from_the_committed_toy_for_the_served_steps() -> None:
-    manifest = json.loads((pipelines.toy.FEW_STEP_DIR / "distill-manifest.json").read_text())
-    # Retraining the toy makes the LoRA stale: distil it again (docs/toy.md §35 has the command).
+@pytest.mark.parametrize(
+    ("folder", "steps"), [(pipelines.toy.FEW_STEP_DIR, 4), (pipelines.toy.FEW_STEP_10_DIR, 10)]
+)
+def test_a_committed_few_step_lora_was_distilled_from_the_committed_toy_for_the_served_steps(
+    folder: Path, steps: int
+) -> None:
+    manifest = json.loads((folder / "distill-manifest.json").read_text())
+    # Retraining the toy makes the LoRA stale: distil it again (docs/toy.md §35–37 have the commands).
     assert manifest["teacher_digest"] == distill.teacher_digest(pipelines.toy.MODEL_DIR)
-    assert manifest["sha256"][distill.WEIGHT_NAME] == _sha256(
-        pipelines.toy.FEW_STEP_DIR / distill.WEIGHT_NAME
-    )
-    assert manifest["config"]["phases"] == 4
-    served = distill.student_sigmas(manifest["config"]["size"], 4)
+    assert manifest["sha256"][distill.WEIGHT_NAME] == _sha256(folder / distill.WEIGHT_NAME)
+    assert manifest["config"]["phases"] == steps
+    served = distill.student_sigmas(manifest["config"]["size"], steps)
     assert torch.equal(torch.tensor(manifest["student_sigmas"]), served)
 
 
