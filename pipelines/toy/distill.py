@@ -178,6 +178,10 @@ class DistillConfig:
         return max(1, round(self.batch * (self.size / size) ** 2))
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def teacher_digest(folder: Path) -> str:
     """One sha256 over the teacher folder's files and their names (its manifest excluded)."""
     return hashlib.sha256(json.dumps(file_hashes(folder), sort_keys=True).encode()).hexdigest()
@@ -418,8 +422,8 @@ def rolled_states(
     pooled: torch.Tensor,
 ) -> torch.Tensor:
     """Where the student's own Euler steps from `start` (at sigmas[0]) are at sigmas[k], row by row,
-    without gradients: a row leaves the batch once it has taken its k steps, so the cost is sum(k)
-    single-row forwards."""
+    without gradients: a row leaves the batch once it has taken its k steps, so the transformer sees
+    sum(k) rows in all."""
     x = start.clone()
     with torch.no_grad():
         for j in range(int(k.max()) if len(k) else 0):
@@ -519,6 +523,8 @@ def save_lora(transformer: Any, out: Path) -> Path:
 def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
+    # Read before training: with --init OUT, saving the result replaces the LoRA it started from.
+    init = {"init_sha256": _sha256(Path(cfg.init) / WEIGHT_NAME)} if cfg.init else {}
     generator = load_generator(cfg.model)
     if cfg.method == "guidance":
         timings = train_guidance_student(cfg, generator, log)
@@ -550,17 +556,13 @@ def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any
     manifest = {
         "script_version": SCRIPT_VERSION,
         "config": asdict(cfg) | {"model": Path(cfg.model).name},
-        **(
-            {"init_sha256": hashlib.sha256((Path(cfg.init) / WEIGHT_NAME).read_bytes()).hexdigest()}
-            if cfg.init
-            else {}
-        ),
+        **init,
         # The teacher by content (as the pairs' key names it): a LoRA is only for the weights it was
         # distilled from, and a retrained toy makes a committed one stale.
         "teacher_digest": teacher_digest(Path(cfg.model)),
         **roles,
         **timings,
-        "sha256": {WEIGHT_NAME: hashlib.sha256(weights.read_bytes()).hexdigest()},
+        "sha256": {WEIGHT_NAME: _sha256(weights)},
     }
     (out / "distill-manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

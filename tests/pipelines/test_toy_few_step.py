@@ -302,11 +302,13 @@ def test_a_phased_distillation_keys_its_pairs_by_its_phases_and_serves_through_l
 
     weights = load_file(tmp_path / "a" / distill.WEIGHT_NAME)
     assert any(t.abs().max() > 0 for n, t in weights.items() if "lora_B" in n)
-    # Going on from that LoRA on the student's own states: the manifest names what it started from.
+    # Going on from that LoRA on the student's own states, into its own folder: the manifest names
+    # the LoRA it started from, not the one that replaced it.
+    started_from = _sha256(tmp_path / "a" / distill.WEIGHT_NAME)
     on = replace(cfg, phases=3, init=str(tmp_path / "a"), student_states=1.0)
-    tuned = distill.distill(on, tmp_path / "b", log=logs.append)
-    assert tuned["init_sha256"] == _sha256(tmp_path / "a" / distill.WEIGHT_NAME)
-    assert load_file(tmp_path / "b" / distill.WEIGHT_NAME).keys() == weights.keys()
+    tuned = distill.distill(on, tmp_path / "a", log=logs.append)
+    assert tuned["init_sha256"] == started_from != tuned["sha256"][distill.WEIGHT_NAME]
+    assert load_file(tmp_path / "a" / distill.WEIGHT_NAME).keys() == weights.keys()
     merged = _load(tmp_path / "merged", [str(tmp_path / "a")])
     assert merged.generate(distill.student_request(32, 3)).images[0].shape == (32, 32, 3)
 
