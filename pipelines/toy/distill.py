@@ -70,7 +70,7 @@ from pipelines.loading import ModelSpec, load_model
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from pipelines.toy import MODEL_DIR, world
-from pipelines.toy.train import CaptionBank, LatentPool, file_hashes, velocity
+from pipelines.toy.train import CaptionBank, LatentPool, file_hashes, file_sha256, velocity
 from schedulers import sigmas_for
 from schedulers.guidance import NEGATIVE, ZERO_NEGATIVE, CondRange
 from schedulers.noise import initial_noise
@@ -176,10 +176,6 @@ class DistillConfig:
     def batch_at(self, size: int) -> int:
         """The batch at `size` that holds about as many pixels as `batch` images at `size`."""
         return max(1, round(self.batch * (self.size / size) ** 2))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def teacher_digest(folder: Path) -> str:
@@ -524,7 +520,7 @@ def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     # Read before training: with --init OUT, saving the result replaces the LoRA it started from.
-    init = {"init_sha256": _sha256(Path(cfg.init) / WEIGHT_NAME)} if cfg.init else {}
+    init = {"init_sha256": file_sha256(Path(cfg.init) / WEIGHT_NAME)} if cfg.init else {}
     generator = load_generator(cfg.model)
     if cfg.method == "guidance":
         timings = train_guidance_student(cfg, generator, log)
@@ -562,7 +558,7 @@ def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any
         "teacher_digest": teacher_digest(Path(cfg.model)),
         **roles,
         **timings,
-        "sha256": {WEIGHT_NAME: _sha256(weights)},
+        "sha256": {WEIGHT_NAME: file_sha256(weights)},
     }
     (out / "distill-manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

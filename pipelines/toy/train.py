@@ -696,11 +696,15 @@ def fp16_is_free(module: Any, probe: Callable[[Any], torch.Tensor], tolerance: f
     return float(error) < tolerance
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def file_hashes(folder: Path) -> dict[str, str]:
     out = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
-            out[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[path.relative_to(folder).as_posix()] = file_sha256(path)
     return out
 
 

@@ -8,7 +8,6 @@ few-step --lora DIR`'s (docs/toy.md §15, §17, §35).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -24,7 +23,7 @@ import pipelines.toy
 import schedulers
 from pipelines.sd3 import Conditioning, SD3Generator
 from pipelines.toy import distill, quality
-from pipelines.toy.train import CaptionBank, velocity
+from pipelines.toy.train import CaptionBank, file_sha256, velocity
 from schedulers.guidance import guided_denoiser
 from server.app import load_runtime
 from server.config import Settings
@@ -46,10 +45,6 @@ def _load(tmp: Path, lora: list[str]) -> SD3Generator:
     return generator
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.mark.slow
 def test_a_distillation_is_reproducible_reuses_its_teacher_pairs_and_serves_through_lora(
     tmp_path: Path,
@@ -59,7 +54,7 @@ def test_a_distillation_is_reproducible_reuses_its_teacher_pairs_and_serves_thro
     first = distill.distill(cfg, tmp_path / "a", log=logs.append)
     assert any(line.startswith("teacher pairs 3/3") for line in logs)
     weights = tmp_path / "a" / distill.WEIGHT_NAME
-    assert first["sha256"][distill.WEIGHT_NAME] == _sha256(weights)
+    assert first["sha256"][distill.WEIGHT_NAME] == file_sha256(weights)
 
     # The same settings again, into the same folder: the cached pairs are read, the LoRA is the same
     # up to float rounding. Not bit for bit: about one rerun in five here differs in a last bit (the
@@ -187,7 +182,7 @@ def test_a_guidance_distillation_at_two_sizes_is_reproducible_and_serves_through
     assert any(line.startswith("pool 64 px: 2 scenes") for line in logs)
     assert manifest["student"] == "guidance 1, any sampler"
     weights = tmp_path / "a" / distill.WEIGHT_NAME
-    assert manifest["sha256"][distill.WEIGHT_NAME] == _sha256(weights)
+    assert manifest["sha256"][distill.WEIGHT_NAME] == file_sha256(weights)
     distill.distill(cfg, tmp_path / "b", log=logs.append)
     first, again = load_file(weights), load_file(tmp_path / "b" / distill.WEIGHT_NAME)
     for name, tensor in first.items():
@@ -304,7 +299,7 @@ def test_a_phased_distillation_keys_its_pairs_by_its_phases_and_serves_through_l
     assert any(t.abs().max() > 0 for n, t in weights.items() if "lora_B" in n)
     # Going on from that LoRA on the student's own states, into its own folder: the manifest names
     # the LoRA it started from, not the one that replaced it.
-    started_from = _sha256(tmp_path / "a" / distill.WEIGHT_NAME)
+    started_from = file_sha256(tmp_path / "a" / distill.WEIGHT_NAME)
     on = replace(cfg, phases=3, init=str(tmp_path / "a"), student_states=1.0)
     tuned = distill.distill(on, tmp_path / "a", log=logs.append)
     assert tuned["init_sha256"] == started_from != tuned["sha256"][distill.WEIGHT_NAME]
@@ -322,7 +317,7 @@ def test_a_committed_few_step_lora_was_distilled_from_the_committed_toy_for_the_
     manifest = json.loads((folder / "distill-manifest.json").read_text())
     # Retraining the toy makes the LoRA stale: distil it again (docs/toy.md §35–37 have the commands).
     assert manifest["teacher_digest"] == distill.teacher_digest(pipelines.toy.MODEL_DIR)
-    assert manifest["sha256"][distill.WEIGHT_NAME] == _sha256(folder / distill.WEIGHT_NAME)
+    assert manifest["sha256"][distill.WEIGHT_NAME] == file_sha256(folder / distill.WEIGHT_NAME)
     assert manifest["config"]["phases"] == steps
     served = distill.student_sigmas(manifest["config"]["size"], steps)
     assert torch.equal(torch.tensor(manifest["student_sigmas"]), served)
