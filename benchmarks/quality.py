@@ -652,7 +652,8 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
 
     lora = str(args.lora)
     student = load(model, lora=[lora])
-    others = {Path(o).name: load(model, lora=[str(o)]) for o in args.also_lora}
+    # Named by their whole path, as --lora is: two runs' folders often share a last name.
+    others = {str(o): load(model, lora=[str(o)]) for o in args.also_lora}
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed + 6)
     teacher = distill.teacher_request(args.size)
     sampler = args.few_sampler
