@@ -10,7 +10,7 @@ from pathlib import Path
 # from here, through the same code as any downloaded diffusers folder. It is written by
 # `python -m pipelines.toy.train pipelines/toy/model` and committed with its manifest.
 MODEL_DIR = Path(__file__).resolve().parent / "model"
-# A 4-step LoRA for it (issue 16's few-step mode, docs/toy.md §35–36): `--lora` with this folder,
+# A 4-step LoRA for it (issue 16's few-step mode, docs/toy.md §35–36, §38): `--lora` with this folder,
 # then Euler, 4 steps, guidance 1; and a 10-step one, the txt2img page's fewest steps (§37–38). Written
 # by `python -m pipelines.toy.distill` (their manifests say how).
 FEW_STEP_DIR = Path(__file__).resolve().parent / "few-step-4"
