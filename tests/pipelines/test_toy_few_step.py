@@ -21,12 +21,16 @@ from safetensors.torch import load_file
 
 import pipelines.toy
 import schedulers
+from pipelines.request import GenerationRequest
 from pipelines.sd3 import Conditioning, SD3Generator
 from pipelines.toy import distill, quality
 from pipelines.toy.train import CaptionBank, file_sha256, velocity
 from schedulers.guidance import guided_denoiser
 from server.app import load_runtime
 from server.config import Settings
+from server.image_input import InputImage
+from server.schemas import Img2ImgRequest, Txt2ImgRequest
+from server.serving import img2img_generation_request, to_generation_request
 
 pytestmark = pytest.mark.skipif(
     not (pipelines.toy.MODEL_DIR / "model_index.json").exists(),
@@ -321,6 +325,34 @@ def test_a_committed_few_step_lora_was_distilled_from_the_committed_toy_for_the_
     assert manifest["config"]["phases"] == steps
     served = distill.student_sigmas(manifest["config"]["size"], steps)
     assert torch.equal(torch.tensor(manifest["student_sigmas"]), served)
+
+
+def _documented_job(page: str) -> GenerationRequest:
+    """The request README's few-step paragraph tells a client to send, as the server reads it."""
+    if page == "txt2img":
+        body = {
+            "prompt": "a red circle",
+            "scheduler": "Euler",
+            "num_inference_steps": 10,
+            "guidance_scale": 1,
+        }
+        return to_generation_request(Txt2ImgRequest.model_validate(body | {"img_width": 512}), seed=1)
+    body = {"image": "x", "prompt": "a red circle", "sampler": "euler", "scheduler": "sgm_uniform"}
+    fields = body | {"num_inference_steps": 4, "strength": 1, "guidance_scale": 1}
+    image = InputImage(pixels=np.zeros((512, 512, 3), np.uint8), width=512, height=512)
+    return img2img_generation_request(Img2ImgRequest.model_validate(fields), image, seed=1)
+
+
+@pytest.mark.parametrize(("page", "folder"), [("txt2img", "FEW_STEP_10_DIR"), ("img2img", "FEW_STEP_DIR")])
+def test_the_documented_few_step_request_runs_the_sigmas_its_lora_learned(page: str, folder: str) -> None:
+    job = _documented_job(page)
+    manifest = json.loads((getattr(pipelines.toy, folder) / "distill-manifest.json").read_text())
+    spec, learned = job.sampling_spec(), distill.student_request(256, job.steps).sampling_spec()
+    assert (spec.sampler, spec.schedule, job.guidance_scale) == (learned.sampler, learned.schedule, 1.0)
+    served = schedulers.sigmas_for(
+        spec.schedule, job.steps, shift=job.shift, denoise=job.denoise, sampler=spec.sampler
+    )
+    assert torch.equal(served, torch.tensor(manifest["student_sigmas"]))
 
 
 @pytest.mark.slow
