@@ -336,7 +336,9 @@ def _documented_job(page: str) -> GenerationRequest:
             "num_inference_steps": 10,
             "guidance_scale": 1,
         }
-        return to_generation_request(Txt2ImgRequest.model_validate(body | {"img_width": 512}), seed=1)
+        return to_generation_request(
+            Txt2ImgRequest.model_validate(body | {"img_width": 512, "img_height": 512}), seed=1
+        )
     body = {"image": "x", "prompt": "a red circle", "sampler": "euler", "scheduler": "sgm_uniform"}
     fields = body | {"num_inference_steps": 4, "strength": 1, "guidance_scale": 1}
     image = InputImage(pixels=np.zeros((512, 512, 3), np.uint8), width=512, height=512)
