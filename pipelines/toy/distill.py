@@ -238,13 +238,17 @@ def student_request(size: int, steps: int) -> GenerationRequest:
     )
 
 
-def student_sigmas(size: int, steps: int) -> torch.Tensor:
-    """The schedule a client of the few-step mode samples down: `student_request`'s sigmas."""
-    request = student_request(size, steps)
+def request_sigmas(request: GenerationRequest) -> torch.Tensor:
+    """The sigmas a txt2img request (or img2img at strength 1) samples down."""
     spec = request.sampling_spec()
     return sigmas_for(
-        spec.schedule, steps, shift=request.shift, denoise=request.denoise, sampler=spec.sampler
+        spec.schedule, request.steps, shift=request.shift, denoise=request.denoise, sampler=spec.sampler
     )
+
+
+def student_sigmas(size: int, steps: int) -> torch.Tensor:
+    """The schedule a client of the few-step mode samples down: `student_request`'s sigmas."""
+    return request_sigmas(student_request(size, steps))
 
 
 def training_pairs(cfg: DistillConfig) -> list[tuple[world.Caption, int]]:
