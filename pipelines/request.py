@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
+from schedulers import sigmas_for
 from schedulers.names import SchedulerSpec, resolve
 
 
@@ -50,6 +52,17 @@ class GenerationRequest:
         """The sampler, schedule and guidance factor this request runs."""
         spec = resolve(self.scheduler)
         return spec if self.schedule is None else replace(spec, schedule=self.schedule)
+
+    def sigmas(self) -> torch.Tensor:
+        """The sigmas this request samples down (float32, on the CPU): the generator runs them and the
+        price in evaluations counts them, so both follow the same schedule."""
+        spec = self.sampling_spec()
+        if self.init_image is not None and self.denoise <= 0.0:
+            # KSampler's set_steps: no denoise, no sigmas (docs/sampling.md, img2img).
+            return torch.zeros(0, dtype=torch.float32)
+        return sigmas_for(
+            spec.schedule, self.steps, shift=self.shift, denoise=self.denoise, sampler=spec.sampler
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

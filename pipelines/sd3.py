@@ -30,7 +30,7 @@ from pipelines.prompt_cache import PromptCache
 from pipelines.request import GenerationRequest, GenerationResult
 from pipelines.step_cache import StepCache, policy_for
 from pipelines.text import count_tokens, encode_prompt
-from schedulers import denoiser_calls, sample, sigmas_for
+from schedulers import denoiser_calls, sample
 from schedulers.guidance import CondRange, GuidedDenoiser, guided_denoiser, negative_ranges, plain_negative
 from schedulers.noise import initial_noise
 from schedulers.samplers import STOCHASTIC
@@ -258,7 +258,7 @@ class SD3Generator:
         first = requests[0]
         spec = first.sampling_spec()
         wanted = torch.tensor(list(stops), dtype=torch.float32)
-        schedule = self._sigmas(first).cpu()
+        schedule = first.sigmas()
         if first.init_image is not None or len(schedule) < 2 or wanted.numel() == 0:
             raise ValueError("a trajectory is of a txt2img request with steps, at one stop or more")
         # A stop that is one of the schedule's σ's up to float rounding (another step count's schedule
@@ -300,7 +300,7 @@ class SD3Generator:
     ) -> tuple[torch.Tensor, StepCache | None]:
         """Sigmas, initial latents, and the guided denoiser driven down them by the stateless sampler."""
         first = requests[0]
-        sigmas = self._sigmas(first)
+        sigmas = first.sigmas().to(self.device)
         x = self._initial_latents(requests, sigmas)
         policy = policy_for(first.step_cache)
         cache = StepCache(policy) if policy is not None else None
@@ -330,15 +330,6 @@ class SD3Generator:
             # (docs/sampling.md §5.1).
             "zero": Conditioning(torch.zeros_like(negative.context), torch.zeros_like(negative.pooled)),
         }
-
-    def _sigmas(self, request: GenerationRequest) -> torch.Tensor:
-        spec = request.sampling_spec()
-        if request.init_image is not None and request.denoise <= 0.0:
-            # KSampler's set_steps: no denoise, no sigmas (docs/sampling.md, img2img).
-            return torch.zeros(0, dtype=torch.float32, device=self.device)
-        return sigmas_for(
-            spec.schedule, request.steps, shift=request.shift, denoise=request.denoise, sampler=spec.sampler
-        ).to(self.device)
 
     def _initial_latents(self, requests: list[GenerationRequest], sigmas: torch.Tensor) -> torch.Tensor:
         first = requests[0]

@@ -15,8 +15,8 @@ import math
 from decimal import Decimal
 from fractions import Fraction
 
-from schedulers import denoiser_calls, sigmas_for
-from schedulers.names import resolve
+from pipelines.request import GenerationRequest
+from schedulers import denoiser_calls
 from server.config import PricingSettings
 from server.schemas import SD35_LARGE_SLUG, SD35_MEDIUM_SLUG, SD35_TURBO_SLUG
 
@@ -32,13 +32,25 @@ GUIDED_FORWARDS = 2
 
 
 def model_evaluations(
-    *, scheduler: str, steps: int, shift: float = 3.0, denoise: float = 1.0, guidance_scale: float
+    *,
+    scheduler: str,
+    steps: int,
+    shift: float = 3.0,
+    denoise: float = 1.0,
+    guidance_scale: float,
+    schedule: str | None = None,
 ) -> int:
-    """Transformer forwards per image of a request: denoiser calls × (1 at guidance 1, else 2)."""
-    spec = resolve(scheduler)
-    # The schedule itself says how many steps run: ddim_uniform runs a few more than asked for some
-    # steps, shifts and denoise values, as ComfyUI's does.
-    sigmas = sigmas_for(spec.schedule, steps, shift=shift, denoise=denoise, sampler=spec.sampler)
+    """Transformer forwards per image of a request: denoiser calls × (1 at guidance 1, else 2).
+
+    `schedule` is the sigma schedule of a page that names it apart from the sampler (img2img, SD3.5),
+    as `GenerationRequest.schedule` is."""
+    job = GenerationRequest(
+        prompt="", scheduler=scheduler, schedule=schedule, steps=steps, shift=shift, denoise=denoise
+    )
+    spec = job.sampling_spec()
+    # The sigmas the generator runs: the schedule itself says how many steps that is (ddim_uniform runs
+    # a few more than asked for some steps, shifts and denoise values, as ComfyUI's does).
+    sigmas = job.sigmas()
     counted = denoiser_calls(spec.sampler, tuple(float(sigma) for sigma in sigmas))
     calls = ADAPTIVE_CALLS_PER_STEP * (len(sigmas) - 1) if counted is None else counted
     # The same test as the guided denoiser's, so the price follows what runs.
@@ -56,6 +68,7 @@ def price_of(
     shift: float = 3.0,
     denoise: float = 1.0,
     guidance_scale: float = 5.0,
+    schedule: str | None = None,
 ) -> Decimal:
     for field, value in (("width", width), ("height", height), ("steps", steps), ("samples", samples)):
         if value < 1:
@@ -68,7 +81,12 @@ def price_of(
     if pricing.mode == "evaluations":
         work = Fraction(
             model_evaluations(
-                scheduler=scheduler, steps=steps, shift=shift, denoise=denoise, guidance_scale=guidance_scale
+                scheduler=scheduler,
+                steps=steps,
+                shift=shift,
+                denoise=denoise,
+                guidance_scale=guidance_scale,
+                schedule=schedule,
             ),
             GUIDED_FORWARDS * pricing.reference_steps,
         )
@@ -91,6 +109,7 @@ def img2img_price(
     samples: int,
     pricing: PricingSettings,
     sampler: str = "dpmpp_2m",
+    schedule: str = "sgm_uniform",
     guidance_scale: float = 5.0,
 ) -> Decimal:
     """`sd3-med-img2img`'s price: its own rate per image and steps, scaled by the output (cropped input)
@@ -109,6 +128,7 @@ def img2img_price(
         samples=samples,
         pricing=own,
         scheduler=sampler,
+        schedule=schedule,
         guidance_scale=guidance_scale,
     )
 
@@ -122,6 +142,7 @@ def sd35_price(
     images: int,
     pricing: PricingSettings,
     sampler: str = "euler",
+    schedule: str = "sgm_uniform",
     guidance_scale: float = 5.0,
 ) -> Decimal:
     """An SD3.5 slug's price: its own rate per image and reference steps, scaled by `images`
@@ -140,5 +161,6 @@ def sd35_price(
         samples=images,
         pricing=own,
         scheduler=sampler,
+        schedule=schedule,
         guidance_scale=guidance_scale,
     )

@@ -501,6 +501,7 @@ class Serving:
             images=body.batch_size,
             pricing=self.settings.pricing,
             sampler=body.sampler,
+            schedule=body.scheduler,
             guidance_scale=body.guidance_scale,
         )
         params = body.model_dump(mode="json")
@@ -529,6 +530,7 @@ class Serving:
             samples=body.samples,
             pricing=self.settings.pricing,
             sampler=body.sampler,
+            schedule=body.scheduler,
             guidance_scale=body.guidance_scale,
         )
         return Work(IMG2IMG_SLUG, body.model_dump(mode="json"), job, cost)

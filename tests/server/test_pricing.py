@@ -191,6 +191,10 @@ def test_each_sd35_slug_has_its_own_rate_by_images_steps_and_pixels() -> None:
 
     large = "stable-diffusion-3.5-large-txt2img"
     assert work(large) == Decimal("0.014")
+    # The page names its schedule apart from the sampler: ddim_uniform at 30 steps runs 31.
+    at_30 = partial(sd35_price, slug=large, pricing=evaluations, width=1024, height=1024, steps=30, images=1)
+    assert at_30(schedule="sgm_uniform") == Decimal("0.0168")
+    assert at_30(schedule="ddim_uniform") == Decimal("0.01736")
     assert work(large, sampler="heun") > Decimal("0.027")
     assert work(large, guidance_scale=1.0) == Decimal("0.007")
 

@@ -3,12 +3,17 @@ cache that one key cannot probe for another's prompts (docs/reliability.md, Requ
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Iterator
 from decimal import Decimal
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
+from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from server.app import Runtime
 from server.config import Settings
@@ -101,6 +106,27 @@ def test_priced_by_evaluations_a_request_costs_the_work_it_runs(
     assert response.status_code == 200, response.text
     assert Decimal(response.headers["x-cost"]) == Decimal(cost)
     assert bounded.balance_of(key) == Decimal("10") - Decimal(cost)
+
+
+def test_priced_by_evaluations_an_img2img_request_counts_the_schedule_it_names(bounded: LiveServer) -> None:
+    # ddim_uniform at 30 steps runs 31 (ComfyUI's rounding); euler's own schedule, sgm_uniform, 30.
+    ran = len(GenerationRequest(prompt="", scheduler="euler", schedule="ddim_uniform", steps=30).sigmas()) - 1
+    assert ran == 31
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(buffer, "PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    costs = {}
+    for schedule in ("ddim_uniform", "sgm_uniform"):
+        fields = {"sampler": "euler", "scheduler": schedule, "num_inference_steps": 30, "strength": 0.5}
+        key = bounded.key()
+        response = bounded.post(
+            {"image": image, "prompt": "a cat", **fields}, key=key, path="/v1/sd3-med-img2img"
+        )
+        assert response.status_code == 200, response.text
+        costs[schedule] = Decimal(response.headers["x-cost"])
+        assert bounded.balance_of(key) == Decimal("10") - costs[schedule]
+    # 0.008 a 1024² image at 20 steps × 2 forwards; 256² is 1/16 of that; every step 2 forwards.
+    assert costs == {"ddim_uniform": Decimal("0.000775"), "sgm_uniform": Decimal("0.00075")}
 
 
 def test_by_default_every_sampler_costs_the_hosted_price(live: LiveServer) -> None:
