@@ -382,8 +382,9 @@ def test_a_committed_few_step_lora_is_nearer_its_teacher_than_plain_cfg_at_the_s
     }
     # Margins on the sets of 6 pairs drawn with seeds 31 / 32 / 33 (this test runs 31's):
     # 4 steps: 6.3 / -4.9 / 7.1 dB over the same work, 3.4 / -5.4 / 3.2 dB over guidance 1;
-    # 10 steps: 3.6 / -5.2 / 4.5 dB and 2.8 / -4.9 / 4.3 dB. Set 32's loss is one pair, "a yellow
-    # triangle on a black background": the teacher draws it on blue, both LoRAs on black as asked,
-    # 6 dB from the teacher's image (docs/toy.md §38). A PSNR to the teacher punishes that.
+    # 10 steps: 3.6 / -5.2 / 4.5 dB and 2.8 / -4.9 / 4.3 dB. Set 32's loss is mostly one pair, "a
+    # yellow triangle on a black background": the teacher draws it on blue, both LoRAs on black as
+    # asked, 6 dB from the teacher's image; over its other five pairs the LoRAs are still only ~0.5 dB
+    # ahead of guidance 1 (docs/toy.md §38-39). So this rests on seed 31's set, not on every set.
     assert closeness["lora"] > closeness["same work"] + 1.5, closeness
     assert closeness["lora"] > closeness["guidance 1"] + 1.0, closeness
