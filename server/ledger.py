@@ -349,21 +349,21 @@ class Ledger:
             ).scalar_one()
         return from_micro(balance_micro)
 
-    def refund_abandoned(self, owner: str, *, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
-        """Refund every reservation `owner` left open (a crash or kill -9 mid-generation).
+    def abandoned(self, owner: str, *, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """The reservations `owner` left open (a crash or kill -9 mid-generation), less `keep`.
 
-        Called by a server instance at start-up, before it takes requests: nothing of its own can
-        be in flight then, so whatever is still reserved under its name will never be settled.
+        Read by a server instance at start-up, before it takes requests: nothing of its own can be in
+        flight then, so whatever is still reserved under its name will never be settled.
         """
         with self._engine.connect() as conn:
-            open_ids = list(
-                conn.execute(
-                    select(charges.c.request_id).where(
-                        charges.c.owner == owner, charges.c.status == "reserved"
-                    )
-                ).scalars()
-            )
-        refunded = [request_id for request_id in open_ids if request_id not in keep]
+            open_ids = conn.execute(
+                select(charges.c.request_id).where(charges.c.owner == owner, charges.c.status == "reserved")
+            ).scalars()
+            return [request_id for request_id in open_ids if request_id not in keep]
+
+    def refund_abandoned(self, owner: str, *, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Refund every reservation `owner` left open (`abandoned`); the request ids refunded."""
+        refunded = self.abandoned(owner, keep=keep)
         for request_id in refunded:
             self.refund(request_id)
         return refunded

@@ -143,10 +143,12 @@ def settle_dead_replicas(settings: Settings, identity: ReplicaIdentity, *, base:
             replica = owner[len(prefix) :]
             if replica == identity.replica or _actor_alive(identity.actor_name(replica)):
                 continue
-            for request_id in ledger.refund_abandoned(owner):
+            for request_id in ledger.abandoned(owner):
                 # v2 jobs are not resumed on another replica: that would need moving their rows to a new
-                # owner; the client sees FAILED with its credits back and can submit again.
+                # owner; the client sees FAILED with its credits back and can submit again. Failed
+                # before refunded, so no reader sees a refunded job still PROCESSING.
                 jobs.failed(request_id, error="Interrupted: the replica serving it stopped; refunded")
+                ledger.refund(request_id)
                 refunded.append(request_id)
         if refunded:
             log.warning("refunded %d request(s) left open by dead replicas", len(refunded))

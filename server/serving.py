@@ -95,6 +95,9 @@ def _reason(exc: BaseException) -> str:
     return str(getattr(exc, "orig", None) or exc)
 
 
+INTERRUPTED = "Interrupted: the server stopped during generation; refunded"
+
+
 class PendingWrites:
     """Database writes that must land: refunds, failure and completion records.
 
@@ -347,9 +350,11 @@ class Serving:
             self._spawn(job.request_id, job.key_id, work.waiting(), job.seed)
             resumed.append(job)
         keep = {job.request_id for job in resumed}
-        refunded = await to_thread.run_sync(lambda: self.ledger.refund_abandoned(self.owner, keep=keep))
+        refunded = await to_thread.run_sync(lambda: self.ledger.abandoned(self.owner, keep=keep))
         for request_id in refunded:
-            await to_thread.run_sync(self._mark_interrupted, request_id)
+            # Failed, then refunded, as `_undo_now` does: no reader sees a refunded job still
+            # PROCESSING, and a crash between the two leaves the reservation for the next start.
+            await to_thread.run_sync(self._undo_now, request_id, INTERRUPTED)
         if resumed or refunded:
             log.warning("restart: resumed %d v2 job(s), refunded %d request(s)", len(resumed), len(refunded))
 
@@ -366,9 +371,6 @@ class Serving:
         return replace(
             self.txt2img_work(job.key_id, Txt2ImgRequest.model_validate(job.params)), cost=job.cost
         )
-
-    def _mark_interrupted(self, request_id: str) -> None:
-        self.jobs.failed(request_id, error="Interrupted: the server stopped during generation; refunded")
 
     def _undo_now(self, request_id: str, error: str) -> Decimal:
         """Record the request as failed, then give its credits back; the balance after.
