@@ -111,10 +111,13 @@ def img2img_price(
     sampler: str = "dpmpp_2m",
     schedule: str = "sgm_uniform",
     guidance_scale: float = 5.0,
+    strength: float = 1.0,
 ) -> Decimal:
     """`sd3-med-img2img`'s price: its own rate per image and steps, scaled by the output (cropped input)
-    size as txt2img's is (docs/contract.md, img2img). Strength does not lower it: the model runs
-    `steps` times whatever the strength, so evaluations are counted at full denoise."""
+    size as txt2img's is (docs/contract.md, img2img). Strength barely changes the work, since the model
+    runs `steps` times at any strength above 0, but priced by evaluations the count is the strength's own
+    schedule: ddim_uniform runs one step more than asked only at full strength. Strength 0 runs no step
+    and is priced as strength 1, so that no request is free."""
     own = pricing.model_copy(
         update={
             "price_per_image": pricing.img2img_price_per_image,
@@ -129,6 +132,7 @@ def img2img_price(
         pricing=own,
         scheduler=sampler,
         schedule=schedule,
+        denoise=strength if strength > 0 else 1.0,
         guidance_scale=guidance_scale,
     )
 

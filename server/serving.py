@@ -534,6 +534,7 @@ class Serving:
             sampler=body.sampler,
             schedule=body.scheduler,
             guidance_scale=body.guidance_scale,
+            strength=body.strength,
         )
         return Work(IMG2IMG_SLUG, body.model_dump(mode="json"), job, cost)
 

@@ -199,7 +199,7 @@ def test_each_sd35_slug_has_its_own_rate_by_images_steps_and_pixels() -> None:
     assert work(large, guidance_scale=1.0) == Decimal("0.007")
 
 
-def test_img2img_follows_the_pricing_mode_and_strength_never_lowers_it() -> None:
+def test_img2img_follows_the_pricing_mode_and_by_evaluations_the_steps_its_strength_runs() -> None:
     pricing = PricingSettings()
     evaluations = pricing.model_copy(update={"mode": "evaluations"})
     size = partial(img2img_price, width=1024, height=1024, steps=20, samples=1)
@@ -208,3 +208,10 @@ def test_img2img_follows_the_pricing_mode_and_strength_never_lowers_it() -> None
     assert size(pricing=evaluations) == Decimal("0.008")
     assert size(pricing=evaluations, sampler="heun") > Decimal("0.015")
     assert size(pricing=evaluations, guidance_scale=1.0) == Decimal("0.004")
+    # Priced per image, strength changes nothing. By evaluations: ddim_uniform at 30 steps runs 31 at
+    # full strength and 30 below it; strength 0 runs none and is priced as strength 1, never free.
+    ddim = partial(img2img_price, width=1024, height=1024, steps=30, samples=1, schedule="ddim_uniform")
+    assert {ddim(pricing=pricing, strength=s) for s in (0.0, 0.3, 1.0)} == {Decimal("0.012")}
+    assert ddim(pricing=evaluations, strength=1.0) == Decimal("0.0124")
+    assert ddim(pricing=evaluations, strength=0.3) == Decimal("0.012")
+    assert ddim(pricing=evaluations, strength=0.0) == Decimal("0.0124")

@@ -108,25 +108,39 @@ def test_priced_by_evaluations_a_request_costs_the_work_it_runs(
     assert bounded.balance_of(key) == Decimal("10") - Decimal(cost)
 
 
-def test_priced_by_evaluations_an_img2img_request_counts_the_schedule_it_names(bounded: LiveServer) -> None:
-    # ddim_uniform at 30 steps runs 31 (ComfyUI's rounding); euler's own schedule, sgm_uniform, 30.
-    ran = len(GenerationRequest(prompt="", scheduler="euler", schedule="ddim_uniform", steps=30).sigmas()) - 1
-    assert ran == 31
+def test_priced_by_evaluations_an_img2img_request_counts_the_schedule_and_strength_it_runs(
+    bounded: LiveServer,
+) -> None:
+    # ddim_uniform at 30 steps runs 31 at full strength (ComfyUI's rounding) and 30 below it, as
+    # KSampler's denoise keeps the last 30 steps of a longer schedule; euler's own, sgm_uniform, 30.
+    def ran(schedule: str, strength: float) -> int:
+        request = GenerationRequest(
+            prompt="", scheduler="euler", schedule=schedule, steps=30, denoise=strength, init_image=pixels
+        )
+        return len(request.sigmas()) - 1
+
+    pixels = np.full((256, 256, 3), 128, np.uint8)
+    cases = [("ddim_uniform", 1.0), ("ddim_uniform", 0.5), ("sgm_uniform", 1.0)]
+    assert [ran(*case) for case in cases] == [31, 30, 30]
     buffer = io.BytesIO()
-    Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(buffer, "PNG")
+    Image.fromarray(pixels).save(buffer, "PNG")
     image = base64.b64encode(buffer.getvalue()).decode()
     costs = {}
-    for schedule in ("ddim_uniform", "sgm_uniform"):
-        fields = {"sampler": "euler", "scheduler": schedule, "num_inference_steps": 30, "strength": 0.5}
+    for schedule, strength in cases:
+        fields = {"sampler": "euler", "scheduler": schedule, "num_inference_steps": 30, "strength": strength}
         key = bounded.key()
         response = bounded.post(
             {"image": image, "prompt": "a cat", **fields}, key=key, path="/v1/sd3-med-img2img"
         )
         assert response.status_code == 200, response.text
-        costs[schedule] = Decimal(response.headers["x-cost"])
-        assert bounded.balance_of(key) == Decimal("10") - costs[schedule]
+        costs[schedule, strength] = Decimal(response.headers["x-cost"])
+        assert bounded.balance_of(key) == Decimal("10") - costs[schedule, strength]
     # 0.008 a 1024² image at 20 steps × 2 forwards; 256² is 1/16 of that; every step 2 forwards.
-    assert costs == {"ddim_uniform": Decimal("0.000775"), "sgm_uniform": Decimal("0.00075")}
+    assert costs == {
+        ("ddim_uniform", 1.0): Decimal("0.000775"),
+        ("ddim_uniform", 0.5): Decimal("0.00075"),
+        ("sgm_uniform", 1.0): Decimal("0.00075"),
+    }
 
 
 def test_by_default_every_sampler_costs_the_hosted_price(live: LiveServer) -> None:
