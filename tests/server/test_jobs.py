@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import socket
@@ -16,6 +17,8 @@ import pytest
 from PIL import Image
 from segmind.v2 import InferenceFailed
 
+from server.app import Runtime, create_app
+from server.config import Settings
 from server.job_store import JobStore
 from server.keys import hash_key
 from server.ledger import Ledger
@@ -322,3 +325,61 @@ def test_a_job_left_under_the_old_host_and_port_identity_is_adopted(tmp_path: Pa
     completes_after_restart(ServerProcess(data_dir=folder, database=database), key, request_id, ledger)
     after = jobs.get(request_id)
     assert after is not None and (folder / "instance-id").read_text().strip() == after.owner
+
+
+class Killed(Exception):
+    """The process dying between two writes: what it had written stays, nothing after runs."""
+
+
+def start_and_stop(settings: Settings, runtime: Runtime) -> None:
+    """One start of the server (recovery included) and its shutdown, without serving a request."""
+
+    async def once() -> None:
+        app = create_app(settings, runtime)
+        async with app.router.lifespan_context(app):
+            pass
+
+    asyncio.run(once())
+
+
+def test_a_start_killed_between_failing_and_refunding_a_cut_off_request_is_settled_by_the_next(
+    tmp_path: Path, settings: Settings, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    own = settings.model_copy(
+        update={"database_url": f"sqlite:///{tmp_path / 'ledger.sqlite3'}", "instance_id": "restarted"}
+    )
+    ledger = Ledger(migrated(own.resolved_database_url))
+    jobs = JobStore(ledger.engine)
+    record, _ = ledger.create_key(name="cut-off", credits=Decimal(1))
+    # A v1 request that was generating when the server died: its credits reserved, its row PROCESSING.
+    ledger.reserve(key_id=record.id, amount=Decimal("0.25"), request_id="cut", owner="restarted")
+    jobs.create(
+        request_id="cut",
+        key_id=record.id,
+        surface="v1",
+        model=SLUG,
+        params={},
+        cost=Decimal("0.25"),
+        owner="restarted",
+    )
+    jobs.started("cut", seed=1, total=10)
+
+    def killed(self: Ledger, request_id: str) -> NoReturn:
+        raise Killed(request_id)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Ledger, "refund", killed)
+        with pytest.raises(Killed):
+            start_and_stop(own, runtime)
+    # The first write landed: no reader sees the job running, and its credits are still reserved.
+    job = jobs.get("cut")
+    assert job is not None and job.status == "FAILED"
+    assert ledger.charge("cut") == "reserved" and ledger.list_keys()[0].balance == Decimal("0.75")
+
+    for _ in range(2):  # the next start refunds it, and the one after finds nothing more to do
+        start_and_stop(own, runtime)
+        job = jobs.get("cut")
+        assert job is not None and job.status == "FAILED"
+        assert ledger.charge("cut") == "refunded" and ledger.list_keys()[0].balance == Decimal(1)
+        assert all(row.ok and row.open_reservations == 0 for row in ledger.audit())
+    ledger.close()
