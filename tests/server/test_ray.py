@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -235,3 +236,43 @@ def test_a_replica_killed_mid_generation_is_refunded_by_its_replacement(
     job = jobs.get(rows[0].request_id)
     assert job is not None and job.status == "FAILED"
     assert all(row.ok for row in ledger.audit())
+
+
+class Killed(Exception):
+    """The replica dying between two writes: what it had written stays, nothing after runs."""
+
+
+def test_a_replica_killed_between_failing_and_refunding_a_dead_peer_s_request_leaves_it_to_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    try:
+        from server import ray_app
+    except ImportError as exc:
+        _unavailable(f"cannot import it ({exc})")
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger = Ledger(migrated(settings.resolved_database_url))
+    jobs = JobStore(ledger.engine)
+    key_id = _open_request(ledger, owner=f"{OWNER_PREFIX}0dead0", request_id="cut")
+    monkeypatch.setattr(ray_app, "_actor_alive", lambda name: False)  # no cluster: every peer is dead
+    starting = ray_app.ReplicaIdentity(app="sd3", deployment="sd3", replica="newcomer")
+
+    def killed(self: Ledger, request_id: str) -> NoReturn:
+        raise Killed(request_id)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Ledger, "refund", killed)
+        with pytest.raises(Killed):
+            ray_app.settle_dead_replicas(settings, starting, base="sd3")
+    job = jobs.get("cut")
+    assert job is not None and job.status == "FAILED"  # no reader sees it running ...
+    assert ledger.charge("cut") == "reserved" and ledger.balance(key_id) == Decimal(
+        "0.75"
+    )  # ... nor refunded
+
+    # The next replica to start refunds it; the one after finds nothing left to do.
+    assert ray_app.settle_dead_replicas(settings, starting, base="sd3") == ["cut"]
+    assert ray_app.settle_dead_replicas(settings, starting, base="sd3") == []
+    job = jobs.get("cut")
+    assert job is not None and job.status == "FAILED" and ledger.balance(key_id) == Decimal(1)
+    assert all(row.ok and row.open_reservations == 0 for row in ledger.audit())
+    ledger.close()
