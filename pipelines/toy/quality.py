@@ -116,6 +116,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
+def psnr_gain(image: np.ndarray, other: np.ndarray, reference: np.ndarray) -> float:
+    """How much nearer `image` is to `reference` than `other` is, in dB of PSNR (0 when both equal it)."""
+    ours, theirs = psnr(image, reference), psnr(other, reference)
+    return 0.0 if ours == theirs else ours - theirs  # inf − inf would be NaN
+
+
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Structural similarity (Wang et al. 2004: 11-px Gaussian window, σ 1.5, K1 0.01, K2 0.03) of
     two uint8 RGB images, averaged over channels and positions."""

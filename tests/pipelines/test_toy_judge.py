@@ -15,6 +15,7 @@ for a rounded square), never "no clean shape"; fragments scattered over a patch 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -212,3 +213,12 @@ def test_scattered_fragments_are_no_clean_shape() -> None:
     scene = world.scene_for(world.Caption("square", "red", "blue", "top left"), rng)
     reading = judge.read(_fragments(scene, 256, rng))
     assert (reading.background, reading.colour, reading.shape) == ("blue", "red", None)
+
+
+def test_a_psnr_gain_is_how_much_nearer_the_reference_and_zero_when_both_equal_it() -> None:
+    reference = np.full((8, 8, 3), 100, np.uint8)
+    near, far = reference + 1, reference + 10  # MSE 1 and 100: 48.1 and 28.1 dB
+    assert quality.psnr_gain(near, far, reference) == pytest.approx(20.0)
+    assert quality.psnr_gain(far, near, reference) == pytest.approx(-20.0)
+    assert quality.psnr_gain(reference, far, reference) == math.inf
+    assert quality.psnr_gain(reference.copy(), reference, reference) == 0.0  # not inf − inf
