@@ -361,13 +361,6 @@ class Ledger:
             ).scalars()
             return [request_id for request_id in open_ids if request_id not in keep]
 
-    def refund_abandoned(self, owner: str, *, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
-        """Refund every reservation `owner` left open (`abandoned`); the request ids refunded."""
-        refunded = self.abandoned(owner, keep=keep)
-        for request_id in refunded:
-            self.refund(request_id)
-        return refunded
-
     def audit(self, *, grace_s: float = STALE_RESERVATION_GRACE_S) -> list[AuditRow]:
         """Per key: granted − charged (reserved or settled) against the balance; stale reservations.
 

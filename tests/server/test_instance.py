@@ -105,7 +105,7 @@ def test_old_host_and_port_rows_in_the_data_folder_ledger_are_adopted(
         f"{HOST}:not-a-port",
     ]
     assert [job.request_id for job in jobs.pending(owner=me, surface="v2")] == ["old-a", "old-b"]
-    assert ledger.refund_abandoned(me, keep={"old-a"}) == ["old-b"]  # the reservations moved too
+    assert ledger.abandoned(me, keep={"old-a"}) == ["old-b"]  # the reservations moved too
     assert adopt_legacy_rows(settings, ledger.engine, owner=me) == []  # once
 
 

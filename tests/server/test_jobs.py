@@ -24,6 +24,7 @@ from server.keys import hash_key
 from server.ledger import Ledger
 from tests.conftest import SDK
 from tests.databases import migrated
+from tests.faults import killed_at
 from tests.live import SLUG, SMALL, LiveServer, ServerProcess, job_status_is, wait_for
 
 
@@ -327,10 +328,6 @@ def test_a_job_left_under_the_old_host_and_port_identity_is_adopted(tmp_path: Pa
     assert after is not None and (folder / "instance-id").read_text().strip() == after.owner
 
 
-class Killed(Exception):
-    """The process dying between two writes: what it had written stays, nothing after runs."""
-
-
 def start_and_stop(settings: Settings, runtime: Runtime) -> None:
     """One start of the server (recovery included) and its shutdown, without serving a request."""
 
@@ -364,13 +361,8 @@ def test_a_start_killed_between_failing_and_refunding_a_cut_off_request_is_settl
     )
     jobs.started("cut", seed=1, total=10)
 
-    def killed(self: Ledger, request_id: str) -> NoReturn:
-        raise Killed(request_id)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(Ledger, "refund", killed)
-        with pytest.raises(Killed):
-            start_and_stop(own, runtime)
+    with killed_at(monkeypatch, Ledger, "refund"):
+        start_and_stop(own, runtime)
     # The first write landed: no reader sees the job running, and its credits are still reserved.
     job = jobs.get("cut")
     assert job is not None and job.status == "FAILED"

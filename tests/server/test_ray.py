@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +25,7 @@ from server.keys import hash_key
 from server.ledger import Ledger
 from server.pricing import price_of
 from tests.databases import migrated
+from tests.faults import killed_at
 from tests.live import SLUG, SMALL, free_port
 
 pytestmark = pytest.mark.ray
@@ -238,10 +239,6 @@ def test_a_replica_killed_mid_generation_is_refunded_by_its_replacement(
     assert all(row.ok for row in ledger.audit())
 
 
-class Killed(Exception):
-    """The replica dying between two writes: what it had written stays, nothing after runs."""
-
-
 def test_a_replica_killed_between_failing_and_refunding_a_dead_peer_s_request_leaves_it_to_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -256,13 +253,8 @@ def test_a_replica_killed_between_failing_and_refunding_a_dead_peer_s_request_le
     monkeypatch.setattr(ray_app, "_actor_alive", lambda name: False)  # no cluster: every peer is dead
     starting = ray_app.ReplicaIdentity(app="sd3", deployment="sd3", replica="newcomer")
 
-    def killed(self: Ledger, request_id: str) -> NoReturn:
-        raise Killed(request_id)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(Ledger, "refund", killed)
-        with pytest.raises(Killed):
-            ray_app.settle_dead_replicas(settings, starting, base="sd3")
+    with killed_at(monkeypatch, Ledger, "refund"):
+        ray_app.settle_dead_replicas(settings, starting, base="sd3")
     job = jobs.get("cut")
     assert job is not None and job.status == "FAILED"  # no reader sees it running ...
     assert ledger.charge("cut") == "reserved" and ledger.balance(key_id) == Decimal(
