@@ -31,7 +31,7 @@ from pipelines.request import GenerationRequest  # noqa: E402
 from pipelines.sd3 import SD3Generator  # noqa: E402
 from pipelines.toy import distill, quality  # noqa: E402
 
-BASELINES = ("same work", "guidance 1")
+BASELINES = tuple(distill.baseline_requests(256, 4))  # their names, in the table's order
 
 
 def _lora(spec: str) -> tuple[Path, int]:
@@ -41,8 +41,8 @@ def _lora(spec: str) -> tuple[Path, int]:
     return Path(folder), int(steps)
 
 
-def _image(runner: SD3Generator, request: GenerationRequest) -> np.ndarray:
-    return runner.generate(request).images[0]
+def _image(runner: SD3Generator, request: GenerationRequest, prompt: str, seed: int) -> np.ndarray:
+    return runner.generate(replace(request, prompt=prompt, seed=seed)).images[0]
 
 
 def main() -> None:
@@ -85,16 +85,12 @@ def main() -> None:
             for name in BASELINES:
                 gains_of[name].append([])
         for caption, seed in pairs:
-            reference = base.generate(replace(teacher, prompt=caption.text, seed=seed)).images[0]
+            reference = _image(base, teacher, caption.text, seed)
             for (_, steps, student), gains_of in zip(students, gains, strict=True):
-                fast = replace(distill.student_request(args.size, steps), prompt=caption.text, seed=seed)
-                ours = _image(student, fast)
-                theirs = {
-                    "same work": _image(base, replace(fast, steps=steps // 2, guidance_scale=5.0)),
-                    "guidance 1": _image(base, fast),
-                }
-                for name in BASELINES:
-                    gains_of[name][-1].append(quality.psnr_gain(ours, theirs[name], reference))
+                ours = _image(student, distill.student_request(args.size, steps), caption.text, seed)
+                for name, request in distill.baseline_requests(args.size, steps).items():
+                    theirs = _image(base, request, caption.text, seed)
+                    gains_of[name][-1].append(quality.psnr_gain(ours, theirs, reference))
         cells = []
         for gains_of in gains:
             parts = [np.array(gains_of[name][-1]) for name in BASELINES]

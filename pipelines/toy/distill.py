@@ -33,6 +33,9 @@ steps) and nothing else: the LoRA is for that step count only. Taught only from 
 starts a share F of each batch from the student's own state at σ_k instead (its Euler steps from the
 teacher's noise, taken without gradients), with the same target, the teacher's x_{k+1}, so it learns
 to step back onto the teacher's path. `--init DIR` goes on from a saved LoRA, e.g. a teacher-forced one.
+Its schedule's σ's are the same at every size, but the teacher's states are not: `--extra-size S`
+has the teacher run as many pixels again at S (`--pairs` × (size/S)² pairs, kept in their own file)
+and the student's steps take the sizes in turn, each at the batch of as many pixels.
 
     python -m pipelines.toy.distill OUT --threads 2   # ~1 h on 2 cores: 28 min of pairs, 30 of steps
     sd3-server serve --model toy --lora OUT          # then: scheduler Euler, guidance_scale 1
@@ -112,8 +115,9 @@ class DistillConfig:
     student_states: float = 0.0
     init: str | None = None  # a LoRA folder (of the same rank) to start from instead of B = 0
     size: int = 256
-    # guidance: more sizes, trained in turn, each at the batch that holds as many pixels as `batch`
-    # images at `size`; and how many scenes to render at `size` (as many pixels again at the others).
+    # guidance and phased: more sizes, trained in turn, each at the batch that holds as many pixels as
+    # `batch` images at `size`; guidance renders `pool` scenes at `size`, phased has the teacher run
+    # `pairs` at `size`, and each takes as many pixels again at the others (`pairs_at`).
     extra_sizes: tuple[int, ...] = ()
     pool: int = 2048
     steps: int = 1200
@@ -133,8 +137,10 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.extra_sizes and self.method != "guidance":
-            raise ValueError("extra sizes are for --method guidance: the teacher's pairs have one size")
+        if self.extra_sizes and self.method == "reflow":
+            raise ValueError("extra sizes are for --method guidance or phased: reflow's pairs have one size")
+        if len(set(self.sizes)) < len(self.sizes):
+            raise ValueError(f"each size is trained once, not {self.sizes}")
         for name in ("pairs", "steps", "batch", "rank", "threads", "pool", "phases"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -172,6 +178,15 @@ class DistillConfig:
     @property
     def sizes(self) -> tuple[int, ...]:
         return (self.size, *self.extra_sizes)
+
+    def pairs_at(self, size: int) -> int:
+        """Teacher runs at `size`: `pairs` at `size`, as many pixels at the others (as `batch_at`)."""
+        return max(1, round(self.pairs * (self.size / size) ** 2))
+
+    def at_size(self, size: int) -> DistillConfig:
+        """This run's teacher pairs at one of its sizes, as a run at that size alone would key them:
+        the first size's are the single-size run's, so its cached pairs serve a run that adds sizes."""
+        return replace(self, size=size, pairs=self.pairs_at(size), extra_sizes=())
 
     def batch_at(self, size: int) -> int:
         """The batch at `size` that holds about as many pixels as `batch` images at `size`."""
@@ -240,6 +255,15 @@ def student_request(size: int, steps: int) -> GenerationRequest:
 def student_sigmas(size: int, steps: int) -> torch.Tensor:
     """The schedule a client of the few-step mode samples down: `student_request`'s sigmas."""
     return student_request(size, steps).sigmas()
+
+
+def baseline_requests(size: int, steps: int) -> dict[str, GenerationRequest]:
+    """What a LoRA run as `student_request(size, steps)` is judged against, on the base model: the
+    same steps at guidance 1 (the LoRA's own request: what the LoRA adds), and half the steps at the
+    teacher's CFG (the same transformer forwards: what the same work buys without it)."""
+    fast = student_request(size, steps)
+    cfg = teacher_request(size).guidance_scale
+    return {"same work": replace(fast, steps=steps // 2, guidance_scale=cfg), "guidance 1": fast}
 
 
 def training_pairs(cfg: DistillConfig) -> list[tuple[world.Caption, int]]:
@@ -427,23 +451,26 @@ def rolled_states(
 
 
 def train_phased_student(
-    cfg: DistillConfig, transformer: Any, data: dict[str, Any], log: Any
+    cfg: DistillConfig, transformer: Any, data: list[dict[str, Any]], log: Any
 ) -> dict[str, float]:
     """Phased (module docstring): from the teacher's state at a random one of the student's σ's, the
-    student's Euler step should land on the teacher's state at the next."""
+    student's Euler step should land on the teacher's state at the next. `data` is the teacher's
+    pairs at each of `cfg.sizes`, in that order, taken in turn."""
     params, optimizer = _student(cfg, transformer)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
-    states, sigmas = data["states"], data["sigmas"]
-    count, phases = states.shape[0], states.shape[1] - 1
     progress = _Progress(log, cfg.steps)
     for step in range(cfg.steps):
         _schedule_lr(optimizer, cfg, step)
-        idx = torch.randint(0, count, (cfg.batch,), generator=gen)
-        k = torch.randint(0, phases, (cfg.batch,), generator=gen)
+        at = step % len(data)
+        states, sigmas = data[at]["states"], data[at]["sigmas"]
+        count, phases = states.shape[0], states.shape[1] - 1
+        batch = cfg.batch_at(cfg.sizes[at])
+        idx = torch.randint(0, count, (batch,), generator=gen)
+        k = torch.randint(0, phases, (batch,), generator=gen)
         x, reached = states[idx, k], states[idx, k + 1]
-        context, pooled = data["context"][idx], data["pooled"][idx]
+        context, pooled = data[at]["context"][idx], data[at]["pooled"][idx]
         if cfg.student_states:  # drawn only then, so that a teacher-forced run's stream is unchanged
-            own = torch.rand(cfg.batch, generator=gen) < cfg.student_states
+            own = torch.rand(batch, generator=gen) < cfg.student_states
             # x is the batch's own copy (advanced indexing): the cached states are not written.
             x[own] = rolled_states(
                 transformer, states[idx[own], 0], sigmas, k[own], context[own], pooled[own]
@@ -512,6 +539,22 @@ def save_lora(transformer: Any, out: Path) -> Path:
     return out / WEIGHT_NAME
 
 
+def pairs_file(cfg: DistillConfig, size: int) -> str:
+    """Where a run keeps its teacher pairs at `size`: the first size's where a single-size run does."""
+    return PAIRS_FILE if size == cfg.size else f"teacher-pairs-{size}.pt"
+
+
+def _cached_pairs(cfg: DistillConfig, cached: Path, generator: SD3Generator, log: Any) -> dict[str, Any]:
+    """`teacher_pairs(cfg)`, read from `cached` where a run with the same pair key left them."""
+    data = torch.load(cached) if cached.exists() else None
+    if data is not None and data["key"] == cfg.pair_key():
+        log(f"teacher pairs read from {cached}")
+        return data
+    data = teacher_pairs(cfg, generator, log)
+    torch.save(data, cached)
+    return data
+
+
 def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -525,25 +568,25 @@ def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any
             "student": "guidance 1, any sampler",
         }
     else:
-        cached = out / PAIRS_FILE
-        data = torch.load(cached) if cached.exists() else None
-        if data is None or data["key"] != cfg.pair_key():
-            data = teacher_pairs(cfg, generator, log)
-            torch.save(data, cached)
-        else:
-            log(f"teacher pairs read from {cached}")
+        sized = [
+            _cached_pairs(cfg.at_size(size), out / pairs_file(cfg, size), generator, log)
+            for size in cfg.sizes
+        ]
+        data = sized[0]
         teacher = "the API defaults: DPM++ 2M, 25 steps, CFG 5, shift 3, the hosted negative window"
         if cfg.method == "phased":
-            timings = train_phased_student(cfg, generator.pipe.transformer, data, log)
+            timings = train_phased_student(cfg, generator.pipe.transformer, sized, log)
             roles = {
                 "teacher": f"{teacher}, with the student's σ's added to its schedule",
                 "student": f"Euler (sgm_uniform, shift 3) at guidance 1, exactly {cfg.phases} steps",
+                # The schedule is the same at every size: sgm_uniform's σ's do not depend on it.
                 "student_sigmas": [float(s) for s in data["sigmas"]],
             }
         else:
             timings = train_student(cfg, generator.pipe.transformer, data, log)
             roles = {"teacher": teacher, "student": "Euler at guidance 1"}
         timings["seconds_per_pair"] = data["seconds_per_pair"]
+        timings |= {f"seconds_per_pair_{d['key']['size']}": d["seconds_per_pair"] for d in sized[1:]}
     weights = save_lora(generator.pipe.transformer, out)
     manifest = {
         "script_version": SCRIPT_VERSION,
@@ -573,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         action="append",
         default=[],
-        help="guidance: also train at this size (repeatable)",
+        help="guidance and phased: also train at this size, in turn (repeatable)",
     )
     for name in ("pairs", "phases", "size", "steps", "batch", "rank", "warmup", "seed", "threads", "pool"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))

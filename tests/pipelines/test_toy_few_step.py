@@ -32,6 +32,7 @@ from schedulers.guidance import guided_denoiser
 from server.app import load_runtime
 from server.config import Settings
 from server.image_input import InputImage
+from server.pricing import model_evaluations
 from server.schemas import Img2ImgRequest, Txt2ImgRequest
 from server.serving import img2img_generation_request, to_generation_request
 
@@ -109,7 +110,7 @@ def test_a_distillation_is_reproducible_reuses_its_teacher_pairs_and_serves_thro
         {"extra_sizes": (512,)},  # reflow's teacher pairs have one size
         {"method": "guidance", "extra_sizes": (500,)},
         {"method": "phased", "phases": 0},
-        {"method": "phased", "extra_sizes": (512,)},
+        {"method": "phased", "extra_sizes": (256,)},  # the first size again
         {"method": "phased", "student_states": 1.5},
         {"method": "phased", "student_states": math.nan},
         {"student_states": 0.5},  # reflow's student takes no steps of its own
@@ -225,6 +226,22 @@ def test_phased_targets_are_the_steps_the_served_few_step_request_takes() -> Non
     torch.testing.assert_close(reached, states[:, -1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("steps", [4, 10])
+def test_the_few_step_baselines_are_the_lora_s_own_request_and_the_same_forwards_at_cfg(steps: int) -> None:
+    def forwards(request: GenerationRequest) -> int:
+        return model_evaluations(
+            scheduler=request.scheduler, steps=request.steps, guidance_scale=request.guidance_scale
+        )
+
+    lora = distill.student_request(256, steps)
+    baselines = distill.baseline_requests(256, steps)
+    assert baselines["guidance 1"] == lora
+    same_work = baselines["same work"]
+    assert forwards(same_work) == forwards(lora) == steps
+    assert same_work.guidance_scale == distill.teacher_request(256).guidance_scale == 5.0
+    assert replace(same_work, steps=lora.steps, guidance_scale=1.0) == lora  # nothing else differs
+
+
 class _SecantOracle(torch.nn.Module):
     """A stand-in transformer whose velocity for pair i at the k-th σ is that pair's k-th secant of
     `states` (the pair's index rides in its context), so the student's own steps retrace the states."""
@@ -314,6 +331,37 @@ def test_a_phased_distillation_keys_its_pairs_by_its_phases_and_serves_through_l
     assert merged.generate(distill.student_request(32, 3)).images[0].shape == (32, 32, 3)
 
 
+@pytest.mark.slow
+def test_a_phased_distillation_at_two_sizes_takes_each_size_s_own_teacher_states_in_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    single = distill.DistillConfig(method="phased", phases=2, pairs=4, size=32, steps=2, batch=4, warmup=1)
+    distill.distill(single, tmp_path, log=lambda line: None)
+    two = replace(single, extra_sizes=(64,), steps=4)
+    assert (two.pairs_at(64), two.batch_at(64)) == (1, 1)  # as many pixels as at 32 px
+    seen: list[tuple[int, ...]] = []
+    real = distill.velocity
+
+    def recorded(transformer: object, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape))
+        return real(transformer, x, *rest)
+
+    monkeypatch.setattr(distill, "velocity", recorded)
+    logs: list[str] = []
+    manifest = distill.distill(two, tmp_path, log=logs.append)
+    # The first size's pairs are the single-size run's, read back; the second's are run for it.
+    assert logs[0].startswith("teacher pairs read") and logs[1].startswith("teacher pairs 1/1")
+    at_64 = torch.load(tmp_path / distill.pairs_file(two, 64))
+    assert at_64["key"] == two.at_size(64).pair_key() and at_64["states"].shape == (1, 3, 16, 8, 8)
+    torch.testing.assert_close(at_64["states"][:, -1], at_64["x0"])
+    assert torch.load(tmp_path / distill.PAIRS_FILE)["key"] == single.pair_key()
+    # Teacher forcing: one student forward a step, the sizes in turn at their own batches.
+    assert seen[-4:] == [(4, 16, 4, 4), (1, 16, 8, 8)] * 2
+    assert manifest["config"]["extra_sizes"] == (64,) and "seconds_per_pair_64" in manifest
+    merged = _load(tmp_path / "merged", [str(tmp_path)])
+    assert merged.generate(distill.student_request(64, 2)).images[0].shape == (64, 64, 3)
+
+
 @pytest.mark.parametrize(
     ("folder", "steps"), [(pipelines.toy.FEW_STEP_DIR, 4), (pipelines.toy.FEW_STEP_10_DIR, 10)]
 )
@@ -376,13 +424,10 @@ def test_a_committed_few_step_lora_is_nearer_its_teacher_than_plain_cfg_at_the_s
     and a median does not."""
     base = _load(tmp_path / "base", [])
     student = _load(tmp_path / "lora", [str(folder)])
-    fast = distill.student_request(256, steps)
     variants = {
         "teacher": (base, distill.teacher_request(256)),
-        "lora": (student, fast),
-        "guidance 1": (base, fast),
-        "same work": (base, replace(fast, steps=steps // 2, guidance_scale=5.0)),
-    }
+        "lora": (student, distill.student_request(256, steps)),
+    } | {name: (base, request) for name, request in distill.baseline_requests(256, steps).items()}
     images: dict[str, list[np.ndarray]] = {name: [] for name in variants}
     for caption, seed in quality.prompt_seed_pairs(12, seed=31):
         for name, (runner, request) in variants.items():
