@@ -303,7 +303,8 @@ def teacher_pairs(cfg: DistillConfig, generator: SD3Generator, log: Any, *, batc
             contexts.append(cond.context)
             pooled.append(cond.pooled)
         done = start + len(chunk)
-        log(f"teacher pairs {done}/{len(pairs)} ({(time.perf_counter() - started) / done:.2f} s a pair)")
+        per_pair = (time.perf_counter() - started) / done
+        log(f"teacher pairs {done}/{len(pairs)} at {cfg.size} px ({per_pair:.2f} s a pair)")
     final = torch.cat(x0)
     if not torch.isfinite(final).all():
         raise RuntimeError("the teacher produced non-finite latents")

@@ -350,7 +350,7 @@ def test_a_phased_distillation_at_two_sizes_takes_each_size_s_own_teacher_states
     logs: list[str] = []
     manifest = distill.distill(two, tmp_path, log=logs.append)
     # The first size's pairs are the single-size run's, read back; the second's are run for it.
-    assert logs[0].startswith("teacher pairs read") and logs[1].startswith("teacher pairs 1/1")
+    assert logs[0].startswith("teacher pairs read") and logs[1].startswith("teacher pairs 1/1 at 64 px")
     at_64 = torch.load(tmp_path / distill.pairs_file(two, 64))
     assert at_64["key"] == two.at_size(64).pair_key() and at_64["states"].shape == (1, 3, 16, 8, 8)
     torch.testing.assert_close(at_64["states"][:, -1], at_64["x0"])
