@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import pipelines.toy
+import pipelines.toy.train
 import schedulers
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import Conditioning, SD3Generator
@@ -340,13 +341,13 @@ def test_a_phased_distillation_at_two_sizes_takes_each_size_s_own_teacher_states
     two = replace(single, extra_sizes=(64,), steps=4)
     assert (two.pairs_at(64), two.batch_at(64)) == (1, 1)  # as many pixels as at 32 px
     seen: list[tuple[int, ...]] = []
-    real = distill.velocity
+    real = pipelines.toy.train.velocity
 
     def recorded(transformer: object, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         seen.append(tuple(x.shape))
         return real(transformer, x, *rest)
 
-    monkeypatch.setattr(distill, "velocity", recorded)
+    monkeypatch.setattr(distill, "velocity", recorded)  # distill calls the name it imported
     logs: list[str] = []
     manifest = distill.distill(two, tmp_path, log=logs.append)
     # The first size's pairs are the single-size run's, read back; the second's are run for it.
