@@ -86,11 +86,17 @@ def main() -> None:
                 gains_of[name].append([])
         for caption, seed in pairs:
             reference = _image(base, teacher, caption.text, seed)
+            baseline: dict[tuple[int, str], np.ndarray] = {}  # LoRAs of the same steps share them
             for (_, steps, student), gains_of in zip(students, gains, strict=True):
                 ours = _image(student, distill.student_request(args.size, steps), caption.text, seed)
                 for name, request in distill.baseline_requests(args.size, steps).items():
-                    theirs = _image(base, request, caption.text, seed)
+                    if (steps, name) not in baseline:
+                        baseline[steps, name] = _image(base, request, caption.text, seed)
+                    theirs = baseline[steps, name]
                     gains_of[name][-1].append(quality.psnr_gain(ours, theirs, reference))
+            # a pair at 1024² takes minutes: show each one's gains as it lands
+            row = " | ".join(" / ".join(f"{g[name][-1][-1]:+.1f}" for name in BASELINES) for g in gains)
+            print(f"  {set_seed}: {caption.text!r}, seed {seed} | {row}", file=sys.stderr, flush=True)
         cells = []
         for gains_of in gains:
             parts = [np.array(gains_of[name][-1]) for name in BASELINES]

@@ -453,11 +453,16 @@ def test_the_set_by_set_benchmark_prints_a_row_per_set_and_refuses_a_lora_withou
         command = [sys.executable, str(script), *args]
         return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
 
-    done = run("--sets", "7", "--pairs", "1", "--size", "64", "--lora", f"{pipelines.toy.FEW_STEP_DIR}:4")
+    lora = f"{pipelines.toy.FEW_STEP_DIR}:4"
+    done = run("--sets", "7", "--pairs", "1", "--size", "64", "--lora", lora, "--lora", lora)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    # The set's row: the median gain over the same work and over guidance 1, each with its pairs won.
-    assert any(re.fullmatch(r"7 \| -?\d+\.\d \([01]\) / -?\d+\.\d \([01]\)", line) for line in lines), lines
+    # The set's row: for each LoRA the median gain over the same work and over guidance 1, each with
+    # its pairs won. The same LoRA twice (its baselines made once) gains the same.
+    cell = r"-?\d+\.\d \([01]\) / -?\d+\.\d \([01]\)"
+    row = next(line for line in lines if line.startswith("7 | "))
+    assert re.fullmatch(rf"7 \| ({cell}) \| \1", row), lines
     assert any(line.startswith("all 1 pairs | ") for line in lines), lines
+    assert re.search(r"  7: '.+', seed \d+ \| ", done.stderr), done.stderr  # each pair as it lands
     refused = run("--lora", str(pipelines.toy.FEW_STEP_DIR))
     assert refused.returncode == 2 and "expected DIR:STEPS" in refused.stderr
