@@ -48,8 +48,9 @@ and the student's steps take the sizes in turn, each at the batch of as many pix
         # (400 steps in the third stage), pipelines/toy/few-step-10 (§37-38).
 
 In reflow and phased, the teacher's pairs are the slow part (1.7 s a pair on two cores at 256 px); they
-are kept in OUT/teacher-pairs.pt and reused by a rerun with the same pair settings and the same teacher
-weights (by content: a moved checkout reuses them, retrained weights do not). Fixed seeds and a fixed
+are kept in OUT/teacher-pairs.pt (an extra size's in OUT/teacher-pairs-S.pt) and reused by a rerun
+with the same pair settings and the same teacher weights (by content: a moved checkout reuses them,
+retrained weights do not). Fixed seeds and a fixed
 thread count give the same LoRA on a rerun up to float rounding (not always bit for bit: the CPU
 kernels' last bits vary from run to run here). `python benchmarks/quality.py --only few-step --lora OUT`
 measures the result (docs/toy.md §15).
@@ -62,6 +63,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -179,18 +181,22 @@ class DistillConfig:
     def sizes(self) -> tuple[int, ...]:
         return (self.size, *self.extra_sizes)
 
+    def as_many_pixels(self, count: int, size: int) -> int:
+        """How many images at `size` hold about as many pixels as `count` at the first size."""
+        return max(1, round(count * (self.size / size) ** 2))
+
     def pairs_at(self, size: int) -> int:
-        """Teacher runs at `size`: `pairs` at `size`, as many pixels at the others (as `batch_at`)."""
-        return max(1, round(self.pairs * (self.size / size) ** 2))
+        """Teacher runs at `size`: `pairs` at the first size, as many pixels at the others."""
+        return self.as_many_pixels(self.pairs, size)
 
     def at_size(self, size: int) -> DistillConfig:
-        """This run's teacher pairs at one of its sizes, as a run at that size alone would key them:
+        """This run's teacher pairs at one of its sizes, keyed as a run at that size alone keys them:
         the first size's are the single-size run's, so its cached pairs serve a run that adds sizes."""
         return replace(self, size=size, pairs=self.pairs_at(size), extra_sizes=())
 
     def batch_at(self, size: int) -> int:
-        """The batch at `size` that holds about as many pixels as `batch` images at `size`."""
-        return max(1, round(self.batch * (self.size / size) ** 2))
+        """The batch at `size`: about as many pixels as `batch` images at the first size."""
+        return self.as_many_pixels(self.batch, size)
 
 
 def teacher_digest(folder: Path) -> str:
@@ -279,7 +285,7 @@ def load_generator(model: str) -> SD3Generator:
     return SD3Generator(load_model(spec))
 
 
-def teacher_pairs(cfg: DistillConfig, generator: SD3Generator, log: Any, *, batch: int = 8) -> dict[str, Any]:
+def teacher_pairs(cfg: DistillConfig, generator: SD3Generator, log: Any, *, chunk: int = 8) -> dict[str, Any]:
     """Noise, conditioning and the teacher's final latent of every training pair; for phased, also the
     teacher's states at the student's σ's (`states`, [pairs, phases + 1, C, h, w], and `sigmas`)."""
     pairs = training_pairs(cfg)
@@ -288,21 +294,21 @@ def teacher_pairs(cfg: DistillConfig, generator: SD3Generator, log: Any, *, batc
     stops = student_sigmas(cfg.size, cfg.phases) if cfg.method == "phased" else None
     x0, eps, contexts, pooled, states = [], [], [], [], []
     started = time.perf_counter()
-    for start in range(0, len(pairs), batch):
-        chunk = pairs[start : start + batch]
-        requests = [replace(base, prompt=c.text, seed=s) for c, s in chunk]
+    for start in range(0, len(pairs), chunk):  # the teacher's batch, not the student's
+        some = pairs[start : start + chunk]
+        requests = [replace(base, prompt=c.text, seed=s) for c, s in some]
         if stops is None:
             x0.append(generator.sample_latents(requests))
         else:
             states.append(generator.sample_trajectory(requests, stops.tolist()))
             x0.append(states[-1][:, -1])
         # The noise the server draws for each seed (σ0 = 1, so it is the start latent itself).
-        eps.append(torch.cat([initial_noise(s, (1, *latent)) for _, s in chunk]))
-        for caption, _ in chunk:
+        eps.append(torch.cat([initial_noise(s, (1, *latent)) for _, s in some]))
+        for caption, _ in some:
             cond = generator.encode(caption.text)
             contexts.append(cond.context)
             pooled.append(cond.pooled)
-        done = start + len(chunk)
+        done = start + len(some)
         per_pair = (time.perf_counter() - started) / done
         log(f"teacher pairs {done}/{len(pairs)} at {cfg.size} px ({per_pair:.2f} s a pair)")
     final = torch.cat(x0)
@@ -495,7 +501,7 @@ def train_guidance_student(cfg: DistillConfig, generator: SD3Generator, log: Any
     started = time.perf_counter()
     pools = {}
     for size in cfg.sizes:
-        count = max(cfg.batch_at(size), round(cfg.pool * (cfg.size / size) ** 2))
+        count = max(cfg.batch_at(size), cfg.as_many_pixels(cfg.pool, size))
         pools[size] = LatentPool(pipe.vae, rng, size=size, count=count)
         log(f"pool {size} px: {count} scenes ({time.perf_counter() - started:.0f} s)")
     pool_seconds = time.perf_counter() - started
@@ -545,14 +551,30 @@ def pairs_file(cfg: DistillConfig, size: int) -> str:
     return PAIRS_FILE if size == cfg.size else f"teacher-pairs-{size}.pt"
 
 
-def _cached_pairs(cfg: DistillConfig, cached: Path, generator: SD3Generator, log: Any) -> dict[str, Any]:
-    """`teacher_pairs(cfg)`, read from `cached` where a run with the same pair key left them."""
-    data = torch.load(cached) if cached.exists() else None
-    if data is not None and data["key"] == cfg.pair_key():
-        log(f"teacher pairs read from {cached}")
-        return data
+def _still_valid(data: dict[str, Any], cfg: DistillConfig) -> bool:
+    if data.get("key") != cfg.pair_key():
+        return False
+    # Phased states sit at the served schedule's σ's, which the key does not name: a change to how
+    # the server spaces them must not reuse states taken at the old ones.
+    return cfg.method != "phased" or torch.equal(data["sigmas"], student_sigmas(cfg.size, cfg.phases))
+
+
+def _cached_pairs(
+    cfg: DistillConfig, out: Path, name: str, generator: SD3Generator, log: Any
+) -> dict[str, Any]:
+    """`teacher_pairs(cfg)` (`cfg` at one size), read back from `out` where a run with the same pair
+    key left them, under either name (a single-size run's file, or a two-size run's for that size);
+    else run and kept in `out/name`."""
+    for cached in dict.fromkeys([out / name, out / PAIRS_FILE, out / f"teacher-pairs-{cfg.size}.pt"]):
+        data = torch.load(cached) if cached.exists() else None
+        if data is not None and _still_valid(data, cfg):
+            log(f"teacher pairs read from {cached}")
+            return data
     data = teacher_pairs(cfg, generator, log)
-    torch.save(data, cached)
+    # Written aside and renamed: a run killed while saving leaves the old file or none, never a torn one.
+    partial = out / f"{name}.partial"
+    torch.save(data, partial)
+    os.replace(partial, out / name)
     return data
 
 
@@ -570,8 +592,7 @@ def distill(cfg: DistillConfig, out: Path, *, log: Any = print) -> dict[str, Any
         }
     else:
         sized = [
-            _cached_pairs(cfg.at_size(size), out / pairs_file(cfg, size), generator, log)
-            for size in cfg.sizes
+            _cached_pairs(cfg.at_size(size), out, pairs_file(cfg, size), generator, log) for size in cfg.sizes
         ]
         data = sized[0]
         teacher = "the API defaults: DPM++ 2M, 25 steps, CFG 5, shift 3, the hosted negative window"

@@ -92,35 +92,64 @@ def test_a_distillation_is_reproducible_reuses_its_teacher_pairs_and_serves_thro
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "why"),
     [
-        {"pairs": 0},
-        {"steps": -1},
-        {"batch": 0},
-        {"rank": 0},
-        {"threads": 0},
-        {"warmup": -1},
-        {"size": 100},
-        {"size": 0},
-        {"lr": math.nan},
-        {"lr": 0.0},
-        {"shift": math.inf},
-        {"at_one": 1.5},
-        {"pool": 0},
-        {"method": "progressive"},
-        {"extra_sizes": (512,)},  # reflow's teacher pairs have one size
-        {"method": "guidance", "extra_sizes": (500,)},
-        {"method": "phased", "phases": 0},
-        {"method": "phased", "extra_sizes": (256,)},  # the first size again
-        {"method": "phased", "student_states": 1.5},
-        {"method": "phased", "student_states": math.nan},
-        {"student_states": 0.5},  # reflow's student takes no steps of its own
-        {"init": "no-such-lora"},
+        ({"pairs": 0}, "pairs must be at least 1"),
+        ({"steps": -1}, "steps must be at least 1"),
+        ({"batch": 0}, "batch must be at least 1"),
+        ({"rank": 0}, "rank must be at least 1"),
+        ({"threads": 0}, "threads must be at least 1"),
+        ({"warmup": -1}, "must not be negative"),
+        ({"size": 100}, "multiple of 16"),
+        ({"size": 0}, "multiple of 16"),
+        ({"lr": math.nan}, "positive and finite"),
+        ({"lr": 0.0}, "positive and finite"),
+        ({"shift": math.inf}, "positive and finite"),
+        ({"at_one": 1.5}, "at_one is a share"),
+        ({"pool": 0}, "pool must be at least 1"),
+        ({"method": "progressive"}, "method must be one of"),
+        ({"extra_sizes": (512,)}, "reflow's pairs have one size"),
+        ({"method": "guidance", "extra_sizes": (500,)}, "multiple of 16"),
+        ({"method": "phased", "phases": 0}, "phases must be at least 1"),
+        ({"method": "phased", "extra_sizes": (256,)}, "each size is trained once"),  # the first again
+        ({"method": "phased", "student_states": 1.5}, "student_states is a share"),
+        ({"method": "phased", "student_states": math.nan}, "student_states is a share"),
+        ({"student_states": 0.5}, "student states are for --method phased"),  # reflow takes no steps
+        ({"init": "no-such-lora"}, "--init names a folder"),
     ],
 )
-def test_settings_that_cannot_train_are_refused_before_any_work(bad: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+def test_settings_that_cannot_train_are_refused_before_any_work(bad: dict[str, float], why: str) -> None:
+    # Each by its own reason: a setting refused for another one would hide a missing check.
+    with pytest.raises(ValueError, match=re.escape(why)):
         distill.DistillConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_cached_teacher_pairs_serve_under_either_name_and_only_at_their_own_key_and_sigmas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[int] = []
+
+    def teacher(cfg: distill.DistillConfig, generator: object, log: object) -> dict[str, object]:
+        # Only the caching is under test here: the slow tests run the real teacher.
+        made.append(cfg.size)
+        return {"key": cfg.pair_key(), "sigmas": distill.student_sigmas(cfg.size, cfg.phases)}
+
+    monkeypatch.setattr(distill, "teacher_pairs", teacher)
+    two = distill.DistillConfig(method="phased", phases=2, pairs=4, size=32, extra_sizes=(64,))
+    at_64 = two.at_size(64)
+    # A run at 64 px alone leaves teacher-pairs.pt; a run that adds 64 px to 32 reads it back.
+    distill._cached_pairs(at_64, tmp_path, distill.PAIRS_FILE, None, print)  # type: ignore[arg-type]
+    distill._cached_pairs(at_64, tmp_path, distill.pairs_file(two, 64), None, print)  # type: ignore[arg-type]
+    assert made == [64] and not list(tmp_path.glob("*.partial"))
+    # Other phases or pairs at 64 px key other pairs; states at other σ's are run again too.
+    assert at_64.pair_key() not in (
+        replace(two, phases=3).at_size(64).pair_key(),
+        replace(two, pairs=8).at_size(64).pair_key(),
+    )
+    stale = torch.load(tmp_path / distill.PAIRS_FILE) | {"sigmas": distill.student_sigmas(64, 3)[1:]}
+    torch.save(stale, tmp_path / distill.PAIRS_FILE)
+    distill._cached_pairs(at_64, tmp_path, distill.pairs_file(two, 64), None, print)  # type: ignore[arg-type]
+    assert made == [64, 64] and torch.load(tmp_path / "teacher-pairs-64.pt")["key"] == at_64.pair_key()
 
 
 def test_the_command_line_turns_a_refused_setting_into_a_usage_error(
@@ -349,7 +378,7 @@ def test_a_phased_distillation_at_two_sizes_takes_each_size_s_own_teacher_states
 
     monkeypatch.setattr(distill, "velocity", recorded)  # distill calls the name it imported
     logs: list[str] = []
-    manifest = distill.distill(two, tmp_path, log=logs.append)
+    distill.distill(two, tmp_path, log=logs.append)
     # The first size's pairs are the single-size run's, read back; the second's are run for it.
     assert logs[0].startswith("teacher pairs read") and logs[1].startswith("teacher pairs 1/1 at 64 px")
     at_64 = torch.load(tmp_path / distill.pairs_file(two, 64))
@@ -358,7 +387,8 @@ def test_a_phased_distillation_at_two_sizes_takes_each_size_s_own_teacher_states
     assert torch.load(tmp_path / distill.PAIRS_FILE)["key"] == single.pair_key()
     # Teacher forcing: one student forward a step, the sizes in turn at their own batches.
     assert seen[-4:] == [(4, 16, 4, 4), (1, 16, 8, 8)] * 2
-    assert manifest["config"]["extra_sizes"] == (64,) and "seconds_per_pair_64" in manifest
+    written = json.loads((tmp_path / "distill-manifest.json").read_text())
+    assert written["config"]["extra_sizes"] == [64] and "seconds_per_pair_64" in written
     merged = _load(tmp_path / "merged", [str(tmp_path)])
     assert merged.generate(distill.student_request(64, 2)).images[0].shape == (64, 64, 3)
 
