@@ -90,6 +90,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.request import GenerationRequest  # noqa: E402
 from pipelines.toy import quality, world  # noqa: E402
+from server.pricing import model_evaluations  # noqa: E402
 
 if TYPE_CHECKING:
     from pipelines.sd3 import SD3Generator
@@ -543,7 +544,8 @@ def convergence(generator: SD3Generator, args: argparse.Namespace) -> None:
 
 
 def _closeness(images: list[np.ndarray], reference: list[np.ndarray]) -> list[object]:
-    """Mean PSNR and mean SSIM of each image against the reference image of the same pair."""
+    """PSNR of the error pooled over all pairs (the mean squared error first, then dB: the worst pairs
+    weigh most) and the mean over pairs of SSIM, each image against its own pair's reference."""
     ssim = [quality.ssim(a, b) for a, b in zip(images, reference, strict=True)]
     return [quality.mean_psnr(images, reference), float(np.mean(ssim))]
 
@@ -681,7 +683,10 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
     exact = images["teacher: API defaults"]
     rows: list[list[object]] = []
     for label, (_, base) in variants.items():
-        forwards = base.steps * (1 if base.guidance_scale == 1.0 else 2)
+        # Counted as the server prices them, so a sampler of two calls a step (Heun) is counted so.
+        forwards = model_evaluations(
+            scheduler=base.scheduler, steps=base.steps, shift=base.shift, guidance_scale=base.guidance_scale
+        )
         rows.append(
             [
                 label,
@@ -707,16 +712,14 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
     )
     if others:
 
-        def per_pair(label: str) -> list[float]:
-            return [quality.psnr(a, b) for a, b in zip(images[label], exact, strict=True)]
+        def gains(label: str, over: str) -> list[float]:  # 0 where both equal the teacher's: not inf − inf
+            return [quality.psnr_gain(*p) for p in zip(images[label], images[over], exact, strict=True)]
 
         print(f"PSNR (dB) to the teacher's image, pair by pair, against {lora}'s:")
         for steps in args.few_steps:
-            ours = per_pair(f"LoRA, {sampler} {steps}, CFG 1")
             for name in others:
-                _paired(
-                    f"{name} − it, {steps} steps", per_pair(f"LoRA {name}, {sampler} {steps}, CFG 1"), ours
-                )
+                gain = gains(f"LoRA {name}, {sampler} {steps}, CFG 1", f"LoRA, {sampler} {steps}, CFG 1")
+                _paired(f"{name} − it, {steps} steps", gain, [0.0] * len(gain))
 
 
 GUIDANCE_FIT_SIGMAS = (1.0, 0.98, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2)
@@ -753,12 +756,24 @@ def guidance_fit(model: str, generator: SD3Generator, args: argparse.Namespace, 
     table(["σ", "target's mean square", "base: squared error", "LoRA: squared error"], rows)
 
 
+def _positive(text: str) -> int:
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive count, got {text}")
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="toy")
     parser.add_argument("--only", action="append", choices=SECTIONS)
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
-    parser.add_argument("--pairs", type=int, default=120, help="prompt×seed pairs for adherence")
+    parser.add_argument(
+        "--pairs",
+        type=_positive,
+        default=120,
+        help="prompt×seed pairs for adherence, approximations, weights and few-step (controls: an 8th, ≥ 8)",
+    )
     parser.add_argument(
         "--no-cfg1",
         dest="cfg1",

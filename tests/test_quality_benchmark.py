@@ -1,11 +1,15 @@
 """`benchmarks/quality.py --save-images` keeps what adherence judged, and `--rejudge` reads it back to
-the same figures without the model, refusing images saved for other pairs."""
+the same figures without the model, refusing images saved for other pairs; the few-step section
+counts forwards as the server prices them."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pipelines.toy
+from server.pricing import model_evaluations
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
 
@@ -49,3 +53,26 @@ def test_rejudging_at_another_size_reads_the_same_pixels_resized(tmp_path: Path)
     assert "--judge-size" in alone.stderr
     tiny = _run("--pairs", "2", "--rejudge", str(tmp_path), "--judge-size", "8")
     assert tiny.returncode != 0
+
+
+def test_the_few_step_section_counts_forwards_as_priced_and_gives_a_lora_against_itself_no_gain() -> None:
+    lora = str(pipelines.toy.FEW_STEP_DIR)
+    command = [sys.executable, str(SCRIPT), "--only", "few-step", "--size", "64", "--pairs", "2"]
+    command += ["--few-steps", "4", "--lora", lora, "--also-lora", lora, "--few-sampler", "Heun"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    forwards = {
+        line.split("  ")[0]: int(line.split()[-8]) for line in done.stdout.splitlines() if "Heun" in line
+    }
+
+    def priced(steps: int, guidance: float) -> int:
+        return model_evaluations(scheduler="Heun", steps=steps, guidance_scale=guidance)
+
+    # Heun calls the model twice a step but the last: not steps × 1 or 2, which the column once was.
+    assert forwards["LoRA, Heun 4, CFG 1"] == priced(4, 1.0) == 7
+    assert forwards["base, Heun 4, CFG 5"] == priced(4, 5.0) and forwards["base, Heun 2, CFG 5"] == priced(
+        2, 5.0
+    )
+    assert f"{lora} − it, 4 steps: +0.000 ± 0.000; lower in 0/2" in done.stdout
+    refused = subprocess.run([*command[:2], "--pairs", "0"], capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and "expected a positive count" in refused.stderr
