@@ -43,9 +43,11 @@ and the student's steps take the sizes in turn, each at the batch of as many pix
     python -m pipelines.toy.distill OUT --method phased --phases 4 --rank 32 --pairs 768 --steps 1000
         # ~1 h 25 min on one core: 40 min of pairs, 43 of steps; then: Euler, 4 steps, guidance 1.
         # then --init OUT --student-states 0.5 --steps 300 --lr 3e-4 --warmup 20 into OUT2 (19 min),
-        # then --init OUT2 --student-states 1.0 --steps 300 --lr 2e-4 --warmup 20 into OUT3 (20 min):
-        # pipelines/toy/few-step-4 is OUT3 (docs/toy.md §35, §36, §38); with --phases 10 throughout
-        # (400 steps in the third stage), pipelines/toy/few-step-10 (§37-38).
+        # then --init OUT2 --student-states 1.0 --steps 300 --lr 2e-4 --warmup 20 into OUT3 (20 min),
+        # then --init OUT3 --extra-size 512 --batch 16 --student-states 1.0 --steps 240 --lr 2e-4
+        # --warmup 10 into OUT4 (41 min on two cores): pipelines/toy/few-step-4 is OUT4 (docs/toy.md
+        # §35-36, §38, §44); with --phases 10 throughout (400 steps in the third stage),
+        # pipelines/toy/few-step-10 (§37-38, §42-43).
 
 In reflow and phased, the teacher's pairs are the slow part (1.7 s a pair on two cores at 256 px); they
 are kept in OUT/teacher-pairs.pt (an extra size's in OUT/teacher-pairs-S.pt) and reused by a rerun
