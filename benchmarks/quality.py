@@ -13,8 +13,10 @@ Sections (`--only`, repeatable):
   of images whose background colour, shape colour, shape kind and position the judge
   (`pipelines/toy/judge.py`) reads as captioned, at the API's defaults (DPM++ 2M, 25 steps, CFG 5,
   shift 3) and at CFG 1 (no guidance) for comparison. `--save-images DIR` also writes every image it
-  judged (PNG, with the pairs it answers); `--rejudge DIR` reads them back instead of generating, in
-  seconds and without the model, so that a change to the judge is re-measured on the same pixels;
+  judged (PNG, with the pairs it answers and the model and settings it was sampled with); `--rejudge
+  DIR` reads them back instead of generating, in seconds and without the model, so that a change to
+  the judge is re-measured on the same pixels (the same --pairs, --seed, --size and --shift, or it
+  refuses);
   with `--judge-size N` it reads them resized to N px, so a gap between two sizes can be told apart
   into the drawing's and the judge's. `--shift` samples at another shift than the API's 3.
 - decided: at which σ the model commits to each attribute. The judge reads the transformer's one-step
@@ -51,7 +53,8 @@ Sections (`--only`, repeatable):
   (`--quantize int8`) and each level of the opt-in step cache (pipelines/step_cache.py), alone and on
   bf16, against the exact fp32 loop on the same `--pairs` prompt×seed pairs at the API's defaults:
   PSNR / SSIM to the exact image, adherence, the share of forwards whose later blocks were skipped,
-  and the sampling speed-up (the variants alternate pair by pair, so the machine's noise falls on all).
+  and the sampling speed-up (after one untimed run each, the variants take turns pair by pair, each
+  round starting one further along, so the machine's noise and drift fall on all alike).
 - few-step: a LoRA for guidance 1 (`--lora`, a folder written by `python -m pipelines.toy.distill`,
   e.g. the committed pipelines/toy/few-step-4; docs/toy.md §15, §17, §35) run with `--few-sampler`
   (Euler unless told) at each of `--few-steps` (4 and 10, the txt2img page's fewest, unless told),
@@ -172,11 +175,11 @@ def adherence(generator: SD3Generator | None, args: argparse.Namespace) -> None:
         started = time.perf_counter()
         folder = (args.rejudge or args.save_images or Path()) / _slug(label)
         if generator is None:
-            images = _load_images(folder, pairs, size=args.judge_size)
+            images, made_by = _load_images(folder, pairs, _settings(base), size=args.judge_size)
         else:
             images = quality.generate(generator, pairs, base)
             if args.save_images is not None:
-                _save_images(folder, pairs, images)
+                _save_images(folder, pairs, images, _settings(base) | {"model": args.model})
         score = quality.adherence_of(pairs, images)
         kinds[label] = score.kinds
         for group, shares in score.by_position.items():
@@ -200,6 +203,8 @@ def adherence(generator: SD3Generator | None, args: argparse.Namespace) -> None:
             ]
         )
     print(f"## Adherence at {args.size} px over {args.pairs} prompt×seed pairs")
+    if generator is None:
+        print(f"(images saved from model {made_by})")
     if args.shift != DEFAULTS.shift:
         print(f"(sampled at shift {args.shift:g}, not the API's {DEFAULTS.shift:g})")
     if args.judge_size is not None:
@@ -220,10 +225,20 @@ def _slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
+def _settings(request: GenerationRequest) -> dict[str, object]:
+    """What a saved image was sampled with, beside its prompt and seed: what its report's header names."""
+    keys = ("width", "height", "shift", "scheduler", "steps", "guidance_scale")
+    return {key: getattr(request, key) for key in keys}
+
+
 def _save_images(
-    folder: Path, pairs: Sequence[tuple[world.Caption, int]], images: Sequence[np.ndarray]
+    folder: Path,
+    pairs: Sequence[tuple[world.Caption, int]],
+    images: Sequence[np.ndarray],
+    settings: dict[str, object],
 ) -> None:
-    """PNG (lossless, so a later judge reads the very pixels) and the pairs they answer, in order."""
+    """PNG (lossless, so a later judge reads the very pixels), the pairs they answer, in order, and the
+    settings and model they were sampled with."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -231,28 +246,44 @@ def _save_images(
         Image.fromarray(image).save(folder / f"{k:04d}.png")
     index = [{"prompt": caption.text, "seed": seed} for caption, seed in pairs]
     (folder / "pairs.json").write_text(json.dumps(index, indent=1) + "\n")
+    (folder / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def _load_images(
-    folder: Path, pairs: Sequence[tuple[world.Caption, int]], *, size: int | None = None
-) -> list[np.ndarray]:
-    """The saved images, in order; with `size`, each box-filtered down (or up) to size × size, so
-    that one set of pixels is judged at another resolution (is a gap between sizes the drawing's or
-    the judge's?)."""
+    folder: Path,
+    pairs: Sequence[tuple[world.Caption, int]],
+    settings: dict[str, object],
+    *,
+    size: int | None = None,
+) -> tuple[list[np.ndarray], str]:
+    """The saved images, in order, and the model they came from; with `size`, each box-filtered down
+    (or up) to size × size, so that one set of pixels is judged at another resolution (is a gap
+    between sizes the drawing's or the judge's?). Refused unless they answer `pairs` and were
+    sampled with `settings`: the report's header names both."""
     from PIL import Image
 
-    index_file = folder / "pairs.json"
-    if not index_file.is_file():
-        sys.exit(f"--rejudge: {index_file} is missing; write it with --save-images")
+    index_file, settings_file = folder / "pairs.json", folder / "settings.json"
+    for needed in (index_file, settings_file):
+        if not needed.is_file():
+            sys.exit(f"--rejudge: {needed} is missing; write it with --save-images")
     saved = json.loads(index_file.read_text())
     expected = [{"prompt": caption.text, "seed": seed} for caption, seed in pairs]
     if saved != expected:
         # Reading images against other captions would report a figure of nothing.
         sys.exit(f"--rejudge: {folder} holds other pairs; pass the --pairs and --seed it was saved with")
+    sampled = json.loads(settings_file.read_text())
+    model = sampled.pop("model", "?")
+    if sampled != settings:
+        differ = ", ".join(
+            f"{k} {sampled.get(k)} (not {v})" for k, v in settings.items() if sampled.get(k) != v
+        )
+        sys.exit(
+            f"--rejudge: {folder} was sampled with {differ}; pass the --size and --shift it was saved with"
+        )
     images = [Image.open(folder / f"{k:04d}.png").convert("RGB") for k in range(len(saved))]
     if size is not None:
         images = [image.resize((size, size), Image.Resampling.BOX) for image in images]
-    return [np.asarray(image) for image in images]
+    return [np.asarray(image) for image in images], str(model)
 
 
 def decided(generator: SD3Generator, args: argparse.Namespace) -> None:
@@ -348,8 +379,11 @@ def _open_colour(generator: SD3Generator, base: GenerationRequest, *, count: int
     )
 
 
-def _paired(label: str, a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> None:
-    """Print the mean of a − b pair by pair, its standard error, and in how many pairs a is lower."""
+def _paired(
+    label: str, a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray | None = None
+) -> None:
+    """Print the mean of a − b pair by pair (of a, where it holds the differences), its standard error,
+    and in how many pairs the difference is negative."""
     mean, error, lower = quality.paired_difference(a, b)
     print(f"  {label}: {mean:+.3f} ± {error:.3f}; lower in {lower}/{len(a)}")
 
@@ -592,29 +626,27 @@ def settings(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
 def approximations(model: str, generator: SD3Generator, args: argparse.Namespace) -> None:
     """Every opt-in approximation (and bf16, the CPU default where it is native) against the exact fp32
     loop: closeness, adherence, work skipped and speed-up, over the same prompt×seed pairs. The
-    variants alternate pair by pair, so the machine's noise falls on all of them alike."""
+    variants take turns pair by pair after a warm-up (`quality.generate_in_turn`), so the machine's
+    noise falls on all of them alike."""
     from pipelines.step_cache import LEVELS
 
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed + 4)
     base = replace(DEFAULTS, width=args.size, height=args.size)
-    requests = [replace(base, prompt=c.text, seed=s) for c, s in pairs]
     bf16, int8 = load(model, dtype="bf16"), load(model, performance={"quantize": "int8"})
-    variants: dict[str, tuple[SD3Generator, str]] = {
-        "exact (fp32)": (generator, "off"),
-        "bf16": (bf16, "off"),
-        "int8 transformer": (int8, "off"),
-        **{f"cache {level}": (generator, level) for level in LEVELS if level != "off"},
-        **{f"bf16 + cache {level}": (bf16, level) for level in LEVELS if level != "off"},
+    cached = [level for level in LEVELS if level != "off"]
+    variants: dict[str, tuple[SD3Generator, GenerationRequest]] = {
+        "exact (fp32)": (generator, base),
+        "bf16": (bf16, base),
+        "int8 transformer": (int8, base),
+        **{f"cache {level}": (generator, replace(base, step_cache=level)) for level in cached},
+        **{f"bf16 + cache {level}": (bf16, replace(base, step_cache=level)) for level in cached},
     }
-    images: dict[str, list[np.ndarray]] = {label: [] for label in variants}
-    skipped: dict[str, list[float]] = {label: [] for label in variants}
-    seconds = dict.fromkeys(variants, 0.0)
-    for request in requests:
-        for label, (runner, level) in variants.items():
-            out = runner.generate(replace(request, step_cache=level))
-            images[label].append(out.images[0])
-            skipped[label].append(out.timings.get("cache_skipped", 0.0))
-            seconds[label] += out.timings["sample"]
+    results = quality.generate_in_turn(variants, pairs)
+    images = {label: [out.images[0] for out in outs] for label, outs in results.items()}
+    skipped = {
+        label: [out.timings.get("cache_skipped", 0.0) for out in outs] for label, outs in results.items()
+    }
+    seconds = {label: sum(out.timings["sample"] for out in outs) for label, outs in results.items()}
     exact = images["exact (fp32)"]
     rows: list[list[object]] = []
     for label in variants:
@@ -649,7 +681,8 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
     """The distilled few-step LoRA (pipelines/toy/distill.py) against its teacher, the API defaults:
     closeness to the teacher's image from the same seed, adherence, transformer forwards an image and
     the sampling speed-up, beside the base model at the same few Euler steps with and without CFG.
-    The variants alternate pair by pair, so the machine's noise falls on all of them alike."""
+    The variants take turns pair by pair after a warm-up (`quality.generate_in_turn`), so the
+    machine's noise falls on all of them alike."""
     from pipelines.toy import distill
 
     lora = str(args.lora)
@@ -673,13 +706,9 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
         variants |= {f"LoRA {name}, {sampler} {steps}, CFG 1": (o, fast) for name, o in others.items()}
         if steps % 2 == 0:  # the same work as the LoRA's: plain few-step CFG at half the steps
             variants[f"base, {sampler} {steps // 2}, CFG 5"] = (generator, replace(guided, steps=steps // 2))
-    images: dict[str, list[np.ndarray]] = {label: [] for label in variants}
-    seconds = dict.fromkeys(variants, 0.0)
-    for caption, seed in pairs:
-        for label, (runner, base) in variants.items():
-            out = runner.generate(replace(base, prompt=caption.text, seed=seed))
-            images[label].append(out.images[0])
-            seconds[label] += out.timings["sample"]
+    results = quality.generate_in_turn(variants, pairs)
+    images = {label: [out.images[0] for out in outs] for label, outs in results.items()}
+    seconds = {label: sum(out.timings["sample"] for out in outs) for label, outs in results.items()}
     exact = images["teacher: API defaults"]
     rows: list[list[object]] = []
     for label, (_, base) in variants.items():
@@ -719,7 +748,7 @@ def few_step(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
         for steps in args.few_steps:
             for name in others:
                 gain = gains(f"LoRA {name}, {sampler} {steps}, CFG 1", f"LoRA, {sampler} {steps}, CFG 1")
-                _paired(f"{name} − it, {steps} steps", gain, [0.0] * len(gain))
+                _paired(f"{name} − it, {steps} steps", gain)
 
 
 GUIDANCE_FIT_SIGMAS = (1.0, 0.98, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2)

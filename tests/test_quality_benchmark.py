@@ -1,6 +1,6 @@
 """`benchmarks/quality.py --save-images` keeps what adherence judged, and `--rejudge` reads it back to
-the same figures without the model, refusing images saved for other pairs; the few-step section
-counts forwards as the server prices them."""
+the same figures without the model, refusing images saved for other pairs or settings; the few-step
+section counts forwards as the server prices them."""
 
 from __future__ import annotations
 
@@ -28,15 +28,28 @@ def test_saved_images_are_rejudged_to_the_same_figures(tmp_path: Path) -> None:
     saved = _run("--model", "tiny", "--pairs", "3", "--save-images", str(tmp_path))
     assert saved.returncode == 0, saved.stderr
     folder = tmp_path / "api-defaults-cfg-5"
-    assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png", "0002.png", "pairs.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "0000.png",
+        "0001.png",
+        "0002.png",
+        "pairs.json",
+        "settings.json",
+    ]
 
     again = _run("--pairs", "3", "--rejudge", str(tmp_path))
     assert again.returncode == 0, again.stderr
     assert _table(again.stdout) == _table(saved.stdout)
 
+    assert "(images saved from model tiny)" in again.stdout
+
     other = _run("--pairs", "3", "--seed", "4", "--rejudge", str(tmp_path))
     assert other.returncode != 0
     assert "holds other pairs" in other.stderr
+    # The header would name a size or shift the pixels were not sampled at.
+    larger = _run("--pairs", "3", "--rejudge", str(tmp_path), "--size", "128")
+    assert larger.returncode != 0 and "width 64 (not 128)" in larger.stderr
+    shifted = _run("--pairs", "3", "--rejudge", str(tmp_path), "--shift", "6")
+    assert shifted.returncode != 0 and "shift 3.0 (not 6.0)" in shifted.stderr
 
 
 def test_rejudging_at_another_size_reads_the_same_pixels_resized(tmp_path: Path) -> None:

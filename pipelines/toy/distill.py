@@ -52,10 +52,9 @@ and the student's steps take the sizes in turn, each at the batch of as many pix
 In reflow and phased, the teacher's pairs are the slow part (1.7 s a pair on two cores at 256 px); they
 are kept in OUT/teacher-pairs.pt (an extra size's in OUT/teacher-pairs-S.pt) and reused by a rerun
 with the same pair settings and the same teacher weights (by content: a moved checkout reuses them,
-retrained weights do not). Fixed seeds and a fixed
-thread count give the same LoRA on a rerun up to float rounding (not always bit for bit: the CPU
-kernels' last bits vary from run to run here). `python benchmarks/quality.py --only few-step --lora OUT`
-measures the result (docs/toy.md §15).
+retrained weights do not). Fixed seeds and a fixed thread count give the same LoRA on a rerun up to
+float rounding (not always bit for bit: the CPU kernels' last bits vary from run to run here).
+`python benchmarks/quality.py --only few-step --lora OUT` measures the result (docs/toy.md §15).
 """
 
 from __future__ import annotations
@@ -548,9 +547,13 @@ def save_lora(transformer: Any, out: Path) -> Path:
     return out / WEIGHT_NAME
 
 
+def _sized_pairs_file(size: int) -> str:
+    return f"teacher-pairs-{size}.pt"
+
+
 def pairs_file(cfg: DistillConfig, size: int) -> str:
     """Where a run keeps its teacher pairs at `size`: the first size's where a single-size run does."""
-    return PAIRS_FILE if size == cfg.size else f"teacher-pairs-{size}.pt"
+    return PAIRS_FILE if size == cfg.size else _sized_pairs_file(size)
 
 
 def _still_valid(data: dict[str, Any], cfg: DistillConfig) -> bool:
@@ -567,7 +570,7 @@ def _cached_pairs(
     """`teacher_pairs(cfg)` (`cfg` at one size), read back from `out` where a run with the same pair
     key left them, under either name (a single-size run's file, or a two-size run's for that size);
     else run and kept in `out/name`."""
-    for cached in dict.fromkeys([out / name, out / PAIRS_FILE, out / f"teacher-pairs-{cfg.size}.pt"]):
+    for cached in dict.fromkeys([out / name, out / PAIRS_FILE, out / _sized_pairs_file(cfg.size)]):
         data = torch.load(cached) if cached.exists() else None
         if data is not None and _still_valid(data, cfg):
             log(f"teacher pairs read from {cached}")

@@ -195,12 +195,35 @@ class Steering:
         return paired_difference(self.after, self.before)
 
 
+def generate_in_turn(
+    variants: Mapping[str, tuple[Generates, GenerationRequest]],
+    pairs: Sequence[tuple[world.Caption, int]],
+) -> dict[str, list[GenerationResult]]:
+    """Each variant's result for each (caption, seed), made so that their timings compare: every variant
+    first runs the first pair once and drops it (a first call pays for its set-up), then the variants
+    take turns pair by pair, each round starting one variant further along, so that neither the
+    machine's drift within a round nor following a given variant favours one of them."""
+    labels = list(variants)
+    results: dict[str, list[GenerationResult]] = {label: [] for label in labels}
+    if not pairs:
+        return results
+    first, first_seed = pairs[0]
+    for runner, base in variants.values():
+        runner.generate(replace(base, prompt=first.text, seed=first_seed))
+    for index, (caption, seed) in enumerate(pairs):
+        start = index % len(labels)
+        for label in labels[start:] + labels[:start]:
+            runner, base = variants[label]
+            results[label].append(runner.generate(replace(base, prompt=caption.text, seed=seed)))
+    return results
+
+
 def paired_difference(
-    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray | None = None
 ) -> tuple[float, float, int]:
-    """a − b pair by pair: its mean, the mean's standard error (NaN for fewer than two pairs), and in
-    how many pairs a is lower."""
-    diff = np.subtract(a, b)
+    """a − b pair by pair (a alone where it already holds the differences, e.g. `psnr_gain`s): its mean,
+    the mean's standard error (NaN for fewer than two pairs), and in how many pairs it is negative."""
+    diff = np.subtract(a, b) if b is not None else np.asarray(a, dtype=np.float64)
     error = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
     return float(diff.mean()), error, int((diff < 0).sum())
 

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
+from pipelines.request import GenerationRequest, GenerationResult
 from pipelines.toy import judge, quality, world
 
 
@@ -222,3 +223,43 @@ def test_a_psnr_gain_is_how_much_nearer_the_reference_and_zero_when_both_equal_i
     assert quality.psnr_gain(far, near, reference) == pytest.approx(-20.0)
     assert quality.psnr_gain(reference, far, reference) == math.inf
     assert quality.psnr_gain(reference.copy(), reference, reference) == 0.0  # not inf − inf
+
+
+def test_a_paired_difference_of_gains_alone_is_their_mean_and_error() -> None:
+    gains = [1.0, -1.0, 3.0]
+    assert quality.paired_difference(gains) == quality.paired_difference(gains, [0.0, 0.0, 0.0])
+    mean, error, negative = quality.paired_difference(gains)
+    assert (mean, negative) == (1.0, 1) and error == pytest.approx(2 / math.sqrt(3))
+
+
+class _Recorder:
+    """A generator that only notes who was asked for what, in order (the harness is under test here)."""
+
+    def __init__(self, name: str, calls: list[tuple[str, int]]) -> None:
+        self.name, self.calls = name, calls
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.calls.append((self.name, request.seed))
+        image = np.full((4, 4, 3), request.seed % 256, np.uint8)
+        return GenerationResult(images=[image], seed=request.seed, timings={"sample": 1.0})
+
+
+def test_variants_take_turns_after_one_dropped_warm_up_each() -> None:
+    calls: list[tuple[str, int]] = []
+    variants = {
+        name: (_Recorder(name, calls), GenerationRequest(prompt="", steps=steps))
+        for name, steps in (("a", 4), ("b", 8), ("c", 25))
+    }
+    pairs = [(world.all_captions()[i], seed) for i, seed in enumerate((10, 11, 12, 13))]
+    results = quality.generate_in_turn(variants, pairs)
+
+    warm_up, rounds = calls[:3], [calls[3 + 3 * i : 6 + 3 * i] for i in range(4)]
+    assert warm_up == [("a", 10), ("b", 10), ("c", 10)]
+    # Each round starts one variant further along, so none always runs first or after the same one.
+    assert [[name for name, _ in r] for r in rounds] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    assert all({seed for _, seed in r} == {seed} for r, (_, seed) in zip(rounds, pairs, strict=True))
+    # Results come back in pair order, the warm-up's dropped.
+    assert {name: [r.seed for r in out] for name, out in results.items()} == dict.fromkeys(
+        "abc", [10, 11, 12, 13]
+    )
+    assert quality.generate_in_turn(variants, []) == dict.fromkeys("abc", [])
