@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# The checkout's packages, also where it is not pip-installed (benchmarks/gpu_check.sh on a lent GPU).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 MODES: dict[str, dict[str, str]] = {
     "everything on the device": {"mode": "device", "vae_tiling": "off", "attention_slicing": "off"},
     "no T5": {"mode": "device", "t5": "off", "vae_tiling": "off", "attention_slicing": "off"},
@@ -41,8 +44,8 @@ def child(model: str, memory: dict[str, str], size: int, steps: int, data_dir: s
     import torch
 
     from pipelines.request import GenerationRequest
-    from server.app import load_runtime
     from server.config import Settings
+    from server.runtime import load_runtime
 
     settings = Settings(data_dir=Path(data_dir), model={"id": model}, memory=memory)
     runtime = load_runtime(settings)

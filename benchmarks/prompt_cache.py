@@ -28,8 +28,8 @@ from tiny_latency import ORIGINAL
 
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
-from server.app import load_runtime
 from server.config import Settings
+from server.runtime import load_runtime
 
 
 def main() -> None:

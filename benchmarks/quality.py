@@ -69,7 +69,7 @@ Sections (`--only`, repeatable):
   renders at `--size`, beside the base model's at guidance 1: where a LoRA falls short of CFG.
 
 The model is `--model` (default `toy`, the committed weights) loaded through the serving code
-(`server.app.load_runtime`), so what is measured is what a client would receive.
+(`server.runtime.load_runtime`), so what is measured is what a client would receive.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def load(
     **sampling: str,
 ) -> SD3Generator:
     from pipelines.sd3 import SD3Generator
-    from server.app import load_runtime
     from server.config import Settings
+    from server.runtime import load_runtime
 
     settings = Settings(
         data_dir=Path(tempfile.mkdtemp(prefix="sd3-quality-")),

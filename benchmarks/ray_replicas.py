@@ -22,10 +22,11 @@ from pathlib import Path
 import httpx
 from baseline_server import serve_in_thread, stop_server
 
-from server.app import create_app, load_runtime
+from server.app import create_app
 from server.config import Settings
 from server.db.migrations import upgrade_to_head
 from server.ledger import Ledger
+from server.runtime import load_runtime
 
 BODY = {"prompt": "a lighthouse", "img_width": 512, "img_height": 512, "num_inference_steps": 10}
 

@@ -53,10 +53,11 @@ from baseline_server import create_baseline_app, load_baseline_pipeline, serve_i
 from tiny_latency import ORIGINAL
 
 from pipelines.sd3 import SD3Generator
-from server.app import create_app, load_runtime
+from server.app import create_app
 from server.config import Settings
 from server.encoding import to_jpeg
 from server.ledger import Ledger
+from server.runtime import load_runtime
 from server.schemas import Txt2ImgRequest
 from server.serving import to_generation_request
 

@@ -18,7 +18,7 @@ Modes (`--modes`, default all):
 - int8, fp8: `--quantize` (with the device's default compilation);
 - cache-fast, cache-faster: the request's `cache` field (with the device's default compilation).
 
-Each mode loads its own runtime through the serving code (`server.app.load_runtime`), pays its
+Each mode loads its own runtime through the serving code (`server.runtime.load_runtime`), pays its
 compile in the warm-up ("ready"), then generates the request `--repeats` times; the table shows
 the median, its ratio to `exact`, the peak GPU memory of the generations, and the PSNR of the
 image against exact's (∞: the same pixels). A mode this machine cannot run says why.
@@ -75,8 +75,8 @@ def _sync(device: str) -> None:
 
 def run_mode(args: argparse.Namespace, request: GenerationRequest, mode: str) -> dict[str, object]:
     from pipelines.sd3 import SD3Generator
-    from server.app import load_runtime
     from server.config import Settings
+    from server.runtime import load_runtime
 
     performance, step_cache = MODES[mode]
     model = {"id": args.model, "device": args.device}

@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6, help="images (toy: prompt×seed pairs of its world)")
     args = parser.parse_args()
 
-    from server.app import load_runtime
     from server.config import Settings
+    from server.runtime import load_runtime
 
     settings = Settings(
         data_dir=Path(tempfile.mkdtemp(prefix="sd3-moves-")), model={"id": args.model, "device": args.device}

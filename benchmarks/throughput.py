@@ -30,10 +30,11 @@ from baseline_server import serve_in_thread, stop_server
 from server_overhead import machine_line, percentile
 
 from pipelines.request import GenerationRequest, GenerationResult
-from server.app import Runtime, create_app, load_runtime
+from server.app import create_app
 from server.config import Settings
 from server.ledger import Ledger
 from server.queue import BatchGenerator
+from server.runtime import Runtime, load_runtime
 
 SLUG = "stable-diffusion-3-medium-txt2img"
 BODY = {

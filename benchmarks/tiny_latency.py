@@ -29,9 +29,10 @@ import httpx
 import torch
 import uvicorn
 
-from server.app import create_app, load_runtime
+from server.app import create_app
 from server.config import Settings
 from server.ledger import Ledger
+from server.runtime import load_runtime
 
 # The hosted page's example body (a JSON object, so its values are of mixed types).
 ORIGINAL: dict[str, Any] = {

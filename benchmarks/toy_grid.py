@@ -42,8 +42,8 @@ def main() -> None:
     parser.add_argument("--caption", action="append", help="instead of the four default captions")
     args = parser.parse_args()
 
-    from server.app import load_runtime
     from server.config import Settings
+    from server.runtime import load_runtime
 
     settings = Settings(
         data_dir=Path(tempfile.mkdtemp(prefix="sd3-grid-")),

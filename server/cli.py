@@ -98,7 +98,7 @@ def _ledger(settings: Settings):  # type: ignore[no-untyped-def]
 
 def _load_runtime(settings: Settings):  # type: ignore[no-untyped-def]
     from pipelines.loading import ModelLoadError
-    from server.app import load_runtime
+    from server.runtime import load_runtime
 
     # A plain line too: the spinner shows only on a terminal, and a load takes seconds to minutes.
     if not err.is_terminal:

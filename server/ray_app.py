@@ -172,7 +172,7 @@ class SD3Replica:
         # replicas of a new deployment race here on a new database (the upgrade locks it).
         upgrade_to_head(self.settings.resolved_database_url)
         settle_dead_replicas(self.settings, identity, base=base)
-        from server.app import load_runtime
+        from server.runtime import load_runtime
 
         self.runtime = load_runtime(self.settings)
         log.info("replica %s: %s", self.settings.instance_id, self.runtime.description)

@@ -3,6 +3,9 @@
 Everything is real: the tiny SD3 is written as a diffusers folder and loaded by the same code as
 real weights, the server is uvicorn on a free loopback port, the ledger a SQLite file, and the
 clients are httpx and the official `segmind` SDK.
+
+The web stack and the SDK are imported by the fixtures that use them, so that the pipeline tests also
+run where only the engine's packages are installed (benchmarks/gpu_check.sh on a lent GPU machine).
 """
 
 from __future__ import annotations
@@ -10,15 +13,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from segmind import SegmindClient
 
 from pipelines.tiny import ensure_tiny_model
-from server.app import Runtime, load_runtime
 from server.config import Settings
-from tests.live import LiveServer, live_server
+from server.runtime import Runtime, load_runtime
+
+if TYPE_CHECKING:
+    from segmind import SegmindClient
+
+    from tests.live import LiveServer
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +53,8 @@ def runtime(settings: Settings, tiny_dir: Path) -> Runtime:
 def live(
     settings: Settings, runtime: Runtime, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
+    from tests.live import live_server
+
     db = tmp_path_factory.mktemp("ledger") / "ledger.sqlite3"
     yield from live_server(settings.model_copy(update={"database_url": f"sqlite:///{db}"}), runtime)
 
@@ -65,7 +73,7 @@ def restored_logging() -> Iterator[None]:
         logging.getLogger("alembic").setLevel(logging.NOTSET)
 
 
-SDK = Callable[..., SegmindClient]
+SDK = Callable[..., "SegmindClient"]
 
 
 @pytest.fixture
@@ -73,6 +81,8 @@ def sdk() -> Iterator[SDK]:
     """Makes the official SDK's clients (`sdk(api_key=..., base_url=..., timeout=...)`) and closes them
     after the test: each holds an httpx.Client open and the SDK has no close() of its own, so an
     unclosed one leaks its sockets into whichever later test the garbage collector runs in."""
+    from segmind import SegmindClient
+
     clients: list[SegmindClient] = []
 
     def make(**kwargs: Any) -> SegmindClient:

@@ -20,10 +20,11 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from server.app import Runtime, create_app, load_runtime
+from server.app import create_app
 from server.config import Settings
 from server.connections import uvicorn_config
 from server.ledger import Ledger
+from server.runtime import Runtime, load_runtime
 
 SLUG = "stable-diffusion-3-medium-txt2img"
 # The smallest request the contract allows: keeps the suite fast where size is not the point.

@@ -20,8 +20,8 @@ from pydantic import SecretStr
 from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.core.result import Ok
 
-from server.app import Runtime
 from server.config import Settings
+from server.runtime import Runtime
 from tests.live import LiveServer, live_server
 
 ADMIN = "fuzz-admin-token"

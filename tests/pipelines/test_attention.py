@@ -11,8 +11,8 @@ import torch
 
 from pipelines.attention import FLASH_IMPLS, choose, pick
 from pipelines.loading import ModelLoadError
-from server.app import load_runtime
 from server.config import Settings
+from server.runtime import load_runtime
 
 FA3, FA4 = FLASH_IMPLS["fa3"][0], FLASH_IMPLS["fa4"][0]
 HOPPER, BLACKWELL, ADA = 9, 10, 8

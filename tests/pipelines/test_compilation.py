@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from pipelines.compilation import keep_compiled_code_in, on_by_default
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
-from server.app import load_runtime
 from server.config import Settings
+from server.runtime import load_runtime
 
 REQUEST = GenerationRequest(prompt="a windmill", seed=8, width=512, height=512, steps=10)
 

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from schedulers.names import public_names
-from server.app import Runtime
+from server.runtime import Runtime
 
 
 class Float64Watch(TorchDispatchMode):

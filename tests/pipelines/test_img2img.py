@@ -14,7 +14,7 @@ from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from schedulers import sigmas_for
 from schedulers.noise import initial_noise
-from server.app import Runtime
+from server.runtime import Runtime
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from pipelines.loading import ModelLoadError
 from pipelines.lora import LoraError, LoraSpec
 from pipelines.request import GenerationRequest
-from server.app import Runtime, load_runtime
 from server.config import Settings
+from server.runtime import Runtime, load_runtime
 
 pytest.importorskip("peft", reason="the test extra installs peft")
 

@@ -9,7 +9,7 @@ from pipelines.memory import GiB, SlicedJointAttnProcessor, plan_memory
 from pipelines.options import Switch, T5Choice
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
-from server.app import Runtime
+from server.runtime import Runtime
 
 CUDA = torch.device("cuda")
 

@@ -9,7 +9,7 @@ import torch
 from pipelines.prompt_cache import PromptCache
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
-from server.app import Runtime
+from server.runtime import Runtime
 
 
 def test_lru_evicts_the_least_recently_used_within_the_byte_budget() -> None:

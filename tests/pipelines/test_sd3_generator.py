@@ -15,7 +15,7 @@ from pipelines.sd3 import GenerationError, SD3Generator
 from schedulers.names import resolve
 from schedulers.noise import initial_noise
 from schedulers.sigmas import sigmas_for
-from server.app import Runtime
+from server.runtime import Runtime
 
 
 class Size(TypedDict):

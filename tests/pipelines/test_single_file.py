@@ -30,7 +30,7 @@ from pipelines.checkpoints import (
 from pipelines.loading import LoadedModel, ModelLoadError, ModelSpec, load_model
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
-from server.app import Runtime
+from server.runtime import Runtime
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 REQUEST = GenerationRequest(prompt="a lighthouse at dusk", width=512, height=512, steps=10, seed=1)

@@ -15,7 +15,7 @@ import torch
 
 from pipelines.sd3 import SD3Generator
 from pipelines.text import MAX_WEIGHT, count_tokens, encode_prompt, parse_weights
-from server.app import Runtime
+from server.runtime import Runtime
 
 CPU = torch.device("cpu")
 CHUNK = 77

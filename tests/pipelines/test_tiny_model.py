@@ -12,8 +12,8 @@ from pipelines.sd3 import SD3Generator
 from pipelines.text import CLIP_CHUNK, encode_prompt
 from pipelines.tiny import build_tiny_pipeline, ensure_tiny_model
 from pipelines.toy import quality, world
-from server.app import Runtime
 from server.config import Settings
+from server.runtime import Runtime
 
 CPU = torch.device("cpu")
 

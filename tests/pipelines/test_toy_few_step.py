@@ -30,10 +30,10 @@ from pipelines.sd3 import Conditioning, SD3Generator
 from pipelines.toy import distill, quality
 from pipelines.toy.train import CaptionBank, file_sha256, velocity
 from schedulers.guidance import guided_denoiser
-from server.app import load_runtime
 from server.config import Settings
 from server.image_input import InputImage
 from server.pricing import model_evaluations
+from server.runtime import load_runtime
 from server.schemas import Img2ImgRequest, Txt2ImgRequest
 from server.serving import img2img_generation_request, to_generation_request
 

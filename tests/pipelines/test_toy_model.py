@@ -14,8 +14,8 @@ import pipelines.toy
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from pipelines.toy import train
-from server.app import load_runtime
 from server.config import Settings
+from server.runtime import load_runtime
 
 FOLDER = pipelines.toy.MODEL_DIR
 pytestmark = pytest.mark.skipif(

@@ -18,8 +18,8 @@ import pipelines.toy
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
 from pipelines.toy import quality, world
-from server.app import load_runtime
 from server.config import Settings
+from server.runtime import load_runtime
 
 pytestmark = pytest.mark.skipif(
     not (pipelines.toy.MODEL_DIR / "model_index.json").exists(),

@@ -14,8 +14,8 @@ import torch
 from pipelines.loading import ModelLoadError
 from pipelines.request import GenerationRequest
 from pipelines.transformer_quantization import quantization_problem
-from server.app import load_runtime
 from server.config import Settings
+from server.runtime import load_runtime
 
 pytest.importorskip("torchao", reason="the test extra installs torchao")
 

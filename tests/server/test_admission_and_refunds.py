@@ -32,12 +32,12 @@ from typer.testing import CliRunner
 
 from pipelines.request import GenerationRequest, GenerationResult
 from pipelines.sd3 import SD3Generator, StepCallback, batch_key
-from server.app import Runtime
 from server.cli import app as cli
 from server.config import Settings
 from server.job_store import JobRecord, JobStore
 from server.ledger import Ledger
 from server.queue import WorkQueue
+from server.runtime import Runtime
 from tests.databases import migrated
 from tests.live import SLUG, SMALL, LiveServer, ServerProcess, job_status_is, live_server, wait_for
 

@@ -24,9 +24,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from server.app import Runtime
 from server.cli import app
 from server.config import ConnectionSettings, Settings
+from server.runtime import Runtime
 from tests.live import SLUG, LiveServer, live_server, wait_for
 
 LIMITS = ConnectionSettings(

@@ -18,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.app import Runtime
 from server.config import Settings
 from server.keys import hash_key
 from server.ledger import Ledger
 from server.logs import configure_logging
+from server.runtime import Runtime
 from tests.databases import migrated
 from tests.live import SLUG, SMALL, LiveServer, live_server
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pipelines.sd3 import SD3Generator
-from server.app import Runtime, load_runtime
 from server.config import Settings
+from server.runtime import Runtime, load_runtime
 from tests.live import SLUG, SMALL, LiveServer, live_server, wait_for
 
 # Holds the device for seconds on the tiny model, so that what comes after it finds the queue full.

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.app import Runtime
 from server.config import Settings
 from server.image_input import URLS_OFF
 from server.job_store import JobStore
 from server.ledger import Ledger
+from server.runtime import Runtime
 from server.schemas import Img2ImgRequest
 from tests.databases import migrated
 from tests.live import LiveServer, live_server, wait_for

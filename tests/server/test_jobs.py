@@ -17,11 +17,12 @@ import pytest
 from PIL import Image
 from segmind.v2 import InferenceFailed
 
-from server.app import Runtime, create_app
+from server.app import create_app
 from server.config import Settings
 from server.job_store import JobStore
 from server.keys import hash_key
 from server.ledger import Ledger
+from server.runtime import Runtime
 from tests.conftest import SDK
 from tests.databases import migrated
 from tests.faults import killed_at

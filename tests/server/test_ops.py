@@ -17,11 +17,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from server.app import Runtime
 from server.config import Settings
 from server.db.migrations import upgrade_to_head
 from server.keys import hash_key
 from server.logs import configure_logging
+from server.runtime import Runtime
 from tests.live import SLUG, SMALL, LiveServer, live_server, wait_for
 
 ADMIN = "s3cret-admin-token"

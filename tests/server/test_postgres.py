@@ -25,8 +25,8 @@ from server.ledger import Ledger
 if TYPE_CHECKING:
     # Not at run time: the spawned worker processes import this module, and the app would bring
     # torch and diffusers along, seconds per process.
-    from server.app import Runtime
     from server.config import Settings
+    from server.runtime import Runtime
 from tests.databases import migrated
 from tests.ledger_race import reserve_and_report
 from tests.live import LiveServer

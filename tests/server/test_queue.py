@@ -14,9 +14,9 @@ import pytest
 
 from pipelines.request import GenerationCancelled, GenerationRequest, GenerationResult
 from pipelines.sd3 import SD3Generator, StepCallback, batch_key
-from server.app import Runtime
 from server.errors import Overloaded
 from server.queue import WorkQueue
+from server.runtime import Runtime
 from tests.live import LiveServer
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from server.app import Runtime
 from server.cli import app as cli
 from server.config import Settings
 from server.ledger import Ledger
+from server.runtime import Runtime
 from tests.databases import migrated
 from tests.live import SLUG, SMALL, LiveServer, ServerProcess, live_server, wait_for
 

@@ -15,8 +15,8 @@ from PIL import Image
 
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
-from server.app import Runtime
 from server.config import Settings
+from server.runtime import Runtime
 from tests.live import SMALL, LiveServer, live_server
 
 LIMIT = 40

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from pipelines import step_cache
-from server.app import Runtime
 from server.config import Settings
+from server.runtime import Runtime
 from server.schemas import SD35LargeRequest
 from server.serving import sd35_generation_request
 from tests.live import SMALL, LiveServer, live_server

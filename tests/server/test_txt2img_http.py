@@ -21,9 +21,9 @@ from PIL import Image
 
 from pipelines.request import GenerationRequest
 from schedulers.names import public_names
-from server.app import Runtime
 from server.config import Settings
 from server.keys import hash_key
+from server.runtime import Runtime
 from server.schemas import Txt2ImgRequest
 from tests.live import SLUG, SMALL, LiveServer, live_server
 
