@@ -165,7 +165,17 @@ def main() -> None:
     exact: dict[str, object] = {}
     # A row as soon as its mode has run: under gpu_check.sh's time limit, the modes done still print.
     for mode in modes:
-        row = run_mode(args, request, mode)
+        try:
+            row = run_mode(args, request, mode)
+        except Exception as exc:  # noqa: BLE001 - one mode's failure (a kernel, a version) must not end the table
+            if mode == "exact":
+                raise
+            first_line = (str(exc).splitlines() or [""])[0][:200]
+            print(f"{mode:<14} failed: {type(exc).__name__}: {first_line}", flush=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
         exact = exact or row
         if "skipped" in row and "seconds" not in row:
             print(f"{row['mode']:<14} skipped: {row['skipped']}", flush=True)
