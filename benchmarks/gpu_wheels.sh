@@ -27,4 +27,7 @@ for name in "${names[@]}"; do
         --python-version "$python_version" "${platforms[@]}" --dest .whl "$name==$version"
 done
 ls .whl
-du -sh .whl
+# What a copy of the checkout carries with them (a remote runner may cap it, at 64 MiB here).
+tracked=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+wheels=$(du -sb .whl | cut -f1)
+echo "wheels $((wheels / 2**20)) MiB + tracked files $((tracked / 2**20)) MiB = $(((tracked + wheels) / 2**20)) MiB"
