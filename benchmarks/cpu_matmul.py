@@ -5,8 +5,10 @@
 `--t5-on-cpu` encodes each new prompt with T5-XXL on the CPU. Its cost is dominated by matmuls of
 this shape (77 tokens x 2 rows for CFG, d_model 4096, d_ff 10240), so the rates below, times
 T5-XXL's ~0.715 TFLOP per 77-token prompt, estimate the encoding time. PyTorch's CPU speed per
-dtype depends on the instruction set (fp16 and bf16 are fast only with AVX512-FP16/-BF16 or AMX),
-which is why T5 keeps the dtype it was loaded in and this script exists to check a machine.
+dtype depends on the instruction set (fp16 and bf16 are fast only with AVX512-FP16/-BF16 or AMX,
+int8 only with VNNI or AMX), which is why T5 keeps the dtype it was loaded in and this script exists
+to check a machine. The int8 × int8 row is the product `--quantize int8` runs in the transformer on a
+CPU (torchao hands it to `torch._int_mm`).
 """
 
 from __future__ import annotations
@@ -40,11 +42,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    flags = ("avx512_bf16", "vnni", "amx_tile")  # PyTorch's cpuinfo checks, private: absent reads as no
+    print(
+        ", ".join(
+            f"{flag}: {bool(getattr(torch.cpu, f'_is_{flag}_supported', lambda: False)())}" for flag in flags
+        )
+    )
     print(f"{'weights':<24} {'GFLOP/s':>9} {'s per 77-token T5-XXL prompt':>30}")
     rows: list[tuple[str, Callable[[], object]]] = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x, w = torch.randn(TOKENS, D_MODEL, dtype=dtype), torch.randn(D_FF, D_MODEL, dtype=dtype)
         rows.append((str(dtype).removeprefix("torch."), functools.partial(torch.nn.functional.linear, x, w)))
+    a8 = torch.randint(-128, 128, (TOKENS, D_MODEL), dtype=torch.int8)
+    b8 = torch.randint(-128, 128, (D_MODEL, D_FF), dtype=torch.int8)
+    rows.append(("int8 × int8 (_int_mm)", functools.partial(torch._int_mm, a8, b8)))
     try:
         import bitsandbytes as bnb
 

@@ -2,7 +2,8 @@
 
 - `int8`: int8 weights with per-channel scales, and activations quantized to int8 per token at run
   time (torchao's `Int8DynamicActivationInt8WeightConfig`): half the fp16 weight memory, on CUDA and
-  on the CPU (whose int8 dot products, VNNI/AMX, outrun fp32).
+  on the CPU. A CPU multiplies int8 fast only with VNNI or AMX; elsewhere PyTorch's fallback int8
+  matmul is two orders of magnitude slower than fp32, which start-up says (`quantization_caveat`).
 - `fp8`: e4m3 weights and activations with per-row scales (`Float8DynamicActivationFloat8WeightConfig`,
   `PerRow`): needs a GPU with fp8 tensor cores (compute capability 8.9: Ada, Hopper, Blackwell).
 
@@ -54,6 +55,34 @@ def quantization_problem(mode: TransformerQuant, *, device: torch.device, placem
                 f"has {capability[0]}.{capability[1]}: use int8"
             )
     return None
+
+
+def cpu_has_int8_dot_products() -> bool:
+    """Whether this CPU has the int8 dot-product instructions (AVX512-VNNI or AMX) that PyTorch's CPU
+    int8 matmul needs to be fast. PyTorch's cpuinfo checks are private: absent, they read as no."""
+    checks = ("_is_vnni_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def quantization_caveat(
+    mode: TransformerQuant, *, device: torch.device, int8_dot_products: bool | None = None
+) -> str | None:
+    """A sentence for the start-up log where `mode` runs but costs time here; None where it does not.
+
+    On an AVX2-only CPU `torch._int_mm`, which torchao's int8 layout calls, ran at 0.4 GFLOP/s against
+    fp32's 69 (`benchmarks/cpu_matmul.py`), and the trained toy's image took 15.6x as long as in fp32
+    (`benchmarks/speed_modes.py --model toy --size 256 --device cpu --modes exact int8`). Not refused:
+    the weights still take half the memory, which may be what the user wants.
+    """
+    if mode != "int8" or device.type != "cpu":
+        return None
+    if cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products:
+        return None
+    return (
+        "--quantize int8 on this CPU (no VNNI or AMX int8 instructions) runs PyTorch's fallback int8 "
+        "matmul, many times slower than fp32 (15.6x the image time on an AVX2-only CPU): it saves "
+        "memory, not time; --quantize off is faster here"
+    )
 
 
 def _config(mode: TransformerQuant) -> Any:

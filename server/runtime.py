@@ -9,6 +9,7 @@ stack installed (benchmarks/gpu_check.sh runs where only the engine's packages c
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from pipelines.attention import activate as activate_attention
@@ -27,9 +28,11 @@ from pipelines.lora import LoraError, LoraSpec, fuse_loras
 from pipelines.memory import MemoryPlan, apply_plan, free_memory, plan_memory
 from pipelines.options import Family
 from pipelines.sd3 import SamplingOptions, SD3Generator
-from pipelines.transformer_quantization import quantization_problem, quantize_transformer
+from pipelines.transformer_quantization import quantization_caveat, quantization_problem, quantize_transformer
 from server.config import Settings
 from server.queue import BatchGenerator
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ def load_runtime(settings: Settings) -> Runtime:
         fuse_qkv(loaded.pipe.transformer)
     # Before the offload hooks and compilation, which must see the quantized layers.
     quantized = quantize_transformer(loaded.pipe.transformer, perf.quantize)
+    caveat = quantization_caveat(perf.quantize, device=loaded.device)
+    if caveat is not None:
+        log.warning(caveat)
     apply_plan(loaded.pipe, plan, loaded.device)
     activate_attention(kernel)
     sampling = settings.sampling
@@ -125,6 +131,7 @@ def load_runtime(settings: Settings) -> Runtime:
         description=f"{loaded.description}; {precision}; memory: {plan.describe()}"
         + (f"; LoRA: {', '.join(fused)}" if fused else "")
         + (f"; transformer in {perf.quantize} ({quantized} layers)" if quantized else "")
+        + ("; slow here: this CPU has no int8 instructions" if caveat is not None else "")
         + (f"; attention: {kernel}" if kernel != "sdpa" else ""),
         device=str(loaded.device),
         family=loaded.family,

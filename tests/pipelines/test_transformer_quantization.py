@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines import transformer_quantization
 from pipelines.loading import ModelLoadError
 from pipelines.request import GenerationRequest
-from pipelines.transformer_quantization import quantization_problem
+from pipelines.transformer_quantization import quantization_caveat, quantization_problem
 from server.config import Settings
 from server.runtime import load_runtime
 
@@ -75,3 +76,28 @@ def test_the_server_refuses_before_loading(data_dir: Path) -> None:
         load_runtime(
             Settings(data_dir=data_dir, model={"id": "/nonexistent/weights"}, performance={"quantize": "fp8"})
         )
+
+
+def test_int8_on_a_cpu_without_int8_instructions_is_run_but_said_to_be_slow() -> None:
+    slow = quantization_caveat("int8", device=CPU, int8_dot_products=False)
+    assert slow is not None and "saves memory, not time" in slow
+    assert quantization_caveat("int8", device=CPU, int8_dot_products=True) is None
+    for mode in ("off", "fp8"):
+        assert quantization_caveat(mode, device=CPU, int8_dot_products=False) is None
+    assert quantization_caveat("int8", device=torch.device("cuda"), int8_dot_products=False) is None
+
+
+@pytest.mark.parametrize("has_instructions", [False, True])
+def test_start_up_says_when_int8_is_slow_on_this_cpu(
+    data_dir: Path,
+    tiny_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    has_instructions: bool,
+) -> None:
+    monkeypatch.setattr(transformer_quantization, "cpu_has_int8_dot_products", lambda: has_instructions)
+    with caplog.at_level("WARNING", logger="server.runtime"):
+        runtime = _runtime(data_dir, quantize="int8")
+    said = "slow here: this CPU has no int8 instructions" in runtime.description  # type: ignore[attr-defined]
+    warned = any("saves memory, not time" in record.getMessage() for record in caplog.records)
+    assert said == warned == (not has_instructions)
