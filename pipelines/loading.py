@@ -139,16 +139,27 @@ def resolve_device(name: Device) -> torch.device:
     return torch.device(name)
 
 
+def _cpu_has_any(*checks: str) -> bool:
+    # PyTorch's own cpuinfo checks answer on every OS; they are private, so a PyTorch without one
+    # reads as "no", the safe answer for every question asked of them here.
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively: AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake)
     or AMX (Intel Sapphire Rapids and later).
 
     oneDNN runs bf16 matmuls there at several times the fp32 rate (5.4x on a Zen 4 EPYC,
-    benchmarks/cpu_matmul.py) and emulates them elsewhere, slower than fp32. PyTorch's own cpuinfo
-    checks answer on every OS; they are private, so a PyTorch without them gets fp32, the safe answer.
+    benchmarks/cpu_matmul.py) and emulates them elsewhere, slower than fp32 (6x slower on an
+    AVX2-only EPYC), so a CPU without them gets fp32.
     """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return _cpu_has_any("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def cpu_has_int8_dot_products() -> bool:
+    """Whether this CPU has the int8 dot-product instructions (AVX512-VNNI or AMX) that PyTorch's CPU
+    int8 matmul needs to be fast (`--quantize int8`, pipelines/transformer_quantization.py)."""
+    return _cpu_has_any("_is_vnni_supported", "_is_amx_tile_supported")
 
 
 def resolve_dtype(name: Dtype, device: torch.device) -> torch.dtype:

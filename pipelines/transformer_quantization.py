@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pipelines.loading import cpu_has_int8_dot_products
 from pipelines.options import Placement, TransformerQuant
 
 MIN_TORCHAO = "0.18"
@@ -55,13 +56,6 @@ def quantization_problem(mode: TransformerQuant, *, device: torch.device, placem
                 f"has {capability[0]}.{capability[1]}: use int8"
             )
     return None
-
-
-def cpu_has_int8_dot_products() -> bool:
-    """Whether this CPU has the int8 dot-product instructions (AVX512-VNNI or AMX) that PyTorch's CPU
-    int8 matmul needs to be fast. PyTorch's cpuinfo checks are private: absent, they read as no."""
-    checks = ("_is_vnni_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def quantization_caveat(

@@ -12,6 +12,7 @@ import torch
 from pipelines.loading import (
     ModelLoadError,
     ModelSpec,
+    cpu_has_int8_dot_products,
     cpu_has_native_bf16,
     load_model,
     resolve_device,
@@ -50,6 +51,14 @@ def test_auto_on_a_cpu_is_bf16_only_where_the_cpu_has_it(
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert cpu_has_native_bf16() is (expected is torch.bfloat16)
     assert resolve_dtype("auto", torch.device("cpu")) is expected
+
+
+@pytest.mark.parametrize(("vnni", "amx"), [(False, False), (True, False), (False, True)])
+def test_int8_dot_products_are_vnni_or_amx(monkeypatch: pytest.MonkeyPatch, vnni: bool, amx: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # not asked
+    assert cpu_has_int8_dot_products() is (vnni or amx)
 
 
 def test_a_pytorch_without_the_cpu_checks_gets_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
