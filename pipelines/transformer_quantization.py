@@ -58,9 +58,7 @@ def quantization_problem(mode: TransformerQuant, *, device: torch.device, placem
     return None
 
 
-def quantization_caveat(
-    mode: TransformerQuant, *, device: torch.device, int8_dot_products: bool | None = None
-) -> str | None:
+def quantization_caveat(mode: TransformerQuant, *, device: torch.device) -> str | None:
     """A sentence for the start-up log where `mode` runs but costs time here; None where it does not.
 
     On an AVX2-only CPU `torch._int_mm`, which torchao's int8 layout calls, ran at 0.4 GFLOP/s against
@@ -70,7 +68,7 @@ def quantization_caveat(
     """
     if mode != "int8" or device.type != "cpu":
         return None
-    if cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products:
+    if cpu_has_int8_dot_products():
         return None
     return (
         "--quantize int8 on this CPU (no VNNI or AMX int8 instructions) runs PyTorch's fallback int8 "

@@ -78,13 +78,17 @@ def test_the_server_refuses_before_loading(data_dir: Path) -> None:
         )
 
 
-def test_int8_on_a_cpu_without_int8_instructions_is_run_but_said_to_be_slow() -> None:
-    slow = quantization_caveat("int8", device=CPU, int8_dot_products=False)
+def test_int8_on_a_cpu_without_int8_instructions_is_run_but_said_to_be_slow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transformer_quantization, "cpu_has_int8_dot_products", lambda: False)
+    slow = quantization_caveat("int8", device=CPU)
     assert slow is not None and "saves memory, not time" in slow
-    assert quantization_caveat("int8", device=CPU, int8_dot_products=True) is None
     for mode in ("off", "fp8"):
-        assert quantization_caveat(mode, device=CPU, int8_dot_products=False) is None
-    assert quantization_caveat("int8", device=torch.device("cuda"), int8_dot_products=False) is None
+        assert quantization_caveat(mode, device=CPU) is None
+    assert quantization_caveat("int8", device=torch.device("cuda")) is None
+    monkeypatch.setattr(transformer_quantization, "cpu_has_int8_dot_products", lambda: True)
+    assert quantization_caveat("int8", device=CPU) is None
 
 
 @pytest.mark.parametrize("has_instructions", [False, True])
