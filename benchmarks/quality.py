@@ -54,7 +54,10 @@ Sections (`--only`, repeatable):
   bf16, against the exact fp32 loop on the same `--pairs` prompt×seed pairs at the API's defaults:
   PSNR / SSIM to the exact image, adherence, the share of forwards whose later blocks were skipped,
   and the sampling speed-up (after one untimed run each, the variants take turns pair by pair, each
-  round starting one further along, so the machine's noise and drift fall on all alike).
+  round starting one further along, so the machine's noise and drift fall on all alike). A CPU
+  without AVX512-BF16 or AMX only emulates bf16 (6x fp32's time on an AVX2-only EPYC), one without
+  VNNI or AMX int8 (15.6x): there those variants are left out, with a line saying so, unless
+  `--all-variants`.
 - few-step: a LoRA for guidance 1 (`--lora`, a folder written by `python -m pipelines.toy.distill`,
   e.g. the committed pipelines/toy/few-step-4; docs/toy.md §15, §17, §35) run with `--few-sampler`
   (Euler unless told) at each of `--few-steps` (4 and 10, the txt2img page's fewest, unless told),
@@ -623,6 +626,20 @@ def settings(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
     table(["setting", "PSNR (dB)", "SSIM"], rows)
 
 
+def emulated_variants() -> dict[str, str]:
+    """The approximations this CPU would only emulate, each with why: their images are what any CPU
+    gives, but on an AVX2-only EPYC bf16 took 6x and the int8 transformer 15.6x fp32's time
+    (benchmarks/README.md, cpu_matmul.py), hours over 100 pairs for a speed-up that is not there."""
+    from pipelines.loading import cpu_has_int8_dot_products, cpu_has_native_bf16
+
+    emulated = {}
+    if not cpu_has_native_bf16():
+        emulated["bf16"] = "this CPU has neither AVX512-BF16 nor AMX, so bf16 is emulated, slower than fp32"
+    if not cpu_has_int8_dot_products():
+        emulated["int8"] = "this CPU has neither AVX512-VNNI nor AMX, so int8 matmuls are emulated"
+    return emulated
+
+
 def approximations(model: str, generator: SD3Generator, args: argparse.Namespace) -> None:
     """Every opt-in approximation (and bf16, the CPU default where it is native) against the exact fp32
     loop: closeness, adherence, work skipped and speed-up, over the same prompt×seed pairs. The
@@ -632,15 +649,21 @@ def approximations(model: str, generator: SD3Generator, args: argparse.Namespace
 
     pairs = quality.prompt_seed_pairs(args.pairs, seed=args.seed + 4)
     base = replace(DEFAULTS, width=args.size, height=args.size)
-    bf16, int8 = load(model, dtype="bf16"), load(model, performance={"quantize": "int8"})
     cached = [level for level in LEVELS if level != "off"]
-    variants: dict[str, tuple[SD3Generator, GenerationRequest]] = {
-        "exact (fp32)": (generator, base),
-        "bf16": (bf16, base),
-        "int8 transformer": (int8, base),
-        **{f"cache {level}": (generator, replace(base, step_cache=level)) for level in cached},
-        **{f"bf16 + cache {level}": (bf16, replace(base, step_cache=level)) for level in cached},
-    }
+    emulated = emulated_variants()
+    for name, why in emulated.items():
+        verb = "runs anyway (--all-variants)" if args.all_variants else "left out (--all-variants runs it)"
+        print(f"{name}: {verb}: {why}", flush=True)
+    run_bf16, run_int8 = (args.all_variants or name not in emulated for name in ("bf16", "int8"))
+    bf16 = load(model, dtype="bf16") if run_bf16 else None
+    variants: dict[str, tuple[SD3Generator, GenerationRequest]] = {"exact (fp32)": (generator, base)}
+    if bf16 is not None:
+        variants["bf16"] = (bf16, base)
+    if run_int8:
+        variants["int8 transformer"] = (load(model, performance={"quantize": "int8"}), base)
+    variants |= {f"cache {level}": (generator, replace(base, step_cache=level)) for level in cached}
+    if bf16 is not None:
+        variants |= {f"bf16 + cache {level}": (bf16, replace(base, step_cache=level)) for level in cached}
     results = quality.generate_in_turn(variants, pairs)
     images = {label: [out.images[0] for out in outs] for label, outs in results.items()}
     skipped = {
@@ -851,6 +874,11 @@ def main() -> None:
         "--few-steps", type=int, nargs="+", default=FEW_STEPS, help="`few-step`: the step counts"
     )
     parser.add_argument("--few-sampler", default="Euler", help="`few-step`: the sampler of the fast variants")
+    parser.add_argument(
+        "--all-variants",
+        action="store_true",
+        help="`approximations`: also bf16 and int8 on a CPU that only emulates them (hours, not minutes)",
+    )
     args = parser.parse_args()
     sections = args.only or [s for s in SECTIONS if s not in LORA_SECTIONS or args.lora is not None]
     if args.lora is None and set(sections) & set(LORA_SECTIONS):

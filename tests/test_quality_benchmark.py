@@ -1,9 +1,11 @@
 """`benchmarks/quality.py --save-images` keeps what adherence judged, and `--rejudge` reads it back to
 the same figures without the model, refusing images saved for other pairs or settings; the few-step
-section counts forwards as the server prices them."""
+section counts forwards as the server prices them; the approximations section leaves out what this
+CPU would only emulate, saying so, unless told to run it."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +91,29 @@ def test_the_few_step_section_counts_forwards_as_priced_and_gives_a_lora_against
     assert f"{lora} − it, 4 steps: +0.000 ± 0.000; lower in 0/2" in done.stdout
     refused = subprocess.run([*command[:2], "--pairs", "0"], capture_output=True, text=True, check=False)
     assert refused.returncode == 2 and "expected a positive count" in refused.stderr
+
+
+def _approximation_rows(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(SCRIPT), "--only", "approximations", "--model", "tiny", "--size", "64"]
+    return subprocess.run(
+        [*command, "--pairs", "1", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_the_approximations_leave_out_only_what_this_cpu_emulates_and_say_so() -> None:
+    from pipelines.loading import cpu_has_int8_dot_products, cpu_has_native_bf16
+
+    done = _approximation_rows()
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("  ")[0] for line in done.stdout.splitlines() if re.match(r"\w.*  +(∞|\d)", line)}
+    assert {"exact (fp32)", "cache fast", "cache faster"} <= rows
+    for name, native, labels in (
+        ("bf16", cpu_has_native_bf16(), {"bf16", "bf16 + cache fast", "bf16 + cache faster"}),
+        ("int8", cpu_has_int8_dot_products(), {"int8 transformer"}),
+    ):
+        assert labels & rows == (labels if native else set())
+        assert (f"{name}: left out (--all-variants runs it)" in done.stdout) == (not native)
+
+    every = _approximation_rows("--all-variants")
+    assert every.returncode == 0, every.stderr
+    assert sum(bool(re.match(r"\w.*  +(∞|\d)", line)) for line in every.stdout.splitlines()) == 7
