@@ -62,6 +62,8 @@ def live(
 @pytest.fixture
 def restored_logging() -> Iterator[None]:
     """For a test that calls `configure_logging`: the root logger's handlers and levels come back."""
+    from server.logs import IMPORT_NARRATORS  # structlog and starlette: not where only the engine is
+
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     try:
@@ -71,6 +73,8 @@ def restored_logging() -> Iterator[None]:
         root.setLevel(level)
         logging.getLogger("uvicorn.access").disabled = False
         logging.getLogger("alembic").setLevel(logging.NOTSET)
+        for name in IMPORT_NARRATORS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 SDK = Callable[..., "SegmindClient"]

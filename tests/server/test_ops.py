@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from decimal import Decimal
@@ -268,3 +269,19 @@ def test_a_client_that_goes_away_is_one_info_line_with_its_own_request_id(
     assert [line.get("status") for line in mine if line.get("logger") == "sd3.access"] == [499]
     assert not [line for line in lines if line.get("level") in ("error", "critical")], lines
     assert not [line for line in lines if "never retrieved" in json.dumps(line)]
+
+
+def test_torchaos_import_does_not_narrate_kernels_it_could_not_load() -> None:
+    # diffusers imports torchao wherever it is installed; a fresh process, since this one has.
+    pytest.importorskip("torchao")
+    script = "import sys\nfrom server.logs import configure_logging\n"
+    script += "configure_logging(level=sys.argv[1], fmt='json')\nimport torchao\n"
+    script += "import logging\nlogging.getLogger('torchao').error('an error still shows')\n"
+    quiet, loud = (
+        subprocess.run([sys.executable, "-c", script, level], capture_output=True, text=True, check=True)
+        for level in ("info", "debug")
+    )
+    (line,) = quiet.stderr.strip().splitlines()
+    assert json.loads(line)["event"] == "an error still shows" and json.loads(line)["level"] == "error"
+    # At debug nothing is held back: the torchao lines this hides are there again, wherever it has any.
+    assert "an error still shows" in loud.stderr
