@@ -10,6 +10,7 @@ Modes (`--modes`, default all):
 - default: the server's defaults on this device (on CUDA: compiled per block + fused QKV; on a CPU
   with native bf16: bf16);
 - compile-whole: the transformer compiled as one graph instead of per block;
+- compile: `--compile` (per block), which only a CPU does not do by default;
 - cudagraphs: the whole-graph compile replayed as CUDA graphs (`--compile-mode reduce-overhead`);
 - any-size: the default compile warmed up at a second size as well, so that the request runs on
   dynamo's size-generic graphs (which then serve every size) rather than ones for its size alone;
@@ -69,6 +70,8 @@ MODES: dict[str, tuple[dict[str, object], str]] = {
     # The default compile warmed up at a second size that differs in both sides: dynamo's
     # size-generic graphs then serve the request, as they serve every size after such a warm-up.
     "any-size": ({"warmup_sizes": ANY_SIZE}, "off"),
+    # Compiled per block where the default is not to compile (a CPU): what --compile buys there.
+    "compile": ({"compile": True}, "off"),
 }
 
 
@@ -89,6 +92,8 @@ def run_mode(args: argparse.Namespace, request: GenerationRequest, mode: str) ->
     if performance.get("warmup_sizes") == ANY_SIZE:
         wider, taller = (side + 64, side + 128) if side + 128 <= 2048 else (side - 64, side - 128)
         warmup_sizes.append(f"{wider}x{taller}")
+    if mode == "compile" and resolve_device(args.device).type == "cuda":
+        return {"mode": mode, "skipped": "compiled per block is this device's default: see `default`"}
     if mode == "exact" and resolve_device(args.device).type == "cpu":
         model["dtype"] = "fp32"
     if "dtype" in performance:  # a model setting, not a performance one
