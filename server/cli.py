@@ -25,7 +25,7 @@ from rich.text import Text
 from server.config import Settings
 from server.credits import InvalidAmount, format_credits, parse_credits
 from server.flags import SettingsFlags, build_settings, setting_option
-from server.logs import configure_logging
+from server.logs import configure_logging, quiet_import_narrators
 
 if TYPE_CHECKING:
     from pipelines.request import GenerationRequest
@@ -308,6 +308,7 @@ def generate(
             conditioningsettimesteprange_start=cond_start,
             conditioningsettimesteprange_stop=cond_stop,
         )
+    quiet_import_narrators(settings.log_level)
     runtime = _load_runtime(settings)
     started = time.perf_counter()
     with Progress(

@@ -65,11 +65,18 @@ def configure_logging(*, level: str, fmt: str) -> None:
     # Alembic narrates every start-up's schema check at INFO ("Context impl SQLiteImpl", "Will assume
     # transactional DDL"): noise for an operator. Its warnings and errors still come through.
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
-    # diffusers imports torchao wherever it is installed (`.[quant]`), and that import warns of every
-    # optional kernel torchao could not load (mxfp8, CUTLASS sm90a, triton) and of its enums that torch
-    # registers, though no mode here uses them: a "Failed to load" at every start reads as a fault.
-    # Their errors still come through, and everything at --log-level debug.
-    quiet = logging.ERROR if root.level > logging.DEBUG else logging.NOTSET
+    quiet_import_narrators(level)
+
+
+def quiet_import_narrators(level: str) -> None:
+    """Hold back the warnings a model load's imports print but no operator can act on.
+
+    diffusers imports torchao wherever it is installed (`.[quant]`), and that import warns of every
+    optional kernel torchao could not load (mxfp8, CUTLASS sm90a, triton) and of its enums that torch
+    registers, though no mode here uses them: a "Failed to load" at every start reads as a fault.
+    Their errors still come through, and everything at log level debug.
+    """
+    quiet = logging.ERROR if logging.getLevelName(level.upper()) != logging.DEBUG else logging.NOTSET
     for name in IMPORT_NARRATORS:
         logging.getLogger(name).setLevel(quiet)
 

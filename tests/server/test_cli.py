@@ -106,6 +106,25 @@ def test_generate_rejects_what_the_api_rejects(tmp_path: Path) -> None:
     assert "img_width" in result.output and "multiple of 8" in result.output
 
 
+def test_generate_prints_the_image_path_and_no_import_narration(
+    tmp_path: Path, data_dir: Path, tiny_dir: Path
+) -> None:
+    # A fresh process: torchao (which diffusers imports wherever it is installed) narrates its import
+    # once per process, which in this one has already happened.
+    script = Path(sys.executable).with_name("sd3-server")
+    out = tmp_path / "plain.jpg"
+    args = ["generate", "--model", "tiny", "--data-dir", str(data_dir), "--prompt", "x", "--out", str(out)]
+    done = subprocess.run(
+        [str(script), *args, "--steps", "10", "--width", "512", "--height", "512"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert done.stdout.strip() == str(out) and out.stat().st_size > 0
+    assert "Failed to load" not in done.stderr and "register_constant" not in done.stderr, done.stderr
+
+
 def test_generate_with_an_image_runs_img2img_at_the_image_size(
     tmp_path: Path, data_dir: Path, tiny_dir: Path
 ) -> None:
