@@ -8,7 +8,8 @@ T5-XXL's ~0.715 TFLOP per 77-token prompt, estimate the encoding time. PyTorch's
 dtype depends on the instruction set (fp16 and bf16 are fast only with AVX512-FP16/-BF16 or AMX,
 int8 only with VNNI or AMX), which is why T5 keeps the dtype it was loaded in and this script exists
 to check a machine. The int8 × int8 row is the product `--quantize int8` runs in the transformer on a
-CPU (torchao hands it to `torch._int_mm`).
+CPU (torchao hands it to `torch._int_mm`). "fp16, multiplied in fp32" is what an fp16 T5 runs on a
+CPU without native bf16 (`pipelines.memory.multiply_in_fp32`): its weights converted at each call.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ import functools
 import logging
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.memory import multiply_in_fp32  # noqa: E402
 
 TOKENS, D_MODEL, D_FF = 154, 4096, 10240
 T5_XXL_TFLOP_PER_PROMPT = 0.715  # docs/performance.md §2: T5-XXL at 77 tokens
@@ -53,6 +60,12 @@ def main() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x, w = torch.randn(TOKENS, D_MODEL, dtype=dtype), torch.randn(D_FF, D_MODEL, dtype=dtype)
         rows.append((str(dtype).removeprefix("torch."), functools.partial(torch.nn.functional.linear, x, w)))
+        if dtype == torch.float16:
+            # What an fp16 T5 on a CPU without native bf16 runs: its fp16 weights converted at each call.
+            layer = torch.nn.Linear(D_MODEL, D_FF, bias=False, dtype=dtype)
+            layer.weight.data = w
+            multiply_in_fp32(layer)
+            rows.append(("fp16, multiplied in fp32", functools.partial(layer, x)))
     a8 = torch.randint(-128, 128, (TOKENS, D_MODEL), dtype=torch.int8)
     b8 = torch.randint(-128, 128, (D_MODEL, D_FF), dtype=torch.int8)
     rows.append(("int8 × int8 (_int_mm)", functools.partial(torch._int_mm, a8, b8)))

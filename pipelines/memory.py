@@ -247,6 +247,8 @@ def apply_plan(pipe: Any, plan: MemoryPlan, device: torch.device) -> None:
         dtype = cpu_t5_dtype(t5, quantized=plan.t5 == "8bit")
         # No dtype argument at all for an 8-bit T5: transformers refuses any cast of a bitsandbytes model.
         pipe.text_encoder_3 = t5.to("cpu") if dtype is None else t5.to("cpu", dtype=dtype)
+        if plan.t5 != "8bit" and pipe.text_encoder_3.dtype == torch.float16:
+            multiply_in_fp32(pipe.text_encoder_3)
     log.info("memory plan: %s", plan.describe())
 
 
@@ -256,12 +258,35 @@ def cpu_t5_dtype(t5: Any, *, quantized: bool) -> torch.dtype | None:
     fp16 matmuls are the slowest a CPU does (60 GFLOP/s against fp32's 161 and bf16's 862 on this
     workplace's Zen 4, benchmarks/cpu_matmul.py: 12 s of T5-XXL per new prompt instead of 0.8 s), so
     an fp16 T5 runs in bf16 where the CPU has it natively; T5 was trained in bf16, and fp16 is the
-    precision it overflows in. Elsewhere it stays fp16: fp32 would double its 9.5 GB of host memory.
-    An 8-bit T5 is left as bitsandbytes built it.
+    precision it overflows in. Elsewhere it stays fp16, since fp32 would double its 9.5 GB of host
+    memory, and its matmuls run in fp32 (`multiply_in_fp32`). An 8-bit T5 is left as bitsandbytes
+    built it.
     """
     if quantized or t5.dtype != torch.float16:
         return None
     return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+class _Fp32MatmulLinear(torch.nn.Linear):
+    """A half-precision Linear that multiplies in fp32 and answers in its input's dtype."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(input.float(), self.weight.float(), bias).to(input.dtype)
+
+
+def multiply_in_fp32(module: torch.nn.Module) -> None:
+    """Make the fp16 Linear layers of a model that stays fp16 on the CPU multiply in fp32.
+
+    A CPU without native bf16 multiplies fp16 at a fifth of fp32's rate (14 against 69 GFLOP/s on an
+    AVX2-only EPYC, benchmarks/cpu_matmul.py), and converting the weight at each call costs less
+    than that difference: T5-XXL's largest matmul took 273 ms instead of 927, while the weights stay
+    fp16 in memory and the result is the fp16 one to within its last bit.
+    """
+    for layer in module.modules():
+        # Exactly nn.Linear: bitsandbytes' 8-bit layers subclass it and must keep their own forward.
+        if type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float16:
+            layer.__class__ = _Fp32MatmulLinear
 
 
 class SlicedJointAttnProcessor:

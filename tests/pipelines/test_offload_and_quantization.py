@@ -26,7 +26,7 @@ from accelerate.hooks import AlignDevicesHook, SequentialHook
 from pipelines import step_cache
 from pipelines.checkpoints import export_single_file
 from pipelines.loading import LoadedModel, ModelSpec, load_model
-from pipelines.memory import MemoryPlan, apply_plan, cpu_t5_dtype, plan_memory
+from pipelines.memory import MemoryPlan, _Fp32MatmulLinear, apply_plan, cpu_t5_dtype, plan_memory
 from pipelines.options import Device, Placement, T5Mode
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
@@ -186,10 +186,23 @@ def test_an_fp16_t5_on_the_cpu_runs_in_bf16_where_the_cpu_has_it(
         ModelSpec(source=str(tiny_dir), tiny_dir=tiny_dir, device="cpu", dtype="fp16", t5_on_cpu=True)
     )
     apply_plan(loaded.pipe, plan("device", t5_on_cpu=True), CPU)
-    assert loaded.pipe.text_encoder_3.dtype == (torch.bfloat16 if native_bf16 else torch.float16)
+    t5 = loaded.pipe.text_encoder_3
+    assert t5.dtype == (torch.bfloat16 if native_bf16 else torch.float16)
     assert loaded.pipe.transformer.dtype == torch.float16  # the rest as loaded
     context = SD3Generator(loaded, t5_on_cpu=True).encode("a fox")
     assert context.context.dtype == torch.float16 and bool(context.context.isfinite().all())
+    # Without native bf16 the weights stay fp16 and the matmuls run in fp32 (fp16's are 5x slower
+    # there): every fp16 Linear, and no other layer.
+    kinds = {(type(m), m.weight.dtype) for m in t5.modules() if isinstance(m, torch.nn.Linear)}
+    if native_bf16:
+        assert kinds == {(torch.nn.Linear, torch.bfloat16)}
+    else:
+        assert kinds == {(_Fp32MatmulLinear, torch.float16), (torch.nn.Linear, torch.float32)}  # `wo`
+        plain = load_model(ModelSpec(source=str(tiny_dir), tiny_dir=tiny_dir, device="cpu", dtype="fp16"))
+        expected = SD3Generator(plain).encode("a fox").context
+        assert plain.pipe.text_encoder_3.dtype == torch.float16
+        # The same fp16 answer, but for the last bit of some values (fp16's own matmul rounds within).
+        torch.testing.assert_close(context.context, expected, rtol=2e-3, atol=2e-3)
 
 
 def test_an_8bit_t5_on_the_cpu_stays_as_bitsandbytes_built_it(t5_8bit: LoadedModel) -> None:
