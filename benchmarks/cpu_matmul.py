@@ -1,15 +1,18 @@
 """How fast this CPU runs one T5-XXL feed-forward matmul, per dtype: what T5 on the CPU costs.
 
     python benchmarks/cpu_matmul.py [--repeats 5]
+    python benchmarks/cpu_matmul.py --whole-t5      # and a whole random fp16 T5-XXL: ~10 GB, minutes
 
 `--t5-on-cpu` encodes each new prompt with T5-XXL on the CPU. Its cost is dominated by matmuls of
 this shape (77 tokens x 2 rows for CFG, d_model 4096, d_ff 10240), so the rates below, times
 T5-XXL's ~0.715 TFLOP per 77-token prompt, estimate the encoding time. PyTorch's CPU speed per
 dtype depends on the instruction set (fp16 and bf16 are fast only with AVX512-FP16/-BF16 or AMX,
-int8 only with VNNI or AMX), which is why T5 keeps the dtype it was loaded in and this script exists
-to check a machine. The int8 × int8 row is the product `--quantize int8` runs in the transformer on a
-CPU (torchao hands it to `torch._int_mm`). "fp16, multiplied in fp32" is what an fp16 T5 runs on a
-CPU without native bf16 (`pipelines.memory.multiply_in_fp32`): its weights converted at each call.
+int8 only with VNNI or AMX), which is why an fp16 T5 runs in bf16 only where the CPU has it, and
+this script exists to check a machine. "fp16, multiplied in fp32" is what an fp16 T5 runs on a CPU
+without native bf16 (`pipelines.memory.multiply_in_fp32`): its weights converted at each call.
+The int8 × int8 row is the product `--quantize int8` runs in the transformer on a CPU (torchao
+hands it to `torch._int_mm`). `--whole-t5` times one prompt through a whole fp16 T5-XXL with random
+weights, as loaded and multiplying in fp32, and says how far apart the two encodings lie.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ def rate(run: Callable[[], object], repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--whole-t5",
+        action="store_true",
+        help="also encode one 77-token prompt with a random-weight fp16 T5-XXL (9.5 GB; minutes to build)",
+    )
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     flags = ("avx512_bf16", "vnni", "amx_tile")  # PyTorch's cpuinfo checks, private: absent reads as no
@@ -86,6 +94,33 @@ def main() -> None:
         for name, run in rows:
             gflops = rate(run, args.repeats)
             print(f"{name:<24} {gflops:9.0f} {T5_XXL_TFLOP_PER_PROMPT * 1000 / gflops:30.1f}")
+    if args.whole_t5:
+        whole_t5(args.repeats)
+
+
+def whole_t5(repeats: int) -> None:
+    """The seconds a whole fp16 T5-XXL takes per 77-token prompt, as loaded and as an fp16 T5 runs on
+    a CPU without native bf16 (`multiply_in_fp32`), and how far apart the two encodings lie."""
+    from pipelines.architectures import SD3_MEDIUM, build_t5
+
+    started = time.perf_counter()
+    t5 = build_t5(SD3_MEDIUM, device="cpu", dtype=torch.float16)
+    print(f"T5-XXL, fp16, random weights: built in {time.perf_counter() - started:.0f} s")
+    ids = torch.randint(0, t5.config.vocab_size, (1, 77), generator=torch.Generator().manual_seed(0))
+    encodings = {}
+    with torch.inference_mode():
+        for name in ("fp16 as loaded", "fp16, multiplied in fp32"):
+            if name != "fp16 as loaded":
+                multiply_in_fp32(t5)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                encodings[name] = t5(ids).last_hidden_state.float()
+                times.append(time.perf_counter() - started)
+            print(f"{name:<24} {statistics.median(times):9.1f} s per prompt")
+    first, second = encodings.values()
+    gap, largest = float((first - second).abs().max()), float(first.abs().max())
+    print(f"largest difference between them {gap:.3g} (the largest value {largest:.3g})")
 
 
 if __name__ == "__main__":

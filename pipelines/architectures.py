@@ -278,12 +278,26 @@ def _buffers_to(model: Any, dtype: torch.dtype) -> Any:
     return model
 
 
+def build_t5(arch: SD3Architecture, *, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """`arch`'s T5 encoder alone, with random weights, on `device` in `dtype` (as `build_components`)."""
+    with _creating_on(torch.device(device), dtype):
+        return _t5(arch, dtype)
+
+
+def _t5(arch: SD3Architecture, dtype: torch.dtype) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    t5 = T5EncoderModel._from_config(T5Config(**arch.t5), dtype=dtype).eval()
+    _keep_fp32_where_transformers_does(t5, dtype)
+    return t5
+
+
 def build_components(
     arch: SD3Architecture, *, device: torch.device | str, dtype: torch.dtype, with_t5: bool = True
 ) -> dict[str, Any]:
     """The five models of `arch` with random weights, on `device` in `dtype` ("meta" counts for free)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     arch.check()
     device = torch.device(device)
@@ -295,11 +309,7 @@ def build_components(
         models["text_encoder"] = clip_l
         clip_g = CLIPTextModelWithProjection._from_config(CLIPTextConfig(**arch.clip_g), dtype=dtype).eval()
         models["text_encoder_2"] = clip_g
-        models["text_encoder_3"] = None
-        if with_t5:
-            t5 = T5EncoderModel._from_config(T5Config(**arch.t5), dtype=dtype).eval()
-            _keep_fp32_where_transformers_does(t5, dtype)
-            models["text_encoder_3"] = t5
+        models["text_encoder_3"] = _t5(arch, dtype) if with_t5 else None
     projection = clip_l.text_projection.weight
     if not projection.is_meta:
         with torch.no_grad():
