@@ -107,18 +107,20 @@ def whole_t5(repeats: int) -> None:
     t5 = build_t5(SD3_MEDIUM, device="cpu", dtype=torch.float16)
     print(f"T5-XXL, fp16, random weights: built in {time.perf_counter() - started:.0f} s")
     ids = torch.randint(0, t5.config.vocab_size, (1, 77), generator=torch.Generator().manual_seed(0))
-    encodings = {}
-    with torch.inference_mode():
-        for name in ("fp16 as loaded", "fp16, multiplied in fp32"):
-            if name != "fp16 as loaded":
-                multiply_in_fp32(t5)
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                encodings[name] = t5(ids).last_hidden_state.float()
-                times.append(time.perf_counter() - started)
-            print(f"{name:<24} {statistics.median(times):9.1f} s per prompt")
-    first, second = encodings.values()
+
+    @torch.inference_mode()
+    def encode(name: str) -> torch.Tensor:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            encoding = t5(ids).last_hidden_state.float()
+            times.append(time.perf_counter() - started)
+        print(f"{name:<24} {statistics.median(times):9.1f} s per prompt")
+        return encoding
+
+    first = encode("fp16 as loaded")
+    multiply_in_fp32(t5)
+    second = encode("fp16, multiplied in fp32")
     gap, largest = float((first - second).abs().max()), float(first.abs().max())
     print(f"largest difference between them {gap:.3g} (the largest value {largest:.3g})")
 

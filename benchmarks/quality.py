@@ -654,12 +654,11 @@ def approximations(model: str, generator: SD3Generator, args: argparse.Namespace
     for name, why in emulated.items():
         verb = "runs anyway (--all-variants)" if args.all_variants else "left out (--all-variants runs it)"
         print(f"{name}: {verb}: {why}", flush=True)
-    run_bf16, run_int8 = (args.all_variants or name not in emulated for name in ("bf16", "int8"))
-    bf16 = load(model, dtype="bf16") if run_bf16 else None
+    bf16 = load(model, dtype="bf16") if args.all_variants or "bf16" not in emulated else None
     variants: dict[str, tuple[SD3Generator, GenerationRequest]] = {"exact (fp32)": (generator, base)}
     if bf16 is not None:
         variants["bf16"] = (bf16, base)
-    if run_int8:
+    if args.all_variants or "int8" not in emulated:
         variants["int8 transformer"] = (load(model, performance={"quantize": "int8"}), base)
     variants |= {f"cache {level}": (generator, replace(base, step_cache=level)) for level in cached}
     if bf16 is not None:

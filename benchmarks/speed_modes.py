@@ -86,15 +86,16 @@ def run_mode(args: argparse.Namespace, request: GenerationRequest, mode: str) ->
     from server.runtime import load_runtime
 
     performance, step_cache = MODES[mode]
+    device = resolve_device(args.device).type
+    if mode == "compile" and device == "cuda":
+        return {"mode": mode, "skipped": "compiled per block is this device's default: see `default`"}
     model = {"id": args.model, "device": args.device}
     side = max(args.size, 512)  # the setting's floor
     warmup_sizes = [f"{side}x{side}"]
     if performance.get("warmup_sizes") == ANY_SIZE:
         wider, taller = (side + 64, side + 128) if side + 128 <= 2048 else (side - 64, side - 128)
         warmup_sizes.append(f"{wider}x{taller}")
-    if mode == "compile" and resolve_device(args.device).type == "cuda":
-        return {"mode": mode, "skipped": "compiled per block is this device's default: see `default`"}
-    if mode == "exact" and resolve_device(args.device).type == "cpu":
+    if mode == "exact" and device == "cpu":
         model["dtype"] = "fp32"
     if "dtype" in performance:  # a model setting, not a performance one
         performance = dict(performance)
