@@ -99,10 +99,16 @@ def decode_pixels(data: bytes, limits: LimitSettings) -> InputImage:
                     f"image: {width}x{height} is {width * height / 1e6:.1f} MP, more than the limit of "
                     f"{limits.image_max_pixels / 1e6:g} MP"
                 )
+            if min(width, height) < MIN_SIDE:
+                raise InvalidRequest(f"image: {width}x{height} has a side under {MIN_SIDE} px")
             opened.load()  # the first frame; an animation's others are never decoded
             image = _to_rgb(ImageOps.exif_transpose(opened))
     except InvalidRequest:
         raise
+    except Image.DecompressionBombError:
+        # Pillow refuses twice its own pixel limit before our check can read the size: the same
+        # refusal, in our words.
+        raise InvalidRequest(f"image: more than the limit of {limits.image_max_pixels / 1e6:g} MP") from None
     except Exception as exc:
         # Pillow's plugins raise many types on malformed input (OSError, SyntaxError, struct.error,
         # IndexError, ...): whichever, the bytes sent are not a usable image, which is the client's 422.
@@ -110,9 +116,14 @@ def decode_pixels(data: bytes, limits: LimitSettings) -> InputImage:
             f"image: could not be decoded as JPEG, PNG, WebP, GIF, BMP or TIFF ({_reason(exc)})"
         ) from None
     image = _bounded(image, limits.img2img_max_side)
+    if min(image.size) < MIN_SIDE:
+        # Wide enough as sent, too thin once scaled down: say both sizes, or the client sees a size
+        # it never sent.
+        raise InvalidRequest(
+            f"image: {width}x{height} is {image.width}x{image.height} once its longer side is scaled "
+            f"to {limits.img2img_max_side} px, a side under {MIN_SIDE} px"
+        )
     width, height = image.size
-    if min(width, height) < MIN_SIDE:
-        raise InvalidRequest(f"image: {width}x{height} has a side under {MIN_SIDE} px")
     out_width, out_height = cropped_size(width, height)
     return InputImage(np.asarray(image, dtype=np.uint8), out_width, out_height)
 

@@ -99,7 +99,9 @@ class LaxBody(BaseModel):
     """A request body as real clients send it: unknown fields ignored, `null` meaning the default,
     and a prompt that is more than whitespace. Shared by every generation surface."""
 
-    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+    # A NaN or an infinity fails every range check, but its message should say what is wrong with
+    # it ("a finite number"), not quote a bound it was never compared to.
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

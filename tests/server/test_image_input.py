@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,35 @@ def test_too_many_pixels_is_refused_before_the_pixels_are_decoded() -> None:
     assert len(buffer.getvalue()) < 1_000_000
     message = refused(base64.b64encode(buffer.getvalue()).decode())
     assert "12000x12000 is 144.0 MP, more than the limit of 40 MP" in message
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares a size and has no pixel data: Pillow reads the size from it, decodes nothing."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_a_size_pillow_itself_calls_a_bomb_is_refused_in_our_words() -> None:
+    # Past twice its own limit (179 MP) Pillow raises in open(), before our check reads the size.
+    message = refused(base64.b64encode(png_header(20_000, 20_000)).decode())
+    assert message == "image: more than the limit of 40 MP"
+
+
+def test_an_image_too_thin_only_once_scaled_down_says_both_sizes() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (100, 5000)).save(buffer, "PNG")
+    message = refused(base64.b64encode(buffer.getvalue()).decode())
+    assert message == (
+        "image: 100x5000 is 41x2048 once its longer side is scaled to 2048 px, a side under 64 px"
+    )
+
+
+def test_a_side_under_64_px_is_refused_before_its_pixels_are_decoded() -> None:
+    assert refused(base64.b64encode(png_header(1, 5000)).decode()) == "image: 1x5000 has a side under 64 px"
 
 
 def test_urls_are_refused_while_fetching_is_off() -> None:
