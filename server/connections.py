@@ -11,7 +11,8 @@ descriptors. `guarded_protocol` wraps uvicorn's own HTTP protocol class with:
 - a header timeout: the request head must arrive within `header_timeout_s` of the connection
   opening, or of the previous response on a kept-alive connection;
 - a body timeout: the body must arrive within `body_timeout_s` of its head;
-- a bound on the head's size (httptools has none; h11 gets the same bound as its own setting).
+- a bound on the head's size (httptools has none; h11 gets the same bound as its own setting);
+- a JSON body on the 400 that uvicorn writes itself for a request it cannot parse.
 
 `uvicorn_config` is the one place a uvicorn `Config` is built from `Settings`: `serve` and the
 tests' live servers both use it, so the tests exercise the real set-up. docs/reliability.md,
@@ -153,6 +154,14 @@ class ConnectionGuard(asyncio.Protocol):
             self._wait_for_head()
         else:  # h11 parses a buffered pipelined head only now
             self._head_arrived()
+
+    def send_400_response(self, msg: str) -> None:
+        # Both uvicorn protocols answer a request they cannot parse (a bad Content-Length, a body
+        # past it, a request line that is not HTTP) with a plain-text 400: ours is JSON, as every
+        # other error of this server.
+        self._cancel_timers()
+        self.transport.write(_plain_answer(b"400 Bad Request", msg))
+        self.transport.close()
 
     # --- timers -----------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ a few seconds show what thousands would.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import resource
 import select
@@ -147,6 +148,27 @@ def test_headers_above_the_limit_are_431(guarded: LiveServer) -> None:
         answer = everything_from(sock)
     assert answer.startswith(b"HTTP/1.1 431 "), answer
     assert answer.endswith(b'{"error": "Request line and headers too large"}')
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /health HTTP/1.1\r\nhost: x\r\ncontent-length: -1\r\n\r\n{}",
+        b"POST /health HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+    ids=["negative-length", "length-and-chunked", "not-http"],
+)
+def test_a_request_that_cannot_be_parsed_is_a_json_400(guarded: LiveServer, request_bytes: bytes) -> None:
+    with socket.create_connection(address(guarded), timeout=BOUND_S) as sock:
+        sock.sendall(request_bytes)
+        answer = everything_from(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"content-type: application/json" in head
+    assert json.loads(body) == {"error": "Invalid HTTP request received."}
+    assert health_answers(guarded)
 
 
 def test_a_kept_alive_connection_serves_several_requests(guarded: LiveServer) -> None:
