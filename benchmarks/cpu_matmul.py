@@ -10,8 +10,9 @@ dtype depends on the instruction set (fp16 and bf16 are fast only with AVX512-FP
 int8 only with VNNI or AMX), which is why an fp16 T5 runs in bf16 only where the CPU has it, and
 this script exists to check a machine. "fp16, multiplied in fp32" is what an fp16 T5 runs on a CPU
 without native bf16 (`pipelines.memory.multiply_in_fp32`): its weights converted at each call.
-The int8 × int8 row is the product `--quantize int8` runs in the transformer on a CPU (torchao
-hands it to `torch._int_mm`). `--whole-t5` times one prompt through a whole fp16 T5-XXL with random
+The int8 × int8 row is the product torchao's `--quantize int8` runs in the transformer on a CPU
+(`torch._int_mm`), the oneDNN row the layer it runs on an x86 CPU without VNNI or AMX instead
+(pipelines/transformer_quantization.py). `--whole-t5` times one prompt through a whole fp16 T5-XXL with random
 weights, as loaded and multiplying in fp32, and says how far apart the two encodings lie.
 """
 
@@ -32,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.memory import multiply_in_fp32  # noqa: E402
+from pipelines.transformer_quantization import OneDnnInt8Linear, onednn_int8_available  # noqa: E402
 
 TOKENS, D_MODEL, D_FF = 154, 4096, 10240
 T5_XXL_TFLOP_PER_PROMPT = 0.715  # docs/performance.md §2: T5-XXL at 77 tokens
@@ -77,6 +79,16 @@ def main() -> None:
     a8 = torch.randint(-128, 128, (TOKENS, D_MODEL), dtype=torch.int8)
     b8 = torch.randint(-128, 128, (D_MODEL, D_FF), dtype=torch.int8)
     rows.append(("int8 × int8 (_int_mm)", functools.partial(torch._int_mm, a8, b8)))
+    if onednn_int8_available():
+        # What `--quantize int8` runs on an x86 CPU without VNNI or AMX, the per-token quantization of
+        # the activations included.
+        layer32 = torch.nn.Linear(D_MODEL, D_FF, bias=False)
+        rows.append(
+            (
+                "int8, oneDNN (7-bit w)",
+                functools.partial(OneDnnInt8Linear(layer32), torch.randn(TOKENS, D_MODEL)),
+            )
+        )
     try:
         import bitsandbytes as bnb
 

@@ -628,15 +628,20 @@ def settings(model: str, generator: SD3Generator, args: argparse.Namespace) -> N
 
 def emulated_variants() -> dict[str, str]:
     """The approximations this CPU would only emulate, each with why: their images are what any CPU
-    gives, but on an AVX2-only EPYC bf16 took 6x and the int8 transformer 15.6x fp32's time
-    (benchmarks/README.md, cpu_matmul.py), hours over 100 pairs for a speed-up that is not there."""
-    from pipelines.loading import cpu_has_int8_dot_products, cpu_has_native_bf16
+    gives, but on an AVX2-only EPYC bf16 took 6x and torchao's int8 transformer 15.6x fp32's time
+    (benchmarks/README.md, cpu_matmul.py), hours over 100 pairs for a speed-up that is not there.
+    int8 is emulated only where it would run torchao's kernel without VNNI or AMX: an x86 CPU without
+    them gets oneDNN's (pipelines/transformer_quantization.py)."""
+    from pipelines.loading import cpu_has_native_bf16
+    from pipelines.transformer_quantization import quantization_caveat
 
     emulated = {}
     if not cpu_has_native_bf16():
         emulated["bf16"] = "this CPU has neither AVX512-BF16 nor AMX, so bf16 is emulated, slower than fp32"
-    if not cpu_has_int8_dot_products():
-        emulated["int8"] = "this CPU has neither AVX512-VNNI nor AMX, so int8 matmuls are emulated"
+    if quantization_caveat("int8", device=torch.device("cpu")) is not None:
+        emulated["int8"] = (
+            "this CPU has neither VNNI nor AMX nor oneDNN's kernel, so int8 matmuls are emulated"
+        )
     return emulated
 
 

@@ -99,7 +99,7 @@ def load_runtime(settings: Settings) -> Runtime:
     if on_by_default(perf.fuse_qkv, device=loaded.device, resident=resident):
         fuse_qkv(loaded.pipe.transformer)
     # Before the offload hooks and compilation, which must see the quantized layers.
-    quantized = quantize_transformer(loaded.pipe.transformer, perf.quantize)
+    quantized = quantize_transformer(loaded.pipe.transformer, perf.quantize, device=loaded.device)
     caveat = quantization_caveat(perf.quantize, device=loaded.device)
     if caveat is not None:
         log.warning(caveat)

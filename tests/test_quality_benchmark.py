@@ -101,7 +101,10 @@ def _approximation_rows(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_approximations_leave_out_only_what_this_cpu_emulates_and_say_so() -> None:
-    from pipelines.loading import cpu_has_int8_dot_products, cpu_has_native_bf16
+    import torch
+
+    from pipelines.loading import cpu_has_native_bf16
+    from pipelines.transformer_quantization import quantization_caveat
 
     done = _approximation_rows()
     assert done.returncode == 0, done.stderr
@@ -109,7 +112,7 @@ def test_the_approximations_leave_out_only_what_this_cpu_emulates_and_say_so() -
     assert {"exact (fp32)", "cache fast", "cache faster"} <= rows
     for name, native, labels in (
         ("bf16", cpu_has_native_bf16(), {"bf16", "bf16 + cache fast", "bf16 + cache faster"}),
-        ("int8", cpu_has_int8_dot_products(), {"int8 transformer"}),
+        ("int8", quantization_caveat("int8", device=torch.device("cpu")) is None, {"int8 transformer"}),
     ):
         assert labels & rows == (labels if native else set())
         assert (f"{name}: left out (--all-variants runs it)" in done.stdout) == (not native)
