@@ -138,9 +138,7 @@ def quantization_caveat(mode: TransformerQuant, *, device: torch.device) -> str 
     (`benchmarks/cpu_matmul.py`), and the trained toy's image took 15.6x as long as in fp32. Not
     refused: the weights still take half the memory, which may be what the user wants.
     """
-    if mode != "int8" or device.type != "cpu" or int8_kernel(device) == "onednn":
-        return None
-    if cpu_has_int8_dot_products():
+    if mode != "int8" or device.type != "cpu" or cpu_has_int8_dot_products() or onednn_int8_available():
         return None
     return (
         "--quantize int8 on this CPU (no VNNI or AMX int8 instructions, and no oneDNN in this PyTorch) "
@@ -161,7 +159,7 @@ def _config(mode: TransformerQuant) -> Any:
     return Int8DynamicActivationInt8WeightConfig()
 
 
-def in_a_block(fqn: str) -> bool:
+def _in_a_block(fqn: str) -> bool:
     """Whether a module's full name puts it inside one of the transformer blocks."""
     return fqn.startswith("transformer_blocks.")
 
@@ -178,7 +176,7 @@ def quantize_transformer(transformer: Any, mode: TransformerQuant, *, device: to
 
     def chosen(module: torch.nn.Module, fqn: str) -> bool:
         nonlocal converted
-        picked = isinstance(module, torch.nn.Linear) and in_a_block(fqn)
+        picked = isinstance(module, torch.nn.Linear) and _in_a_block(fqn)
         converted += picked
         return picked
 
@@ -191,7 +189,7 @@ def _swap_in_onednn_int8(transformer: torch.nn.Module) -> int:
     linears = [
         (name, module)
         for name, module in transformer.named_modules()
-        if isinstance(module, torch.nn.Linear) and in_a_block(name)
+        if isinstance(module, torch.nn.Linear) and _in_a_block(name)
     ]
     for name, module in linears:
         parent_name, _, attribute = name.rpartition(".")
