@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from server.errors import InvalidContentType, InvalidRequest
 from server.headers import remember_balance
 from server.ledger import KeyRecord
-from server.schemas import Img2ImgRequest, SD35Request, Txt2ImgRequest, describe_validation_errors
+from server.schemas import Img2ImgRequest, SD35Request, Txt2ImgRequest, clip_echo, describe_validation_errors
 from server.serving import Serving
 
 M = TypeVar("M", bound=BaseModel)
@@ -77,6 +77,12 @@ def is_json(content_type: str | None) -> bool:
 async def json_content_type(request: Request, _key: CurrentKey) -> None:
     if not is_json(request.headers.get("content-type")):
         raise InvalidContentType()
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # The body reaches us as sent: a compressed one would be read as broken JSON, a puzzling 422.
+        raise InvalidContentType(
+            f"Content-Encoding {clip_echo(encoding)!r} is not accepted: send the JSON uncompressed"
+        )
 
 
 JsonContentType = Annotated[None, Depends(json_content_type)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import re
@@ -248,6 +249,22 @@ def test_non_json_content_type_is_406(live: LiveServer) -> None:
     )
     assert_error(response, 406, "Invalid content type")
     assert live.balance_of(key) == Decimal("10")
+
+
+def test_a_compressed_body_is_406_naming_the_encoding(live: LiveServer) -> None:
+    key = live.key()
+    response = httpx.post(
+        f"{live.base_url}/v1/{SLUG}",
+        content=gzip.compress(json.dumps({"prompt": "x", **SMALL}).encode()),
+        headers={"x-api-key": key, "content-type": "application/json", "content-encoding": "gzip"},
+    )
+    assert_error(response, 406, "Content-Encoding 'gzip' is not accepted: send the JSON uncompressed")
+    assert live.balance_of(key) == Decimal("10")
+    plain = {"x-api-key": key, "content-type": "application/json", "content-encoding": "identity"}
+    assert (
+        httpx.post(f"{live.base_url}/v1/{SLUG}", json={"prompt": "x", **SMALL}, headers=plain).status_code
+        == 200
+    )
 
 
 @pytest.mark.parametrize(
