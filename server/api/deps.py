@@ -74,15 +74,20 @@ def is_json(content_type: str | None) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+def compressed_body_problem(request: Request) -> str | None:
+    """Why a compressed body is refused, as a sentence; None for a body sent as is."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    # The body reaches us as sent: a compressed one would be read as broken JSON, a puzzling error.
+    return f"Content-Encoding {clip_echo(encoding)!r} is not accepted: send the JSON uncompressed"
+
+
 async def json_content_type(request: Request, _key: CurrentKey) -> None:
     if not is_json(request.headers.get("content-type")):
         raise InvalidContentType()
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        # The body reaches us as sent: a compressed one would be read as broken JSON, a puzzling 422.
-        raise InvalidContentType(
-            f"Content-Encoding {clip_echo(encoding)!r} is not accepted: send the JSON uncompressed"
-        )
+    if (problem := compressed_body_problem(request)) is not None:
+        raise InvalidContentType(problem)
 
 
 JsonContentType = Annotated[None, Depends(json_content_type)]

@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError, field_validator
 
 from server.api.cancellation import cancel_on_disconnect
-from server.api.deps import CurrentKey, ServingDep
+from server.api.deps import CurrentKey, ServingDep, compressed_body_problem
 from server.api.renderers import OpenAIRoute
 from server.encoding import to_base64
 from server.errors import InvalidRequest
@@ -172,6 +172,8 @@ def _first_param(errors: list[Any]) -> str | None:
 
 async def image_generation_body(request: Request, _key: CurrentKey) -> ImageGenerationRequest:
     # OpenAI bodies are always JSON; the content type is not checked (the SDK always sets it).
+    if (problem := compressed_body_problem(request)) is not None:
+        raise InvalidRequest(problem)
     raw = await request.body()
     try:
         payload = json.loads(raw or b"null")

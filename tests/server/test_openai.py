@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -235,6 +236,24 @@ def test_malformed_json_is_a_bad_request(live: LiveServer) -> None:
     )
     assert response.status_code == 400
     assert "JSON" in response.json()["error"]["message"]
+
+
+def test_a_compressed_body_is_a_bad_request_naming_the_encoding(live: LiveServer) -> None:
+    key = live.key()
+    response = httpx.post(
+        f"{live.base_url}/v1/images/generations",
+        content=gzip.compress(b'{"prompt": "a fox", "size": "512x512"}'),
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+        },
+        timeout=30,
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["message"] == "Content-Encoding 'gzip' is not accepted: send the JSON uncompressed"
+    assert live.balance_of(key) == Decimal("10")
 
 
 def test_insufficient_credits_is_an_error_and_charges_nothing(live: LiveServer, client: Clients) -> None:
