@@ -51,9 +51,9 @@ def _runtime(data_dir: Path, **performance: object) -> object:
 
 
 def test_int8_converts_every_linear_layer_of_the_blocks_and_only_those(
-    data_dir: Path, tiny_dir: Path, kernel: str
+    data_dir: Path, runtime: object, kernel: str
 ) -> None:
-    transformer_before = _runtime(data_dir).generator.pipe.transformer  # type: ignore[attr-defined]
+    transformer_before = runtime.generator.pipe.transformer  # type: ignore[attr-defined]  # the same tiny, exact
     in_blocks = [m for m in transformer_before.transformer_blocks.modules() if isinstance(m, torch.nn.Linear)]
     runtime = _runtime(data_dir, quantize="int8")
     transformer = runtime.generator.pipe.transformer  # type: ignore[attr-defined]
