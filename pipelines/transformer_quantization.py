@@ -24,6 +24,7 @@ CUDA fuses the quantize steps into the matmuls.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -58,7 +59,10 @@ class OneDnnInt8Linear(torch.nn.Module):
     The weights use 7 bits (±63), not 8. Without VNNI, x86 multiplies u8 by s8 with `vpmaddubsw`,
     which adds each pair of products into a saturating int16: 255 × 127 × 2 overflows it, 255 × 63 × 2
     does not. On an SD3-width feed-forward (1536 → 6144 → 1536, 2356 tokens) 8-bit weights were 20 %
-    off the fp32 output on an AVX2-only EPYC, 7-bit ones 2.0 % (torchao's int8: 1.7 %).
+    off the fp32 output on an AVX2-only EPYC, 7-bit ones 2.0 % (torchao's int8: 1.7 %). Of the ways to
+    stay clear of it, 7-bit weights cost the least on the trained toy: 33.7 dB from the fp32 image,
+    against 32.1 dB with 7-bit activations instead and 31.4 dB for Inductor's own x86 recipe (one
+    activation scale per call; `benchmarks/int8_layouts.py`).
 
     oneDNN takes one activation scale per call, so each token is divided by its own absolute maximum
     first and the output rows multiplied back by it: the matmul is linear in each row.
@@ -169,7 +173,7 @@ def quantize_transformer(transformer: Any, mode: TransformerQuant, *, device: to
     if mode == "off":
         return 0
     if mode == "int8" and int8_kernel(device) == "onednn":
-        return _swap_in_onednn_int8(transformer)
+        return swap_in_int8_layers(transformer)
     from torchao.quantization import quantize_
 
     converted = 0
@@ -185,7 +189,11 @@ def quantize_transformer(transformer: Any, mode: TransformerQuant, *, device: to
     return converted
 
 
-def _swap_in_onednn_int8(transformer: torch.nn.Module) -> int:
+def swap_in_int8_layers(
+    transformer: torch.nn.Module, layer: Callable[[torch.nn.Linear], torch.nn.Module] = OneDnnInt8Linear
+) -> int:
+    """Replace the blocks' linear layers with `layer(linear)`; return how many. The layer is a parameter
+    so that `benchmarks/int8_layouts.py` can set other int8 layouts beside this one."""
     linears = [
         (name, module)
         for name, module in transformer.named_modules()
@@ -193,5 +201,5 @@ def _swap_in_onednn_int8(transformer: torch.nn.Module) -> int:
     ]
     for name, module in linears:
         parent_name, _, attribute = name.rpartition(".")
-        setattr(transformer.get_submodule(parent_name), attribute, OneDnnInt8Linear(module))
+        setattr(transformer.get_submodule(parent_name), attribute, layer(module))
     return len(linears)
