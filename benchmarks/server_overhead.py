@@ -50,6 +50,7 @@ import diffusers
 import httpx
 import torch
 from baseline_server import create_baseline_app, load_baseline_pipeline, serve_in_thread, stop_server
+from pydantic import ValidationError
 from tiny_latency import ORIGINAL
 
 from pipelines.sd3 import SD3Generator
@@ -275,6 +276,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case (after one warm-up)")
     parser.add_argument("--data-dir", type=Path, default=None)
     args = parser.parse_args()
+    try:  # sizes the API refuses would end the run at the first case, after loading two models
+        for size in args.sizes:
+            Txt2ImgRequest.model_validate({**ORIGINAL, "img_width": size, "img_height": size})
+    except ValidationError as exc:
+        parser.error(f"--sizes holds a size the API refuses: {exc}")
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="sd3-bench-"))
     settings = Settings(data_dir=data_dir, model={"id": "tiny"})
 

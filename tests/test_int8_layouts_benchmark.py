@@ -16,7 +16,10 @@ from pipelines.transformer_quantization import onednn_int8_available
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "int8_layouts.py"
 
-pytestmark = pytest.mark.skipif(not onednn_int8_available(), reason="needs oneDNN's x86 quantized linear")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not onednn_int8_available(), reason="needs oneDNN's x86 quantized linear"),
+]
 
 
 def test_each_layout_gets_a_row_and_the_servers_stays_near_exact() -> None:
