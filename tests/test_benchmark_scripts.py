@@ -4,6 +4,7 @@ are the scripts' to print and are not checked; each must run through and print i
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ CASES: dict[str, tuple[list[str], str]] = {
         "speed-up batching on / off",
     ),
     "load_test.py": (["--rate", "2", "--duration", "2", "--steps", "10"], "ledger audit: ok"),
+    "cpu_matmul.py": (["--repeats", "1"], "int8, oneDNN"),
+    "tiny_latency.py": (["--repeats", "1", "--data-dir", "{tmp}"], "ratio HTTP / our generator"),
     "server_overhead.py": (
         ["--sizes", "512", "--prompts", "original", "--repeats", "1", "--data-dir", "{tmp}"],
         "ours/baseline",
@@ -39,6 +42,21 @@ def test_the_script_runs_through(script: str, tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert last_words in done.stdout, done.stdout[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_replicas_runs_through() -> None:
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("CI"):  # as tests/server/test_ray.py: CI cannot pass by skipping
+            pytest.fail(f"Ray Serve is required in CI: {exc}")
+        pytest.skip(f"Ray Serve unavailable: {exc} (the `ray` extra)")
+    command = [sys.executable, str(BENCHMARKS / "ray_replicas.py"), "--requests", "4", "--clients", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "images/s" in done.stdout, done.stdout[-3000:]
 
 
 def test_load_test_refuses_a_request_the_api_would_refuse() -> None:
