@@ -5,6 +5,7 @@ are the scripts' to print and are not checked; each must run through and print i
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,18 @@ def test_the_script_runs_through(script: str, tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert last_words in done.stdout, done.stdout[-3000:]
+
+
+def test_the_collapsed_zero_context_is_the_same_function() -> None:
+    """zero_context.py's claim: one context token with ln(L) on its logit stands for L equal ones."""
+    command = [sys.executable, str(BENCHMARKS / "zero_context.py"), "--width", "128", "--depth", "2"]
+    command += ["--size", "64", "--rounds", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(r"largest difference ([\d.e+-]+) of", done.stdout)
+    assert found is not None, done.stdout
+    assert float(found[1]) < 1e-5, done.stdout  # float rounding, not a different model
+    assert "a guided step of two rows" in done.stdout
 
 
 @pytest.mark.slow
