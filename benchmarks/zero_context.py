@@ -12,13 +12,14 @@ every context token the same vector, and since SD3 gives context tokens no posit
 through every block (each is modulated, projected and attended to alike). So the image tokens
 attend to L equal keys with L equal values, which is one key whose softmax weight is L times as
 large: one context token plus ln(L) added to its attention logit. That is the same function, up to
-float rounding; the forward then carries 1 context token instead of L.
+float rounding; the forward then carries 1 context token instead of L (154 for a prompt of up to
+75 tokens, as this server encodes it; `--context` sets it).
 
 The script builds the transformer (`--model toy`: the trained toy's; otherwise a random-weight one
 of SD3 Medium's width and `--depth` blocks), runs the zero-out forward both ways at `--size`, and
-prints how far apart they are and their times, alternating, in one process. Not in the server yet:
-its processor below handles SD3 Medium's attention (no fused QKV, no qk-norm) and the forwards that
-would run it apart from the positive row are not split out (docs/performance.md §6).
+prints how far apart they are and their times, alternating, in one process. Not in the server: at
+the API's 1024² and 154 context tokens the masked attention costs more than it saves (benchmarks/
+README.md); its processor below handles SD3 Medium's attention only (no fused QKV, no qk-norm).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.toy import MODEL_DIR  # noqa: E402
 
-CONTEXT_TOKENS = 333  # CLIP's 77 beside T5's 256: SD3's context length at the API's defaults
+# 77 CLIP tokens beside 77 T5 ones: a prompt of up to 75 tokens, as ComfyUI and this server
+# encode it (docs/performance.md §2); diffusers' default T5 length makes it 333.
+CONTEXT_TOKENS = 154
 
 
 class CollapsedContextAttention:
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1536, help="random: hidden width (SD3 Medium's 1536)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--context", type=int, default=CONTEXT_TOKENS, help="context tokens as run")
     args = parser.parse_args()
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
@@ -109,7 +113,7 @@ def main() -> None:
         "timestep": torch.tensor([700.0]),
         "pooled_projections": torch.zeros(1, config.pooled_projection_dim),
     }
-    zeros = torch.zeros(1, CONTEXT_TOKENS, config.joint_attention_dim)
+    zeros = torch.zeros(1, args.context, config.joint_attention_dim)
 
     def as_run() -> torch.Tensor:
         transformer.set_attn_processor(JointAttnProcessor2_0())
@@ -117,7 +121,7 @@ def main() -> None:
 
     def collapsed() -> torch.Tensor:
         transformer.set_attn_processor(CollapsedContextAttention())
-        kwargs = {"context_count": CONTEXT_TOKENS}
+        kwargs = {"context_count": args.context}
         return transformer(
             **common, encoder_hidden_states=zeros[:, :1], joint_attention_kwargs=kwargs, return_dict=False
         )[0]
@@ -126,7 +130,7 @@ def main() -> None:
         reference, short = as_run(), collapsed()
         scale = float(reference.abs().max())
         print(
-            f"{args.model} transformer, {args.size}², {CONTEXT_TOKENS} zero context tokens against 1: "
+            f"{args.model} transformer, {args.size}², {args.context} zero context tokens against 1: "
             f"largest difference {float((short - reference).abs().max()) / scale:.2e} of the output's "
             f"largest value",
             flush=True,
