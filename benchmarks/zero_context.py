@@ -1,4 +1,4 @@
-"""What the zeroed-out negative could save, measured before it is built: one transformer forward on
+"""What the zeroed-out negative would save, measured instead of built: one transformer forward on
 ConditioningZeroOut's all-zero context, as the loop runs it and with the context collapsed to one
 token that stands for all of them.
 
