@@ -11,6 +11,7 @@ Modes (`--modes`, default all):
   with native bf16: bf16);
 - compile-whole: the transformer compiled as one graph instead of per block;
 - compile: `--compile` (per block), which only a CPU does not do by default;
+- int8-compile: `--quantize int8` with `--compile`, on a CPU (on CUDA `int8` is already compiled);
 - cudagraphs: the whole-graph compile replayed as CUDA graphs (`--compile-mode reduce-overhead`);
 - any-size: the default compile warmed up at a second size as well, so that the request runs on
   dynamo's size-generic graphs (which then serve every size) rather than ones for its size alone;
@@ -72,7 +73,11 @@ MODES: dict[str, tuple[dict[str, object], str]] = {
     "any-size": ({"warmup_sizes": ANY_SIZE}, "off"),
     # Compiled per block where the default is not to compile (a CPU): what --compile buys there.
     "compile": ({"compile": True}, "off"),
+    # The same with the transformer in int8 (a CPU's oneDNN layers run eagerly between the graphs).
+    "int8-compile": ({"quantize": "int8", "compile": True}, "off"),
 }
+# Modes that only differ from another where a device does not compile by default, with that mode.
+CPU_ONLY = {"compile": "default", "int8-compile": "int8"}
 
 
 def _sync(device: str) -> None:
@@ -87,8 +92,8 @@ def run_mode(args: argparse.Namespace, request: GenerationRequest, mode: str) ->
 
     performance, step_cache = MODES[mode]
     device = resolve_device(args.device).type
-    if mode == "compile" and device == "cuda":
-        return {"mode": mode, "skipped": "compiled per block is this device's default: see `default`"}
+    if mode in CPU_ONLY and device == "cuda":
+        return {"mode": mode, "skipped": f"compiled per block by default here: see `{CPU_ONLY[mode]}`"}
     model = {"id": args.model, "device": args.device}
     side = max(args.size, 512)  # the setting's floor
     warmup_sizes = [f"{side}x{side}"]
