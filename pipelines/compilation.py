@@ -1,4 +1,5 @@
-"""Speed-ups that change no result beyond float rounding: fused QKV projections and `torch.compile`.
+"""Speed-ups that change no result beyond float rounding: `torch.compile`, and the rule that turns it
+and fused QKV projections (`pipelines/joint_attention.py`) on by default.
 
 Both act on the transformer, which does nearly all of an image's arithmetic (docs/performance.md §2);
 compiling also compiles the VAE's decoder, and keeps inductor's compiled code in the data folder so
@@ -39,12 +40,6 @@ def on_by_default(setting: bool | None, *, device: torch.device, resident: bool)
     if setting is not None:
         return setting
     return device.type == "cuda" and resident
-
-
-def fuse_qkv(transformer: Any) -> None:
-    """One [3d x d] matmul instead of three per attention; before quantizing and compiling, which
-    must see the fused layers."""
-    transformer.fuse_qkv_projections()
 
 
 def compile_transformer(pipe: Any, *, scope: CompileScope = "blocks", mode: str, backend: str) -> None:

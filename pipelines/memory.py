@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipelines.joint_attention import JointAttention
 from pipelines.loading import cpu_has_native_bf16
 from pipelines.options import Family, MemoryMode, Placement, Switch, T5Choice, T5Mode
 from pipelines.quantization import MIN_BITSANDBYTES, bitsandbytes_problem
@@ -242,7 +243,7 @@ def apply_plan(pipe: Any, plan: MemoryPlan, device: torch.device) -> None:
         pipe.vae.tile_latent_min_size = min(pipe.vae.tile_latent_min_size, 64)
     if plan.attention_slicing:
         # The VAE's own attention runs at the latent's resolution; tiling is what bounds it.
-        pipe.transformer.set_attn_processor(SlicedJointAttnProcessor())
+        pipe.transformer.set_attn_processor(JointAttention(query_chunk=1024))
     if t5 is not None:
         dtype = cpu_t5_dtype(t5, quantized=plan.t5 == "8bit")
         # No dtype argument at all for an 8-bit T5: transformers refuses any cast of a bitsandbytes model.
@@ -287,67 +288,3 @@ def multiply_in_fp32(module: torch.nn.Module) -> None:
         # Exactly nn.Linear: bitsandbytes' 8-bit layers subclass it and must keep their own forward.
         if type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float16:
             layer.__class__ = _Fp32MatmulLinear
-
-
-class SlicedJointAttnProcessor:
-    """SD3's joint attention, computed a slice of queries at a time.
-
-    Each image and text token attends to all tokens of both streams; computing the softmax for
-    `query_chunk` queries at a time bounds the attention matrix to chunk × N per head instead of
-    N × N, which is what lets 2048² (16,538 tokens) run where the backend would materialise it.
-    The result is the same attention, up to float rounding.
-    """
-
-    def __init__(self, query_chunk: int = 1024) -> None:
-        self.query_chunk = query_chunk
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
-        batch, image_tokens = hidden_states.shape[0], hidden_states.shape[1]
-
-        def heads(projected: torch.Tensor) -> torch.Tensor:
-            return projected.view(batch, -1, attn.heads, projected.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = (
-            heads(attn.to_q(hidden_states)),
-            heads(attn.to_k(hidden_states)),
-            heads(attn.to_v(hidden_states)),
-        )
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if encoder_hidden_states is not None:
-            cq = heads(attn.add_q_proj(encoder_hidden_states))
-            ck = heads(attn.add_k_proj(encoder_hidden_states))
-            cv = heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                cq = attn.norm_added_q(cq)
-            if attn.norm_added_k is not None:
-                ck = attn.norm_added_k(ck)
-            # Image tokens first, then text tokens: the order SD3's output split relies on.
-            q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
-
-        out = torch.cat(
-            [
-                F.scaled_dot_product_attention(q_part, k, v, dropout_p=0.0, is_causal=False)
-                for q_part in q.split(self.query_chunk, dim=2)
-            ],
-            dim=2,
-        )
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1]).to(q.dtype)
-
-        image, text = out[:, :image_tokens], out[:, image_tokens:]
-        image = attn.to_out[1](attn.to_out[0](image))
-        if encoder_hidden_states is None:
-            return image
-        if not attn.context_pre_only:
-            text = attn.to_add_out(text)
-        return image, text

@@ -17,12 +17,12 @@ from pipelines.attention import choose as choose_attention
 from pipelines.compilation import (
     compile_transformer,
     compile_vae_decoder,
-    fuse_qkv,
     keep_compiled_code_in,
     on_by_default,
     warm_up,
 )
 from pipelines.families import expected_family
+from pipelines.joint_attention import fuse_qkv
 from pipelines.loading import ModelLoadError, ModelSpec, load_model, resolve_device
 from pipelines.lora import LoraError, LoraSpec, fuse_loras
 from pipelines.memory import MemoryPlan, apply_plan, free_memory, plan_memory

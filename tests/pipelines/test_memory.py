@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.memory import GiB, SlicedJointAttnProcessor, plan_memory
+from pipelines.joint_attention import JointAttention
+from pipelines.memory import GiB, plan_memory
 from pipelines.options import Switch, T5Choice
 from pipelines.request import GenerationRequest
 from pipelines.sd3 import SD3Generator
@@ -123,7 +124,7 @@ def test_sliced_attention_gives_the_same_image(runtime: Runtime) -> None:
     plain = generator.generate(request).images[0].astype(int)
     original = transformer.attn_processors
     try:
-        transformer.set_attn_processor(SlicedJointAttnProcessor(query_chunk=100))
+        transformer.set_attn_processor(JointAttention(query_chunk=100))
         sliced = generator.generate(request).images[0].astype(int)
     finally:
         transformer.set_attn_processor(original)
