@@ -7,7 +7,7 @@
 # with random weights on the GPU (--model random:sd3-medium). Under 10 minutes on one H100-class GPU:
 # each part has its own time limit (90 + 360 + 110 s), so one slow part still leaves the others'
 # figures, and the speed modes print a row each as they end, the most needed first.
-#   0. the offload / 8-bit T5 / compile / quantization / step-cache tests, run on the GPU;
+#   0. the offload / 8-bit T5 / compile / quantization / step-cache / fused-attention tests, on the GPU;
 #   1. every speed mode (benchmarks/speed_modes.py) on the hosted page's request at 1024²:
 #      exact, the defaults (compiled per block + fused QKV, VAE decoder compiled), whole-graph compile,
 #      CUDA graphs, int8, fp8, step cache fast/faster, and the compile warmed up at two sizes (graphs
@@ -25,6 +25,6 @@ fi
 # the suite turns warnings into errors; what this run checks is the GPU code paths.
 SD3_TEST_DEVICE=cuda timeout 90 "$python" -m pytest -q -p no:cacheprovider -p no:warnings \
     tests/pipelines/test_offload_and_quantization.py tests/pipelines/test_step_cache.py \
-    tests/pipelines/test_transformer_quantization.py
+    tests/pipelines/test_transformer_quantization.py tests/pipelines/test_joint_attention.py
 timeout 360 "$python" benchmarks/speed_modes.py --model random:sd3-medium --size 1024 --steps 25 --repeats 2
 timeout 110 "$python" benchmarks/memory_modes.py --model random:sd3-medium --sizes 1024 --steps 4

@@ -25,6 +25,7 @@ GPU_TESTS = (
     "tests/pipelines/test_offload_and_quantization.py",
     "tests/pipelines/test_step_cache.py",
     "tests/pipelines/test_transformer_quantization.py",
+    "tests/pipelines/test_joint_attention.py",
 )
 
 

@@ -1,9 +1,11 @@
 """Fused QKV projections and query slicing compute diffusers' joint attention for every SD3 family,
-and fusing leaves no second copy of the weights it fuses."""
+and fusing leaves no second copy of the weights it fuses. On the device SD3_TEST_DEVICE names (the CPU
+unless set; benchmarks/gpu_check.sh runs them on its GPU)."""
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,10 @@ from server.runtime import load_runtime
 # SD3 Medium's structure, SD3.5 Large's (RMS-normalised queries and keys) and SD3.5 Medium's (those
 # and a second, image-only attention in its first blocks), at CPU size.
 SCALES = ["small", "sd3.5-large-small", "sd3.5-medium-small"]
+DEVICE = os.environ.get("SD3_TEST_DEVICE", "cpu")
 
 
-def _transformer(scale: str, device: str = "cpu") -> Any:
+def _transformer(scale: str, device: str = DEVICE) -> Any:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         arch = ARCHITECTURES[scale]  # type: ignore[index]
@@ -42,12 +45,13 @@ def _forward(transformer: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def _inputs(transformer: Any) -> dict[str, torch.Tensor]:
     config = transformer.config
     generator = torch.Generator().manual_seed(1)
-    return {
+    inputs = {
         "hidden_states": torch.randn(2, config.in_channels, 32, 32, generator=generator),
         "encoder_hidden_states": torch.randn(2, 11, config.joint_attention_dim, generator=generator),
         "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=generator),
         "timestep": torch.tensor([700.0, 300.0]),
     }
+    return {name: tensor.to(DEVICE) for name, tensor in inputs.items()}
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -93,7 +97,9 @@ def test_a_server_with_the_cuda_defaults_gives_sd35_its_image(data_dir: Path, mo
     request = GenerationRequest(prompt="a windmill", seed=8, width=512, height=512, steps=4)
     images = []
     for performance in ({"fuse_qkv": False, "compile": False}, CUDA_DEFAULTS):
-        settings = Settings(data_dir=data_dir, model={"id": model, "dtype": "fp32"}, performance=performance)
+        settings = Settings(
+            data_dir=data_dir, model={"id": model, "device": DEVICE, "dtype": "fp32"}, performance=performance
+        )
         generator = load_runtime(settings).generator
         assert isinstance(generator, SD3Generator)
         images.append(generator.generate(request).images[0].astype(np.int16))
